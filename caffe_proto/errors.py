@@ -1,0 +1,2 @@
+class CaffeFormatError(ValueError):
+    """A Caffe file (or text) that cannot be read; the message names the file and the place."""

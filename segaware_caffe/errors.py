@@ -1,0 +1,11 @@
+"""Errors raised while building or running a net. Messages carry the Caffe layer name and type."""
+
+
+class NetBuildError(ValueError):
+    """The prototxt (or weights) cannot become a net; says which layer and what was expected."""
+
+
+class LayerSetupError(NetBuildError):
+    def __init__(self, layer_name, layer_type, message):
+        self.layer_name, self.layer_type = layer_name, layer_type
+        super().__init__(f"{layer_name} ({layer_type}): {message}")

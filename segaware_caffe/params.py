@@ -1,0 +1,66 @@
+"""Helpers shared by the layers' ``from_proto``: axis canonicalisation and convolution geometry."""
+from dataclasses import dataclass
+
+
+def canonical_axis(axis, ndim, ctx, field="axis"):
+    """Caffe's CanonicalAxisIndex: -ndim <= axis < ndim, negative counts from the end."""
+    if not -ndim <= axis < ndim:
+        raise ctx.error(f"{field} {axis} is out of range for a {ndim}-D bottom (expected {-ndim}..{ndim - 1})")
+    return axis % ndim if ndim else 0
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    kernel: tuple      # (kh, kw)
+    pad: tuple
+    stride: tuple
+    dilation: tuple
+
+    def output_size(self, height, width):
+        """floor((H + 2p - (d(k-1)+1)) / s) + 1 per spatial dim (Caffe's conv/im2col rule)."""
+        out = []
+        for size, k, p, s, d in zip((height, width), self.kernel, self.pad, self.stride, self.dilation):
+            out.append((size + 2 * p - (d * (k - 1) + 1)) // s + 1)
+        return tuple(out)
+
+    @property
+    def taps(self):
+        return self.kernel[0] * self.kernel[1]
+
+
+def _pair(ctx, values, h_field, w_field, cp, name, default):
+    has_hw = cp.HasField(h_field) or cp.HasField(w_field)
+    if has_hw:
+        if len(values):
+            raise ctx.error(f"convolution_param: give either {name} or {h_field}/{w_field}, not both")
+        if not (cp.HasField(h_field) and cp.HasField(w_field)) and name == "kernel_size":
+            raise ctx.error(f"convolution_param: {h_field} and {w_field} must be given together")
+        return (int(getattr(cp, h_field)), int(getattr(cp, w_field)))
+    if len(values) == 0:
+        if default is None:
+            raise ctx.error(f"convolution_param.{name} is required (or {h_field} and {w_field})")
+        return (default, default)
+    if len(values) == 1:
+        return (int(values[0]), int(values[0]))
+    if len(values) == 2:
+        return (int(values[0]), int(values[1]))
+    raise ctx.error(f"convolution_param.{name} has {len(values)} values; expected 1 or 2 for a 2-D layer")
+
+
+def conv_geometry(cp, ctx):
+    """Kernel/pad/stride/dilation of a ConvolutionParameter with Caffe's defaults (pad 0,
+    stride 1, dilation 1; kernel required)."""
+    kernel = _pair(ctx, cp.kernel_size, "kernel_h", "kernel_w", cp, "kernel_size", None)
+    pad = _pair(ctx, cp.pad, "pad_h", "pad_w", cp, "pad", 0)
+    stride = _pair(ctx, cp.stride, "stride_h", "stride_w", cp, "stride", 1)
+    if len(cp.dilation) > 2:
+        raise ctx.error(f"convolution_param.dilation has {len(cp.dilation)} values; expected 1 or 2")
+    dilation = ((1, 1) if not len(cp.dilation) else
+                (int(cp.dilation[0]), int(cp.dilation[-1])))
+    if min(kernel) <= 0:
+        raise ctx.error(f"convolution_param: kernel size must be > 0, got {kernel}")
+    if min(stride) <= 0:
+        raise ctx.error(f"convolution_param: stride must be > 0, got {stride}")
+    if min(dilation) <= 0:
+        raise ctx.error(f"convolution_param: dilation must be > 0, got {dilation}")
+    return ConvGeometry(kernel, pad, stride, dilation)
