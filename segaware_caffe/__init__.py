@@ -5,9 +5,6 @@ from . import layers  # noqa: F401  (registers every layer type)
 
 __all__ = ["BuildContext", "CaffeLayer", "LayerSetupError", "NetBuildError", "register_layer",
            "registered_types"]
+from .net import Net, WeightsReport
 
-try:  # the net builder and the solver are optional while the package is assembled
-    from .net import Net  # noqa: F401
-    __all__.append("Net")
-except ImportError:  # pragma: no cover
-    pass
+__all__ += ["Net", "WeightsReport"]

@@ -41,9 +41,9 @@ def layer_class(type_name, layer_name="?"):
         return _REGISTRY[type_name]
     except KeyError:
         close = difflib.get_close_matches(type_name, _REGISTRY, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise NetBuildError(
-            f"{layer_name} ({type_name}): unknown layer type {type_name!r}{hint} "
+            f"{layer_name} ({type_name}): unknown layer type {type_name!r}{hint}. "
             f"Supported types: {', '.join(registered_types())}. "
             f"Register your own with @segaware_caffe.register_layer({type_name!r}).") from None
 

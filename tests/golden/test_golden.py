@@ -1,0 +1,121 @@
+"""Every golden case of the original segaware Caffe, run through segaware_caffe.Net.
+
+Forward: every stored blob. Backward: loss nets are seeded with their loss weights, others with the
+stored top diffs; input, intermediate and parameter gradients are compared.
+Tolerance (golden/README.md): |got - ref| <= 1e-4 |ref| + 1e-5 max|ref| elementwise, FLT_MAX/100
+entries exact and left out of max|ref|; integer-valued outputs exact.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import segaware_caffe as sc
+from tests.conftest import HAVE_SHARED, SHARED
+
+BIG = np.float32(3.4028235e36)
+CASES = sorted((SHARED / "golden").glob("*/*/meta.json")) if HAVE_SHARED else []
+LAYER_CASES = [p for p in CASES if p.parts[-3] in ("layers", "nets")]
+
+
+def case_id(meta_path):
+    return f"{meta_path.parts[-3]}/{meta_path.parts[-2]}"
+
+
+def assert_close(got, ref, what, exact=False, rel=1e-4, absfrac=1e-5):
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
+    big = ref == np.float64(BIG)
+    if big.any():
+        wrong = np.argwhere(big & (got != ref))
+        assert not len(wrong), f"{what}: removed taps (FLT_MAX/100) differ, first at {tuple(wrong[0])}"
+    if exact:
+        bad = np.argwhere(got != ref)
+        assert not len(bad), (f"{what}: integer output differs at {tuple(bad[0])}: "
+                              f"got {got[tuple(bad[0])]}, expected {ref[tuple(bad[0])]}")
+        return 0.0
+    keep = ~big
+    if not keep.any():
+        return 0.0
+    scale = np.abs(ref[keep]).max() if keep.any() else 0.0
+    err = np.abs(got - ref)
+    err[big] = 0
+    tol = rel * np.abs(ref) + absfrac * scale + 1e-7
+    bad = err > tol
+    worst = np.unravel_index(np.argmax(err - tol), err.shape) if err.size else ()
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.size} entries off; max abs error "
+                           f"{err.max():.3g} at {tuple(int(i) for i in worst)} (got {got[worst]:.7g}, "
+                           f"expected {ref[worst]:.7g}), max|ref| {scale:.3g}")
+    return float(err.max() / scale) if scale else float(err.max())
+
+
+def is_integer_valued(ref):
+    return ref.size > 1 and np.all(np.isfinite(ref)) and np.all(ref == np.round(ref))
+
+
+def load_case(meta_path):
+    case = meta_path.parent
+    meta = json.loads(meta_path.read_text())
+    weights = case / "weights.caffemodel"
+    net = sc.Net(case / "net.prototxt", weights=weights if weights.exists() else None,
+                 phase=meta["phase"].lower(), variables=meta.get("variables") or None)
+    data = np.load(case / "data.npz")
+    return meta, net, data
+
+
+@pytest.mark.parametrize("meta_path", LAYER_CASES, ids=case_id)
+def test_golden_case(meta_path):
+    meta, net, data = load_case(meta_path)
+    keys = data.files
+    inputs = {}
+    for k in keys:
+        if k.startswith("in/"):
+            x = torch.from_numpy(data[k].copy())
+            if net.force_backward and meta["backward"]:
+                x.requires_grad_(True)
+            inputs[k[3:]] = x
+    out_names = [k[4:] for k in keys if k.startswith("out/")]
+    out = net.forward(outputs=out_names, **inputs)
+    errors = {}
+    for name in out_names:
+        ref = data["out/" + name]
+        errors["out/" + name] = assert_close(out[name].detach().numpy(), ref, f"forward {name}",
+                                             exact=is_integer_valued(ref))
+    if meta["backward"]:
+        for t in out.values():
+            if t.requires_grad and t.grad_fn is not None:
+                t.retain_grad()
+        if meta["loss_tops"]:
+            loss = sum(w * out[top].sum() for top, w in meta["loss_tops"].items())
+            loss.backward()
+        else:
+            tops = [k[len("topdiff/"):] for k in keys if k.startswith("topdiff/")]
+            grads = [torch.from_numpy(data["topdiff/" + t].copy()) for t in tops]
+            live = [(out[t], g) for t, g in zip(tops, grads) if out[t].requires_grad]
+            assert live, "no output requires grad"
+            torch.autograd.backward([t for t, _ in live], [g for _, g in live])
+        in_place = {t for r in net.records for t in r.tops if t in r.bottoms}
+        for k in keys:
+            if k.startswith("diff/"):
+                name = k[5:]
+                if name in in_place:
+                    continue  # Caffe's diff of an in-place blob is the diff of its first producer
+                t = inputs.get(name, out.get(name))
+                if t is None:
+                    continue
+                got = t.grad if t.grad is not None else torch.zeros_like(t)
+                errors[k] = assert_close(got.detach().numpy(), data[k], f"gradient of blob {name}")
+            elif k.startswith("paramdiff/"):
+                _, layer, idx = k.split("/")
+                p = net.params[layer][int(idx)]
+                got = p.grad if p.grad is not None else torch.zeros_like(p)
+                errors[k] = assert_close(got.detach().numpy(), data[k], f"gradient of {layer} blob {idx}")
+    print(f"{case_id(meta_path)}: max relative error " +
+          ", ".join(f"{k}={v:.2e}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1])[:3]))
+
+
+def test_golden_cases_found(shared):
+    assert len(LAYER_CASES) >= 60, f"expected the golden layer cases under {shared}/golden"
