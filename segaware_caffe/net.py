@@ -202,6 +202,8 @@ class Net(nn.Module):
         self.params = OrderedDict()           # Caffe layer name -> [Parameter] (first layer of a name)
         self.learnable_params = []            # owners, Caffe order
         self._graph_cache = {}
+        self.fused = nn.ModuleDict()          # fused segaware convolutions (no params of their own)
+        self.fused_groups = []
         self._build(net_param, where, base_dir, PHASES[phase_key], level, stages, overwrite)
         self.to(device=device, dtype=dtype)
         if fuse:
@@ -371,20 +373,30 @@ class Net(nn.Module):
         aliases = {}
         producer = {name: ("input", i) for i, name in enumerate(self.input_names)}
         seen = {}
+        # a fused group runs unfused when one of its intermediate blobs is asked for
+        active = [g for g in self.fused_groups if not g.intermediates & set(outputs)]
+        skipped = {k for g in active for k in g.record_keys}
+        anchors = {g.key: g for g in active}
         for r in self.records:
             if r.type == "Input":
                 for i, t in enumerate(r.tops):
                     producer[t] = (r.name, i)
                 continue
-            args = []
             for b in r.bottoms:
-                args.append(env[b])
                 key = (b, producer.get(b))
-                if self._consumers.get(key, 0) > 1:   # Caffe would insert a Split here
+                if b in env and self._consumers.get(key, 0) > 1:   # Caffe inserts a Split here
                     src_layer, idx = producer[b]
                     k = seen.get(key, 0)
                     seen[key] = k + 1
                     aliases[f"{b}_{src_layer}_{idx}_split_{k}"] = env[b]
+            if r.key in skipped:
+                group = anchors.get(r.key)
+                if group is not None:
+                    env[group.conv_top] = graph.call_module(
+                        f"fused.{group.key}", (env[group.x_blob], env[group.mask_blob]))
+                    producer[group.conv_top] = (r.name, 0)
+                continue
+            args = [env[b] for b in r.bottoms]
             node = graph.call_module(f"layers.{r.key}", tuple(args))
             if len(r.tops) == 1:
                 env[r.tops[0]] = node
