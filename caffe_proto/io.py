@@ -1,115 +1,191 @@
-"""Minimal readers/writers (bootstrap; the full API with templates, upgrades and errors lands in
-caffe_proto issue #2)."""
-import os
-import re
+"""Read and write every file a Caffe user has: net and solver prototxt (templates, old formats),
+.caffemodel weights (fork or BVLC), .binaryproto mean files and .solverstate snapshots.
 
-import numpy as np
-from google.protobuf import text_format
-from google.protobuf.message import DecodeError
+Readers take a path (str or PathLike) or the content itself (prototxt text, or bytes); every
+failure is a CaffeFormatError naming the file and the place. Writers never replace an existing
+file unless overwrite=True.
+"""
+import os
 
 from . import caffe_pb2
+from .binary import (array_to_blob, blob_shape, blob_to_array, check_recognised,
+                     fix_bvlc_layer_fields, parse_binary, read_bytes)
 from .errors import CaffeFormatError
+from .text import load_text, parse_text, read_variables, substitute
+from .upgrade import upgrade_net, upgrade_net_input, upgrade_solver
+
+__all__ = [
+    "read_net", "read_solver", "read_weights", "write_weights", "read_blob", "write_blob",
+    "read_solverstate", "write_solverstate", "read_variables", "blob_to_array", "array_to_blob",
+    "blob_shape", "weights_to_arrays", "write_net", "upgrade_net_input",
+]
 
 
-def _read_text(path_or_text):
-    if isinstance(path_or_text, (bytes, bytearray)):
-        return path_or_text.decode(), "<bytes>"
-    if isinstance(path_or_text, os.PathLike) or ("\n" not in path_or_text and os.path.exists(path_or_text)):
-        with open(path_or_text) as f:
-            return f.read(), os.fspath(path_or_text)
-    return path_or_text, "<text>"
+def read_net(path_or_text, variables=None, *, upgrade=True, upgrade_inputs=False):
+    """NetParameter from a .prototxt path or prototxt text.
+
+    variables: {"CROP_SIZE": 321, ...} or the path of a KEY=value file, substituted into `${...}`
+    placeholders first. V0/V1 nets are upgraded to `layer` messages (upgrade=False keeps them);
+    net-level legacy inputs become an Input layer only with upgrade_inputs=True.
+    """
+    text, where, _ = load_text(path_or_text)
+    text = substitute(text, variables, where)
+    net = parse_text(text, caffe_pb2.NetParameter(), where)
+    if upgrade:
+        upgrade_net(net, where, upgrade_inputs=upgrade_inputs)
+    return net
 
 
-def _substitute(text, variables, where):
-    variables = {k: str(v) for k, v in (variables or {}).items()}
-    missing = sorted({m for m in re.findall(r"\$\{(\w+)\}", text) if m not in variables})
-    if missing:
-        raise CaffeFormatError(f"{where}: unresolved template variables: {', '.join(missing)}")
-    return re.sub(r"\$\{(\w+)\}", lambda m: variables[m.group(1)], text)
+def read_solver(path_or_text, variables=None, *, load_nets=False, upgrade=True):
+    """SolverParameter from a solver .prototxt (solver_type enum upgraded to the type string).
+
+    load_nets=True also reads the net files it names (net / train_net / test_net, with the same
+    variables) into net_param / train_net_param / test_net_param, so the result is
+    self-contained; relative names are looked up from the working directory (as Caffe does) and
+    then from the solver file's directory. A missing net file is an error.
+    """
+    text, where, path = load_text(path_or_text)
+    text = substitute(text, variables, where)
+    solver = parse_text(text, caffe_pb2.SolverParameter(), where)
+    if upgrade:
+        upgrade_solver(solver, where)
+    if load_nets:
+        base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+        _load_solver_nets(solver, where, base_dir, variables)
+    return solver
 
 
-def _parse_text(path_or_text, message, variables):
-    text, where = _read_text(path_or_text)
-    text = _substitute(text, variables, where)
-    try:
-        text_format.Parse(text, message)
-    except text_format.ParseError as e:
-        raise CaffeFormatError(f"{where}: {e}") from None
-    return message
+def _load_solver_nets(solver, where, base_dir, variables):
+    def load(field_name, name):
+        candidates = [name] if os.path.isabs(name) else [name, os.path.join(base_dir, name)]
+        for candidate in candidates:
+            if os.path.isfile(candidate):
+                return read_net(candidate, variables)
+        raise CaffeFormatError(
+            f"{where}: {field_name}: net file {name!r} not found (looked in "
+            f"{' and '.join(repr(os.path.abspath(c)) for c in candidates)})")
+    if solver.HasField("net"):
+        solver.net_param.CopyFrom(load("net", solver.net))
+        solver.ClearField("net")
+    if solver.HasField("train_net"):
+        solver.train_net_param.CopyFrom(load("train_net", solver.train_net))
+        solver.ClearField("train_net")
+    for name in solver.test_net:
+        solver.test_net_param.add().CopyFrom(load("test_net", name))
+    solver.ClearField("test_net")
+    if not (solver.HasField("net_param") or solver.HasField("train_net_param")):
+        raise CaffeFormatError(f"{where}: the solver names no training net (set net or train_net)")
 
 
-def read_net(path_or_text, variables=None):
-    return _parse_text(path_or_text, caffe_pb2.NetParameter(), variables)
+def read_weights(path_or_bytes, *, upgrade=True):
+    """NetParameter with blobs from a .caffemodel written by the fork or by BVLC Caffe.
+
+    BVLC layer fields whose numbers the fork reuses (input_param, crop_param, ...: 143..148) are
+    re-read under BVLC numbering; V0/V1 files are upgraded. Blob sizes are checked against their
+    declared shapes.
+    """
+    data, where = read_bytes(path_or_bytes)
+    net = parse_binary(data, caffe_pb2.NetParameter(), where, ".caffemodel (NetParameter)")
+    check_recognised(net, where, ".caffemodel (NetParameter)", required_any=("layer", "layers"))
+    fix_bvlc_layer_fields(net, data, where)
+    if upgrade:
+        upgrade_net(net, where)
+    for layer in list(net.layer) + list(net.layers):
+        for index, blob in enumerate(layer.blobs):
+            _check_blob(blob, f"{where}: layer {layer.name!r} blob {index}")
+    return net
 
 
-def read_solver(path_or_text, variables=None):
-    return _parse_text(path_or_text, caffe_pb2.SolverParameter(), variables)
+def _check_blob(blob, where):
+    shape = blob_shape(blob)
+    count = 1
+    for d in shape:
+        if d < 0:
+            raise CaffeFormatError(f"{where}: negative dimension in declared shape {shape}")
+        count *= d
+    stored = len(blob.double_data) or len(blob.data)
+    if stored != count:
+        raise CaffeFormatError(
+            f"{where}: declared shape {shape} has {count} elements but the blob holds {stored} "
+            f"values (corrupt or truncated file)")
 
 
-def _read_binary(path_or_bytes, message):
-    if isinstance(path_or_bytes, (bytes, bytearray)):
-        data, where = bytes(path_or_bytes), "<bytes>"
+def weights_to_arrays(net):
+    """{layer name: [numpy arrays]} for every layer with blobs (first layer of a name wins, as in
+    Caffe's loading)."""
+    arrays = {}
+    for layer in net.layer:
+        if layer.blobs and layer.name not in arrays:
+            arrays[layer.name] = [blob_to_array(blob, f"layer {layer.name!r} blob {i}")
+                                  for i, blob in enumerate(layer.blobs)]
+    return arrays
+
+
+def write_weights(net_param_or_blobs, path, *, types=None, overwrite=False, name=None):
+    """Write a .caffemodel from a NetParameter, or from {layer name: [arrays]} (numpy or torch).
+
+    types: optional {layer name: Caffe type} recorded in the file (Caffe ignores types when it
+    loads weights; some tools show them).
+    """
+    if isinstance(net_param_or_blobs, caffe_pb2.NetParameter):
+        net = net_param_or_blobs
+    elif hasattr(net_param_or_blobs, "items"):
+        net = caffe_pb2.NetParameter()
+        if name:
+            net.name = name
+        types = types or {}
+        for layer_name, blobs in net_param_or_blobs.items():
+            layer = net.layer.add(name=str(layer_name))
+            if layer_name in types:
+                layer.type = types[layer_name]
+            layer.blobs.extend(array_to_blob(array) for array in blobs)
     else:
-        where = os.fspath(path_or_bytes)
-        with open(where, "rb") as f:
-            data = f.read()
-    try:
-        message.ParseFromString(data)
-    except DecodeError as e:
-        raise CaffeFormatError(f"{where}: not a valid {message.DESCRIPTOR.name} ({e})") from None
-    return message
+        raise TypeError(f"write_weights needs a NetParameter or a dict {{layer name: [arrays]}}, "
+                        f"got {type(net_param_or_blobs).__name__}")
+    _write_bytes(path, net.SerializeToString(), overwrite)
 
 
-def read_weights(path_or_bytes):
-    return _read_binary(path_or_bytes, caffe_pb2.NetParameter())
-
-
-def write_weights(net_param, path):
-    with open(path, "wb") as f:
-        f.write(net_param.SerializeToString())
+def write_net(net, path, *, overwrite=False):
+    """Write a NetParameter as prototxt text."""
+    from google.protobuf import text_format
+    _write_bytes(path, text_format.MessageToString(net).encode(), overwrite)
 
 
 def read_blob(path_or_bytes):
-    return blob_to_array(_read_binary(path_or_bytes, caffe_pb2.BlobProto()))
+    """numpy array from a .binaryproto (a mean file: BlobProto, usually (1, C, H, W))."""
+    data, where = read_bytes(path_or_bytes)
+    blob = parse_binary(data, caffe_pb2.BlobProto(), where, ".binaryproto (BlobProto)")
+    check_recognised(blob, where, ".binaryproto (BlobProto)")
+    return blob_to_array(blob, where)
 
 
-def write_blob(array, path):
-    with open(path, "wb") as f:
-        f.write(array_to_blob(array).SerializeToString())
+def write_blob(array, path, *, overwrite=False):
+    """Write one array as a .binaryproto (BlobProto)."""
+    _write_bytes(path, array_to_blob(array).SerializeToString(), overwrite)
 
 
 def read_solverstate(path_or_bytes):
-    return _read_binary(path_or_bytes, caffe_pb2.SolverState())
+    """SolverState (iter, learned_net, history blobs, current_step) from a .solverstate file.
+    Use blob_to_array on `state.history[i]` for the arrays."""
+    data, where = read_bytes(path_or_bytes)
+    state = parse_binary(data, caffe_pb2.SolverState(), where, ".solverstate (SolverState)")
+    check_recognised(state, where, ".solverstate (SolverState)")
+    for index, blob in enumerate(state.history):
+        _check_blob(blob, f"{where}: history blob {index}")
+    return state
 
 
-def write_solverstate(state, path):
-    with open(path, "wb") as f:
-        f.write(state.SerializeToString())
+def write_solverstate(state, path, *, overwrite=False):
+    if not isinstance(state, caffe_pb2.SolverState):
+        raise TypeError(f"write_solverstate needs a SolverState, got {type(state).__name__}")
+    _write_bytes(path, state.SerializeToString(), overwrite)
 
 
-def blob_shape(blob):
-    if blob.HasField("shape"):
-        return tuple(int(d) for d in blob.shape.dim)
-    legacy = ("num", "channels", "height", "width")
-    if any(blob.HasField(f) for f in legacy):
-        return tuple(int(getattr(blob, f)) for f in legacy)
-    return ()  # Caffe writes no shape at all for a 0-axis (scalar) blob
-
-
-def blob_to_array(blob):
-    shape = blob_shape(blob)
-    if len(blob.double_data):
-        arr = np.asarray(blob.double_data, dtype=np.float64)
-    else:
-        arr = np.asarray(blob.data, dtype=np.float32)
-    return arr.reshape(shape)
-
-
-def array_to_blob(array, diff=None):
-    array = np.asarray(array)
-    blob = caffe_pb2.BlobProto()
-    blob.shape.dim.extend(array.shape)
-    blob.data.extend(array.astype(np.float32).ravel().tolist())
-    if diff is not None:
-        blob.diff.extend(np.asarray(diff, dtype=np.float32).ravel().tolist())
-    return blob
+def _write_bytes(path, data, overwrite):
+    path = os.fspath(path)
+    try:
+        with open(path, "wb" if overwrite else "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{path}: file exists; pass overwrite=True to replace it") from None

@@ -1,0 +1,223 @@
+"""Binary side of Caffe files: decoding with clear errors, BVLC/fork field-number clashes, and
+checked BlobProto <-> numpy conversion."""
+import os
+import warnings
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from . import caffe_pb2
+from .errors import CaffeFormatError
+
+# LayerParameter numbers 143..148 mean different things in the fork and in BVLC Caffe. Ours keeps
+# the fork's and gives BVLC's the number 1000 + n. Per number: the fork's field and the layer
+# types that use it, BVLC's field (ours) and its layer types.
+CLASHING_LAYER_FIELDS = {
+    143: ("interp_param", {"Interp"}, "input_param", {"Input"}),
+    144: ("seg_accuracy_param", {"SegAccuracy"}, "crop_param", {"Crop"}),
+    145: ("mat_write_param", {"MatWrite"}, "parameter_param", {"Parameter"}),
+    146: ("dense_crf_param", {"DenseCRF"}, "recurrent_param", {"Recurrent", "RNN", "LSTM"}),
+    147: ("domain_transform_param", {"DomainTransform"}, "swish_param", {"Swish"}),
+    148: ("adaptive_bias_channel_param", {"AdaptiveBiasChannel"}, "clip_param", {"Clip"}),
+}
+
+_LAYER_FIELD = caffe_pb2.NetParameter.DESCRIPTOR.fields_by_name["layer"].number
+_TYPE_FIELD = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name["type"].number
+
+
+def read_bytes(path_or_bytes):
+    """(data, where) from a path or bytes."""
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        return bytes(path_or_bytes), "<bytes>"
+    where = os.fspath(path_or_bytes)
+    try:
+        with open(where, "rb") as f:
+            return f.read(), where
+    except FileNotFoundError:
+        raise CaffeFormatError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise CaffeFormatError(f"{where}: is a directory, expected a binary file") from None
+
+
+def _looks_like_text(data):
+    head = data[:2048]
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    return any(word in text for word in ("layer", "name:", "input:", "net:", "{"))
+
+
+def parse_binary(data, message, where, what):
+    """Parse bytes into message; errors say the file is truncated or not a Caffe `what`."""
+    if not data:
+        raise CaffeFormatError(f"{where}: empty file, expected a binary {what}")
+    try:
+        message.ParseFromString(data)
+    except DecodeError:
+        if _looks_like_text(data):
+            raise CaffeFormatError(
+                f"{where}: this is a text file, not a binary {what} (read prototxt files with "
+                f"read_net / read_solver)") from None
+        raise CaffeFormatError(
+            f"{where}: not a valid binary {what}: the file is truncated or is not a Caffe file "
+            f"({len(data)} bytes)") from None
+    return message
+
+
+def _unknown_count(message):
+    from google.protobuf import unknown_fields
+    return len(unknown_fields.UnknownFieldSet(message))
+
+
+def check_recognised(message, where, what, required_any=()):
+    """A Caffe file decodes into known fields; garbage that happens to parse leaves only unknown
+    ones (or none of the fields every real file has)."""
+    unknown = _unknown_count(message)
+    present = [f.name for f, _ in message.ListFields()]
+    if unknown and not present:
+        raise CaffeFormatError(f"{where}: not a Caffe {what}: none of its {unknown} fields are "
+                               f"{what} fields (garbage, or a different file type)")
+    if required_any and not any(name in present for name in required_any):
+        raise CaffeFormatError(f"{where}: not a Caffe {what}: it has none of "
+                               f"{', '.join(required_any)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Wire-level walk, to re-read BVLC fields whose numbers the fork uses for something else
+
+def _varint(data, pos):
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise DecodeError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data):
+    """Yield (number, wire_type, payload) for length-delimited fields and (number, type, None) for
+    others, skipping values without decoding them."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _varint(data, pos)
+            yield number, wire_type, None
+        elif wire_type == 1:
+            pos += 8
+            yield number, wire_type, None
+        elif wire_type == 2:
+            length, pos = _varint(data, pos)
+            yield number, wire_type, data[pos:pos + length]
+            pos += length
+        elif wire_type == 5:
+            pos += 4
+            yield number, wire_type, None
+        else:
+            raise DecodeError(f"wire type {wire_type}")
+
+
+def fix_bvlc_layer_fields(net, data, where):
+    """Re-read LayerParameter fields 143..148 of BVLC files under BVLC numbering (in place).
+
+    A layer whose type is BVLC's user of the number (Input, Crop, ...) gets the field decoded as
+    BVLC's message; a layer of the fork's type keeps the fork reading; any other type keeps it
+    only if it decodes cleanly, and is dropped with a warning otherwise.
+    """
+    suspects = [i for i, layer in enumerate(net.layer)
+                if any(layer.HasField(fork) for fork, *_ in CLASHING_LAYER_FIELDS.values())]
+    if not suspects:
+        return net
+    raw_layers = [payload for number, wire_type, payload in _fields(data)
+                  if number == _LAYER_FIELD and wire_type == 2]
+    for index in suspects:
+        layer = net.layer[index]
+        raw = {}
+        for number, wire_type, payload in _fields(raw_layers[index]):
+            if number in CLASHING_LAYER_FIELDS and wire_type == 2:
+                raw[number] = raw.get(number, b"") + payload  # repeated chunks merge
+        for number, (fork_field, fork_types, bvlc_field, bvlc_types) in \
+                CLASHING_LAYER_FIELDS.items():
+            if not layer.HasField(fork_field) or layer.type in fork_types:
+                continue
+            if layer.type in bvlc_types:
+                layer.ClearField(fork_field)
+                try:
+                    getattr(layer, bvlc_field).ParseFromString(raw.get(number, b""))
+                except DecodeError:
+                    raise CaffeFormatError(
+                        f"{where}: layer {layer.name!r} ({layer.type}): field {number} "
+                        f"({bvlc_field}) is corrupt") from None
+            elif _unknown_count(getattr(layer, fork_field)):
+                layer.ClearField(fork_field)
+                warnings.warn(
+                    f"{where}: layer {layer.name!r} ({layer.type}): field number {number} is "
+                    f"{fork_field} in the segaware fork and {bvlc_field} in BVLC Caffe, and its "
+                    f"content fits neither for this layer type; dropped", stacklevel=3)
+    return net
+
+
+# ------------------------------------------------------------------------------------------------
+# BlobProto <-> numpy
+
+def blob_shape(blob):
+    """The shape a BlobProto declares: `shape.dim`, else legacy num/channels/height/width."""
+    if blob.HasField("shape"):
+        return tuple(int(d) for d in blob.shape.dim)
+    legacy = ("num", "channels", "height", "width")
+    if any(blob.HasField(f) for f in legacy):
+        return tuple(int(getattr(blob, f)) for f in legacy)
+    return ()  # Caffe writes no shape at all for a 0-axis (scalar) blob
+
+
+def blob_to_array(blob, where="blob", diff=False):
+    """BlobProto -> float32 (or float64 for double_data) array, after checking that the declared
+    shape matches the number of stored values (so a corrupt header cannot ask for terabytes)."""
+    shape = blob_shape(blob)
+    if any(d < 0 for d in shape):
+        raise CaffeFormatError(f"{where}: negative dimension in declared shape {shape}")
+    count = 1
+    for d in shape:
+        count *= d
+    single, double = (blob.diff, blob.double_diff) if diff else (blob.data, blob.double_data)
+    values = double if len(double) else single
+    if len(values) != count:
+        kind = "diff" if diff else "data"
+        raise CaffeFormatError(
+            f"{where}: declared shape {shape} has {count} elements but the blob holds "
+            f"{len(values)} {kind} values (corrupt or truncated file)")
+    dtype = np.float64 if len(double) else np.float32
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def array_to_blob(array, diff=None, double=False):
+    """numpy array (or torch tensor) -> BlobProto with `shape` set (float32 unless double)."""
+    array = _as_numpy(array)
+    blob = caffe_pb2.BlobProto()
+    blob.shape.dim.extend(int(d) for d in array.shape)
+    if double:
+        blob.double_data.extend(array.astype(np.float64).ravel().tolist())
+    else:
+        blob.data.extend(array.astype(np.float32).ravel().tolist())
+    if diff is not None:
+        diff = _as_numpy(diff)
+        if diff.shape != array.shape:
+            raise ValueError(f"diff shape {diff.shape} differs from data shape {array.shape}")
+        target = blob.double_diff if double else blob.diff
+        target.extend(diff.astype(np.float64 if double else np.float32).ravel().tolist())
+    return blob
+
+
+def _as_numpy(value):
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiub":
+        raise TypeError(f"expected a numeric array, got dtype {array.dtype}")
+    return array

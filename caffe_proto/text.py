@@ -1,0 +1,307 @@
+"""Text side of Caffe files: `${VAR}` templates, shell-style variable files, and protobuf text parsing
+with errors that name the file, line, column and layer."""
+import difflib
+import os
+import re
+import shlex
+
+from google.protobuf import text_format
+
+from . import caffe_pb2
+from .errors import CaffeFormatError
+
+PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VARIABLE_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+# ------------------------------------------------------------------------------------------------
+# Source loading
+
+def _is_path(path_or_text):
+    """A str names a file when it is one line with no prototxt syntax (`:` or `{`) in it."""
+    if isinstance(path_or_text, os.PathLike):
+        return True
+    return (isinstance(path_or_text, str) and path_or_text.strip() != "" and "\n" not in path_or_text
+            and (os.path.exists(path_or_text) or not re.search(r"[{}]|:(?![\\/])", path_or_text)))
+
+
+def load_text(path_or_text):
+    """(text, where, path or None) for a path, a str of prototxt text, or bytes."""
+    if isinstance(path_or_text, (bytes, bytearray)):
+        return _decode(bytes(path_or_text), "<bytes>"), "<bytes>", None
+    if _is_path(path_or_text):
+        path = os.fspath(path_or_text)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CaffeFormatError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise CaffeFormatError(f"{path}: is a directory, expected a text prototxt file") from None
+        return _decode(data, path), path, path
+    if not isinstance(path_or_text, str):
+        raise TypeError(f"expected a path, prototxt text or bytes, got {type(path_or_text).__name__}")
+    return path_or_text, "<text>", None
+
+
+def _decode(data, where):
+    if b"\x00" in data[:4096]:
+        raise CaffeFormatError(
+            f"{where}: this is a binary file, not a text prototxt (for a .caffemodel use "
+            f"read_weights, for a .binaryproto mean file read_blob)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CaffeFormatError(
+            f"{where}: not UTF-8 text (byte {e.start}); is this a binary .caffemodel? "
+            f"Use read_weights for those") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Variables and templates
+
+def read_variables(path):
+    """KEY=value pairs from a shell-style file (the run scripts' `export KEY=value` lines).
+
+    Accepts blank lines, `# comments`, an optional `export`, single or double quotes and trailing
+    comments; `$KEY`/`${KEY}` inside a value refer to keys defined earlier in the file. Anything
+    else (commands, `$(( ))` arithmetic) is an error naming the line.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise CaffeFormatError(f"{path}: variables file not found") from None
+    except UnicodeDecodeError:
+        raise CaffeFormatError(f"{path}: variables file is not UTF-8 text") from None
+    variables = {}
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = _VARIABLE_LINE.match(stripped)
+        if not match:
+            raise CaffeFormatError(
+                f"{path}:{number}: expected KEY=value (optionally after `export`), got:\n"
+                f"    {line}")
+        key, raw = match.groups()
+        if "$(" in raw or "`" in raw:
+            raise CaffeFormatError(
+                f"{path}:{number}: {key}: command substitution and arithmetic ($(...), `...`) "
+                f"are not evaluated; write the value itself, got:\n    {line}")
+        try:
+            words = shlex.split(raw, comments=True, posix=True)
+        except ValueError as e:  # unbalanced quotes
+            raise CaffeFormatError(f"{path}:{number}: {key}: {e}:\n    {line}") from None
+        if len(words) > 1:
+            raise CaffeFormatError(
+                f"{path}:{number}: {key}: the value has unquoted spaces; quote it, got:\n    {line}")
+        value = words[0] if words else ""
+        if not raw.lstrip().startswith("'"):  # single quotes keep $ literally, as in the shell
+            value = _expand_shell(value, variables, f"{path}:{number}", key)
+        variables[key] = value
+    return variables
+
+
+def _expand_shell(value, known, where, key):
+    def replace(match):
+        name = match.group(1) or match.group(2)
+        if name not in known:
+            raise CaffeFormatError(f"{where}: {key} refers to ${name}, which is not defined above it")
+        return known[name]
+    return re.sub(r"\$\{([A-Za-z_]\w*)\}|\$([A-Za-z_]\w*)", replace, value)
+
+
+def resolve_variables(variables):
+    """A {name: str} dict from None, a dict, or a path to a KEY=value file."""
+    if variables is None:
+        return {}
+    if isinstance(variables, (str, os.PathLike)):
+        return read_variables(variables)
+    if not hasattr(variables, "items"):
+        raise TypeError(f"variables must be a dict or a path to a KEY=value file, "
+                        f"got {type(variables).__name__}")
+    resolved = {}
+    for key, value in variables.items():
+        if not re.fullmatch(r"[A-Za-z_]\w*", str(key)):
+            raise CaffeFormatError(f"variable name {key!r} is not a valid identifier")
+        resolved[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
+    return resolved
+
+
+def _comment_start(line):
+    """Index of a `#` comment in a prototxt line (outside string literals), or len(line)."""
+    quote = None
+    escaped = False
+    for index, char in enumerate(line):
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char == "#":
+            return index
+    return len(line)
+
+
+def substitute(text, variables, where="<text>"):
+    """Replace every `${NAME}` with its value. Placeholders inside `#` comments are replaced when
+    known and otherwise left alone; any other unknown one is an error listing all of them."""
+    variables = resolve_variables(variables)
+    missing = {}
+    out_lines = []
+    for number, line in enumerate(text.split("\n"), 1):
+        code_end = _comment_start(line)
+        for match in PLACEHOLDER.finditer(line, 0, code_end):
+            if match.group(1) not in variables:
+                missing.setdefault(match.group(1), []).append(number)
+        out_lines.append(PLACEHOLDER.sub(
+            lambda m: variables.get(m.group(1), m.group(0)), line))
+    if missing:
+        listing = "; ".join(f"${{{name}}} (line{'s' if len(lines) > 1 else ''} "
+                            f"{', '.join(map(str, lines))})" for name, lines in sorted(missing.items()))
+        raise CaffeFormatError(
+            f"{where}: {len(missing)} template variable{'s' if len(missing) > 1 else ''} not set: "
+            f"{listing}. Pass variables={{...}} or a KEY=value file "
+            f"(segaware-caffe: --set NAME=value / --vars FILE)")
+    return "\n".join(out_lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing with good errors
+
+_LAYER_BLOCK = re.compile(r"\b(layers?)\s*\{")
+
+
+def _enclosing_layer(text, offset):
+    """(name, type) of the top-level `layer {`/`layers {` block that contains offset, or None."""
+    depth = 0
+    block_start = None
+    index = 0
+    length = len(text)
+    while index < min(offset, length):
+        char = text[index]
+        if char == "#":
+            newline = text.find("\n", index)
+            index = length if newline < 0 else newline
+            continue
+        if char in "\"'":
+            end = index + 1
+            while end < length and text[end] != char:
+                end += 2 if text[end] == "\\" else 1
+            index = end + 1
+            continue
+        if char == "{":
+            if depth == 0:
+                match = None
+                for match in _LAYER_BLOCK.finditer(text, max(0, index - 40), index + 1):
+                    pass
+                block_start = index if match and match.end() == index + 1 else None
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                block_start = None
+        index += 1
+    if block_start is None:
+        return None
+    body = _block_body(text, block_start)
+    name = re.search(r"^\s*name\s*:\s*[\"']([^\"']*)[\"']", body, re.M)
+    v0 = re.search(r"\blayer\s*\{", body)
+    kind = re.search(r"^\s*type\s*:\s*[\"']?([A-Za-z0-9_]+)", body, re.M)
+    if name is None and v0:  # V0: the name lives in the nested `layer { }`
+        name = re.search(r"\bname\s*:\s*[\"']([^\"']*)[\"']", body)
+    return (name.group(1) if name else "?", kind.group(1) if kind else "?")
+
+
+def _block_body(text, open_brace):
+    """The text of a brace block at depth 1 only (nested blocks blanked), for name/type lookup."""
+    depth = 0
+    out = []
+    index = open_brace
+    while index < len(text):
+        char = text[index]
+        if char in "\"'":
+            end = index + 1
+            while end < len(text) and text[end] != char:
+                end += 2 if text[end] == "\\" else 1
+            if depth == 1:
+                out.append(text[index:end + 1])
+            index = end + 1
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                break
+        elif depth == 1:
+            out.append(char)
+        index += 1
+    return "".join(out)
+
+
+def _suggest(message):
+    """A 'did you mean' hint for unknown fields and enum values, from our schema."""
+    pool = caffe_pb2.DESCRIPTOR.pool
+    field = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', message)
+    if field:
+        try:
+            descriptor = pool.FindMessageTypeByName(field.group(1))
+        except KeyError:
+            return ""
+        names = [f.name for f in descriptor.fields]
+        close = difflib.get_close_matches(field.group(2), names, n=3, cutoff=0.6)
+        if close:
+            return f"did you mean {' or '.join(close)}?"
+        return f"fields of {descriptor.name}: {', '.join(sorted(names))}" if len(names) <= 40 else ""
+    enum = re.search(r'Enum type "([\w.]+)" has no value named (\w+)', message)
+    if enum:
+        try:
+            descriptor = pool.FindEnumTypeByName(enum.group(1))
+        except KeyError:
+            return ""
+        names = [v.name for v in descriptor.values]
+        close = difflib.get_close_matches(enum.group(2), names, n=2, cutoff=0.5)
+        return (f"did you mean {' or '.join(close)}? " if close else "") + \
+            f"allowed: {', '.join(names)}"
+    return ""
+
+
+def parse_text(text, message, where="<text>"):
+    """Parse prototxt text into message; a CaffeFormatError names file, line, column and layer."""
+    try:
+        text_format.Parse(text, message, allow_unknown_extension=False)
+    except text_format.ParseError as error:
+        raise _format_parse_error(error, text, message, where) from None
+    return message
+
+
+def _format_parse_error(error, text, message, where):
+    line_number, column = error.GetLine(), error.GetColumn()
+    detail = str(error)
+    lines = text.split("\n")
+    source_line = lines[line_number - 1] if line_number and 0 < line_number <= len(lines) else ""
+    prefix = f"{line_number}:{column} : "
+    if detail.startswith(prefix):
+        detail = detail[len(prefix):]
+    quoted = f"'{source_line}': "
+    if detail.startswith(quoted):
+        detail = detail[len(quoted):]
+    if not line_number:
+        return CaffeFormatError(f"{where}: {detail} (parsing a {message.DESCRIPTOR.name})")
+    offset = sum(len(line) + 1 for line in lines[:line_number - 1]) + max(column - 1, 0)
+    layer = _enclosing_layer(text, offset)
+    context = f" in layer {layer[0]!r} ({layer[1]})" if layer else ""
+    hint = _suggest(detail)
+    caret = " " * (max(column - 1, 0)) + "^"
+    parts = [f"{where}:{line_number}:{column}:{context}: {detail}",
+             f"    {source_line}", f"    {caret}"]
+    if hint:
+        parts.append(f"    {hint}")
+    return CaffeFormatError("\n".join(parts))
