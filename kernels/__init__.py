@@ -1,4 +1,6 @@
 """Segmentation-aware ops as torch.autograd.Functions: vectorised torch on CPU, CuPy on CUDA."""
+from .dist_loss import dist_loss
 from .im2dist import BIG, PatchGeometry, im2dist, tap_offsets
+from .im2parity import im2parity
 
-__all__ = ["BIG", "PatchGeometry", "im2dist", "tap_offsets"]
+__all__ = ["BIG", "PatchGeometry", "dist_loss", "im2dist", "im2parity", "tap_offsets"]

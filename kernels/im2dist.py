@@ -135,16 +135,19 @@ def _im2dist_forward_cpu(x, geometry, norm, remove_center, remove_bounds):
     centre = patch_view(padded, centre_oh, centre_ow, out_size, geometry.stride)
     centre_inside = row_inside[centre_i][:, None] & col_inside[centre_j][None, :]
     out = x.new_empty((batch, geometry.taps) + out_size)
+    zero = x.new_zeros(())
+    # value of a tap that computes no distance: 0 when the centre is outside the image, else
+    # BIG for an out-of-image neighbour with remove_bounds, else 0
+    outside_fill = torch.where(centre_inside, x.new_tensor(BIG if remove_bounds else 0.0), zero)
     for k, (i, j, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
         if remove_center and (i, j) == (centre_i, centre_j):
-            out[:, k] = BIG
+            out[:, k] = torch.where(centre_inside, x.new_tensor(BIG), zero)
             continue
         difference = centre - patch_view(padded, offset_h, offset_w, out_size, geometry.stride)
         distance = difference.abs().sum(1) if norm == "L1" else 0.5 * difference.square().sum(1)
-        neighbour_inside = row_inside[i][:, None] & col_inside[j][None, :]
-        outside_value = BIG if remove_bounds else 0.0
-        out[:, k] = torch.where(neighbour_inside, distance, distance.new_tensor(outside_value))
-    return out.mul_(centre_inside) if not centre_inside.all() else out
+        valid = centre_inside & row_inside[i][:, None] & col_inside[j][None, :]
+        out[:, k] = torch.where(valid, distance, outside_fill)
+    return out
 
 
 def _im2dist_backward_cpu(x, grad_out, geometry, norm):

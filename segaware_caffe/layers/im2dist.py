@@ -1,0 +1,66 @@
+"""Im2dist (SEMANTICS §2.1): per-tap centre-to-neighbour distances, (N, C, H, W) -> (N, K, Ho, Wo)."""
+from kernels.im2dist import im2dist
+
+from ..layer import CaffeLayer, register_layer
+from ..params import canonical_axis, conv_geometry
+
+_NORM_NAMES = {1: "L1", 2: "L2"}
+
+
+def patch_geometry_from_proto(layer_param, ctx):
+    """Geometry of the segaware patch layers: convolution_param kernel/pad/stride/dilation on a
+    4-D bottom, with an output of at least one pixel."""
+    cp = layer_param.convolution_param
+    shape = tuple(ctx.bottom_shapes[0]) if ctx.bottom_shapes else None
+    if shape is not None and len(shape) != 4:
+        raise ctx.error(f"the bottom must be 4-D (N, C, H, W), got shape {shape}")
+    if canonical_axis(cp.axis, 4, ctx, "convolution_param.axis") != 1:
+        raise NotImplementedError(f"{ctx.name} ({ctx.type}): only convolution_param.axis 1 is "
+                                  f"supported, got {cp.axis}")
+    geometry = conv_geometry(cp, ctx)
+    if shape is not None:
+        out = geometry.output_size(*shape[2:])
+        if min(out) <= 0:
+            raise ctx.error(f"the bottom's spatial size {shape[2:]} gives an empty output {out} "
+                            f"(kernel {geometry.kernel}, pad {geometry.pad}, dilation "
+                            f"{geometry.dilation})")
+    return geometry
+
+
+@register_layer("Im2dist")
+class Im2dist(CaffeLayer):
+    """y[n, i*kw + j, ho, wo] = sum_c phi(x[c, centre] - x[c, neighbour_ij]), phi = |d| (L1) or
+    0.5 d² (L2, the default). Out-of-image neighbours give 0 (BIG = FLT_MAX/100 with
+    remove_bounds), the centre tap gives BIG with remove_center, and a patch whose centre is
+    outside the image gives 0 on every tap. L1 backward uses sign(0) = 0 (the original's GPU)."""
+
+    def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), norm="L2",
+                 remove_center=False, remove_bounds=False):
+        super().__init__()
+        self.kernel = tuple(kernel)
+        self.pad = tuple(pad)
+        self.stride = tuple(stride)
+        self.dilation = tuple(dilation)
+        self.norm = norm
+        self.remove_center = remove_center
+        self.remove_bounds = remove_bounds
+
+    @classmethod
+    def from_proto(cls, layer_param, ctx):
+        geometry = patch_geometry_from_proto(layer_param, ctx)
+        ip = layer_param.im2dist_param
+        return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
+                   dilation=geometry.dilation, norm=_NORM_NAMES[ip.norm],
+                   remove_center=ip.remove_center, remove_bounds=ip.remove_bounds)
+
+    def forward(self, x):
+        return im2dist(x, self.kernel, self.pad, self.stride, self.dilation, norm=self.norm,
+                       remove_center=self.remove_center, remove_bounds=self.remove_bounds)
+
+    def extra_repr(self):
+        parts = [f"kernel={self.kernel}"]
+        for name, default in (("pad", (0, 0)), ("stride", (1, 1)), ("dilation", (1, 1)),
+                              ("norm", "L2"), ("remove_center", False), ("remove_bounds", False)):
+            if getattr(self, name) != default:
+                parts.append(f"{name}={getattr(self, name)}")
+        return ", ".join(parts)

@@ -1,0 +1,41 @@
+"""Im2parity (SEMANTICS §2.2): per-tap label agreement, (N, C, H, W) labels -> (N, K, Ho, Wo)."""
+from kernels.im2parity import im2parity
+
+from ..layer import CaffeLayer, register_layer
+from .im2dist import patch_geometry_from_proto
+
+
+@register_layer("Im2parity")
+class Im2parity(CaffeLayer):
+    """y = 1 where int(label[neighbour]) == int(label[centre]), else 0; out-of-image neighbours
+    count as label 0; with ignore_label, taps touching it output ignore_label. A patch whose
+    centre is outside the image outputs ignore_label (0 if unset). Forward only: the output
+    carries no gradient (the original has no backward)."""
+
+    def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), ignore_label=None):
+        super().__init__()
+        self.kernel = tuple(kernel)
+        self.pad = tuple(pad)
+        self.stride = tuple(stride)
+        self.dilation = tuple(dilation)
+        self.ignore_label = ignore_label
+
+    @classmethod
+    def from_proto(cls, layer_param, ctx):
+        geometry = patch_geometry_from_proto(layer_param, ctx)
+        ip = layer_param.im2parity_param
+        return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
+                   dilation=geometry.dilation,
+                   ignore_label=ip.ignore_label if ip.HasField("ignore_label") else None)
+
+    def forward(self, labels):
+        return im2parity(labels, self.kernel, self.pad, self.stride, self.dilation,
+                         ignore_label=self.ignore_label)
+
+    def extra_repr(self):
+        parts = [f"kernel={self.kernel}"]
+        for name, default in (("pad", (0, 0)), ("stride", (1, 1)), ("dilation", (1, 1)),
+                              ("ignore_label", None)):
+            if getattr(self, name) != default:
+                parts.append(f"{name}={getattr(self, name)}")
+        return ", ".join(parts)
