@@ -1,0 +1,200 @@
+"""Convolution and Deconvolution (Caffe engine), with the fork's `bottom_is_im2col` (SEMANTICS §5,
+§9.11).
+
+Both take one or more bottoms of the same shape and give one top per bottom, all computed with the
+same weights. The channel axis is `convolution_param.axis` (default 1); the axes before it are
+batch axes and exactly two spatial axes must follow it.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fillers import fill
+from ..layer import CaffeLayer, register_layer
+from ..params import canonical_axis, conv_geometry
+
+
+def optional_filler(message, field):
+    """The FillerParameter `field` of `message` if the prototxt gives it, else None (the layer's
+    default filler)."""
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def spatial_output_size(kind, size, kernel, pad, stride, dilation):
+    """Caffe's output size of one spatial axis: floor rule for convolution, its inverse for
+    deconvolution."""
+    extent = dilation * (kernel - 1) + 1
+    if kind == "Deconvolution":
+        return stride * (size - 1) + extent - 2 * pad
+    return (size + 2 * pad - extent) // stride + 1
+
+
+class _ConvolutionBase(CaffeLayer):
+    BOTTOMS = (1, None)
+    TOPS = (1, None)
+    CAFFE_BLOBS = ("weight", "bias")
+
+    def __init__(self, *, weight_shape, bias_term=True, kernel, pad=(0, 0), stride=(1, 1),
+                 dilation=(1, 1), group=1, channel_axis=1):
+        super().__init__()
+        self.kernel = tuple(kernel)
+        self.pad = tuple(pad)
+        self.stride = tuple(stride)
+        self.dilation = tuple(dilation)
+        self.group = group
+        self.channel_axis = channel_axis
+        self.weight = nn.Parameter(torch.zeros(weight_shape))
+        self.bias = nn.Parameter(torch.zeros(self.num_output)) if bias_term else None
+
+    @property
+    def num_output(self):
+        raise NotImplementedError
+
+    @classmethod
+    def _read_proto(cls, layer_param, ctx):
+        """Common parameter reading and validation; returns the keyword arguments of __init__
+        (minus weight_shape), the bottom channel count and the fillers."""
+        cp = layer_param.convolution_param
+        if not cp.HasField("num_output") or cp.num_output <= 0:
+            raise ctx.error("convolution_param.num_output is required and must be > 0, "
+                            f"got {cp.num_output if cp.HasField('num_output') else 'nothing'}")
+        if cp.group <= 0:
+            raise ctx.error(f"convolution_param.group must be > 0, got {cp.group}")
+        if ctx.bottom_names and len(ctx.top_names) != len(ctx.bottom_names):
+            raise ctx.error(f"needs one top per bottom, got {len(ctx.bottom_names)} bottoms and "
+                            f"{len(ctx.top_names)} tops")
+        shape = tuple(ctx.bottom_shapes[0])
+        for other in ctx.bottom_shapes[1:]:
+            if tuple(other) != shape:
+                raise ctx.error(f"all bottoms must have the same shape, got {shape} and {tuple(other)}")
+        channel_axis = canonical_axis(cp.axis, len(shape), ctx, "convolution_param.axis")
+        spatial_axes = len(shape) - channel_axis - 1
+        if spatial_axes != 2:
+            raise NotImplementedError(
+                f"{ctx.name} ({ctx.type}): only 2-D convolution is supported; the bottom {shape} "
+                f"has {spatial_axes} spatial axes after channel axis {channel_axis}")
+        geometry = conv_geometry(cp, ctx)
+        channels = shape[channel_axis]
+        if channels % cp.group:
+            raise ctx.error(f"convolution_param.group {cp.group} does not divide the {channels} "
+                            f"bottom channels")
+        if cp.num_output % cp.group:
+            raise ctx.error(f"convolution_param.group {cp.group} does not divide num_output "
+                            f"{cp.num_output}")
+        kwargs = dict(bias_term=cp.bias_term, kernel=geometry.kernel, pad=geometry.pad,
+                      stride=geometry.stride, dilation=geometry.dilation, group=cp.group,
+                      channel_axis=channel_axis)
+        return kwargs, shape, channels, cp
+
+    def _fill_blobs(self, cp, ctx):
+        with torch.no_grad():
+            self.weight.copy_(fill(optional_filler(cp, "weight_filler"), self.weight.shape, ctx))
+            if self.bias is not None:
+                self.bias.copy_(fill(optional_filler(cp, "bias_filler"), self.bias.shape, ctx))
+
+    def _check_output_size(self, shape, ctx):
+        height, width = shape[self.channel_axis + 1:]
+        out = self.output_spatial_size(height, width)
+        if min(out) <= 0:
+            raise ctx.error(f"the bottom's spatial size {(height, width)} gives an empty output "
+                            f"{out} (kernel {self.kernel}, pad {self.pad}, stride {self.stride}, "
+                            f"dilation {self.dilation})")
+
+    def output_spatial_size(self, height, width):
+        return tuple(spatial_output_size(self.TYPE, size, k, p, s, d) for size, k, p, s, d in zip(
+            (height, width), self.kernel, self.pad, self.stride, self.dilation))
+
+    def forward(self, *bottoms):
+        tops = tuple(self._apply_batched(x) for x in bottoms)
+        return tops[0] if len(tops) == 1 else tops
+
+    def _apply_batched(self, x):
+        # Axes before the channel axis are all batch axes (Caffe's num_ = count(0, axis)).
+        lead = x.shape[:self.channel_axis]
+        y = self._apply(x.reshape(-1, *x.shape[self.channel_axis:]))
+        return y.reshape(*lead, *y.shape[1:])
+
+    def extra_repr(self):
+        parts = [f"num_output={self.num_output}", f"kernel={self.kernel}"]
+        for name, default in (("pad", (0, 0)), ("stride", (1, 1)), ("dilation", (1, 1)),
+                              ("group", 1), ("channel_axis", 1)):
+            if getattr(self, name) != default:
+                parts.append(f"{name}={getattr(self, name)}")
+        if self.bias is None:
+            parts.append("bias_term=False")
+        return ", ".join(parts)
+
+
+@register_layer("Convolution")
+class Convolution(_ConvolutionBase):
+    """y = conv2d(x, W, b) with weight (O, C/group, kh, kw), output floor((H+2p-ext)/s)+1.
+
+    With `bottom_is_im2col` the bottom is an Im2col blob (N, C*K, H, W): the output keeps its
+    spatial size and y = W_flat . in + b per group, W_flat the weight as (O, C*K/group) in
+    (c, i, j) order; pad, stride and dilation are ignored.
+    """
+
+    def __init__(self, *, bottom_is_im2col=False, **kwargs):
+        super().__init__(**kwargs)
+        self.bottom_is_im2col = bottom_is_im2col
+
+    @property
+    def num_output(self):
+        return self.weight.shape[0]
+
+    @classmethod
+    def from_proto(cls, layer_param, ctx):
+        kwargs, shape, channels, cp = cls._read_proto(layer_param, ctx)
+        kh, kw = kwargs["kernel"]
+        per_group = channels // cp.group
+        if cp.bottom_is_im2col:
+            if per_group % (kh * kw):
+                raise ctx.error(f"bottom_is_im2col: the {per_group} column channels per group "
+                                f"(bottom channels {channels} / group {cp.group}) are not a "
+                                f"multiple of the kernel's {kh}x{kw} = {kh * kw} taps")
+            per_group //= kh * kw
+        layer = cls(weight_shape=(cp.num_output, per_group, kh, kw),
+                    bottom_is_im2col=cp.bottom_is_im2col, **kwargs)
+        layer._check_output_size(shape, ctx)
+        layer._fill_blobs(cp, ctx)
+        return layer
+
+    def output_spatial_size(self, height, width):
+        if self.bottom_is_im2col:
+            return (height, width)
+        return super().output_spatial_size(height, width)
+
+    def _apply(self, x):
+        if self.bottom_is_im2col:
+            columns = self.weight.reshape(self.num_output, -1, 1, 1)
+            return F.conv2d(x, columns, self.bias, groups=self.group)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.dilation, self.group)
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        return text + ", bottom_is_im2col=True" if self.bottom_is_im2col else text
+
+
+@register_layer("Deconvolution")
+class Deconvolution(_ConvolutionBase):
+    """Transposed convolution: the adjoint of the Convolution with the same geometry. Weight
+    (C_in, O/group, kh, kw); output s*(H-1) + d*(k-1)+1 - 2p."""
+
+    @property
+    def num_output(self):
+        return self.weight.shape[1] * self.group
+
+    @classmethod
+    def from_proto(cls, layer_param, ctx):
+        kwargs, shape, channels, cp = cls._read_proto(layer_param, ctx)
+        if cp.bottom_is_im2col:
+            raise NotImplementedError(f"{ctx.name} ({ctx.type}): convolution_param.bottom_is_im2col "
+                                      "is only supported by Convolution")
+        layer = cls(weight_shape=(channels, cp.num_output // cp.group, *kwargs["kernel"]), **kwargs)
+        layer._check_output_size(shape, ctx)
+        layer._fill_blobs(cp, ctx)
+        return layer
+
+    def _apply(self, x):
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.pad, 0, self.group,
+                                  self.dilation)

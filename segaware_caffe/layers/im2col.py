@@ -1,0 +1,51 @@
+"""Im2col as a layer (SEMANTICS §5): (N, C, H, W) -> (N, C*K, Ho, Wo), channel c*K + i*kw + j."""
+import torch.nn.functional as F
+
+from ..layer import CaffeLayer, register_layer
+from ..params import canonical_axis, conv_geometry
+
+
+@register_layer("Im2col")
+class Im2col(CaffeLayer):
+    """Zero-padded patches of every input channel, channel-major then kernel row then kernel
+    column (F.unfold's order); Ho, Wo by the convolution rule. Backward is col2im (overlapping
+    contributions summed). Geometry from `convolution_param` (num_output and bottom_is_im2col
+    are ignored)."""
+
+    def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1)):
+        super().__init__()
+        self.kernel = tuple(kernel)
+        self.pad = tuple(pad)
+        self.stride = tuple(stride)
+        self.dilation = tuple(dilation)
+
+    @classmethod
+    def from_proto(cls, layer_param, ctx):
+        cp = layer_param.convolution_param
+        shape = tuple(ctx.bottom_shapes[0])
+        if len(shape) != 4:
+            raise NotImplementedError(f"{ctx.name} ({ctx.type}): only 4-D (N, C, H, W) bottoms "
+                                      f"are supported, got shape {shape}")
+        if canonical_axis(cp.axis, len(shape), ctx, "convolution_param.axis") != 1:
+            raise NotImplementedError(f"{ctx.name} ({ctx.type}): only convolution_param.axis 1 "
+                                      f"is supported, got {cp.axis}")
+        geometry = conv_geometry(cp, ctx)
+        out = geometry.output_size(*shape[2:])
+        if min(out) <= 0:
+            raise ctx.error(f"the bottom's spatial size {shape[2:]} gives an empty output {out} "
+                            f"(kernel {geometry.kernel}, pad {geometry.pad}, dilation "
+                            f"{geometry.dilation})")
+        return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
+                   dilation=geometry.dilation)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        out_h, out_w = (
+            (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+            for size, k, p, s, d in zip((h, w), self.kernel, self.pad, self.stride, self.dilation))
+        columns = F.unfold(x, self.kernel, self.dilation, self.pad, self.stride)
+        return columns.reshape(n, c * self.kernel[0] * self.kernel[1], out_h, out_w)
+
+    def extra_repr(self):
+        return (f"kernel={self.kernel}, pad={self.pad}, stride={self.stride}, "
+                f"dilation={self.dilation}")

@@ -1,0 +1,95 @@
+"""Interp (DeepLab v2): bilinear resize with align-corners sampling (SEMANTICS §6)."""
+import torch.nn.functional as F
+
+from ..layer import CaffeLayer, register_layer
+
+
+@register_layer("Interp")
+class Interp(CaffeLayer):
+    """Crop by the (non-positive) pad_beg/pad_end, then resize with bilinear align-corners
+    interpolation; backward is the transpose (scatter of the four weights).
+
+    Output size: the first matching rule of shrink only, zoom only, height and width, shrink then
+    zoom (SEMANTICS §6 order). The crop offset is -pad_beg for both rows and columns.
+    """
+
+    def __init__(self, *, zoom_factor=None, shrink_factor=None, height=None, width=None,
+                 pad_beg=0, pad_end=0):
+        super().__init__()
+        by_size = height is not None or width is not None
+        by_factor = zoom_factor is not None or shrink_factor is not None
+        if by_size == by_factor or (by_size and (height is None or width is None)):
+            raise ValueError("give height and width, or zoom_factor and/or shrink_factor")
+        self.zoom_factor = zoom_factor
+        self.shrink_factor = shrink_factor
+        self.height = height
+        self.width = width
+        self.pad_beg = pad_beg
+        self.pad_end = pad_end
+
+    @classmethod
+    def from_proto(cls, layer_param, ctx):
+        ip = layer_param.interp_param
+        has_zoom, has_shrink = ip.HasField("zoom_factor"), ip.HasField("shrink_factor")
+        has_size = ip.HasField("height") and ip.HasField("width")
+        if ip.pad_beg > 0 or ip.pad_end > 0:
+            raise ctx.error(f"interp_param.pad_beg and pad_end must be <= 0 (they crop), got "
+                            f"{ip.pad_beg} and {ip.pad_end}")
+        if has_shrink and ip.shrink_factor < 1:
+            raise ctx.error(f"interp_param.shrink_factor must be >= 1, got {ip.shrink_factor}")
+        if has_zoom and ip.zoom_factor < 1:
+            raise ctx.error(f"interp_param.zoom_factor must be >= 1, got {ip.zoom_factor}")
+        kwargs = dict(pad_beg=ip.pad_beg, pad_end=ip.pad_end)
+        if has_shrink and not has_zoom:
+            kwargs.update(shrink_factor=ip.shrink_factor)
+        elif has_zoom and not has_shrink:
+            kwargs.update(zoom_factor=ip.zoom_factor)
+        elif has_size:
+            if ip.height <= 0 or ip.width <= 0:
+                raise ctx.error(f"interp_param.height and width must be > 0, got {ip.height} "
+                                f"and {ip.width}")
+            kwargs.update(height=ip.height, width=ip.width)
+        elif has_shrink and has_zoom:
+            kwargs.update(shrink_factor=ip.shrink_factor, zoom_factor=ip.zoom_factor)
+        else:
+            raise ctx.error("interp_param needs an output size rule: zoom_factor, shrink_factor "
+                            "(or both), or height and width")
+        shape = tuple(ctx.bottom_shapes[0])
+        if len(shape) != 4:
+            raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
+        layer = cls(**kwargs)
+        in_h, in_w = (size + ip.pad_beg + ip.pad_end for size in shape[2:])
+        if in_h <= 0 or in_w <= 0:
+            raise ctx.error(f"cropping pad_beg {ip.pad_beg} and pad_end {ip.pad_end} leaves nothing "
+                            f"of the {shape[2]}x{shape[3]} bottom")
+        return layer
+
+    def output_spatial_size(self, in_h, in_w):
+        """(Ho, Wo) for an effective (cropped) input size (in_h, in_w)."""
+        if self.height is not None:
+            return self.height, self.width
+        return self._resized(in_h), self._resized(in_w)
+
+    def _resized(self, size):
+        if self.shrink_factor is not None:
+            size = (size - 1) // self.shrink_factor + 1
+        if self.zoom_factor is not None:
+            size = size + (size - 1) * (self.zoom_factor - 1)
+        return size
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        in_h = height + self.pad_beg + self.pad_end
+        in_w = width + self.pad_beg + self.pad_end
+        out_h, out_w = self.output_spatial_size(in_h, in_w)
+        start = -self.pad_beg
+        crop = x[..., start:start + in_h, start:start + in_w]
+        if (out_h, out_w) == (in_h, in_w):
+            return crop.clone()
+        return F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=True)
+
+    def extra_repr(self):
+        names = ("zoom_factor", "shrink_factor", "height", "width")
+        parts = [f"{n}={getattr(self, n)}" for n in names if getattr(self, n) is not None]
+        parts += [f"{n}={getattr(self, n)}" for n in ("pad_beg", "pad_end") if getattr(self, n)]
+        return ", ".join(parts)

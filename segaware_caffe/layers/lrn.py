@@ -1,0 +1,56 @@
+"""LRN: local response normalisation across or within channels (SEMANTICS §9.11)."""
+import torch.nn.functional as F
+
+from ..layer import CaffeLayer, register_layer
+
+ACROSS_CHANNELS, WITHIN_CHANNEL = 0, 1
+
+
+@register_layer("LRN")
+class LRN(CaffeLayer):
+    """ACROSS_CHANNELS: y = x * (k + alpha/size * sum of x^2 over `size` neighbouring channels,
+    zero-padded)^-beta. WITHIN_CHANNEL: y = x * (1 + alpha * mean of x^2 over a size x size
+    window, zero-padded, divisor size^2)^-beta (k unused). Backward is the true derivative."""
+
+    def __init__(self, *, local_size=5, alpha=1.0, beta=0.75, k=1.0, region="ACROSS_CHANNELS"):
+        super().__init__()
+        if local_size % 2 != 1:
+            raise ValueError(f"local_size must be odd, got {local_size}")
+        if region not in ("ACROSS_CHANNELS", "WITHIN_CHANNEL"):
+            raise ValueError(f"region must be ACROSS_CHANNELS or WITHIN_CHANNEL, got {region!r}")
+        self.local_size = local_size
+        self.alpha = alpha
+        self.beta = beta
+        self.k = k
+        self.region = region
+
+    @classmethod
+    def from_proto(cls, layer_param, ctx):
+        lp = layer_param.lrn_param
+        if lp.local_size % 2 != 1:
+            raise ctx.error(f"lrn_param.local_size must be odd, got {lp.local_size}")
+        shape = tuple(ctx.bottom_shapes[0])
+        if len(shape) != 4:
+            raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
+        region = "WITHIN_CHANNEL" if lp.norm_region == WITHIN_CHANNEL else "ACROSS_CHANNELS"
+        return cls(local_size=lp.local_size, alpha=lp.alpha, beta=lp.beta, k=lp.k, region=region)
+
+    def forward(self, x):
+        half = (self.local_size - 1) // 2
+        squares = x * x
+        if self.region == "ACROSS_CHANNELS":
+            # Mean over a window of channels: a 3-D average with a (size, 1, 1) kernel.
+            window_mean = F.avg_pool3d(squares.unsqueeze(1), (self.local_size, 1, 1), stride=1,
+                                       padding=(half, 0, 0), count_include_pad=True).squeeze(1)
+            scale = self.k + self.alpha * window_mean
+        else:
+            window_mean = F.avg_pool2d(squares, self.local_size, stride=1, padding=half,
+                                       count_include_pad=True)
+            scale = 1.0 + self.alpha * window_mean
+        return x * scale.pow(-self.beta)
+
+    def extra_repr(self):
+        text = f"local_size={self.local_size}, alpha={self.alpha}, beta={self.beta}"
+        if self.region == "ACROSS_CHANNELS":
+            return text + f", k={self.k}"
+        return text + ", region=WITHIN_CHANNEL"
