@@ -1,0 +1,313 @@
+"""caffemodel <-> named tensors (safetensors or a torch .pt file), bit for bit.
+
+Tensor names are `<key>.<blob attribute>`: `key` is the layer's attribute name under `Net.layers`
+(the Caffe name with non-identifier characters replaced, made unique), the attribute is the layer
+module's CAFFE_BLOBS name (`conv1.weight`, `conv1.bias`, `bn1.mean`, ...). The same names are the
+state_dict keys of an exported module (converters.python_export) and, under `layers.`, of the Net.
+
+A JSON metadata block travels with the tensors (safetensors header key "caffe"; `.pt` files hold
+{"state_dict": ..., "caffe_metadata": ...}):
+
+    {"format": "segaware-caffe-weights", "version": 1,
+     "net": {"name", "prototxt_sha256", "variables", "phase", "stages", "level"},
+     "layers": [{"name": Caffe name, "key": attribute name, "type": Caffe type,
+                 "blobs": [{"tensor": "key.weight", "dtype": "float32",
+                            "shape": [dims] | "legacy": {"num": n, ...} (absent: 0-axis blob)}]}]}
+
+`layers` keeps Caffe's blob order per layer and the exact shape fields of every source BlobProto
+(`shape.dim`, legacy num/channels/height/width, or none), so writing the caffemodel back
+reproduces each BlobProto byte for byte.
+"""
+import hashlib
+import json
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+import caffe_proto
+from caffe_proto import caffe_pb2
+from segaware_caffe.errors import NetBuildError
+
+FORMAT = "segaware-caffe-weights"
+VERSION = 1
+METADATA_KEY = "caffe"
+LEGACY_FIELDS = ("num", "channels", "height", "width")
+DTYPES = {"float32": (np.float32, torch.float32), "float64": (np.float64, torch.float64)}
+
+
+def prototxt_sha256(model):
+    """sha256 of the prototxt as given (file bytes, or the text itself)."""
+    if isinstance(model, caffe_pb2.NetParameter):
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
+    if isinstance(model, os.PathLike) or (isinstance(model, str) and "\n" not in model
+                                          and os.path.exists(model)):
+        with open(model, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    data = model.encode() if isinstance(model, str) else bytes(model)
+    return hashlib.sha256(data).hexdigest()
+
+
+def blob_attribute_names(module):
+    """Attribute names of the blobs a layer module stores in a caffemodel, Caffe order (CAFFE_BLOBS
+    minus the ones this instance does not have, e.g. `bias` with bias_term: false)."""
+    return [n for n in module.CAFFE_BLOBS if getattr(module, n, None) is not None]
+
+
+def first_records_by_name(net):
+    """Caffe loads a layer's blobs into the first layer of that name."""
+    records = OrderedDict()
+    for record in net.records:
+        records.setdefault(record.name, record)
+    return records
+
+
+def _shape_fields(blob):
+    if blob.HasField("shape"):
+        return {"shape": [int(d) for d in blob.shape.dim]}
+    legacy = {f: int(getattr(blob, f)) for f in LEGACY_FIELDS if blob.HasField(f)}
+    return {"legacy": legacy} if legacy else {}
+
+
+def _set_shape_fields(blob, entry, array_shape):
+    if "shape" in entry:
+        blob.shape.dim.extend(entry["shape"])
+    elif "legacy" in entry:
+        for f, v in entry["legacy"].items():
+            setattr(blob, f, v)
+    elif array_shape != ():
+        blob.shape.dim.extend(array_shape)
+
+
+def _declared_shape(entry, fallback):
+    if "shape" in entry:
+        return tuple(entry["shape"])
+    if "legacy" in entry:
+        return tuple(entry["legacy"].get(f, 1) for f in LEGACY_FIELDS)
+    return tuple(fallback)
+
+
+def _fits(declared, want, legacy):
+    if declared == want:
+        return True
+    # a legacy num/channels/height/width blob matches after right-aligning the shape into 4-D
+    return legacy and len(want) <= 4 and declared == (1,) * (4 - len(want)) + want
+
+
+def caffemodel_to_tensors(net, weights, *, prototxt=None, variables=None, phase=None,
+                          stages=(), level=0):
+    """Named tensors and metadata from a .caffemodel (path, bytes or NetParameter) for `net`.
+
+    Blob counts and shapes are checked against the net's layers (by layer name, first layer of a
+    name, like Caffe). Returns (tensors, metadata, ignored) with `ignored` the names of caffemodel
+    layers that have blobs but no layer in the net (Caffe skips them too).
+    """
+    source = weights if isinstance(weights, caffe_pb2.NetParameter) else caffe_proto.read_weights(weights)
+    where = os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "weights"
+    targets = first_records_by_name(net)
+    tensors, layers, ignored, done = OrderedDict(), [], [], set()
+    for src in list(source.layer) + list(source.layers):
+        if not len(src.blobs):
+            continue
+        record = targets.get(src.name)
+        if record is None:
+            ignored.append(src.name)
+            continue
+        if src.name in done:
+            continue  # a later layer of the same name in the file: Caffe's loader sees it again
+        done.add(src.name)
+        names = blob_attribute_names(record.module)
+        if len(src.blobs) != len(names):
+            raise NetBuildError(f"{where}: layer {src.name} ({record.type}) has {len(src.blobs)} "
+                                f"blob(s) in the weights file, the net expects {len(names)} "
+                                f"({', '.join(names) or 'none'})")
+        entries = []
+        for index, (blob, attr) in enumerate(zip(src.blobs, names)):
+            array = caffe_proto.blob_to_array(blob, f"{where}: layer {src.name!r} blob {index}")
+            fields = _shape_fields(blob)
+            want = tuple(getattr(record.module, attr).shape)
+            if not _fits(tuple(array.shape), want, "legacy" in fields):
+                raise NetBuildError(f"{where}: layer {src.name} ({record.type}) blob {index} "
+                                    f"({attr}) has shape {tuple(array.shape)} in the weights file, "
+                                    f"the net expects {want}")
+            tensor_name = f"{record.key}.{attr}"
+            # a copy, not ascontiguousarray: that turns a 0-axis blob into shape (1,)
+            tensors[tensor_name] = torch.from_numpy(array.reshape(want).copy())
+            entries.append({"tensor": tensor_name, "dtype": str(array.dtype), **fields})
+        layers.append({"name": src.name, "key": record.key, "type": record.type, "blobs": entries})
+    metadata = {
+        "format": FORMAT, "version": VERSION,
+        "net": {"name": net.name, "prototxt_sha256": prototxt_sha256(prototxt) if prototxt is not None else None,
+                "variables": {k: str(v) for k, v in (variables or {}).items()},
+                "phase": (phase or net.phase).lower(), "stages": list(stages), "level": level},
+        "layers": layers,
+    }
+    return tensors, metadata, ignored
+
+
+def _strip_prefix(tensors, wanted):
+    """Accept Net.state_dict() keys (`layers.<key>.<attr>`) as well as bare `<key>.<attr>`."""
+    if wanted and not any(n in tensors for n in wanted) and any(k.startswith("layers.") for k in tensors):
+        return OrderedDict((k[len("layers."):], v) for k, v in tensors.items() if k.startswith("layers."))
+    return tensors
+
+
+def tensors_to_caffemodel(net, tensors, metadata=None):
+    """A NetParameter like Caffe's Net::ToProto (every layer of `net` with its definition) whose
+    blobs come from `tensors`. With `metadata` (from caffemodel_to_tensors) each blob gets back its
+    original shape fields and precision, so the result matches the source caffemodel bit for bit.
+    Without it (a state_dict saved from PyTorch) blobs are float32 with `shape` set.
+
+    Returns (net_param, unused) with `unused` the tensor names no layer blob took."""
+    by_tensor = {}
+    if metadata is not None:
+        check_metadata(metadata)
+        for layer in metadata["layers"]:
+            for entry in layer["blobs"]:
+                by_tensor[entry["tensor"]] = entry
+    firsts = first_records_by_name(net)
+    expected = [f"{r.key}.{a}" for r in firsts.values() for a in blob_attribute_names(r.module)]
+    tensors = _strip_prefix(tensors, expected)
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise NetBuildError(f"the tensors have no entry for {len(missing)} blob(s) of the net: "
+                            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    out = caffe_pb2.NetParameter()
+    out.name = net.name
+    used = set()
+    for record in net.records:
+        layer = out.layer.add()
+        layer.CopyFrom(record.param)
+        del layer.blobs[:]
+        if firsts[record.name] is not record:
+            continue  # Caffe would save the shared blobs here too; we save each name once
+        for attr in blob_attribute_names(record.module):
+            name = f"{record.key}.{attr}"
+            used.add(name)
+            tensor = tensors[name]
+            want = tuple(getattr(record.module, attr).shape)
+            if tuple(tensor.shape) != want:
+                raise NetBuildError(f"{record.name} ({record.type}): tensor {name} has shape "
+                                    f"{tuple(tensor.shape)}, the net expects {want}")
+            entry = by_tensor.get(name, {})
+            np_dtype, torch_dtype = DTYPES[entry.get("dtype", "float32")]
+            array = tensor.detach().to("cpu", torch_dtype).contiguous().numpy().astype(np_dtype, copy=False)
+            blob = layer.blobs.add()
+            declared = _declared_shape(entry, want)
+            if entry and not _fits(declared, want, "legacy" in entry):
+                raise NetBuildError(f"{record.name} ({record.type}): metadata shape {declared} of "
+                                    f"{name} does not fit the net's {want}")
+            _set_shape_fields(blob, entry, want)
+            values = array.ravel().tolist()
+            if np_dtype is np.float64:
+                blob.double_data.extend(values)
+            else:
+                blob.data.extend(values)
+    unused = [n for n in tensors if n not in used]
+    return out, unused
+
+
+def check_metadata(metadata):
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(f"not segaware-caffe weights metadata (format {metadata.get('format') if isinstance(metadata, dict) else None!r}, "
+                         f"expected {FORMAT!r})")
+    if metadata.get("version") != VERSION:
+        raise ValueError(f"weights metadata version {metadata.get('version')!r} is not supported "
+                         f"(this build reads version {VERSION})")
+
+
+# ---------------------------------------------------------------------------- files
+def _open_new(path, overwrite):
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path}: file exists; pass --force (overwrite=True) to replace it")
+    return path
+
+
+def tensor_format(path):
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in (".pt", ".pth"):
+        return "pt"
+    raise ValueError(f"{path}: unknown tensor file type {suffix!r}; use .safetensors or .pt/.pth")
+
+
+def save_tensors(path, tensors, metadata, *, overwrite=False):
+    """Write named tensors with their metadata as .safetensors or .pt (by file suffix)."""
+    kind = tensor_format(path)
+    path = _open_new(path, overwrite)
+    tensors = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in tensors.items())
+    if kind == "safetensors":
+        from safetensors.torch import save_file
+        save_file(tensors, path, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    else:
+        torch.save({"state_dict": tensors, "caffe_metadata": metadata}, path)
+
+
+def load_tensors(path):
+    """(tensors, metadata or None) from .safetensors, or from a .pt file holding either what
+    save_tensors writes or a plain state_dict."""
+    kind = tensor_format(path)
+    path = os.fspath(path)
+    if kind == "safetensors":
+        from safetensors import safe_open
+        tensors = OrderedDict()
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+        metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
+        return tensors, metadata
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(content, dict) and "state_dict" in content:
+        return OrderedDict(content["state_dict"]), content.get("caffe_metadata")
+    if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+        return OrderedDict(content), None
+    raise ValueError(f"{path}: expected a state_dict (name -> tensor) or a segaware-caffe weights "
+                     f"file, got {type(content).__name__}")
+
+
+def build_net(prototxt, *, variables=None, phase="test", stages=(), level=0):
+    """The Net whose layers define names and shapes (no fusion, filler weights)."""
+    from segaware_caffe import Net
+    return Net(prototxt, phase=phase, variables=variables, stages=stages, level=level, fuse=False)
+
+
+def convert_caffemodel(prototxt, weights, output, *, variables=None, phase="test", stages=(),
+                       level=0, overwrite=False):
+    """NET.prototxt + WEIGHTS.caffemodel -> output (.safetensors or .pt). Returns
+    (metadata, ignored caffemodel layer names)."""
+    tensor_format(output)
+    _open_new(output, overwrite)
+    net = build_net(prototxt, variables=variables, phase=phase, stages=stages, level=level)
+    tensors, metadata, ignored = caffemodel_to_tensors(
+        net, weights, prototxt=prototxt, variables=variables, phase=phase, stages=stages, level=level)
+    save_tensors(output, tensors, metadata, overwrite=overwrite)
+    return metadata, ignored
+
+
+def convert_to_caffemodel(prototxt, tensor_file, output, *, variables=None, phase=None,
+                          stages=None, level=None, overwrite=False):
+    """NET.prototxt + (.safetensors | .pt) -> output .caffemodel. Phase, stages, level and
+    variables default to the ones recorded in the metadata. Returns (metadata or None, notes)."""
+    _open_new(output, overwrite)
+    tensors, metadata = load_tensors(tensor_file)
+    recorded = (metadata or {}).get("net", {})
+    if variables is None and recorded.get("variables"):
+        variables = recorded["variables"]
+    net = build_net(prototxt, variables=variables, phase=phase or recorded.get("phase", "test"),
+                    stages=tuple(stages if stages is not None else recorded.get("stages", ())),
+                    level=level if level is not None else recorded.get("level", 0))
+    notes = []
+    digest = recorded.get("prototxt_sha256")
+    if digest and digest != prototxt_sha256(prototxt):
+        notes.append(f"{prototxt} differs from the prototxt the tensors were converted with "
+                     f"(sha256 {digest[:12]}...); layers are matched by name")
+    net_param, unused = tensors_to_caffemodel(net, tensors, metadata)
+    if unused:
+        notes.append(f"{len(unused)} tensor(s) match no layer blob of the net and were left out: "
+                     f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
+    caffe_proto.write_weights(net_param, output, overwrite=overwrite)
+    return metadata, notes
