@@ -1,0 +1,642 @@
+"""Caffe's Solver on a segaware_caffe.Net: solver.prototxt in, the original's trajectory out.
+
+    solver = Solver("solver.prototxt", weights="init.caffemodel", variables={"EXP": "/exp"})
+    solver.step(1, inputs={"data": x, "label": y})     # nets with Input layers
+    solver.solve()                                     # nets with data layers: run to max_iter
+
+What one iteration does is Caffe's `Solver::Step` (BVLC fe0f44112, SEMANTICS §12): clear the
+parameter diffs (`param.grad`), run `iter_size` forward/backward passes (diffs accumulate),
+all-reduce the diffs across processes (torchrun), then `ApplyUpdate`: learning rate for the
+current iteration, gradient clipping on the summed raw diffs, and per learnable blob the division
+by iter_size, weight decay and the solver type's rule (`solvers/rules.py`), finally
+`data -= diff`. The update runs under `torch.no_grad()` on `param.data`, never through
+torch.optim (whose SGD applies the learning rate after momentum, whose Adam has no coupled decay
+and puts eps elsewhere). After an update `param.grad` holds what Caffe leaves in the diff: the
+value that was subtracted.
+
+Paths: `net`, `train_net` and `test_net` names are looked up from the current working directory
+first (as Caffe does) and then from the solver file's directory. `snapshot_prefix` is relative to
+the working directory, like Caffe; when it is unset we use the solver file's path without its
+extension (BVLC's later default). A .solverstate's `learned_net` is looked up from the working
+directory, then from the .solverstate's own directory.
+
+Several processes (`torchrun --nproc_per_node N segaware-caffe train ...`): with WORLD_SIZE > 1 the
+solver joins the process group from the environment (NCCL on CUDA, gloo on CPU), each rank uses
+cuda:LOCAL_RANK when it runs on CUDA, seeds with random_seed + rank, and after each iteration's
+passes the diffs are summed over ranks and divided by the number of ranks, like Caffe's P2PSync
+(effective batch = ranks x batch_size x iter_size). Every rank applies the same update; only rank
+0 logs, tests and snapshots. Each rank's data layers must read different data (their shuffles
+differ through the seed).
+"""
+import logging
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+import caffe_proto
+from caffe_proto import caffe_pb2
+
+from .net import Net
+from .solvers.glog import ProgressBar, fmt
+from .solvers.rules import check_policy, learning_rate, make_rule, regularize
+
+log = logging.getLogger("segaware_caffe.solver")
+
+TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
+
+
+class SolverError(ValueError):
+    """A solver file, solver state or snapshot that cannot be used; names the file."""
+
+
+def _where_of(source):
+    if isinstance(source, caffe_pb2.SolverParameter):
+        return "<SolverParameter>", None
+    if isinstance(source, os.PathLike) or ("\n" not in str(source) and os.path.exists(str(source))):
+        return os.fspath(source), os.path.dirname(os.path.abspath(os.fspath(source)))
+    if "\n" not in str(source) and str(source).endswith(".prototxt"):
+        raise SolverError(f"{source}: solver file not found")
+    return "<solver text>", None
+
+
+def atomic_write(path, data):
+    """Write `data` to `path` through a temporary file in the same directory and os.replace, so a
+    crash or kill mid-write leaves any previous file of that name untouched."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+
+
+def _net_state(phase, *states):
+    """NetState merged like Caffe: phase, then each later state's set fields override, stages add."""
+    merged = caffe_pb2.NetState(phase=phase)
+    for state in states:
+        merged.MergeFrom(state)
+    return merged
+
+
+def _learnable_labels(net):
+    """'layer blob i' for each entry of net.learnable_params (owners, Caffe order)."""
+    owner_ids = {id(p): k for k, p in enumerate(net.learnable_params)}
+    labels = [None] * len(net.learnable_params)
+    for record in net.records:
+        for i, blob in enumerate(record.module.caffe_blobs()):
+            k = owner_ids.get(id(blob))
+            if k is not None and labels[k] is None:
+                labels[k] = f"{record.name} blob {i}"
+    return labels
+
+
+class Solver:
+    """Caffe's SGDSolver family (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam).
+
+    solver: solver .prototxt path (or its text, or a SolverParameter); weights: .caffemodel path(s)
+    to start from (Caffe's --weights; loaded into the train and test nets); variables: template
+    values for `${VAR}` in the solver and its nets (dict or KEY=value file); train_net: a net
+    (path, text, NetParameter or built Net) replacing the solver's train net; device: torch
+    device (default: solver_mode GPU -> cuda:device_id when CUDA is available, else CPU);
+    test_inputs: for test nets with Input layers, callable(test_net_index, test_iteration) ->
+    {input: array}; progress: draw a progress bar on a terminal during solve().
+
+    Attributes: net (TRAIN phase), test_nets, iter (completed updates), lr (rate of the next
+    update), history (Caffe's history blobs, .solverstate order), param (SolverParameter).
+    """
+
+    def __init__(self, solver, weights=None, *, variables=None, train_net=None, device=None,
+                 test_inputs=None, progress=False):
+        self.where, self.solver_dir = _where_of(solver)
+        if isinstance(solver, caffe_pb2.SolverParameter):
+            param = caffe_pb2.SolverParameter()
+            param.CopyFrom(solver)
+        else:
+            param = caffe_proto.read_solver(solver, variables)
+        self.param, self.variables = param, variables
+        self.rule = make_rule(param, self.where)
+        check_policy(param, self.where)
+        self._check_settings()
+        self.rank, self.world_size = 0, 1
+        self.device = self._init_device(device)
+        if param.random_seed >= 0:
+            seed = int(param.random_seed) + self.rank
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+        self.snapshot_prefix = self._snapshot_prefix()
+        self.net = self._build_train_net(train_net)
+        self.test_nets = self._build_test_nets()
+        self.test_inputs = test_inputs
+        self.progress = progress
+        for w in ([] if weights is None else [weights] if isinstance(weights, (str, os.PathLike))
+                  else list(weights)) or list(param.weights):
+            self.load_weights(w)
+        self.iter = 0
+        self.current_step = 0
+        self.last_lr = None
+        self.last_clip_norm = None
+        self.requested_early_exit = False
+        self.action_request = None   # callable -> None / "stop" / "snapshot" (signal handlers)
+        self._labels = _learnable_labels(self.net)
+        self.history = [torch.zeros_like(p.data) for _ in range(self.rule.HISTORY_SETS)
+                        for p in self.net.learnable_params]
+        self._losses, self._smoothed_loss = [], 0.0
+        log.info(f"Solver scaffolding done. {self.rule.TYPE} solver, {len(self.net.learnable_params)} "
+                 f"learnable blobs, {len(self.test_nets)} test net(s), device {self.device}")
+
+    # ------------------------------------------------------------------ set-up
+    def _check_settings(self):
+        p, where = self.param, self.where
+        if p.regularization_type not in ("L1", "L2"):
+            raise SolverError(f"{where}: unknown regularization_type {p.regularization_type!r} "
+                              f"(L1 or L2)")
+        for field, low in (("iter_size", 1), ("average_loss", 1)):
+            if getattr(p, field) < low:
+                raise SolverError(f"{where}: {field} must be >= {low}, got {getattr(p, field)}")
+        if p.snapshot < 0 or p.display < 0 or p.test_interval < 0 or p.max_iter < 0:
+            raise SolverError(f"{where}: snapshot, display, test_interval and max_iter must be >= 0")
+        if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+            raise NotImplementedError(f"{where}: snapshot_format HDF5 is not supported (h5py-free "
+                                      f"build); use BINARYPROTO (the default)")
+
+    def _init_device(self, device):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            import torch.distributed as dist
+            if device is None and self.param.solver_mode == caffe_pb2.SolverParameter.GPU \
+                    and torch.cuda.is_available():
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            if not dist.is_initialized():
+                backend = "nccl" if str(device or "cpu").startswith("cuda") else "gloo"
+                dist.init_process_group(backend=backend)
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if device is None:
+            wants_gpu = self.param.solver_mode == caffe_pb2.SolverParameter.GPU
+            if wants_gpu and torch.cuda.is_available():
+                device = f"cuda:{self.param.device_id}"
+            else:
+                if wants_gpu:
+                    log.info("solver_mode GPU but no CUDA device is available: running on CPU")
+                device = "cpu"
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+
+    def _snapshot_prefix(self):
+        if self.param.HasField("snapshot_prefix"):
+            prefix = self.param.snapshot_prefix
+        elif self.solver_dir is not None:
+            prefix = os.path.splitext(self.where)[0]
+        else:
+            prefix = None
+        if self.param.snapshot and self.rank == 0:
+            if prefix is None:
+                raise SolverError(f"{self.where}: snapshot is {self.param.snapshot} but "
+                                  f"snapshot_prefix is not set")
+            directory = os.path.dirname(os.path.abspath(prefix))
+            if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+                raise SolverError(f"{self.where}: cannot write snapshots with snapshot_prefix "
+                                  f"{prefix!r}: directory {directory} does not exist or is not "
+                                  f"writable")
+        return prefix
+
+    def _resolve(self, field, name):
+        candidates = [name]
+        if not os.path.isabs(name) and self.solver_dir is not None:
+            candidates.append(os.path.join(self.solver_dir, name))
+        for candidate in candidates:
+            if os.path.isfile(candidate):
+                return candidate
+        raise SolverError(f"{self.where}: {field}: net file {name!r} not found (looked in "
+                          f"{' and '.join(repr(os.path.abspath(c)) for c in candidates)})")
+
+    def _make_net(self, model, state):
+        phase = "train" if state.phase == caffe_pb2.TRAIN else "test"
+        return Net(model, phase=phase, variables=self.variables, device=self.device,
+                   stages=tuple(state.stage), level=state.level)
+
+    def _net_source(self, field, value):
+        """(model for Net, its NetParameter.state) for a file name or an inline NetParameter."""
+        if isinstance(value, caffe_pb2.NetParameter):
+            return value, value.state
+        path = self._resolve(field, value)
+        return path, caffe_proto.read_net(path, self.variables).state
+
+    def _build_train_net(self, train_net):
+        p = self.param
+        if isinstance(train_net, Net):
+            if train_net.phase != "TRAIN":
+                raise SolverError(f"{self.where}: train_net must be built with phase='train', "
+                                  f"got phase {train_net.phase}")
+            return train_net.to(self.device)
+        if train_net is not None:
+            if isinstance(train_net, caffe_pb2.NetParameter):
+                model, net_state = train_net, train_net.state
+            elif isinstance(train_net, os.PathLike) or os.path.isfile(str(train_net)):
+                model = os.fspath(train_net)
+                net_state = caffe_proto.read_net(model, self.variables).state
+            else:  # prototxt text
+                model = caffe_proto.read_net(train_net, self.variables)
+                net_state = model.state
+        else:
+            given = [f for f in TRAIN_NET_FIELDS if p.HasField(f)]
+            if not given:
+                raise SolverError(f"{self.where}: no train net: set one of "
+                                  f"{', '.join(TRAIN_NET_FIELDS)} (or pass train_net=)")
+            if len(given) > 1:
+                raise SolverError(f"{self.where}: more than one train net given ({', '.join(given)}); "
+                                  f"keep exactly one of {', '.join(TRAIN_NET_FIELDS)}")
+            field = given[0]
+            model, net_state = self._net_source(field, getattr(p, field))
+        state = _net_state(caffe_pb2.TRAIN, net_state, p.train_state)
+        log.info(f"Creating training net from {field_name(model)}")
+        return self._make_net(model, state)
+
+    def _build_test_nets(self):
+        p = self.param
+        generic = [f for f in ("net", "net_param") if p.HasField(f)]
+        if len(generic) > 1:
+            raise SolverError(f"{self.where}: both net and net_param are given; keep one")
+        sources = [("test_net_param", n) for n in p.test_net_param] + \
+                  [("test_net", n) for n in p.test_net]
+        if generic:
+            if len(p.test_iter) < len(sources):
+                raise SolverError(f"{self.where}: test_iter must be given for each test net "
+                                  f"({len(sources)} test nets, {len(p.test_iter)} test_iter)")
+            sources += [(generic[0], getattr(p, generic[0]))] * (len(p.test_iter) - len(sources))
+        elif len(p.test_iter) != len(sources):
+            raise SolverError(f"{self.where}: test_iter must be given for each test net "
+                              f"({len(sources)} test nets, {len(p.test_iter)} test_iter)")
+        if len(p.test_state) and len(p.test_state) != len(sources):
+            raise SolverError(f"{self.where}: test_state must be unset or given once per test net "
+                              f"({len(sources)} test nets, {len(p.test_state)} test_state)")
+        if sources and p.test_interval <= 0:
+            raise SolverError(f"{self.where}: {len(sources)} test net(s) but test_interval is "
+                              f"{p.test_interval} (must be > 0)")
+        nets = []
+        for i, (field, value) in enumerate(sources):
+            model, net_state = self._net_source(field, value)
+            states = [net_state] + ([p.test_state[i]] if len(p.test_state) else [])
+            log.info(f"Creating test net (#{i}) specified by {field}")
+            nets.append(self._make_net(model, _net_state(caffe_pb2.TEST, *states)))
+        return nets
+
+    def load_weights(self, weights):
+        """Copy a .caffemodel into the train net and every test net (Caffe's CopyLayers)."""
+        log.info(f"Finetuning from {weights}")
+        for net in [self.net] + self.test_nets:
+            report = net.load_weights(weights)
+            for name in report.not_in_net:
+                log.info(f"Ignoring source layer {name}")
+
+    # ------------------------------------------------------------------ training
+    @property
+    def lr(self):
+        """The learning rate the next update will use."""
+        return learning_rate(self.param, self.iter, self.current_step)[0]
+
+    def _feed(self, inputs):
+        feed = inputs(self.iter) if callable(inputs) else inputs
+        if feed is None and self.net.input_names:
+            raise SolverError(f"{self.where}: the train net has inputs "
+                              f"{', '.join(self.net.input_names)}: pass step(..., inputs={{...}})")
+        return feed or {}
+
+    def _forward_backward(self, feed):
+        outputs = self._train_outputs()
+        out = self.net.forward(outputs=outputs, **feed)
+        total = self.net.loss(out)
+        if total is None:
+            return out, 0.0
+        if total.requires_grad:
+            total.backward()
+        return out, float(total.detach())
+
+    def _train_outputs(self):
+        return sorted(set(self.net.outputs) | set(self.net.loss_weights))
+
+    def _update_smoothed_loss(self, loss, start_iter):
+        average = self.param.average_loss
+        if len(self._losses) < average:
+            self._losses.append(loss)
+            self._smoothed_loss = (self._smoothed_loss * (len(self._losses) - 1) + loss) / len(self._losses)
+        else:
+            index = (self.iter - start_iter) % average
+            self._smoothed_loss += (loss - self._losses[index]) / average
+            self._losses[index] = loss
+
+    def step(self, iters, inputs=None, *, _progress=None):
+        """Run `iters` iterations. inputs: {Input blob: array} fed to every forward pass of these
+        iterations, or callable(iteration) -> such a dict, or None for nets with data layers.
+        Returns {loss top: value} of the last forward pass (before that iteration's update)."""
+        p = self.param
+        start_iter, stop_iter = self.iter, self.iter + int(iters)
+        self._losses, self._smoothed_loss = [], 0.0
+        losses = {}
+        while self.iter < stop_iter:
+            for param in self.net.learnable_params:
+                param.grad = None
+            if p.test_interval and self.iter % p.test_interval == 0 \
+                    and (self.iter > 0 or p.test_initialization) and self.rank == 0:
+                self.test_all()
+            display = p.display and self.iter % p.display == 0
+            feed = self._feed(inputs)
+            loss = 0.0
+            for _ in range(p.iter_size):
+                out, pass_loss = self._forward_backward(feed)
+                loss += pass_loss
+            loss /= p.iter_size
+            losses = {top: _value(out[top]) for top in self.net.loss_weights}
+            self._update_smoothed_loss(loss, start_iter)
+            if display and self.rank == 0:
+                self._log_train_outputs(out)
+            self._all_reduce_diffs()
+            self.apply_update()
+            self.iter += 1
+            if _progress is not None:
+                _progress.update(self.iter, self._smoothed_loss)
+            request = self.action_request() if self.action_request is not None else None
+            if (p.snapshot and self.iter % p.snapshot == 0 and self.rank == 0) or request == "snapshot":
+                self.snapshot()
+            if request == "stop":
+                self.requested_early_exit = True
+                break
+        return losses
+
+    def _log_train_outputs(self, out):
+        log.info(f"Iteration {self.iter}, loss = {fmt(self._smoothed_loss)}")
+        index = 0
+        for name in self.net.outputs:
+            weight = self.net.loss_weights.get(name, 0.0)
+            for value in out[name].detach().reshape(-1).cpu().tolist():
+                note = f" (* {fmt(weight)} = {fmt(weight * value)} loss)" if weight else ""
+                log.info(f"    Train net output #{index}: {name} = {fmt(value)}{note}")
+                index += 1
+
+    def _diffs(self):
+        """Every learnable blob's diff tensor (allocated as zeros where autograd left none)."""
+        diffs = []
+        for param in self.net.learnable_params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param.data)
+            diffs.append(param.grad)
+        return diffs
+
+    def _all_reduce_diffs(self):
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+        scale = 1.0 / self.world_size
+        for diff in self._diffs():
+            dist.all_reduce(diff, op=dist.ReduceOp.SUM)
+            diff.mul_(scale)
+
+    @torch.no_grad()
+    def apply_update(self):
+        """SGDSolver::ApplyUpdate for the diffs now in param.grad (uses and logs the rate of the
+        current iteration; does not advance `iter`)."""
+        p = self.param
+        rate, self.current_step = learning_rate(p, self.iter, self.current_step)
+        self.last_lr = rate
+        if p.display and self.iter % p.display == 0 and self.rank == 0:
+            log.info(f"Iteration {self.iter}, lr = {fmt(rate)}")
+        params, diffs = self.net.learnable_params, self._diffs()
+        self.clip_gradients(diffs)
+        weight_decay = np.float32(p.weight_decay)
+        count = len(params)
+        for k, (param, diff) in enumerate(zip(params, diffs)):
+            if p.iter_size > 1:
+                diff.mul_(float(np.float32(1) / np.float32(p.iter_size)))
+            local_decay = float(weight_decay * np.float32(param.decay_mult))
+            regularize(diff, param.data, local_decay, p.regularization_type)
+            local_rate = float(np.float32(rate) * np.float32(param.lr_mult))
+            history = self.history[k::count]
+            self.rule.update(diff, history, local_rate, self.iter)
+            param.data.sub_(diff)
+
+    def clip_gradients(self, diffs):
+        """Scale all diffs by clip/norm when their global L2 norm exceeds clip_gradients; returns
+        the norm when it clipped, else None."""
+        clip = float(np.float32(self.param.clip_gradients))
+        if clip < 0:
+            return None
+        norm = float(np.float32(np.sqrt(sum(float(d.double().pow(2).sum()) for d in diffs))))
+        if norm <= clip:
+            return None
+        scale = float(np.float32(clip) / np.float32(norm))
+        if self.rank == 0:
+            log.info(f"Gradient clipping: scaling down gradients (L2 norm {fmt(norm)} > {fmt(clip)}) "
+                     f"by scale factor {fmt(scale)}")
+        for d in diffs:
+            d.mul_(scale)
+        self.last_clip_norm = norm
+        return norm
+
+    # ------------------------------------------------------------------ testing
+    def test_all(self):
+        """Run every test net (Solver::TestAll); returns one {output: mean} dict per test net."""
+        return [self.test(i) for i in range(len(self.test_nets))]
+
+    @torch.no_grad()
+    def test(self, index=0):
+        """Solver::Test: share the trained blobs, run test_iter[index] forward passes, log and
+        return the mean of every output element ({name: float or array})."""
+        net = self.test_nets[index]
+        log.info(f"Iteration {self.iter}, Testing net (#{index})")
+        self._share_trained_layers(net)
+        iterations = self.param.test_iter[index]
+        totals, loss = {}, 0.0
+        outputs = sorted(set(net.outputs) | set(net.loss_weights))
+        for i in range(iterations):
+            feed = {}
+            if net.input_names:
+                if self.test_inputs is None:
+                    raise SolverError(f"{self.where}: test net #{index} has inputs "
+                                      f"{', '.join(net.input_names)}: pass Solver(test_inputs=...)")
+                feed = self.test_inputs(index, i)
+            out = net.forward(outputs=outputs, **feed)
+            if self.param.test_compute_loss:
+                total = net.loss(out)
+                loss += float(total) if total is not None else 0.0
+            for name in net.outputs:
+                value = out[name].detach().to(torch.float64).cpu()
+                totals[name] = value if name not in totals else totals[name] + value
+        if self.param.test_compute_loss:
+            log.info(f"Test loss: {fmt(loss / max(iterations, 1))}")
+        means, index_out = {}, 0
+        for name in net.outputs:
+            if name not in totals:
+                continue
+            mean = totals[name] / iterations
+            weight = net.loss_weights.get(name, 0.0)
+            for value in mean.reshape(-1).tolist():
+                note = f" (* {fmt(weight)} = {fmt(weight * value)} loss)" if weight else ""
+                log.info(f"    Test net output #{index_out}: {name} = {fmt(value)}{note}")
+                index_out += 1
+            means[name] = float(mean) if mean.numel() == 1 else mean.numpy()
+        return means
+
+    def _share_trained_layers(self, test_net):
+        """Net::ShareTrainedLayersWith: test layers take the data of same-named train layers."""
+        for name, test_blobs in test_net.params.items():
+            train_blobs = self.net.params.get(name)
+            if train_blobs is None:
+                continue
+            if len(train_blobs) != len(test_blobs):
+                raise SolverError(f"layer {name}: the test net has {len(test_blobs)} blobs, the "
+                                  f"train net {len(train_blobs)}")
+            for i, (mine, theirs) in enumerate(zip(test_blobs, train_blobs)):
+                if mine.shape != theirs.shape:
+                    raise SolverError(f"layer {name} blob {i}: shape {tuple(mine.shape)} in the "
+                                      f"test net, {tuple(theirs.shape)} in the train net")
+                mine.data = theirs.data
+
+    # ------------------------------------------------------------------ whole runs
+    def solve(self, resume_file=None):
+        """Solver::Solve: optionally restore, step to max_iter (testing, displaying and
+        snapshotting as configured), snapshot after training, final display and test."""
+        log.info(f"Solving {self.net.name}")
+        log.info(f"Learning Rate Policy: {self.param.lr_policy}")
+        self.requested_early_exit = False
+        if resume_file is not None:
+            self.restore(resume_file)
+        start_iter = self.iter
+        bar = ProgressBar(self.param.max_iter - start_iter, enabled=None if self.progress else False)
+        bar.update(0)
+        try:
+            self.step(self.param.max_iter - self.iter, _progress=_Offset(bar, start_iter))
+        finally:
+            bar.close()
+        p = self.param
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0) \
+                and self.rank == 0:
+            self.snapshot()
+        if self.requested_early_exit:
+            log.info("Optimization stopped early.")
+            return
+        if p.display and self.iter % p.display == 0 and self.rank == 0:
+            with torch.no_grad():
+                out = self.net.forward(outputs=self._train_outputs(), **self._feed(None))
+                total = self.net.loss(out)
+            self._update_smoothed_loss(float(total) if total is not None else 0.0, start_iter)
+            log.info(f"Iteration {self.iter}, loss = {fmt(self._smoothed_loss)}")
+        if p.test_interval and self.iter % p.test_interval == 0 and self.rank == 0:
+            self.test_all()
+        log.info("Optimization Done.")
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self):
+        """Write <prefix>_iter_<iter>.caffemodel and .solverstate (each atomically); returns the
+        two paths."""
+        if self.snapshot_prefix is None:
+            raise SolverError(f"{self.where}: cannot snapshot: snapshot_prefix is not set")
+        base = f"{self.snapshot_prefix}_iter_{self.iter}"
+        model_file, state_file = base + ".caffemodel", base + ".solverstate"
+        log.info(f"Snapshotting to binary proto file {model_file}")
+        weights = self.net.to_weights_proto()
+        if self.param.snapshot_diff:
+            self._add_diffs(weights)
+        atomic_write(model_file, weights.SerializeToString())
+        log.info(f"Snapshotting solver state to binary proto file {state_file}")
+        atomic_write(state_file, self.solver_state(model_file).SerializeToString())
+        return model_file, state_file
+
+    def _add_diffs(self, weights):
+        by_name = {r.name: r for r in reversed(self.net.records)}
+        for layer in weights.layer:
+            record = by_name.get(layer.name)
+            blobs = record.module.caffe_blobs() if record is not None else []
+            for blob, param in zip(layer.blobs, blobs):
+                diff = param.grad if param.grad is not None else torch.zeros_like(param)
+                blob.diff.extend(diff.detach().cpu().to(torch.float32).reshape(-1).tolist())
+
+    def solver_state(self, learned_net=""):
+        """The SolverState message (iter, learned_net, history, current_step)."""
+        state = caffe_pb2.SolverState(iter=self.iter, learned_net=learned_net,
+                                      current_step=self.current_step)
+        for h in self.history:
+            blob = caffe_proto.array_to_blob(h.detach().cpu().numpy())
+            blob.shape.SetInParent()   # Caffe writes `shape {}` for a 0-axis blob too
+            state.history.add().CopyFrom(blob)
+        return state
+
+    def restore(self, state_file):
+        """Continue from a .solverstate (ours or the original Caffe's): iter, current_step,
+        history, and the weights of its learned_net."""
+        state_file = os.fspath(state_file)
+        if state_file.endswith(".h5"):
+            raise NotImplementedError(f"{state_file}: HDF5 solver states are not supported; "
+                                      f"use the .solverstate (binary proto) snapshot")
+        log.info(f"Restoring previous solver status from {state_file}")
+        state = caffe_proto.read_solverstate(state_file)
+        arrays = self._check_history(state, state_file)
+        if state.learned_net:
+            candidates = [state.learned_net]
+            if not os.path.isabs(state.learned_net):
+                candidates.append(os.path.join(os.path.dirname(os.path.abspath(state_file)),
+                                               state.learned_net))
+            found = next((c for c in candidates if os.path.isfile(c)), None)
+            if found is None:
+                raise SolverError(f"{state_file}: learned_net {state.learned_net!r} not found "
+                                  f"(looked in {' and '.join(repr(os.path.abspath(c)) for c in candidates)})")
+            report = self.net.load_weights(found)
+            for name in report.not_in_net:
+                log.info(f"Ignoring source layer {name}")
+        with torch.no_grad():
+            for h, array in zip(self.history, arrays):
+                h.copy_(torch.from_numpy(array.reshape(tuple(h.shape))))
+        self.iter, self.current_step = int(state.iter), int(state.current_step)
+        log.info(f"{self.rule.TYPE}Solver: restoring history")
+
+    def _check_history(self, state, where):
+        expected = len(self.history)
+        count = len(self.net.learnable_params)
+        if len(state.history) != expected:
+            raise SolverError(
+                f"{where}: holds {len(state.history)} history blobs, but the {self.rule.TYPE} solver "
+                f"of net {self.net.name!r} keeps {expected} ({self.rule.HISTORY_SETS} x "
+                f"{count} learnable blobs); is it a snapshot of another net or solver type?")
+        arrays = []
+        for k, (blob, h) in enumerate(zip(state.history, self.history)):
+            array = caffe_proto.blob_to_array(blob)
+            want = tuple(h.shape)
+            legacy = not blob.HasField("shape")
+            fits = array.shape == want or (legacy and len(want) <= 4
+                                          and array.shape == (1,) * (4 - len(want)) + want)
+            if not fits:
+                raise SolverError(
+                    f"{where}: history blob {k} ({self._labels[k % count]}) has shape "
+                    f"{array.shape}, the net's blob has {want}; is it a snapshot of another net?")
+            arrays.append(array)
+        return arrays
+
+
+class _Offset:
+    """Progress adapter: the bar counts iterations since solve() started."""
+
+    def __init__(self, bar, start):
+        self.bar, self.start = bar, start
+
+    def update(self, iteration, loss):
+        self.bar.update(iteration - self.start, loss)
+
+
+def _value(tensor):
+    tensor = tensor.detach()
+    return float(tensor) if tensor.numel() == 1 else tensor.cpu().numpy()
+
+
+def field_name(model):
+    return model if isinstance(model, str) else f"net {getattr(model, 'name', '') or '<NetParameter>'}"
