@@ -2,5 +2,7 @@
 from .dist_loss import dist_loss
 from .im2dist import BIG, PatchGeometry, im2dist, tap_offsets
 from .im2parity import im2parity
+from .masked_conv import masked_conv2d, segaware_mask
 
-__all__ = ["BIG", "PatchGeometry", "dist_loss", "im2dist", "im2parity", "tap_offsets"]
+__all__ = ["BIG", "PatchGeometry", "dist_loss", "im2dist", "im2parity", "masked_conv2d",
+           "segaware_mask", "tap_offsets"]

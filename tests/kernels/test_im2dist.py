@@ -1,0 +1,239 @@
+"""kernels.im2dist and the Im2dist layer: a pure-Python reference written from SEMANTICS §2.1,
+the original's golden numbers, float64 gradcheck (L2), CUDA vs CPU, bad inputs."""
+import numpy as np
+import pytest
+import torch
+
+from caffe_proto import read_net
+from kernels import BIG, im2dist
+from kernels.im2dist import PatchGeometry
+from segaware_caffe import BuildContext, LayerSetupError
+from segaware_caffe.layer import layer_class
+from tests.conftest import cpu_and_cuda
+
+GOLDEN = ["im2dist_l1_k13p54d9", "im2dist_l1_k3p1", "im2dist_l1_k3p1s2",
+          "im2dist_l1_k3p2d2_removecenter", "im2dist_l1_k5p2_removebounds", "im2dist_l2_k3p1",
+          "im2dist_l2_k3p6d2"]
+
+# (shape, kernel, pad, stride, dilation): odd sizes, batch 1 and 3, non-square kernels,
+# dilation > 1, stride 2, a pad that puts patch centres outside the image
+GEOMETRIES = [
+    ((1, 2, 5, 6), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((3, 3, 7, 5), (3, 2), (1, 0), (2, 1), (1, 1)),
+    ((2, 1, 6, 7), (2, 3), (0, 2), (1, 2), (2, 1)),
+    ((1, 4, 9, 8), (3, 3), (2, 2), (1, 1), (2, 2)),
+    ((2, 2, 5, 5), (3, 3), (4, 3), (2, 1), (1, 2)),
+]
+
+
+def reference_im2dist(x, geometry, norm, remove_center, remove_bounds):
+    """Loops over every output element, straight from the spec (float64)."""
+    x = x.detach().double().cpu().numpy()
+    batch, _, height, width = x.shape
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = (geometry.kernel, geometry.pad, geometry.stride,
+                                              geometry.dilation)
+    out_h, out_w = geometry.output_size(height, width)
+    out = np.zeros((batch, kh * kw, out_h, out_w))
+    inside = lambda h, w: 0 <= h < height and 0 <= w < width
+    for n in range(batch):
+        for i in range(kh):
+            for j in range(kw):
+                for ho in range(out_h):
+                    for wo in range(out_w):
+                        ch, cw = ho * sh - ph + (kh // 2) * dh, wo * sw - pw + (kw // 2) * dw
+                        nh, nw = ho * sh - ph + i * dh, wo * sw - pw + j * dw
+                        if not inside(ch, cw):
+                            value = 0.0
+                        elif remove_center and (i, j) == (kh // 2, kw // 2):
+                            value = BIG
+                        elif inside(nh, nw):
+                            d = x[n, :, ch, cw] - x[n, :, nh, nw]
+                            value = np.abs(d).sum() if norm == "L1" else 0.5 * (d * d).sum()
+                        else:
+                            value = BIG if remove_bounds else 0.0
+                        out[n, i * kw + j, ho, wo] = value
+    return out
+
+
+def reference_im2dist_grad(x, grad_out, geometry, norm):
+    """Backward of the original's GPU path: sign(0) = 0 for L1, exact for L2."""
+    x = x.detach().double().cpu().numpy()
+    grad_out = grad_out.detach().double().cpu().numpy()
+    batch, _, height, width = x.shape
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = (geometry.kernel, geometry.pad, geometry.stride,
+                                              geometry.dilation)
+    out_h, out_w = geometry.output_size(height, width)
+    grad = np.zeros_like(x)
+    inside = lambda h, w: 0 <= h < height and 0 <= w < width
+    for n in range(batch):
+        for i in range(kh):
+            for j in range(kw):
+                if (i, j) == (kh // 2, kw // 2):
+                    continue
+                for ho in range(out_h):
+                    for wo in range(out_w):
+                        ch, cw = ho * sh - ph + (kh // 2) * dh, wo * sw - pw + (kw // 2) * dw
+                        nh, nw = ho * sh - ph + i * dh, wo * sw - pw + j * dw
+                        if not (inside(ch, cw) and inside(nh, nw)):
+                            continue
+                        d = x[n, :, ch, cw] - x[n, :, nh, nw]
+                        coefficient = np.sign(d) if norm == "L1" else d
+                        g = grad_out[n, i * kw + j, ho, wo]
+                        grad[n, :, ch, cw] += coefficient * g
+                        grad[n, :, nh, nw] -= coefficient * g
+    return grad
+
+
+def make_input(shape, dtype, device, contiguous, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    # a few exact ties (equal neighbours), where the L1 gradient rule matters
+    x[..., 1, :] = x[..., 0, :]
+    x = x.to(device)
+    if not contiguous:
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+        assert not x.is_contiguous()
+    return x.requires_grad_(True)
+
+
+def golden_assert_close(got, ref, what):
+    got = got.detach().double().cpu().numpy()
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
+    big = ref == np.float64(np.float32(BIG))
+    assert np.array_equal(got[big], ref[big]), f"{what}: removed taps differ"
+    scale = np.abs(ref[~big]).max() if (~big).any() else 0.0
+    err = np.where(big, 0.0, np.abs(got - ref))
+    assert (err <= 1e-4 * np.abs(np.where(big, 0, ref)) + 1e-5 * scale).all(), \
+        f"{what}: max abs error {err.max():.3g}, max|ref| {scale:.3g}"
+    return err.max() / scale if scale else err.max()
+
+
+def build_layer(text, bottom_shapes):
+    layer_param = read_net(f"layer {{ {text} }}").layer[0]
+    ctx = BuildContext(name=layer_param.name, type=layer_param.type, phase="TEST",
+                       bottom_shapes=[tuple(s) for s in bottom_shapes],
+                       bottom_names=list(layer_param.bottom), top_names=list(layer_param.top))
+    return layer_class(layer_param.type, layer_param.name).from_proto(layer_param, ctx)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+@pytest.mark.parametrize("norm, remove_center, remove_bounds",
+                         [("L1", False, False), ("L2", False, False), ("L1", True, True),
+                          ("L2", True, False)])
+def test_forward_backward_match_reference(device, dtype, contiguous, geometry_case, norm,
+                                          remove_center, remove_bounds):
+    shape, kernel, pad, stride, dilation = geometry_case
+    geometry = PatchGeometry.of(kernel, pad, stride, dilation)
+    x = make_input(shape, dtype, device, contiguous)
+    out = im2dist(x, kernel, pad, stride, dilation, norm=norm, remove_center=remove_center,
+                  remove_bounds=remove_bounds)
+    expected = reference_im2dist(x, geometry, norm, remove_center, remove_bounds)
+    assert out.shape == expected.shape and out.dtype == dtype and out.device == x.device
+    got = out.detach().double().cpu().numpy()
+    big = expected == BIG
+    assert np.array_equal(got == np.float64(np.float32(BIG)), big)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(got[~big], expected[~big], rtol=tolerance, atol=tolerance)
+
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64).to(dtype=dtype, device=device)
+    (grad_x,) = torch.autograd.grad(out, x, grad_out)
+    np.testing.assert_allclose(grad_x.double().cpu().numpy(),
+                               reference_im2dist_grad(x, grad_out, geometry, norm),
+                               rtol=tolerance * 10, atol=tolerance * 10)
+
+
+def test_l1_gradient_follows_gpu_rule_on_constant_input():
+    """SEMANTICS §2.1: the CPU original gives [[-5,-3,-5],[-3,0,-3],[-5,-3,-5]] here (sign(0) =
+    -1); the GPU path the released models used, and we, give no gradient at all."""
+    x = torch.ones(1, 1, 3, 3, requires_grad=True)
+    im2dist(x, 3, pad=1, norm="L1").sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("geometry_case", GEOMETRIES[:4])
+def test_l2_gradcheck(geometry_case):
+    shape, kernel, pad, stride, dilation = geometry_case
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: im2dist(t, kernel, pad, stride, dilation, norm="L2", remove_bounds=True), (x,))
+
+
+def test_l1_gradcheck_away_from_ties():
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: im2dist(t, 3, pad=1, norm="L1"), (x,), eps=1e-7)
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = im2dist(x, 3, pad=1)
+    grad_out = torch.ones_like(out, requires_grad=True)
+    (grad,) = torch.autograd.grad(out, x, grad_out, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_cuda_matches_cpu(norm):
+    x = torch.randn(3, 5, 17, 13, dtype=torch.float64)
+    x[:, :, 4] = x[:, :, 5]
+    results = []
+    for device in ("cpu", "cuda"):
+        xd = x.to(device).requires_grad_(True)
+        out = im2dist(xd, (3, 5), (2, 3), (2, 1), (2, 1), norm=norm, remove_center=True)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(device))
+        results.append((out.detach().cpu(), xd.grad.cpu()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", GOLDEN)
+def test_golden(shared, case):
+    folder = shared / "golden" / "layers" / case
+    data = np.load(folder / "data.npz")
+    layer_param = read_net(folder / "net.prototxt").layer[0]
+    x = torch.from_numpy(data["in/x"].copy()).requires_grad_(True)
+    layer = build_layer(str(layer_param), [x.shape])
+    out = layer(x)
+    golden_assert_close(out, data["out/dist"], f"{case} forward")
+    out.backward(torch.from_numpy(data["topdiff/dist"].copy()))
+    golden_assert_close(x.grad, data["diff/x"], f"{case} gradient")
+
+
+def test_layer_output_shapes_and_repr():
+    layer = build_layer('name: "d" type: "Im2dist" bottom: "x" top: "d" convolution_param '
+                        '{ kernel_h: 3 kernel_w: 5 pad_w: 2 stride: 2 } im2dist_param { norm: L1 }',
+                        [(2, 3, 9, 10)])
+    assert layer.output_shapes([(2, 3, 9, 10)]) == [(2, 15, 4, 5)]
+    assert "norm=L1" in repr(layer) and "stride=(2, 2)" in repr(layer)
+
+
+@pytest.mark.parametrize("text, shape, message", [
+    ('convolution_param { pad: 1 }', (1, 2, 5, 5), "kernel_size is required"),
+    ('convolution_param { kernel_size: 9 }', (1, 2, 5, 5), "empty output"),
+    ('convolution_param { kernel_size: 3 }', (2, 5, 5), "must be 4-D"),
+    ('convolution_param { kernel_size: 3 stride: 0 }', (1, 2, 5, 5), "stride must be > 0"),
+])
+def test_layer_errors_name_the_layer(text, shape, message):
+    with pytest.raises(LayerSetupError, match=rf"dist1 \(Im2dist\): .*{message}"):
+        build_layer(f'name: "dist1" type: "Im2dist" bottom: "x" top: "d" {text}', [shape])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(x=torch.zeros(2, 3, 4)), ValueError, r"must be 4-D .* got shape \(2, 3, 4\)"),
+    (dict(x=torch.zeros(1, 1, 4, 4, dtype=torch.int64)), TypeError, "float32 or float64"),
+    (dict(norm="L3"), ValueError, "norm must be one of"),
+    (dict(kernel_size=7), ValueError, "too small"),
+    (dict(kernel_size=(3, 3, 3)), ValueError, "kernel_size must be an int or a pair"),
+    (dict(dilation=0), ValueError, "dilation must be > 0"),
+])
+def test_functional_rejects_bad_inputs(kwargs, error, message):
+    arguments = dict(x=torch.zeros(1, 2, 4, 4), kernel_size=3)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=message):
+        im2dist(**arguments)
