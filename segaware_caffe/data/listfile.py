@@ -1,0 +1,58 @@
+"""List files of the image data layers: locating them and splitting their lines.
+
+Paths inside a list are ``root_folder + token`` (plain string concatenation, as in Caffe; the
+released VOC lists start with "/" and the configs give a root without a trailing slash).
+"""
+import os
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ListLine:
+    number: int          # 1-based line number in the list file
+    tokens: tuple        # whitespace-separated tokens
+
+
+def resolve_file(path, ctx, what):
+    """`path` as given if it exists (Caffe opens it relative to the working directory), else
+    relative to the prototxt's directory. Raises a layer error naming both places."""
+    if not path:
+        raise ctx.error(f"{what} is empty; expected the path of a file")
+    candidates = [path] if os.path.isabs(path) else [path, os.path.join(ctx.base_dir, path)]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    if os.path.isabs(path):
+        raise ctx.error(f"{what} {path!r} does not exist")
+    raise ctx.error(f"{what} {path!r} not found in the working directory ({os.getcwd()}) "
+                    f"nor beside the prototxt ({os.path.abspath(ctx.base_dir)})")
+
+
+def read_lines(path):
+    """The non-blank lines of a text file, with their line numbers."""
+    with open(path) as f:
+        return [ListLine(number, tuple(text.split()))
+                for number, text in enumerate(f, start=1) if text.strip()]
+
+
+_LEADING_INT = re.compile(r"\s*([+-]?\d+)")
+
+
+def c_atoi(text):
+    """C's atoi: the leading integer of `text`, 0 when there is none ("12abc" -> 12, "a" -> 0)."""
+    match = _LEADING_INT.match(text)
+    return int(match.group(1)) if match else 0
+
+
+def saturate_uint8(value):
+    """OpenCV's saturate_cast<uchar> of an integer."""
+    return min(max(int(value), 0), 255)
+
+
+def check_files_exist(entries, ctx, source):
+    """entries: iterable of (path, ListLine). Raises a layer error for the first missing file."""
+    for path, line in entries:
+        if not os.path.isfile(path):
+            raise ctx.error(f"file {path!r} does not exist (list {source}, line {line.number}: "
+                            f"{' '.join(line.tokens)!r})")

@@ -1,0 +1,77 @@
+"""ImageData (BVLC): list lines `path int_label`; tops data (N,C,Hc,Wc) and label (N,)
+(SEMANTICS §8.6)."""
+import numpy as np
+
+import caffe_proto
+
+from ..data.base import ListDataLayer, read_list_settings, read_mean_values
+from ..data.listfile import check_files_exist, read_lines, resolve_file
+from ..data.readers import ClassItemReader
+from ..data.transforms import CropMirrorTransform
+from ..layer import register_layer
+
+
+def _parse_int(token):
+    try:
+        return int(token)
+    except ValueError:
+        return None
+
+
+@register_layer("ImageData")
+class ImageData(ListDataLayer):
+    """No padding: every image must be at least crop_size (TRAIN random crop, TEST centred);
+    mirror with probability 1/2 when set; data = (pixel - mean) * scale in float32, BGR order.
+    Only transform_param.crop_size is honoured (not crop_height/crop_width, not scale_factors)."""
+    TOPS = (2, 2)
+
+    @classmethod
+    def from_proto(cls, layer_param, ctx):
+        settings = read_list_settings(layer_param, ctx)
+        items = []
+        lines = read_lines(settings.source)
+        for position, line in enumerate(lines):
+            label = _parse_int(line.tokens[1]) if len(line.tokens) >= 2 else None
+            if label is None:
+                # Caffe reads `path label` pairs until one fails to parse
+                rest = len(lines) - position
+                if not items:
+                    raise ctx.error(f"list {settings.source}, line {line.number}: expected "
+                                    f"`path integer_label`, got {' '.join(line.tokens)!r}")
+                ctx.warn(f"list {settings.source}: reading stops at line {line.number} "
+                         f"({' '.join(line.tokens)!r} is not `path integer_label`, as in "
+                         f"Caffe); {rest} line(s) ignored")
+                break
+            items.append((settings.root_folder + line.tokens[0], label, line))
+        if not items:
+            raise ctx.error(f"list {settings.source} has no items")
+        check_files_exist(((path, line) for path, _, line in items), ctx, settings.source)
+
+        tp = layer_param.transform_param
+        channels = 3 if settings.is_color else 1
+        for field in ("crop_height", "crop_width"):
+            if tp.HasField(field):
+                ctx.warn(f"transform_param.{field} is ignored by ImageData (only crop_size is "
+                         f"honoured, as in Caffe)")
+        if len(tp.scale_factors):
+            ctx.warn("transform_param.scale_factors is ignored by ImageData (as in Caffe)")
+        mean_image = None
+        if tp.HasField("mean_file"):
+            if len(tp.mean_value):
+                raise ctx.error("transform_param: give either mean_file or mean_value, not both")
+            path = resolve_file(tp.mean_file, ctx, "transform_param.mean_file")
+            mean_image = np.asarray(caffe_proto.read_blob(path), dtype=np.float32)
+            if mean_image.ndim == 4 and mean_image.shape[0] == 1:
+                mean_image = mean_image[0]
+            if mean_image.ndim != 3 or mean_image.shape[0] != channels:
+                raise ctx.error(f"mean_file {path} holds a blob of shape {mean_image.shape}; "
+                                f"expected (1, {channels}, H, W) for {channels}-channel images")
+        transform = CropMirrorTransform(crop_size=int(tp.crop_size),
+                                        mean_values=read_mean_values(tp, channels, ctx),
+                                        mean_image=mean_image, scale=float(tp.scale),
+                                        mirror=bool(tp.mirror),
+                                        random_crop=ctx.phase == "TRAIN")
+        reader = ClassItemReader(layer_label=f"{ctx.name} ({ctx.type})", source=settings.source,
+                                 items=tuple(items), color=settings.is_color,
+                                 new_size=settings.new_size, transform=transform)
+        return cls.build(ctx, reader=reader, count=len(items), settings=settings)
