@@ -1,0 +1,118 @@
+"""segaware-caffe eval --pred DIR --gt DIR --list FILE: mean IoU like the VOC devkit.
+
+One confusion matrix is accumulated over all images (gt rows, prediction columns); pixels whose
+ground truth is the ignore label are skipped. Per class IoU = TP / (TP + FP + FN). A class that
+appears neither in the ground truth nor in the predictions (TP + FP + FN = 0) has no IoU: it is
+reported as nan and left out of the mean (the devkit would count it as 0 and drag the mean down
+on subsets; on full VOC val every class is present, so both conventions agree there).
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+
+
+@dataclass
+class IoUResult:
+    confusion: np.ndarray      # (classes, classes) int64 pixel counts, rows = ground truth
+    iou: np.ndarray            # per class, nan where the class is in neither gt nor prediction
+    images: int
+
+    @property
+    def mean_iou(self):
+        present = ~np.isnan(self.iou)
+        return float(self.iou[present].mean()) if present.any() else float("nan")
+
+    @property
+    def pixel_accuracy(self):
+        total = self.confusion.sum()
+        return float(np.trace(self.confusion) / total) if total else float("nan")
+
+
+def read_ids(list_file):
+    """Image ids from a list file: one id per line (voc_val_id.txt), or `image label` lines whose
+    first path's file stem is the id (voc_val.txt)."""
+    ids = []
+    with open(list_file) as f:
+        for line in f:
+            fields = line.split()
+            if fields:
+                ids.append(os.path.splitext(os.path.basename(fields[0]))[0])
+    if not ids:
+        raise ValueError(f"{list_file}: no image ids")
+    return ids
+
+
+def read_label_png(path):
+    """Class indices of a label PNG: palette indices (VOC style) or grey values."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L", "I", "I;16"):
+            raise ValueError(f"{path}: expected a palette or greyscale PNG of class indices, "
+                             f"got mode {image.mode}")
+        return np.asarray(image, dtype=np.int64)
+
+
+def confusion_matrix(gt, pred, num_classes, ignore_label, where="image"):
+    if gt.shape != pred.shape:
+        raise ValueError(f"{where}: prediction is {pred.shape[1]}x{pred.shape[0]}, ground truth "
+                         f"{gt.shape[1]}x{gt.shape[0]}")
+    valid = gt != ignore_label if ignore_label is not None else np.ones(gt.shape, bool)
+    gt, pred = gt[valid], pred[valid]
+    for what, values in (("ground truth", gt), ("prediction", pred)):
+        bad = (values < 0) | (values >= num_classes)
+        if bad.any():
+            raise ValueError(f"{where}: {what} has label {int(values[bad][0])} outside 0..{num_classes - 1}"
+                             + (f" (ignore label {ignore_label})" if ignore_label is not None else ""))
+    return np.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def evaluate(pred_dir, gt_dir, ids, *, num_classes=21, ignore_label=255):
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    missing = [i for i in ids if not os.path.exists(os.path.join(pred_dir, f"{i}.png"))]
+    if missing:
+        raise FileNotFoundError(f"{pred_dir}: no prediction for {len(missing)} of {len(ids)} ids "
+                                f"(first: {missing[0]}.png)")
+    for image_id in ids:
+        gt = read_label_png(os.path.join(gt_dir, f"{image_id}.png"))
+        pred = read_label_png(os.path.join(pred_dir, f"{image_id}.png"))
+        confusion += confusion_matrix(gt, pred, num_classes, ignore_label, where=f"{image_id}.png")
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    return IoUResult(confusion, iou, len(ids))
+
+
+def format_table(result, class_names=None):
+    n = len(result.iou)
+    names = class_names if class_names and len(class_names) == n else [str(c) for c in range(n)]
+    width = max(len(s) for s in names + ["mean IoU"])
+    lines = [f"{'class':<{width}}  IoU (%)"]
+    for name, value in zip(names, result.iou):
+        lines.append(f"{name:<{width}}  {'nan' if np.isnan(value) else f'{100 * value:6.2f}'}")
+    lines.append(f"{'mean IoU':<{width}}  {100 * result.mean_iou:6.2f}")
+    lines.append(f"({result.images} images, pixel accuracy {100 * result.pixel_accuracy:.2f}%; "
+                 f"classes absent from gt and prediction are nan and not averaged)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser):
+    parser.add_argument("--pred", required=True, help="folder of predicted label PNGs (<id>.png)")
+    parser.add_argument("--gt", required=True, help="folder of ground-truth label PNGs (<id>.png)")
+    parser.add_argument("--list", required=True, help="list file of image ids (or `image label` lines)")
+    parser.add_argument("--num-classes", type=int, default=21)
+    parser.add_argument("--ignore", type=int, default=255, help="ground-truth label to skip (default 255)")
+
+
+def run(args):
+    if args.num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
+    result = evaluate(args.pred, args.gt, read_ids(args.list), num_classes=args.num_classes,
+                      ignore_label=args.ignore)
+    print(format_table(result, list(VOC_CLASSES) if args.num_classes == len(VOC_CLASSES) else None))
+    return 0
