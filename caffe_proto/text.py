@@ -211,11 +211,12 @@ def _enclosing_layer(text, offset):
     if block_start is None:
         return None
     body = _block_body(text, block_start)
-    name = re.search(r"^\s*name\s*:\s*[\"']([^\"']*)[\"']", body, re.M)
-    v0 = re.search(r"\blayer\s*\{", body)
-    kind = re.search(r"^\s*type\s*:\s*[\"']?([A-Za-z0-9_]+)", body, re.M)
-    if name is None and v0:  # V0: the name lives in the nested `layer { }`
-        name = re.search(r"\bname\s*:\s*[\"']([^\"']*)[\"']", body)
+    name = re.search(r"\bname\s*:\s*[\"']([^\"']*)[\"']", body)
+    kind = re.search(r"\btype\s*:\s*[\"']?([A-Za-z0-9_]+)", body)
+    if name is None or kind is None:  # V0: name and type live in the nested `layer { }`
+        whole = text[block_start:offset]
+        name = name or re.search(r"\bname\s*:\s*[\"']([^\"']*)[\"']", whole)
+        kind = kind or re.search(r"\btype\s*:\s*[\"']?([A-Za-z0-9_]+)", whole)
     return (name.group(1) if name else "?", kind.group(1) if kind else "?")
 
 
@@ -297,10 +298,10 @@ def _format_parse_error(error, text, message, where):
         return CaffeFormatError(f"{where}: {detail} (parsing a {message.DESCRIPTOR.name})")
     offset = sum(len(line) + 1 for line in lines[:line_number - 1]) + max(column - 1, 0)
     layer = _enclosing_layer(text, offset)
-    context = f" in layer {layer[0]!r} ({layer[1]})" if layer else ""
+    context = f" in layer {layer[0]!r} ({layer[1]}):" if layer else ""
     hint = _suggest(detail)
     caret = " " * (max(column - 1, 0)) + "^"
-    parts = [f"{where}:{line_number}:{column}:{context}: {detail}",
+    parts = [f"{where}:{line_number}:{column}:{context} {detail}",
              f"    {source_line}", f"    {caret}"]
     if hint:
         parts.append(f"    {hint}")
