@@ -1,0 +1,175 @@
+"""segaware-caffe inspect NET.prototxt [--weights W] [--set VAR=value ...] [--vars FILE] [--phase P]
+
+A table of the net's layers: name, type, bottoms -> tops (with shapes when the net can be built),
+learnable blobs with shapes, lr/decay multipliers, and the phase rules of each layer.
+"""
+import math
+import os
+
+import caffe_proto
+from caffe_proto import caffe_pb2
+
+
+def add_arguments(parser):
+    parser.add_argument("prototxt", help="net definition (.prototxt, may be a ${VAR} template)")
+    parser.add_argument("--weights", metavar="W", help=".caffemodel whose blobs to show")
+    parser.add_argument("--set", action="append", default=[], metavar="VAR=value",
+                        help="template variable for ${VAR} (repeatable)")
+    parser.add_argument("--vars", metavar="FILE", help="shell-style KEY=value file of variables")
+    parser.add_argument("--phase", choices=("train", "test"), default="test",
+                        help="phase whose layers are listed (default: test)")
+    parser.add_argument("--stage", action="append", default=[], help="net stage (repeatable)")
+    parser.add_argument("--level", type=int, default=0, help="net level (default 0)")
+    parser.add_argument("--all-phases", action="store_true",
+                        help="list every layer, whatever its include/exclude rules")
+
+
+def parse_variables(assignments, vars_file=None):
+    """{name: value} from a KEY=value file, then --set VAR=value items (which win)."""
+    variables = dict(caffe_proto.read_variables(vars_file)) if vars_file else {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects VAR=value, got {item!r}")
+        variables[key.strip()] = value
+    return variables
+
+
+def rule_text(layer):
+    """The include/exclude rules (and explicit phase) of a layer, in a few characters."""
+    def one(rule):
+        parts = []
+        if rule.HasField("phase"):
+            parts.append(caffe_pb2.Phase.Name(rule.phase))
+        if rule.HasField("min_level"):
+            parts.append(f"level>={rule.min_level}")
+        if rule.HasField("max_level"):
+            parts.append(f"level<={rule.max_level}")
+        parts += [f"stage={s}" for s in rule.stage] + [f"not_stage={s}" for s in rule.not_stage]
+        return " ".join(parts) or "always"
+    texts = [one(r) for r in layer.include] + [f"not {one(r)}" for r in layer.exclude]
+    if layer.HasField("phase"):
+        texts.append(f"phase={caffe_pb2.Phase.Name(layer.phase)}")
+    return ", ".join(texts) or "all"
+
+
+def _shape_text(shape):
+    return "x".join(str(d) for d in shape) if shape else "scalar"
+
+
+def _number(value):
+    return f"{value:g}"
+
+
+def _build_net(net_param, args):
+    """segaware_caffe.Net for the shapes, or (None, reason) when it cannot be built here."""
+    try:
+        from segaware_caffe import Net
+    except Exception as e:  # the net builder is optional for this tool
+        return None, f"net builder unavailable ({type(e).__name__}: {e})"
+    try:
+        net = Net(net_param, phase=args.phase, stages=tuple(args.stage), level=args.level,
+                  fuse=False)
+    except Exception as e:  # e.g. a data layer whose list file is not on this machine
+        reason = str(e).split(". ")[0]
+        return None, f"{type(e).__name__}: {reason[:300]}"
+    return net, None
+
+
+def _filter(net_param, args):
+    try:
+        from segaware_caffe.net import filter_layers
+    except Exception:
+        return list(net_param.layer)
+    phase = caffe_pb2.TRAIN if args.phase == "train" else caffe_pb2.TEST
+    return list(filter_layers(net_param, phase, args.level, tuple(args.stage)))
+
+
+def inspect_rows(net_param, args, weights=None):
+    """(rows, notes): one dict per listed layer, and lines to print under the table."""
+    notes = []
+    net, reason = (None, "--all-phases lists layers without building") if args.all_phases else \
+        _build_net(net_param, args)
+    if reason:
+        notes.append(f"shapes from the prototxt/weights only: {reason}")
+    weight_shapes = {}
+    if weights is not None:
+        for layer in list(weights.layer):
+            weight_shapes.setdefault(layer.name, [caffe_proto.blob_shape(b) for b in layer.blobs])
+        if net is not None:
+            report = net.load_weights(weights)
+            notes.append(f"weights: {report}")
+    rows = []
+    if net is not None:
+        for record in net.records:
+            params = net.params.get(record.name, []) if record.module.caffe_blobs() else []
+            rows.append(dict(
+                name=record.name, type=record.type,
+                flow=_flow(record.bottoms, record.tops, net.blob_shapes),
+                params=[tuple(p.shape) for p in params],
+                mults=[(getattr(p, "lr_mult", 1.0), getattr(p, "decay_mult", 1.0)) for p in params],
+                rule=rule_text(record.param), ids=[id(p) for p in params]))
+        return rows, notes
+    layers = list(net_param.layer) if args.all_phases else _filter(net_param, args)
+    for layer in layers:
+        shapes = weight_shapes.get(layer.name, [])
+        if not shapes and len(layer.blobs):
+            shapes = [caffe_proto.blob_shape(b) for b in layer.blobs]
+        count = max(len(shapes), len(layer.param))
+        mults = [(layer.param[i].lr_mult, layer.param[i].decay_mult) if i < len(layer.param)
+                 else (1.0, 1.0) for i in range(count)]
+        rows.append(dict(name=layer.name, type=layer.type,
+                         flow=_flow(layer.bottom, layer.top, {}),
+                         params=shapes or [None] * len(layer.param), mults=mults,
+                         rule=rule_text(layer), ids=None))
+    return rows, notes
+
+
+def _flow(bottoms, tops, shapes):
+    def blob(name):
+        return f"{name}[{_shape_text(shapes[name])}]" if name in shapes else name
+    return f"{', '.join(map(blob, bottoms)) or '-'} -> {', '.join(map(blob, tops)) or '-'}"
+
+
+def format_table(rows, title):
+    header = ("#", "name", "type", "bottoms -> tops", "params", "lr/decay", "phase")
+    lines = []
+    for index, row in enumerate(rows):
+        params = ", ".join("?" if s is None else _shape_text(s) for s in row["params"]) or "-"
+        mults = ", ".join(f"{_number(lr)}/{_number(decay)}" for lr, decay in row["mults"]) or "-"
+        lines.append((str(index), row["name"], row["type"], row["flow"], params, mults, row["rule"]))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+    widths[3] = min(widths[3], 70)
+
+    def render(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [title, render(header), render(["-" * w for w in widths])]
+    out += [render(line) for line in lines]
+    blobs = 0
+    values = 0
+    seen = set()
+    for row in rows:
+        for i, shape in enumerate(row["params"]):
+            key = row["ids"][i] if row["ids"] else (row["name"], i)
+            if key in seen:
+                continue  # a shared parameter counts once
+            seen.add(key)
+            blobs += 1
+            if shape is not None:
+                values += math.prod(shape)
+    out.append(f"total: {len(rows)} layers, {blobs} learnable blobs, {values:,} parameters")
+    return "\n".join(out)
+
+
+def run(args):
+    variables = parse_variables(args.set, args.vars)
+    net_param = caffe_proto.read_net(args.prototxt, variables=variables or None)
+    weights = caffe_proto.read_weights(args.weights) if args.weights else None
+    rows, notes = inspect_rows(net_param, args, weights)
+    phase = "all phases" if args.all_phases else f"phase {args.phase.upper()}"
+    title = f"{net_param.name or os.path.basename(os.fspath(args.prototxt))} ({phase})"
+    print(format_table(rows, title))
+    for note in notes:
+        print(f"note: {note}")
+    return 0
