@@ -1,0 +1,235 @@
+"""segaware-caffe run NET.prototxt --weights W --input data=img.jpg [--save out.png]: run a net on
+images or arrays and save its outputs.
+
+Images are read as BGR (like OpenCV), mean-subtracted (--mean B,G,R; default the configs'
+104.008,116.669,122.675) and fed as 1x3xHxW; .npy arrays are fed as they are (a 3-D array gets a
+batch axis). The net's declared input shapes are replaced by the fed ones (with --pad, images are
+instead padded bottom/right with the mean to the declared size, as the released test nets do, and
+.png outputs are cropped back to the image). Outputs are saved as .npy (raw) or .png (per pixel
+argmax over channels of item 0, with the PASCAL VOC palette).
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import caffe_proto
+
+DEFAULT_MEAN = "104.008,116.669,122.675"
+
+
+def add_arguments(parser):
+    parser.add_argument("model", help="net .prototxt (deploy)")
+    parser.add_argument("--weights", help=".caffemodel with the learned parameters")
+    parser.add_argument("--input", action="append", default=[], metavar="BLOB=FILE",
+                        help="feed an image (.jpg, .png, ...) or a .npy array to input BLOB; "
+                             "repeat for nets with several inputs")
+    parser.add_argument("--set", action="append", default=[], metavar="VAR=VALUE",
+                        help="value of a ${VAR} template variable of the prototxt")
+    parser.add_argument("--output", action="append", default=[], metavar="BLOB",
+                        help="blob to save or show (repeatable; default: the net outputs)")
+    parser.add_argument("--save", action="append", default=[], metavar="FILE",
+                        help="where to save each --output, in order: .npy (raw array) or .png "
+                             "(argmax over channels, VOC palette)")
+    parser.add_argument("--mean", default=DEFAULT_MEAN, metavar="B,G,R",
+                        help=f"mean subtracted from images, BGR order (default {DEFAULT_MEAN})")
+    parser.add_argument("--pad", action="store_true",
+                        help="pad images (bottom/right, with the mean) to the declared input size "
+                             "instead of resizing the net's inputs")
+    parser.add_argument("--phase", choices=("test", "train"), default="test")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def voc_palette(count=256):
+    """The PASCAL VOC colour map: the bits of the class index interleaved into R, G, B from the
+    most significant bit down. Returns `count` (r, g, b) rows as a uint8 array."""
+    palette = np.zeros((count, 3), np.uint8)
+    for index in range(count):
+        value, rgb = index, [0, 0, 0]
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((value >> channel) & 1) << bit
+            value >>= 3
+        palette[index] = rgb
+    return palette
+
+
+def save_label_png(labels, path):
+    """An H x W integer array (0..255) as a palette PNG with the VOC colours."""
+    labels = np.asarray(labels)
+    if labels.min() < 0 or labels.max() > 255:
+        raise ValueError(f"{path}: labels span {labels.min()}..{labels.max()}, a palette PNG holds "
+                         f"0..255")
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
+    image.putpalette(voc_palette().ravel().tolist())
+    image.save(path)
+
+
+def parse_assignments(values, what):
+    result = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{what} must look like NAME=VALUE, got {value!r}")
+        result[name] = rest
+    return result
+
+
+def parse_mean(text):
+    try:
+        mean = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mean must be comma-separated numbers (B,G,R), got {text!r}") from None
+    if len(mean) not in (1, 3):
+        raise ValueError(f"--mean takes 1 or 3 values (B,G,R), got {len(mean)}")
+    return mean
+
+
+def load_input(path, mean):
+    """A float32 N x C x H x W array from a .npy file (3-D gets a batch axis) or an image (BGR,
+    minus `mean`). Returns (array, is_image)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if path.lower().endswith(".npy"):
+        array = np.load(path)
+        if array.ndim == 3:
+            array = array[None]
+        return np.asarray(array, np.float32), False
+    from segaware_caffe.data import read_image
+    try:
+        bgr = read_image(path, color=True).astype(np.float64)
+    except OSError as e:
+        raise OSError(f"cannot read image {path}: {e}") from None
+    data = (bgr - np.broadcast_to(mean, (3,))).astype(np.float32)
+    return np.ascontiguousarray(data.transpose(2, 0, 1)[None]), True
+
+
+def declared_input_shapes(net_param):
+    """{input blob: declared shape} for legacy net inputs and Input layers."""
+    shapes = {}
+    legacy = list(net_param.input)
+    if len(net_param.input_shape):
+        for name, shape in zip(legacy, net_param.input_shape):
+            shapes[name] = tuple(int(d) for d in shape.dim)
+    elif len(net_param.input_dim):
+        dims = [int(d) for d in net_param.input_dim]
+        for i, name in enumerate(legacy):
+            shapes[name] = tuple(dims[4 * i:4 * i + 4])
+    for layer in net_param.layer:
+        if layer.type == "Input":
+            declared = [tuple(int(d) for d in s.dim) for s in layer.input_param.shape]
+            for i, top in enumerate(layer.top):
+                if declared:
+                    shapes[top] = declared[i] if len(declared) > 1 else declared[0]
+    return shapes
+
+
+def set_input_shapes(net_param, shapes):
+    """Replace the declared shapes of the inputs in `shapes` (in place)."""
+    legacy = list(net_param.input)
+    if len(net_param.input_dim):
+        dims = list(net_param.input_dim)
+        for i, name in enumerate(legacy):
+            if name in shapes:
+                if len(shapes[name]) != 4:
+                    raise ValueError(f"input {name!r} is declared with input_dim (4-D); the fed "
+                                     f"array has shape {shapes[name]}")
+                dims[4 * i:4 * i + 4] = shapes[name]
+        del net_param.input_dim[:]
+        net_param.input_dim.extend(dims)
+    for name, shape in zip(legacy, net_param.input_shape):
+        if name in shapes:
+            del shape.dim[:]
+            shape.dim.extend(shapes[name])
+    for layer in net_param.layer:
+        if layer.type != "Input" or not any(t in shapes for t in layer.top):
+            continue
+        declared = [list(s.dim) for s in layer.input_param.shape]
+        if len(declared) == 1:
+            declared = declared * len(layer.top)
+        del layer.input_param.shape[:]
+        for top, dims in zip(layer.top, declared):
+            layer.input_param.shape.add().dim.extend(shapes.get(top, dims))
+
+
+def pad_to(array, shape, name):
+    """Pad an image array (already mean-subtracted, so the mean pads as 0) bottom/right."""
+    height, width = array.shape[2:]
+    if len(shape) != 4 or shape[2] < height or shape[3] < width:
+        raise ValueError(f"--pad: input {name!r} is declared as {shape}, smaller than the "
+                         f"{height}x{width} image")
+    padded = np.zeros(array.shape[:2] + tuple(shape[2:]), np.float32)
+    padded[:, :, :height, :width] = array
+    return padded
+
+
+def save_output(name, array, path, crop=None):
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        np.save(path, array)
+    elif ext == ".png":
+        if array.ndim != 4:
+            raise ValueError(f"{path}: a .png needs a 4-D N x C x H x W blob; {name!r} has shape "
+                             f"{array.shape} (save it as .npy)")
+        scores = array[0]
+        labels = scores.argmax(axis=0) if scores.shape[0] > 1 else np.rint(scores[0]).astype(np.int64)
+        if crop is not None:
+            labels = labels[:crop[0], :crop[1]]
+        save_label_png(labels, path)
+    else:
+        raise ValueError(f"{path}: unknown output format {ext or '(none)'}; use .npy or .png")
+
+
+def run(args):
+    from segaware_caffe import Net
+
+    variables = parse_assignments(args.set, "--set")
+    feeds = parse_assignments(args.input, "--input")
+    mean = parse_mean(args.mean)
+    net_param = caffe_proto.read_net(args.model, variables=variables or None)
+    declared = declared_input_shapes(net_param)
+    unknown = [name for name in feeds if name not in declared]
+    if unknown:
+        raise ValueError(f"{args.model}: {unknown[0]!r} is not an input of the net (inputs: "
+                         f"{', '.join(declared) or 'none'})")
+    missing = [name for name in declared if name not in feeds]
+    if missing:
+        raise ValueError(f"{args.model}: no --input for net input {missing[0]!r} (inputs: "
+                         f"{', '.join(declared)})")
+    arrays, crops = {}, {}   # crops: padded input size -> image size, for .png outputs
+    for name, path in feeds.items():
+        array, is_image = load_input(path, mean)
+        if is_image and args.pad:
+            image_size = array.shape[2:]
+            array = pad_to(array, declared[name], name)
+            crops.setdefault(array.shape[2:], image_size)
+        arrays[name] = array
+    if not args.pad:
+        set_input_shapes(net_param, {name: a.shape for name, a in arrays.items()})
+
+    net = Net(net_param, weights=args.weights, phase=args.phase, device=args.device)
+    outputs = args.output or list(net.outputs)
+    if args.save and len(args.save) != len(outputs):
+        raise ValueError(f"{len(args.save)} --save file(s) for {len(outputs)} output(s) "
+                         f"({', '.join(outputs)}); give one --output per --save")
+    unknown = [o for o in outputs if o not in net.blob_shapes]
+    if unknown:
+        raise ValueError(f"{args.model}: no blob named {unknown[0]!r}")
+    with torch.no_grad():
+        result = net.forward(outputs=outputs, **{k: torch.from_numpy(v) for k, v in arrays.items()})
+    for i, name in enumerate(outputs):
+        array = result[name].detach().to("cpu", torch.float32).numpy()
+        if args.save:
+            # outputs at the padded input resolution are cropped back to the image
+            crop = crops.get(array.shape[2:]) if array.ndim == 4 else None
+            save_output(name, array, args.save[i], crop=crop)
+            print(f"{name} {tuple(array.shape)} -> {args.save[i]}")
+        else:
+            stats = (f"min {array.min():.6g} max {array.max():.6g} mean {array.mean():.6g}"
+                     if array.size else "empty")
+            print(f"{name} {tuple(array.shape)} {stats}")
+    sys.stdout.flush()
+    return 0
