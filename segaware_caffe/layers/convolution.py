@@ -105,13 +105,13 @@ class _ConvolutionBase(CaffeLayer):
             (height, width), self.kernel, self.pad, self.stride, self.dilation))
 
     def forward(self, *bottoms):
-        tops = tuple(self._apply_batched(x) for x in bottoms)
+        tops = tuple(self._convolve_batched(x) for x in bottoms)
         return tops[0] if len(tops) == 1 else tops
 
-    def _apply_batched(self, x):
+    def _convolve_batched(self, x):
         # Axes before the channel axis are all batch axes (Caffe's num_ = count(0, axis)).
         lead = x.shape[:self.channel_axis]
-        y = self._apply(x.reshape(-1, *x.shape[self.channel_axis:]))
+        y = self._convolve(x.reshape(-1, *x.shape[self.channel_axis:]))
         return y.reshape(*lead, *y.shape[1:])
 
     def extra_repr(self):
@@ -164,7 +164,7 @@ class Convolution(_ConvolutionBase):
             return (height, width)
         return super().output_spatial_size(height, width)
 
-    def _apply(self, x):
+    def _convolve(self, x):
         if self.bottom_is_im2col:
             columns = self.weight.reshape(self.num_output, -1, 1, 1)
             return F.conv2d(x, columns, self.bias, groups=self.group)
@@ -195,6 +195,6 @@ class Deconvolution(_ConvolutionBase):
         layer._fill_blobs(cp, ctx)
         return layer
 
-    def _apply(self, x):
+    def _convolve(self, x):
         return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.pad, 0, self.group,
                                   self.dilation)
