@@ -155,8 +155,13 @@ def substitute(text, variables, where="<text>"):
     variables = resolve_variables(variables)
     missing = {}
     out_lines = []
+    if "${" not in text:
+        return text
     for number, line in enumerate(text.split("\n"), 1):
-        code_end = _comment_start(line)
+        if "${" not in line:
+            out_lines.append(line)
+            continue
+        code_end = _comment_start(line) if "#" in line else len(line)
         for match in PLACEHOLDER.finditer(line, 0, code_end):
             if match.group(1) not in variables:
                 missing.setdefault(match.group(1), []).append(number)
