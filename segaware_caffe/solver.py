@@ -504,9 +504,10 @@ class Solver:
                 mine.data = theirs.data
 
     # ------------------------------------------------------------------ whole runs
-    def solve(self, resume_file=None):
+    def solve(self, resume_file=None, inputs=None):
         """Solver::Solve: optionally restore, step to max_iter (testing, displaying and
-        snapshotting as configured), snapshot after training, final display and test."""
+        snapshotting as configured), snapshot after training, final display and test.
+        inputs: as for step() (None for nets with data layers)."""
         log.info(f"Solving {self.net.name}")
         log.info(f"Learning Rate Policy: {self.param.lr_policy}")
         self.requested_early_exit = False
@@ -516,7 +517,7 @@ class Solver:
         bar = ProgressBar(self.param.max_iter - start_iter, enabled=None if self.progress else False)
         bar.update(0)
         try:
-            self.step(self.param.max_iter - self.iter, _progress=_Offset(bar, start_iter))
+            self.step(self.param.max_iter - self.iter, inputs, _progress=_Offset(bar, start_iter))
         finally:
             bar.close()
         p = self.param
@@ -528,7 +529,7 @@ class Solver:
             return
         if p.display and self.iter % p.display == 0 and self.rank == 0:
             with torch.no_grad():
-                out = self.net.forward(outputs=self._train_outputs(), **self._feed(None))
+                out = self.net.forward(outputs=self._train_outputs(), **self._feed(inputs))
                 total = self.net.loss(out)
             self._update_smoothed_loss(float(total) if total is not None else 0.0, start_iter)
             log.info(f"Iteration {self.iter}, loss = {fmt(self._smoothed_loss)}")
