@@ -167,6 +167,13 @@ def _count_consumers(records_spec, input_names):
     return consumers
 
 
+def _track_grad(x):
+    """Make a data layer's top a leaf that records its gradient (for force_backward nets)."""
+    if torch.is_grad_enabled() and x.is_floating_point() and not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    return x
+
+
 class Net(nn.Module):
     """A Caffe net as a torch module.
 
@@ -403,6 +410,10 @@ class Net(nn.Module):
             else:
                 for i, t in enumerate(r.tops):
                     env[t] = graph.call_function(operator.getitem, (node, i))
+            if self.force_backward and not r.bottoms:
+                # force_backward: every blob gets a diff, also those of data layers (DummyData)
+                for t in r.tops:
+                    env[t] = graph.call_function(_track_grad, (env[t],))
             for i, t in enumerate(r.tops):
                 producer[t] = (r.name, i)
         result = {}

