@@ -277,19 +277,27 @@ def normconv_meanfield(unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bil
     """
     _check_inputs(unary, q0, feat_bilateral, feat_spatial, (w_spatial, w_bilateral, compat),
                   num_iterations, bilateral, spatial)
-    n, channels, height, width = unary.shape
-    w_spatial, w_bilateral, compat = (m.reshape(channels, channels) for m in (w_spatial, w_bilateral, compat))
     attention_bilateral = message_attention(feat_bilateral, bilateral)
     attention_spatial = message_attention(feat_spatial, spatial)
     x = q0
     for _ in range(num_iterations):
-        q = torch.softmax(x, dim=1)
-        msg_spatial = _as_input_frame(message(q, attention_spatial, spatial), height, width)
-        msg_bilateral = _as_input_frame(message(q, attention_bilateral, bilateral), height, width)
-        mixed = (torch.matmul(w_spatial, msg_spatial.reshape(n, channels, -1))
-                 + torch.matmul(w_bilateral, msg_bilateral.reshape(n, channels, -1)))
-        x = unary - torch.matmul(compat, mixed).reshape(n, channels, height, width)
+        x = meanfield_update(x, unary, attention_bilateral, attention_spatial, w_spatial, w_bilateral,
+                             compat, bilateral=bilateral, spatial=spatial)
     return x
+
+
+def meanfield_update(x, unary, attention_bilateral, attention_spatial, w_spatial, w_bilateral, compat,
+                     *, bilateral, spatial):
+    """One CRF update X_{t+1} = U - compat · (W_s · S + W_b · B), with Q = softmax(X_t) and the
+    attention maps of `message_attention` (inputs as checked by normconv_meanfield)."""
+    n, channels, height, width = unary.shape
+    w_spatial, w_bilateral, compat = (m.reshape(channels, channels) for m in (w_spatial, w_bilateral, compat))
+    q = torch.softmax(x, dim=1)
+    msg_spatial = _as_input_frame(message(q, attention_spatial, spatial), height, width)
+    msg_bilateral = _as_input_frame(message(q, attention_bilateral, bilateral), height, width)
+    mixed = (torch.matmul(w_spatial, msg_spatial.reshape(n, channels, -1))
+             + torch.matmul(w_bilateral, msg_bilateral.reshape(n, channels, -1)))
+    return unary - torch.matmul(compat, mixed).reshape(n, channels, height, width)
 
 
 def _check_inputs(unary, q0, feat_bilateral, feat_spatial, matrices, num_iterations, bilateral, spatial):
