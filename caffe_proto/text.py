@@ -163,8 +163,11 @@ def substitute(text, variables, where="<text>"):
             continue
         code_end = _comment_start(line) if "#" in line else len(line)
         for match in PLACEHOLDER.finditer(line, 0, code_end):
-            if match.group(1) not in variables:
-                missing.setdefault(match.group(1), []).append(number)
+            name = match.group(1)
+            if name not in variables:
+                lines = missing.setdefault(name, [])
+                if number not in lines:
+                    lines.append(number)
         out_lines.append(PLACEHOLDER.sub(
             lambda m: variables.get(m.group(1), m.group(0)), line))
     if missing:
