@@ -125,3 +125,23 @@ def test_torch_tensors_are_accepted(tmp_path):
     path = tmp_path / "t.caffemodel"
     write_weights({"ip": [weight]}, path)
     assert np.array_equal(weights_to_arrays(read_weights(path))["ip"][0], weight.detach().numpy())
+
+
+def test_array_to_blob_data_diff_double_and_scalar():
+    data = np.random.RandomState(1).randn(3, 4, 5).astype(np.float32)
+    blob = array_to_blob(data, diff=2 * data)
+    assert list(blob.shape.dim) == [3, 4, 5]
+    assert np.array_equal(blob_to_array(blob), data)
+    assert np.array_equal(blob_to_array(blob, diff=True), 2 * data)
+    double = array_to_blob(data.astype(np.float64), double=True)
+    assert not len(double.data) and blob_to_array(double).dtype == np.float64
+    scalar = array_to_blob(np.float32(3.5))
+    assert scalar.HasField("shape") and not len(scalar.shape.dim)  # as Caffe writes 0-axis blobs
+    assert blob_to_array(scalar).shape == () and blob_to_array(scalar) == 3.5
+    # the fast path writes the same bytes as protobuf's own packed encoding
+    reference = caffe_pb2.BlobProto()
+    reference.shape.dim.extend([3, 4, 5])
+    reference.data.extend(data.ravel().tolist())
+    assert array_to_blob(data).SerializeToString() == reference.SerializeToString()
+    with pytest.raises(ValueError, match=r"diff shape \(2,\) differs from data shape \(3, 4, 5\)"):
+        array_to_blob(data, diff=np.ones(2))
