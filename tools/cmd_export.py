@@ -1,0 +1,84 @@
+"""segaware-caffe export NET.prototxt [WEIGHTS] --python model.py [--onnx model.onnx]
+
+--python writes a standalone PyTorch module; with WEIGHTS (.caffemodel) the tensors are written
+next to it as <model>.safetensors, which the module's load() reads by default (a .safetensors or
+.pt WEIGHTS file is used where it is). --onnx writes ONNX with the given (or filler) weights."""
+import os
+
+from converters import caffemodel as cm
+from converters.python_export import build_net, export_onnx, python_source
+from tools.cmd_convert import add_net_arguments, net_variables
+
+
+def add_arguments(parser):
+    parser.add_argument("prototxt", help="net definition (.prototxt)")
+    parser.add_argument("weights", nargs="?", help=".caffemodel, .safetensors or .pt (optional)")
+    parser.add_argument("--python", metavar="FILE", help="write the module source here")
+    parser.add_argument("--onnx", metavar="FILE", help="write ONNX here")
+    parser.add_argument("--class-name", help="name of the generated class (default: from the net name)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
+                        help="build (and ONNX-trace) with this input shape (repeatable)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument("--force", action="store_true", help="replace existing output files")
+    add_net_arguments(parser)
+
+
+def parse_input_shapes(items):
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ValueError(f"--input-shape expects NAME=N,C,H,W, got {item!r}")
+    return shapes
+
+
+def _check_new(path, force):
+    if path and os.path.exists(path) and not force:
+        raise FileExistsError(f"{path}: file exists; pass --force to replace it")
+
+
+def run(args):
+    if not args.python and not args.onnx:
+        raise ValueError("nothing to write: give --python FILE and/or --onnx FILE")
+    for path in (args.python, args.onnx):
+        _check_new(path, args.force)
+    variables = net_variables(args)
+    phase = args.phase or "test"
+    net = build_net(args.prototxt, variables=variables, phase=phase, stages=tuple(args.stage or ()),
+                    level=args.level or 0, input_shapes=parse_input_shapes(args.input_shape))
+    default_weights = None
+    if args.weights:
+        if args.weights.lower().endswith((".safetensors", ".pt", ".pth")):
+            tensors, metadata = cm.load_tensors(args.weights)
+            default_weights = os.path.abspath(args.weights)
+        else:
+            tensors, metadata, ignored = cm.caffemodel_to_tensors(
+                net, args.weights, prototxt=args.prototxt, variables=variables, phase=phase,
+                stages=tuple(args.stage or ()), level=args.level or 0)
+            if args.python:
+                default_weights = os.path.splitext(os.path.basename(args.python))[0] + ".safetensors"
+                target = os.path.join(os.path.dirname(os.path.abspath(args.python)), default_weights)
+                cm.save_tensors(target, tensors, metadata, overwrite=args.force)
+                print(f"wrote {target}")
+        _, unused = cm.tensors_to_caffemodel(net, tensors, metadata)  # checks names and shapes
+        state = {f"layers.{k}": v for k, v in cm._strip_prefix(tensors, []).items()}
+        net.load_state_dict(state, strict=False)
+    note = f"Source: {os.path.basename(args.prototxt)} (sha256 {cm.prototxt_sha256(args.prototxt)[:16]})"
+    if variables:
+        note += f", variables {variables}"
+    export = python_source(net, class_name=args.class_name, source_note=note + ".",
+                           default_weights=default_weights)
+    if args.python:
+        with open(args.python, "w") as f:
+            f.write(export.source)
+        modules = [layer for layer in export.layers if layer.how == "module"]
+        print(f"wrote {args.python}: class {export.class_name}, {len(export.layers)} layer(s), "
+              f"{len(modules)} as segaware_caffe modules")
+    if args.onnx:
+        export_onnx(net, export, args.onnx, opset=args.opset, overwrite=args.force)
+        print(f"wrote {args.onnx}")
+    return 0
