@@ -183,7 +183,7 @@ def substitute(text, variables, where="<text>"):
 # ------------------------------------------------------------------------------------------------
 # Parsing with good errors
 
-_LAYER_BLOCK = re.compile(r"\b(layers?)\s*\{")
+_LAYER_OPENING = re.compile(r"\blayers?\s*:?\s*$")  # text just before a layer's `{`
 
 
 def _enclosing_layer(text, offset):
@@ -206,10 +206,8 @@ def _enclosing_layer(text, offset):
             continue
         if char == "{":
             if depth == 0:
-                match = None
-                for match in _LAYER_BLOCK.finditer(text, max(0, index - 40), index + 1):
-                    pass
-                block_start = index if match and match.end() == index + 1 else None
+                opening = _LAYER_OPENING.search(text, max(0, index - 40), index)
+                block_start = index if opening else None
             depth += 1
         elif char == "}":
             depth -= 1

@@ -38,6 +38,10 @@ NET_TEXT_ERRORS = [
      r"in layer 's' \(Scale\): .*FillerParameter.*\"valeu\"(.|\n)*did you mean value\?"),
     ('layer { name: "ok" }\nlayer { name: "a" type: "ReLU" }\nlayers { name: "b" type: RELU }',
      r"mixes current `layer \{ \}` \(2\) and legacy `layers \{ \}` \(1\)"),
+    ('layer: { name: "a" type: "ReLU" bootom: "x" }',
+     r"<text>:1:33: in layer 'a' \(ReLU\): .*\"bootom\""),
+    ('layers { layer { name: "v0" type: "conv" kernelsze: 3 } }',
+     r"in layer 'v0' \(conv\): .*V0LayerParameter.*\"kernelsze\"(.|\n)*did you mean kernelsize"),
     ('input: "x" layers { layer { name: "q" type: "quux" } bottom: "x" top: "y" }',
      r"V0 layer 'q' has unknown type 'quux'; V0 types are accuracy, bnll"),
     ('input: "x" layers { layer { name: "p" type: "padding" pad: 1 } bottom: "x" top: "p" }'

@@ -1,5 +1,4 @@
 """caffe.proto vs caffe_pb2.py (no drift) and vs the fork's and BVLC's schemas (nothing missing)."""
-import os
 import re
 import struct
 import sys

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from caffe_proto import (CaffeFormatError, caffe_pb2, read_net, read_variables, read_weights,
+from caffe_proto import (caffe_pb2, read_net, read_variables, read_weights,
                          weights_to_arrays)
 
 
