@@ -162,3 +162,11 @@ def test_clashing_bvlc_layer_fields_are_renumbered_as_documented():
                          ("two_image_data_param", 1200), ("interp_param", 143),
                          ("seg_accuracy_param", 144)]:
         assert fields[name].number == number
+
+
+def test_gen_script_says_how_to_get_protoc(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "grpc_tools", None)  # import grpc_tools now fails
+    with pytest.raises(RuntimeError, match=r"grpcio-tools is not installed.*pip install grpcio-tools"):
+        gen_caffe_pb2.protoc_main()
+    assert gen_caffe_pb2.main(["--check"]) == 2
+    assert "gen_caffe_pb2: error: grpcio-tools is not installed" in capsys.readouterr().err
