@@ -9,10 +9,9 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from caffe_proto import caffe_pb2
+from tools import gen_caffe_pb2
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import gen_caffe_pb2  # noqa: E402
 
 
 def _need_protoc():
