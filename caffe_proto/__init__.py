@@ -1,6 +1,17 @@
 """Read and write Caffe files (prototxt, caffemodel, binaryproto, solver, solverstate) without Caffe.
 
 The schema is ours (`caffe.proto`), wire- and text-compatible with the segaware fork and BVLC Caffe.
+
+    net = read_net("train.prototxt", variables={"CROP_SIZE": 321})   # or variables="vars.sh"
+    weights = read_weights("model.caffemodel")        # fork or BVLC file, V0/V1 upgraded
+    arrays = weights_to_arrays(weights)               # {layer name: [np.ndarray]}
+    write_weights(arrays, "copy.caffemodel", types={"conv1": "Convolution"})
+    mean = read_blob("mean.binaryproto")
+    solver = read_solver("solver.prototxt", load_nets=True)
+    state = read_solverstate("snap_iter_2.solverstate")
+
+Every failure is a CaffeFormatError (a ValueError) naming the file, the line/column or layer, and
+what was expected; writers refuse to replace a file unless overwrite=True.
 """
 from . import caffe_pb2
 from .errors import CaffeFormatError
