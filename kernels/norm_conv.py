@@ -64,7 +64,7 @@ def _norm_conv_backward_cpu(grad_out, x, attention, weight, geometry, group, nee
                 col_grad = torch.matmul(tap_weight.transpose(1, 2), grad).reshape(n, channels, out_h, out_w)
                 if need_attention:
                     tap = patch_view(padded, i * dilation[0], j * dilation[1], (out_h, out_w), stride)
-                    tap_grads[:, k] = (tap * col_grad).sum(1)
+                    tap_grads[:, k] = torch.einsum("nchw,nchw->nhw", tap, col_grad)
                 if need_x:
                     # col2im of one tap: add into the pixels this tap read
                     patch_view(grad_padded, i * dilation[0], j * dilation[1], (out_h, out_w), stride).add_(
