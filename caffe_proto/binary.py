@@ -176,9 +176,9 @@ def blob_shape(blob):
     return ()  # Caffe writes no shape at all for a 0-axis (scalar) blob
 
 
-def blob_to_array(blob, where="blob", diff=False):
-    """BlobProto -> float32 (or float64 for double_data) array, after checking that the declared
-    shape matches the number of stored values (so a corrupt header cannot ask for terabytes)."""
+def check_blob(blob, where="blob", diff=False):
+    """(shape, stored values, numpy dtype) of a BlobProto after checking that the declared shape
+    matches the number of stored values, so that a corrupt header cannot ask for terabytes."""
     shape = blob_shape(blob)
     if any(d < 0 for d in shape):
         raise CaffeFormatError(f"{where}: negative dimension in declared shape {shape}")
@@ -186,13 +186,18 @@ def blob_to_array(blob, where="blob", diff=False):
     for d in shape:
         count *= d
     single, double = (blob.diff, blob.double_diff) if diff else (blob.data, blob.double_data)
-    values = double if len(double) else single
+    values, dtype = (double, np.float64) if len(double) else (single, np.float32)
     if len(values) != count:
         kind = "diff" if diff else "data"
         raise CaffeFormatError(
             f"{where}: declared shape {shape} has {count} elements but the blob holds "
             f"{len(values)} {kind} values (corrupt or truncated file)")
-    dtype = np.float64 if len(double) else np.float32
+    return shape, values, dtype
+
+
+def blob_to_array(blob, where="blob", diff=False):
+    """BlobProto -> float32 array (float64 for double_data), its size checked first."""
+    shape, values, dtype = check_blob(blob, where, diff)
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 

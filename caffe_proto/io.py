@@ -8,7 +8,7 @@ file unless overwrite=True.
 import os
 
 from . import caffe_pb2
-from .binary import (array_to_blob, blob_shape, blob_to_array, check_recognised,
+from .binary import (array_to_blob, blob_shape, blob_to_array, check_blob, check_recognised,
                      fix_bvlc_layer_fields, parse_binary, read_bytes)
 from .errors import CaffeFormatError
 from .text import load_text, parse_text, read_variables, substitute
@@ -92,22 +92,8 @@ def read_weights(path_or_bytes, *, upgrade=True):
         upgrade_net(net, where)
     for layer in list(net.layer) + list(net.layers):
         for index, blob in enumerate(layer.blobs):
-            _check_blob(blob, f"{where}: layer {layer.name!r} blob {index}")
+            check_blob(blob, f"{where}: layer {layer.name!r} blob {index}")
     return net
-
-
-def _check_blob(blob, where):
-    shape = blob_shape(blob)
-    count = 1
-    for d in shape:
-        if d < 0:
-            raise CaffeFormatError(f"{where}: negative dimension in declared shape {shape}")
-        count *= d
-    stored = len(blob.double_data) or len(blob.data)
-    if stored != count:
-        raise CaffeFormatError(
-            f"{where}: declared shape {shape} has {count} elements but the blob holds {stored} "
-            f"values (corrupt or truncated file)")
 
 
 def weights_to_arrays(net):
@@ -171,7 +157,7 @@ def read_solverstate(path_or_bytes):
     state = parse_binary(data, caffe_pb2.SolverState(), where, ".solverstate (SolverState)")
     check_recognised(state, where, ".solverstate (SolverState)")
     for index, blob in enumerate(state.history):
-        _check_blob(blob, f"{where}: history blob {index}")
+        check_blob(blob, f"{where}: history blob {index}")
     return state
 
 

@@ -8,6 +8,7 @@ import os
 
 import caffe_proto
 from caffe_proto import caffe_pb2
+from tools.cmd_run import parse_assignments
 
 
 def add_arguments(parser):
@@ -27,11 +28,7 @@ def add_arguments(parser):
 def parse_variables(assignments, vars_file=None):
     """{name: value} from a KEY=value file, then --set VAR=value items (which win)."""
     variables = dict(caffe_proto.read_variables(vars_file)) if vars_file else {}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects VAR=value, got {item!r}")
-        variables[key.strip()] = value
+    variables.update(parse_assignments(assignments, "--set"))
     return variables
 
 

@@ -140,7 +140,7 @@ def test_huge_declared_dims_are_rejected_before_allocating():
     blob.shape.dim.extend([10 ** 6, 10 ** 6])
     blob.data.extend([0.0] * 10)
     with pytest.raises(CaffeFormatError, match=r"layer 'fc' blob 0: declared shape \(1000000, "
-                       r"1000000\) has 1000000000000 elements but the blob holds 10 values"):
+                       r"1000000\) has 1000000000000 elements but the blob holds 10 data values"):
         read_weights(net.SerializeToString())
 
 

@@ -71,4 +71,4 @@ def test_errors_exit_1_with_the_message(tmp_path, capsys):
     assert code == 1
     assert "1 template variable not set: ${LR} (line 5)" in err
     code, _, err = _run(capsys, str(net), "--set", "SIZE")
-    assert code == 1 and "--set expects VAR=value, got 'SIZE'" in err
+    assert code == 1 and "--set must look like NAME=VALUE, got 'SIZE'" in err
