@@ -504,20 +504,22 @@ class Solver:
                 mine.data = theirs.data
 
     # ------------------------------------------------------------------ whole runs
-    def solve(self, resume_file=None, inputs=None):
+    def solve(self, resume_file=None, inputs=None, stop_iter=None):
         """Solver::Solve: optionally restore, step to max_iter (testing, displaying and
         snapshotting as configured), snapshot after training, final display and test.
-        inputs: as for step() (None for nets with data layers)."""
+        inputs: as for step() (None for nets with data layers); stop_iter: stop there instead
+        of at max_iter (the "poly" schedule still uses max_iter)."""
         log.info(f"Solving {self.net.name}")
         log.info(f"Learning Rate Policy: {self.param.lr_policy}")
         self.requested_early_exit = False
         if resume_file is not None:
             self.restore(resume_file)
         start_iter = self.iter
-        bar = ProgressBar(self.param.max_iter - start_iter, enabled=None if self.progress else False)
+        stop_iter = self.param.max_iter if stop_iter is None else int(stop_iter)
+        bar = ProgressBar(stop_iter - start_iter, enabled=None if self.progress else False)
         bar.update(0)
         try:
-            self.step(self.param.max_iter - self.iter, inputs, _progress=_Offset(bar, start_iter))
+            self.step(stop_iter - self.iter, inputs, _progress=_Offset(bar, start_iter))
         finally:
             bar.close()
         p = self.param
