@@ -1,6 +1,7 @@
 """The common part of the list-driven image data layers (ImageSegData, TwoImageData, ImageData):
 reading image_data_param / transform_param, and a CaffeLayer whose forward() returns the next
 batch from a persistent DataLoader."""
+import os
 from dataclasses import dataclass
 
 import torch
@@ -123,15 +124,22 @@ class ListDataLayer(CaffeLayer):
                                   collate=StackBatch(reader.layer_label))
 
     @classmethod
-    def build(cls, ctx, *, reader, count, settings, **kwargs):
-        """Check the first item can be read and transformed (clear errors at build time) and
-        derive the top shapes from it (sizes are fixed by the crop, else by the first image)."""
-        try:
-            first = reader(0, torch.Generator().manual_seed(0))
-        except DataError as e:
-            raise NetBuildError(str(e)) from None
-        tops = len(ctx.top_names)
-        shapes = [(settings.batch_size,) + array.shape for array in first][:tops]
+    def build(cls, ctx, *, reader, count, settings, crop_shapes=None, **kwargs):
+        """The layer, with top shapes from `crop_shapes` (per-item shapes fixed by a crop) or
+        else from the first item. The first item is read and transformed whenever its files
+        exist, so bad settings (e.g. a crop larger than an image that cannot be padded) fail at
+        build time; with a crop, a net still builds without its dataset (like the released
+        configs, which point at the authors' machines) and a missing file fails at forward."""
+        first_files_exist = all(os.path.isfile(f) for f in reader.files(0))
+        if crop_shapes is None or first_files_exist:
+            try:
+                first = reader(0, torch.Generator().manual_seed(0))
+            except DataError as e:
+                raise NetBuildError(str(e)) from None
+            item_shapes = [array.shape for array in first]
+        else:
+            item_shapes = crop_shapes
+        shapes = [(settings.batch_size,) + tuple(s) for s in item_shapes][:len(ctx.top_names)]
         seed, skip = draw_seed_and_skip(settings.rand_skip, count, ctx)
         return cls(reader=reader, count=count, batch_size=settings.batch_size,
                    shuffle=settings.shuffle, skip=skip, seed=seed, top_shapes=shapes, **kwargs)

@@ -48,11 +48,3 @@ def c_atoi(text):
 def saturate_uint8(value):
     """OpenCV's saturate_cast<uchar> of an integer."""
     return min(max(int(value), 0), 255)
-
-
-def check_files_exist(entries, ctx, source):
-    """entries: iterable of (path, ListLine). Raises a layer error for the first missing file."""
-    for path, line in entries:
-        if not os.path.isfile(path):
-            raise ctx.error(f"file {path!r} does not exist (list {source}, line {line.number}: "
-                            f"{' '.join(line.tokens)!r})")

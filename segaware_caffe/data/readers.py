@@ -42,6 +42,10 @@ class SegItemReader:
     label_resize: str      # "bilinear" (ImageSegData, as the original) or "nearest"
     transform: object      # JointTransform
 
+    def files(self, index):
+        item = self.items[index]
+        return [item.image_path] + ([item.label_path] if item.label_path else [])
+
     def __call__(self, index, generator):
         item = self.items[index]
         where = (self.layer_label, self.source, item.line)
@@ -71,6 +75,9 @@ class ClassItemReader:
     color: bool
     new_size: tuple
     transform: object      # CropMirrorTransform
+
+    def files(self, index):
+        return [self.items[index][0]]
 
     def __call__(self, index, generator):
         path, label, line = self.items[index]

@@ -5,7 +5,7 @@ import numpy as np
 import caffe_proto
 
 from ..data.base import ListDataLayer, read_list_settings, read_mean_values
-from ..data.listfile import check_files_exist, read_lines, resolve_file
+from ..data.listfile import c_atoi, read_lines, resolve_file
 from ..data.readers import ClassItemReader
 from ..data.transforms import CropMirrorTransform
 from ..layer import register_layer
@@ -20,7 +20,10 @@ def _parse_int(token):
 
 @register_layer("ImageData")
 class ImageData(ListDataLayer):
-    """No padding: every image must be at least crop_size (TRAIN random crop, TEST centred);
+    """List lines `path label`: a missing or non-integer label reads as atoi of the last token
+    (so 0 for a path), with a warning. (The fork's ImageData stopped reading at such a line;
+    BVLC's later reader behaves as here, which lets vgg/test_voc_test's unlabelled list load.)
+    No padding: every image must be at least crop_size (TRAIN random crop, TEST centred);
     mirror with probability 1/2 when set; data = (pixel - mean) * scale in float32, BGR order.
     Only transform_param.crop_size is honoured (not crop_height/crop_width, not scale_factors)."""
     TOPS = (2, 2)
@@ -28,24 +31,23 @@ class ImageData(ListDataLayer):
     @classmethod
     def from_proto(cls, layer_param, ctx):
         settings = read_list_settings(layer_param, ctx)
-        items = []
         lines = read_lines(settings.source)
-        for position, line in enumerate(lines):
-            label = _parse_int(line.tokens[1]) if len(line.tokens) >= 2 else None
-            if label is None:
-                # Caffe reads `path label` pairs until one fails to parse
-                rest = len(lines) - position
-                if not items:
-                    raise ctx.error(f"list {settings.source}, line {line.number}: expected "
-                                    f"`path integer_label`, got {' '.join(line.tokens)!r}")
-                ctx.warn(f"list {settings.source}: reading stops at line {line.number} "
-                         f"({' '.join(line.tokens)!r} is not `path integer_label`, as in "
-                         f"Caffe); {rest} line(s) ignored")
-                break
-            items.append((settings.root_folder + line.tokens[0], label, line))
-        if not items:
+        if not lines:
             raise ctx.error(f"list {settings.source} has no items")
-        check_files_exist(((path, line) for path, _, line in items), ctx, settings.source)
+        items, unlabelled = [], []
+        for line in lines:
+            # `path label`, the label being the last token (atoi, as BVLC Caffe's later
+            # line-based reader); a line without an integer label gets label 0
+            path_tokens = line.tokens[:-1] if len(line.tokens) > 1 else line.tokens
+            label_token = line.tokens[-1] if len(line.tokens) > 1 else ""
+            if len(line.tokens) == 1 or _parse_int(label_token) is None:
+                unlabelled.append(line)
+            items.append((settings.root_folder + " ".join(path_tokens), c_atoi(label_token), line))
+        if unlabelled:
+            first = unlabelled[0]
+            ctx.warn(f"list {settings.source}: {len(unlabelled)} line(s) have no integer label "
+                     f"(first: line {first.number}, {' '.join(first.tokens)!r}); their label is "
+                     f"atoi of the last token (0 for a path). ImageData expects `path label`")
 
         tp = layer_param.transform_param
         channels = 3 if settings.is_color else 1
@@ -74,4 +76,6 @@ class ImageData(ListDataLayer):
         reader = ClassItemReader(layer_label=f"{ctx.name} ({ctx.type})", source=settings.source,
                                  items=tuple(items), color=settings.is_color,
                                  new_size=settings.new_size, transform=transform)
-        return cls.build(ctx, reader=reader, count=len(items), settings=settings)
+        crop = int(tp.crop_size)
+        return cls.build(ctx, reader=reader, count=len(items), settings=settings,
+                         crop_shapes=[(channels, crop, crop), ()] if crop else None)

@@ -4,7 +4,7 @@ from caffe_proto import caffe_pb2
 
 from ..data.base import (ListDataLayer, label_pad_value, read_joint_crop, read_list_settings,
                          read_mean_values, warn_if_palette)
-from ..data.listfile import c_atoi, check_files_exist, read_lines, saturate_uint8
+from ..data.listfile import c_atoi, read_lines, saturate_uint8
 from ..data.readers import SegItem, SegItemReader
 from ..data.transforms import JointTransform
 from ..layer import register_layer
@@ -23,6 +23,13 @@ def joint_transform(layer_param, ctx, channels, ignore_label):
                           random_crop=ctx.phase == "TRAIN",
                           scale_factors=tuple(float(f) for f in tp.scale_factors),
                           label_pad=label_pad_value(ignore_label, ctx))
+
+
+def seg_crop_shapes(transform, channels, label_channels):
+    """Per-item top shapes fixed by the crop (None without a crop)."""
+    if not transform.crop:
+        return None
+    return [(channels,) + transform.crop, (label_channels,) + transform.crop, (1, 1, 2)]
 
 
 @register_layer("ImageSegData")
@@ -58,16 +65,14 @@ class ImageSegData(ListDataLayer):
             ctx.warn(f"label_type defaults to IMAGE, so the second token of each list line is "
                      f"parsed as an integer class ({lines[0].tokens[1]!r} -> 0, as in Caffe); set "
                      f"image_data_param {{ label_type: PIXEL }} to read label images")
-        check_files_exist(((i.image_path, i.line) for i in items), ctx, settings.source)
-        check_files_exist(((i.label_path, i.line) for i in items if i.label_path), ctx,
-                          settings.source)
         if items[0].label_path:
             warn_if_palette(items[0].label_path, ctx)
         channels = 3 if settings.is_color else 1
+        transform = joint_transform(layer_param, ctx, channels, settings.ignore_label)
         reader = SegItemReader(layer_label=f"{ctx.name} ({ctx.type})", source=settings.source,
                                items=tuple(items), image_color=settings.is_color,
                                label_color=False, new_size=settings.new_size,
                                label_resize="bilinear",  # the original resizes labels bilinearly
-                               transform=joint_transform(layer_param, ctx, channels,
-                                                         settings.ignore_label))
-        return cls.build(ctx, reader=reader, count=len(items), settings=settings)
+                               transform=transform)
+        return cls.build(ctx, reader=reader, count=len(items), settings=settings,
+                         crop_shapes=seg_crop_shapes(transform, channels, 1))

@@ -79,8 +79,9 @@ class MatWrite(CaffeLayer):
         names = _read_names(param, ctx, "mat_write_param")
         first = os.path.dirname(param.prefix + (names[0] if names else "iter_0"))
         if first and not os.path.isdir(first):
-            raise ctx.error(f"output directory {first!r} does not exist (from mat_write_param."
-                            f"prefix {param.prefix!r}); create it first")
+            # Caffe fails only when it writes; building (to inspect, to train) must not need it
+            ctx.warn(f"output directory {first!r} does not exist (yet); forward will fail "
+                     f"unless it is created first")
         return cls(prefix=param.prefix, names=names, period=int(param.period),
                    overwrite=ctx.overwrite, label=f"{ctx.name} ({ctx.type})")
 

@@ -3,10 +3,10 @@ never had (SEMANTICS §8.7, Decisions 4). Implemented like ImageSegData with lab
 same random scale, crop and mirror for both images, the image padded with the mean and the label
 with ignore_label (255)."""
 from ..data.base import ListDataLayer, read_list_settings, warn_if_palette
-from ..data.listfile import check_files_exist, read_lines
+from ..data.listfile import read_lines
 from ..data.readers import SegItem, SegItemReader
 from ..layer import register_layer
-from .image_seg_data import joint_transform
+from .image_seg_data import joint_transform, seg_crop_shapes
 
 
 @register_layer("TwoImageData")
@@ -33,15 +33,15 @@ class TwoImageData(ListDataLayer):
                                 f"{line.tokens[0]!r}")
             items.append(SegItem(settings.root_folder + line.tokens[0],
                                  settings.root_folder + line.tokens[1], 0, line))
-        check_files_exist(((i.image_path, i.line) for i in items), ctx, settings.source)
-        check_files_exist(((i.label_path, i.line) for i in items), ctx, settings.source)
         if not colors.second_is_color:
             warn_if_palette(items[0].label_path, ctx)
         channels = 3 if colors.first_is_color else 1
+        transform = joint_transform(layer_param, ctx, channels, settings.ignore_label)
         reader = SegItemReader(layer_label=f"{ctx.name} ({ctx.type})", source=settings.source,
                                items=tuple(items), image_color=bool(colors.first_is_color),
                                label_color=bool(colors.second_is_color),
                                new_size=settings.new_size, label_resize="nearest",
-                               transform=joint_transform(layer_param, ctx, channels,
-                                                         settings.ignore_label))
-        return cls.build(ctx, reader=reader, count=len(items), settings=settings)
+                               transform=transform)
+        label_channels = 3 if colors.second_is_color else 1
+        return cls.build(ctx, reader=reader, count=len(items), settings=settings,
+                         crop_shapes=seg_crop_shapes(transform, channels, label_channels))

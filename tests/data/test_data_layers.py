@@ -366,15 +366,20 @@ def test_image_data_smaller_than_crop_is_a_build_error(dataset):
         image_data_layer(dataset, "crop_size: 513")
 
 
-def test_image_data_stops_at_first_unparsable_line(dataset, tmp_path):
+def test_image_data_lines_without_labels_get_label_zero(dataset, tmp_path):
     root = dataset["root"]
     (tmp_path / "list.txt").write_text("/JPEGImages/2007_000000.png 1\n"
                                        "/JPEGImages/2007_000002.png\n"
-                                       "/JPEGImages/2007_000003.png 2\n")
-    with pytest.warns(UserWarning, match=r"reading stops at line 2.*2 line\(s\) ignored"):
+                                       "/JPEGImages/2007_000003.png /SegmentationClassAug/x.png\n")
+    with pytest.warns(UserWarning, match=r"2 line\(s\) have no integer label \(first: line 2"):
         layer = build(f'''layer {{ name: "data" type: "ImageData" top: "data" top: "label"
-            image_data_param {{ root_folder: "{root}" source: "{tmp_path}/list.txt" }} }}''')
-    assert layer.count == 1
+            transform_param {{ crop_size: 10 }}
+            image_data_param {{ root_folder: "{root}" source: "{tmp_path}/list.txt"
+                                batch_size: 3 }} }}''')
+    data, label = layer()
+    assert label.tolist() == [1.0, 0.0, 0.0]
+    np.testing.assert_array_equal(data[2].numpy(),
+                                  dataset["images"][3][10:20, 10:20].transpose(2, 0, 1))
 
 
 # ------------------------------------------------------------------ errors and paths
@@ -420,10 +425,31 @@ def test_missing_image_names_file_and_line(dataset, tmp_path):
     root = dataset["root"]
     (tmp_path / "list.txt").write_text("/JPEGImages/2007_000000.png /SegmentationClassAug/2007_000000.png\n"
                                        "/JPEGImages/missing.jpg /SegmentationClassAug/2007_000001.png\n")
-    with pytest.raises(NetBuildError, match=r"data \(TwoImageData\): file '.*missing\.jpg' does "
-                                            r"not exist \(list .*list\.txt, line 2"):
+    layer = build(f'''layer {{ name: "data" type: "TwoImageData" top: "data" top: "label"
+        image_data_param {{ root_folder: "{root}" source: "{tmp_path}/list.txt" }} }}''')
+    layer()
+    with pytest.raises(DataError, match=r"data \(TwoImageData\): list .*list\.txt, line 2 .*"
+                                        r"cannot read image '.*missing\.jpg'"):
+        layer()
+
+
+def test_missing_first_image_without_crop_is_a_build_error(dataset, tmp_path):
+    (tmp_path / "list.txt").write_text("/nothing.jpg /nothing.png\n")
+    with pytest.raises(NetBuildError, match=r"data \(TwoImageData\): list .*list\.txt, line 1 "
+                                            r".*cannot read image '.*nothing\.jpg'"):
         build(f'''layer {{ name: "data" type: "TwoImageData" top: "data" top: "label"
-            image_data_param {{ root_folder: "{root}" source: "{tmp_path}/list.txt" }} }}''')
+            image_data_param {{ root_folder: "{tmp_path}" source: "{tmp_path}/list.txt" }} }}''')
+
+
+def test_with_a_crop_the_net_builds_without_its_dataset(tmp_path):
+    (tmp_path / "list.txt").write_text("/nothing.jpg /nothing.png\n")
+    layer = build(f'''layer {{ name: "data" type: "TwoImageData" top: "data" top: "label"
+        transform_param {{ crop_size: 9 }}
+        two_image_data_param {{ second_is_color: true }}
+        image_data_param {{ root_folder: "{tmp_path}" source: "{tmp_path}/list.txt" }} }}''')
+    assert layer.output_shapes([]) == [(1, 3, 9, 9), (1, 3, 9, 9)]
+    with pytest.raises(DataError, match=r"cannot read image '.*nothing\.jpg'"):
+        layer()
 
 
 def test_unreadable_image_is_reported_at_build(dataset, tmp_path):

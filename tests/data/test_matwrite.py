@@ -98,10 +98,17 @@ def test_running_past_the_source_is_an_error(tmp_path, ids):
         layer(torch.zeros(2, 3, 4, 5))
 
 
+def test_missing_directory_warns_at_build_and_fails_at_write(tmp_path, ids):
+    with pytest.warns(UserWarning, match=r"fc8_mat \(MatWrite\): output directory "
+                                         r"'.*/missing' does not exist"):
+        layer = mat_write(f"{tmp_path}/missing/", source=ids)
+    with pytest.raises(DataError, match=r"fc8_mat \(MatWrite\): cannot write .*/missing/"
+                                        r"2008_000006.jpg_blob_0.mat: directory '.*/missing' "
+                                        r"does not exist"):
+        layer(torch.zeros(2, 3, 4, 5))
+
+
 def test_build_errors(tmp_path, ids):
-    with pytest.raises(NetBuildError, match=r"fc8_mat \(MatWrite\): output directory "
-                                            r"'.*/missing' does not exist"):
-        mat_write(f"{tmp_path}/missing/", source=ids)
     with pytest.raises(NetBuildError, match=r"strip 20 removes all of '2008_000006.jpg'"):
         mat_write(f"{tmp_path}/out/", source=ids, strip=20)
     with pytest.raises(NetBuildError, match=r"period must be > 0, got 0"):
