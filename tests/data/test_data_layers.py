@@ -524,3 +524,51 @@ def test_resize_nearest_matches_opencv_formula():
 
 def test_c_atoi():
     assert [c_atoi(s) for s in ("12", " -3", "12abc", "abc", "", "+7x")] == [12, -3, 12, 0, 0, 7]
+
+
+# ------------------------------------------------------------------ through the net builder
+TRAIN_NET = """
+name: "tiny_seg"
+layer {{
+  name: "data" type: "{type}" top: "data" top: "label"
+  transform_param {{ mirror: true crop_size: 21 mean_value: 104.008 mean_value: 116.669
+                    mean_value: 122.675 {scale_factors} }}
+  image_data_param {{ root_folder: "{root}" source: "seg.txt" batch_size: 2 shuffle: true
+                     {label_type} }}
+}}
+layer {{ name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param {{ num_output: 5 kernel_size: 3 stride: 2 pad: 1
+                      weight_filler {{ type: "gaussian" std: 0.001 }} }} }}
+layer {{ name: "up" type: "Interp" bottom: "conv1" top: "up" interp_param {{ zoom_factor: 2 }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "up" bottom: "label" top: "loss"
+  loss_param {{ ignore_label: 255 }} }}
+"""
+
+
+@pytest.mark.parametrize("type_name", ["ImageSegData", "TwoImageData"])
+def test_train_net_two_iterations(dataset, type_name):
+    from segaware_caffe import Net
+    torch.manual_seed(0)
+    text = TRAIN_NET.format(type=type_name, root=dataset["root"],
+                            scale_factors="scale_factors: 0.75 scale_factors: 1",
+                            label_type="label_type: PIXEL" if type_name == "ImageSegData" else "")
+    path = os.path.join(dataset["root"], f"train_{type_name}.prototxt")
+    with open(path, "w") as f:
+        f.write(text)
+    net = Net(path, phase="train")    # source "seg.txt" resolves beside the prototxt
+    assert net.blob_shapes["data"] == (2, 3, 21, 21) and net.blob_shapes["up"] == (2, 5, 21, 21)
+    weight = net.params["conv1"][0]
+    seen = []
+    for _ in range(2):
+        out = net.forward(outputs=["loss", "data", "label"])
+        loss = net.loss(out)
+        assert torch.isfinite(loss) and 0 < loss.item() < 10
+        weight.grad = None
+        loss.backward()
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+        with torch.no_grad():
+            weight -= 0.01 * weight.grad
+        assert set(out["label"].unique().tolist()) <= {0.0, 1.0, 2.0, 3.0, 4.0, 255.0}
+        seen.append(out["data"])
+    assert not torch.equal(seen[0], seen[1])     # the second iteration read the next batch
+

@@ -149,3 +149,24 @@ def test_matread_errors(tmp_path, ids):
     with pytest.raises(NetBuildError, match=r"variable 'data' is float64, expected single"):
         build(f'''layer {{ name: "in" type: "MatRead" top: "x"
             mat_read_param {{ prefix: "{tmp_path}/out/" source: "{ids}" }} }}''', tops=("x",))
+
+
+def test_matwrite_in_a_net(tmp_path):
+    from segaware_caffe import Net
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    text = f"""
+    layer {{ name: "in" type: "Input" top: "x" input_param {{ shape {{ dim: 1 dim: 2 dim: 3 dim: 4 }} }} }}
+    layer {{ name: "w" type: "MatWrite" bottom: "x"
+             mat_write_param {{ prefix: "{tmp_path}/" source: "{tmp_path}/ids.txt" }} }}
+    """
+    net = Net(text)
+    assert list(tmp_path.iterdir()) == [tmp_path / "ids.txt"]   # building writes nothing
+    x = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4)
+    net.forward(x=x)
+    saved = scipy.io.loadmat(tmp_path / "a_blob_0.mat")["data"]
+    np.testing.assert_array_equal(saved, x.numpy().transpose(3, 2, 1, 0))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        Net(text).forward(x=x)
+    Net(text, overwrite=True).forward(x=x + 1)
+    saved = scipy.io.loadmat(tmp_path / "a_blob_0.mat")["data"]
+    np.testing.assert_array_equal(saved, (x + 1).numpy().transpose(3, 2, 1, 0))
