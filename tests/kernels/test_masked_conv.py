@@ -1,0 +1,212 @@
+"""kernels.masked_conv2d: the fused segmentation-aware convolution against the unfused Caffe
+recipe written with plain torch ops (Im2col, Tile, Eltwise PROD, Conv with bottom_is_im2col),
+the original's golden numbers, float64 gradcheck, band splitting, CUDA vs CPU, bad inputs."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.masked_conv as masked_conv_module
+from kernels import im2dist, masked_conv2d
+from tests.conftest import cpu_and_cuda
+
+# (x shape, out channels, kernel, pad, stride, dilation, group)
+GEOMETRIES = [
+    ((1, 3, 7, 8), 5, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((3, 4, 9, 7), 6, (3, 3), (2, 2), (1, 1), (2, 2), 2),
+    ((2, 3, 8, 9), 4, (2, 3), (0, 1), (2, 1), (1, 1), 1),
+    ((2, 2, 11, 10), 3, (3, 3), (1, 2), (2, 2), (1, 2), 1),
+    ((1, 4, 6, 5), 4, (1, 1), (0, 0), (1, 1), (1, 1), 4),
+]
+
+
+def unfused_masked_conv(x, weight, bias, mask, kernel, pad, stride, dilation, group):
+    """The released recipe, step by step, with its full-size intermediates."""
+    batch, channels = x.shape[:2]
+    taps = kernel[0] * kernel[1]
+    out_h, out_w = mask.shape[2:]
+    columns = F.unfold(x, kernel, dilation, pad, stride)                       # Im2col
+    tiled = mask.repeat(1, channels, 1, 1).reshape(batch, channels * taps, -1)  # Tile axis 1
+    hit = columns * tiled                                                       # Eltwise PROD
+    num_output = weight.shape[0]
+    weight_groups = weight.reshape(group, num_output // group, -1)              # Conv im2col
+    out = torch.matmul(weight_groups, hit.view(batch, group, -1, out_h * out_w))
+    out = out.reshape(batch, num_output, out_h, out_w)
+    return out + bias.view(1, -1, 1, 1) if bias is not None else out
+
+
+def unfused_mask(emb, lam, kernel, pad, stride, dilation):
+    """Im2dist L1 -> Scale(lam) -> AbsVal -> Exp(scale -1)."""
+    return torch.exp(-torch.abs(im2dist(emb, kernel, pad, stride, dilation, norm="L1") * lam))
+
+
+def make_case(geometry_case, dtype, device, contiguous, seed=0, bias=True):
+    shape, num_output, kernel, pad, stride, dilation, group = geometry_case
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *size: torch.randn(size, generator=generator, dtype=torch.float64).to(dtype)
+    x = randn(*shape)
+    emb = randn(shape[0], 3, *shape[2:])
+    emb[:, :, 2] = emb[:, :, 1]           # exact ties: the L1 / AbsVal sign(0) = 0 rules matter
+    weight = randn(num_output, shape[1] // group, *kernel)
+    tensors = {"x": x, "emb": emb, "weight": weight,
+               "bias": randn(num_output) if bias else None,
+               "lam": torch.tensor(0.3, dtype=dtype)}
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        tensor = tensor.to(device)
+        if not contiguous and tensor.dim() == 4:
+            tensor = tensor.transpose(2, 3).contiguous().transpose(2, 3)
+        tensors[name] = tensor.requires_grad_(True)
+    geometry = dict(kernel_size=kernel, pad=pad, stride=stride, dilation=dilation, group=group)
+    return tensors, geometry
+
+
+def run_both(tensors, geometry, grad_seed=1):
+    """(fused outputs and grads, unfused outputs and grads) for one random top gradient."""
+    names = [n for n, t in tensors.items() if t is not None]
+    fused = masked_conv2d(tensors["x"], tensors["weight"], tensors["bias"], emb=tensors["emb"],
+                          lam=tensors["lam"], **geometry)
+    kernel, pad, stride, dilation, group = (geometry[k] for k in
+                                            ("kernel_size", "pad", "stride", "dilation", "group"))
+    mask = unfused_mask(tensors["emb"], tensors["lam"], kernel, pad, stride, dilation)
+    unfused = unfused_masked_conv(tensors["x"], tensors["weight"], tensors["bias"], mask, kernel,
+                                  pad, stride, dilation, group)
+    grad_out = torch.randn(fused.shape, generator=torch.Generator().manual_seed(grad_seed),
+                           dtype=torch.float64).to(dtype=fused.dtype, device=fused.device)
+    inputs = [tensors[n] for n in names]
+    fused_grads = torch.autograd.grad(fused, inputs, grad_out)
+    unfused_grads = torch.autograd.grad(unfused, inputs, grad_out)
+    return names, (fused, fused_grads), (unfused, unfused_grads)
+
+
+def assert_relative_close(got, ref, rel, what):
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+    scale = ref.abs().max().item() or 1.0
+    error = (got - ref).abs().max().item() / scale
+    assert error <= rel, f"{what}: max error {error:.3g} of max|ref| {scale:.3g} > {rel}"
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+def test_matches_unfused_recipe(device, dtype, contiguous, geometry_case):
+    tensors, geometry = make_case(geometry_case, dtype, device, contiguous)
+    names, (fused, fused_grads), (unfused, unfused_grads) = run_both(tensors, geometry)
+    assert fused.dtype == dtype and fused.device == tensors["x"].device
+    assert_relative_close(fused, unfused, 1e-5, "output")
+    for name, got, ref in zip(names, fused_grads, unfused_grads):
+        assert_relative_close(got, ref, 1e-4, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("rows_budget", [1, 3])
+def test_bands_of_any_height_give_the_same_result(monkeypatch, rows_budget):
+    geometry_case = GEOMETRIES[3]
+    tensors, geometry = make_case(geometry_case, torch.float64, "cpu", True)
+    shape, _, kernel = geometry_case[:3]
+    out_w = (shape[3] + 2 * geometry["pad"][1] - (geometry["dilation"][1] * (kernel[1] - 1) + 1)) \
+        // geometry["stride"][1] + 1
+    row_bytes = shape[0] * shape[1] * kernel[0] * kernel[1] * out_w * 8
+    monkeypatch.setattr(masked_conv_module, "CPU_BAND_BYTES", rows_budget * row_bytes)
+    names, (fused, fused_grads), (unfused, unfused_grads) = run_both(tensors, geometry)
+    assert_relative_close(fused, unfused, 1e-12, "output")
+    for name, got, ref in zip(names, fused_grads, unfused_grads):
+        assert_relative_close(got, ref, 1e-12, f"gradient of {name}")
+
+
+def test_without_bias_and_with_precomputed_mask():
+    tensors, geometry = make_case(GEOMETRIES[1], torch.float64, "cpu", True, bias=False)
+    kernel, pad, stride, dilation = (geometry[k] for k in ("kernel_size", "pad", "stride", "dilation"))
+    mask = torch.rand(3, 9, *tensors["x"].shape[2:], dtype=torch.float64, requires_grad=True)
+    fused = masked_conv2d(tensors["x"], tensors["weight"], None, mask=mask, **geometry)
+    unfused = unfused_masked_conv(tensors["x"], tensors["weight"], None, mask, kernel, pad, stride,
+                                  dilation, geometry["group"])
+    assert_relative_close(fused, unfused, 1e-12, "output")
+    inputs = (tensors["x"], tensors["weight"], mask)
+    for got, ref in zip(torch.autograd.grad(fused.sum(), inputs),
+                        torch.autograd.grad(unfused.sum(), inputs)):
+        assert_relative_close(got, ref, 1e-12, "gradient")
+
+
+@pytest.mark.parametrize("geometry_case", GEOMETRIES[:4])
+def test_gradcheck_in_x_mask_weight_bias(geometry_case):
+    """The fused op is linear in each of x, mask, weight and bias: its backward is exact."""
+    shape, num_output, kernel, pad, stride, dilation, group = geometry_case
+    shape = (min(shape[0], 2), shape[1], min(shape[2], 7), min(shape[3], 6))
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out_h = (shape[2] + 2 * pad[0] - (dilation[0] * (kernel[0] - 1) + 1)) // stride[0] + 1
+    out_w = (shape[3] + 2 * pad[1] - (dilation[1] * (kernel[1] - 1) + 1)) // stride[1] + 1
+    mask = torch.rand(shape[0], kernel[0] * kernel[1], out_h, out_w, dtype=torch.float64,
+                      requires_grad=True)
+    weight = torch.randn(num_output, shape[1] // group, *kernel, dtype=torch.float64,
+                         requires_grad=True)
+    bias = torch.randn(num_output, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: masked_conv2d(t[0], t[2], t[3], mask=t[1], kernel_size=kernel, pad=pad,
+                                 stride=stride, dilation=dilation, group=group),
+        (x, mask, weight, bias))
+
+
+def test_golden_segaware_conv(shared):
+    """config/vgg's pattern as the original computed it: output, and gradients of x, the
+    embedding, lambda, W and b."""
+    data = np.load(shared / "golden" / "layers" / "segaware_conv" / "data.npz")
+    tensor = lambda key: torch.from_numpy(np.array(data[key])).requires_grad_(True)
+    x, emb = tensor("in/x"), tensor("in/emb")
+    lam = tensor("param/weighted_emb_dist1_1/0")
+    weight, bias = tensor("param/conv1_1/0"), tensor("param/conv1_1/1")
+    out = masked_conv2d(x, weight, bias, emb=emb, lam=lam, kernel_size=3, pad=1)
+    golden = {"output": (out, "out/conv1_1")}
+    out.backward(torch.from_numpy(data["topdiff/conv1_1"].copy()))
+    golden.update({"x": (x.grad, "diff/x"), "emb": (emb.grad, "diff/emb"),
+                   "lambda": (lam.grad, "paramdiff/weighted_emb_dist1_1/0"),
+                   "W": (weight.grad, "paramdiff/conv1_1/0"), "b": (bias.grad, "paramdiff/conv1_1/1")})
+    for what, (got, key) in golden.items():
+        ref = data[key].astype(np.float64)
+        err = np.abs(got.detach().double().numpy() - ref)
+        assert (err <= 1e-4 * np.abs(ref) + 1e-5 * np.abs(ref).max()).all(), \
+            f"{what}: max abs error {err.max():.3g}, max|ref| {np.abs(ref).max():.3g}"
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+def test_cuda_matches_cpu(geometry_case):
+    results = []
+    for device in ("cpu", "cuda"):
+        tensors, geometry = make_case(geometry_case, torch.float64, device, True)
+        names, (fused, grads), _ = run_both(tensors, geometry)
+        results.append([fused.detach().cpu()] + [g.cpu() for g in grads])
+    for cpu_value, cuda_value in zip(*results):
+        torch.testing.assert_close(cuda_value, cpu_value, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(mask=None), ValueError, "exactly one of emb"),
+    (dict(emb="emb"), ValueError, "exactly one of emb"),
+    (dict(weight=torch.zeros(4, 3, 3)), ValueError, "weight must be a 4-D tensor"),
+    (dict(kernel_size=5), ValueError, r"weight kernel \(3, 3\) does not match kernel_size \(5, 5\)"),
+    (dict(group=2), ValueError, "group 2 must divide the input channels 3"),
+    (dict(weight=torch.zeros(4, 2, 3, 3)), ValueError, "weight has 2 input channels per group"),
+    (dict(bias=torch.zeros(3)), ValueError, r"bias must have shape \(4,\)"),
+    (dict(mask=torch.zeros(1, 9, 6, 6)), ValueError, r"mask must be .* = \(1, 9, 5, 5\)"),
+    (dict(mask=torch.zeros(1, 9, 5, 5, dtype=torch.float64)), ValueError, "mask must be torch.float32"),
+    (dict(x=torch.zeros(1, 3, 5)), ValueError, "x must be 4-D"),
+])
+def test_rejects_bad_inputs(change, error, message):
+    arguments = dict(x=torch.zeros(1, 3, 5, 5), weight=torch.zeros(4, 3, 3, 3), bias=torch.zeros(4),
+                     mask=torch.zeros(1, 9, 5, 5), pad=1)
+    arguments.update(change)
+    if arguments.get("emb") == "emb":
+        arguments.update(emb=torch.zeros(1, 2, 5, 5), lam=0.5)
+    with pytest.raises(error, match=message):
+        masked_conv2d(**arguments)
+
+
+def test_emb_needs_lambda_and_matching_size():
+    x, weight = torch.zeros(1, 3, 5, 5), torch.zeros(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="emb needs lam"):
+        masked_conv2d(x, weight, emb=torch.zeros(1, 2, 5, 5), pad=1)
+    with pytest.raises(ValueError, match=r"emb must be \(N=1, E, 5, 5\)"):
+        masked_conv2d(x, weight, emb=torch.zeros(1, 2, 4, 5), lam=0.1, pad=1)
