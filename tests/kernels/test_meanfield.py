@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import caffe_proto
+from kernels import meanfield as meanfield_module
 from kernels.im2dist import PatchGeometry, im2dist
 from kernels.meanfield import MessageFunction, MessageSpec, normconv_meanfield
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layers.norm_conv_meanfield import NormConvMeanfield
 from tests.conftest import cpu_and_cuda
+from tests.kernels.test_norm_conv import emulated_launch
 
 
 def assert_golden(got, ref, what):
@@ -259,3 +261,20 @@ def test_functional_rejects_short_grid():
     with pytest.raises(ValueError, match=r"bilateral message grid \(3, 2\) holds fewer"):
         normconv_meanfield(*inputs, num_iterations=2, spatial=SPEC_PAIRS[0][1],
                            bilateral=dataclasses.replace(SPEC_PAIRS[0][0], pad=1))
+
+
+@pytest.mark.parametrize("geometry", MESSAGE_GEOMETRIES)
+def test_cuda_source_matches_cpu_path(geometry, tmp_path, monkeypatch):
+    # the CuPy kernels compiled as C++ and run on a one-thread grid (see test_norm_conv)
+    monkeypatch.setattr(meanfield_module, "launch", emulated_launch(meanfield_module._CUDA_SOURCE, tmp_path))
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 3, 7, 6, generator=gen, dtype=torch.float64)
+    out_h, out_w = geometry.output_size(7, 6)
+    attention = torch.rand(2, geometry.taps, out_h, out_w, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(2, 3, out_h, out_w, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(meanfield_module._message_forward_cuda(q, attention, geometry),
+                               meanfield_module._message_forward_cpu(q, attention, geometry))
+    for emulated, reference in zip(
+            meanfield_module._message_backward_cuda(grad_out, q, attention, geometry, (True, True)),
+            meanfield_module._message_backward_cpu(grad_out, q, attention, geometry, (True, True))):
+        torch.testing.assert_close(emulated, reference)

@@ -1,11 +1,16 @@
 """NormConv: kernels/norm_conv.py and the NormConv layer (SEMANTICS §4.1)."""
+import ctypes
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import caffe_proto
-from kernels.im2dist import BIG, im2dist
+from kernels import norm_conv as norm_conv_module
+from kernels.im2dist import BIG, PatchGeometry, im2dist
 from kernels.norm_conv import NormConvFunction, norm_conv
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layers.norm_conv import NormConv
@@ -243,9 +248,56 @@ def test_functional_errors(change, message):
 def test_double_backward_is_refused():
     x = torch.randn(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(1, 9, 2, 2, dtype=torch.float64, requires_grad=True)
-    from kernels.im2dist import PatchGeometry
     y = NormConvFunction.apply(x, logits, torch.ones(1, 1, 3, 3, dtype=torch.float64), None,
                                PatchGeometry.of(3), 1)
     (grad,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         grad.sum().backward()
+
+
+# ------------------------------------------------------------- CUDA source, emulated on the CPU
+def emulated_launch(source, workdir):
+    """A stand-in for kernels._cuda.launch that runs `source` compiled as C++ (double) with a
+    one-thread grid, so each grid-stride loop walks every index: the CUDA kernels' index maths
+    can be checked against the CPU path on machines without a GPU."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("needs a C++ compiler to emulate the CUDA kernels")
+    prelude = ('#define __global__\nstruct Dim { unsigned x; };\n'
+               'extern "C" { Dim blockIdx = {0}, blockDim = {1}, threadIdx = {0}, gridDim = {1}; }\n'
+               'typedef double scalar_t;\n')
+    (workdir / "kernels.cpp").write_text(prelude + source)
+    subprocess.run([compiler, "-O1", "-shared", "-fPIC", str(workdir / "kernels.cpp"), "-o",
+                    str(workdir / "kernels.so")], check=True)
+    library = ctypes.CDLL(str(workdir / "kernels.so"))
+
+    def launch(name, _source, total, args, *, like):
+        values = [ctypes.c_longlong(total)]
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                assert arg.is_contiguous() and arg.dtype == torch.float64
+                values.append(ctypes.c_void_p(arg.data_ptr()))
+            else:
+                values.append(ctypes.c_int(int(arg)))
+        getattr(library, name)(*values)
+    return launch
+
+
+@pytest.mark.parametrize("shape", AWKWARD)
+def test_cuda_source_matches_cpu_path(shape, tmp_path, monkeypatch):
+    monkeypatch.setattr(norm_conv_module, "launch", emulated_launch(norm_conv_module._CUDA_SOURCE, tmp_path))
+    (x, emb, weight, bias, _), geometry = random_case(shape, torch.float64, "cpu", seed=5)
+    patch = PatchGeometry.of(geometry["kernel"], geometry["pad"], geometry["stride"], geometry["dilation"])
+    group = geometry["group"]
+    out_h, out_w = patch.output_size(*x.shape[2:])
+    attention = torch.softmax(torch.randn(x.shape[0], patch.taps, out_h, out_w, dtype=torch.float64), 1)
+    grad_out = torch.randn(x.shape[0], weight.shape[0], out_h, out_w, dtype=torch.float64)
+    for with_bias in (bias, None):
+        torch.testing.assert_close(
+            norm_conv_module._norm_conv_forward_cuda(x, attention, weight, with_bias, patch, group),
+            norm_conv_module._norm_conv_forward_cpu(x, attention, weight, with_bias, patch, group))
+    needs = (True, True, True)
+    for emulated, reference in zip(
+            norm_conv_module._norm_conv_backward_cuda(grad_out, x, attention, weight, patch, group, needs),
+            norm_conv_module._norm_conv_backward_cpu(grad_out, x, attention, weight, patch, group, needs)):
+        torch.testing.assert_close(emulated, reference)
