@@ -60,8 +60,8 @@ def _message_forward_cpu(q, attention, geometry):
     out = q.new_zeros(*q.shape[:2], *out_size)
     for k in range(geometry.taps):
         i, j = divmod(k, geometry.kernel[1])
-        tap = patch_view(padded, i * geometry.dilation[0], j * geometry.dilation[1], out_size, geometry.stride)
-        out.addcmul_(tap, attention[:, k:k + 1])
+        offset = (i * geometry.dilation[0], j * geometry.dilation[1])
+        out.addcmul_(patch_view(padded, *offset, out_size, geometry.stride), attention[:, k:k + 1])
     return out
 
 
@@ -76,7 +76,8 @@ def _message_backward_cpu(grad_out, q, attention, geometry, needs):
         i, j = divmod(k, geometry.kernel[1])
         offset = (i * geometry.dilation[0], j * geometry.dilation[1])
         if need_q:
-            patch_view(grad_padded, *offset, out_size, geometry.stride).addcmul_(grad_out, attention[:, k:k + 1])
+            grad_tap = patch_view(grad_padded, *offset, out_size, geometry.stride)
+            grad_tap.addcmul_(grad_out, attention[:, k:k + 1])
         if need_attention:
             # channel dot product per pixel (einsum beats mul-then-sum by about a third here)
             grad_attention[:, k] = torch.einsum("nchw,nchw->nhw", patch_view(padded, *offset, out_size,

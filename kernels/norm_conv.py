@@ -33,7 +33,8 @@ def _norm_conv_forward_cpu(x, attention, weight, bias, geometry, group):
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             k = i * kernel[1] + j
-            weighted = patch_view(padded, i * dilation[0], j * dilation[1], (out_h, out_w), stride) * attention[:, k:k + 1]
+            tap = patch_view(padded, i * dilation[0], j * dilation[1], (out_h, out_w), stride)
+            weighted = tap * attention[:, k:k + 1]
             tap_weight = weight[:, :, i, j].reshape(group, out_per_group, in_per_group)
             # (group, O/g, C/g) @ (N, group, C/g, HW) -> (N, group, O/g, HW)
             out += torch.matmul(tap_weight, weighted.reshape(n, group, in_per_group, -1))
@@ -90,7 +91,8 @@ def _grad_weight(grad_out, x, attention, weight, geometry, group):
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             k = i * kernel[1] + j
-            weighted = patch_view(padded, i * dilation[0], j * dilation[1], (out_h, out_w), stride) * attention[:, k:k + 1]
+            tap = patch_view(padded, i * dilation[0], j * dilation[1], (out_h, out_w), stride)
+            weighted = tap * attention[:, k:k + 1]
             per_image = torch.matmul(grad, weighted.reshape(n, group, in_per_group, -1).transpose(2, 3))
             grad_weight[:, :, i, j] = per_image.sum(0).reshape(outputs, in_per_group)
     return grad_weight
