@@ -278,3 +278,16 @@ def test_cuda_source_matches_cpu_path(geometry, tmp_path, monkeypatch):
             meanfield_module._message_backward_cuda(grad_out, q, attention, geometry, (True, True)),
             meanfield_module._message_backward_cpu(grad_out, q, attention, geometry, (True, True))):
         torch.testing.assert_close(emulated, reference)
+
+
+def test_released_layer(shared, recwarn):
+    net = caffe_proto.read_net(shared / "reference" / "segaware" / "config" / "res" / "deploy.prototxt")
+    param = next(lp for lp in net.layer if lp.type == "NormConvMeanfield")
+    ctx = BuildContext(name=param.name, type=param.type, phase="TEST",
+                       bottom_shapes=[(1, 21, 257, 257)] * 2 + [(1, 5, 257, 257), (1, 2, 257, 257)])
+    layer = NormConvMeanfield.from_proto(param, ctx)
+    assert not [w for w in recwarn if "NormConvMeanfield" in str(w.message)]
+    assert layer.num_iterations == 2
+    assert layer.bilateral == MessageSpec(13, pad=54, dilation=9, scale=1.0)
+    assert layer.spatial == MessageSpec(5, pad=2, dilation=1, scale=1.0)
+    assert [tuple(b.shape) for b in layer.caffe_blobs()] == [(1, 1, 21, 21)] * 3
