@@ -17,7 +17,9 @@ only on the features, it is computed once and its gradient accumulates over the 
 
 Quirks kept from the original (decision 1):
 * dilation 0 (the original's default): every tap samples the patch centre, so the message is the
-  zero-padded Q itself (the softmax weights sum to one over one value) on an (H+2p) x (W+2p) grid;
+  zero-padded Q itself (the softmax weights sum to one over one value) on an (H+2p) x (W+2p) grid,
+  and the features get no gradient (the original's is rounding noise: A * (G - sum_k A*G) with
+  every G_k equal);
 * a message grid larger than H x W is read as the original's C x C products read it: the first
   C*H*W values of each image's buffer, reinterpreted as (C, H, W). A smaller grid is an error (the
   original would read past its buffer).
@@ -254,7 +256,9 @@ def message(q, attention, spec):
 
 def _as_input_frame(msg, height, width):
     """The message as the original's C x C products read it: the first C*H*W values of each
-    image (the message itself when its grid is H x W)."""
+    image (the message itself when its grid is H x W). Each image's read starts at that image's
+    own (C, Ho, Wo) buffer, as the original's per-image loop offsets the message blob by image;
+    no golden case has N > 1 with a misaligned grid."""
     if msg.shape[-2:] == (height, width):
         return msg
     n, channels = msg.shape[:2]
