@@ -139,8 +139,11 @@ def test_errors(files, capsys, extra, message, monkeypatch):
     assert re.search(message, err), err
 
 
-def test_missing_input(files, capsys):
+def test_missing_input_is_fed_zeros_at_the_image_size(files, capsys):
     d = files["dir"]
-    assert main(["run", str(d / "net.prototxt"), "--set", "CLASSES=5",
-                 "--input", f"data={d / 'img.png'}"]) == 1
-    assert "no --input for net input 'aux'" in capsys.readouterr().err
+    assert main(["run", str(d / "net.prototxt"), "--weights", str(d / "w.caffemodel"),
+                 "--set", "CLASSES=5", "--input", f"data={d / 'img.png'}",
+                 "--output", "fused", "--save", str(d / "f.npy")]) == 0
+    assert "no --input for 'aux'; fed zeros of shape (1, 5, 13, 17)" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(d / "f.npy"), reference(files)["score"].numpy(),
+                               rtol=1e-6, atol=1e-5)

@@ -5,7 +5,7 @@ Images are read as BGR (like OpenCV), mean-subtracted (--mean B,G,R; default the
 104.008,116.669,122.675) and fed as 1x3xHxW; .npy arrays are fed as they are (a 3-D array gets a
 batch axis). The net's declared input shapes are replaced by the fed ones (with --pad, images are
 instead padded bottom/right with the mean to the declared size, as the released test nets do, and
-.png outputs are cropped back to the image). Outputs are saved as .npy (raw) or .png (per pixel
+.png outputs are cropped back to the image). Inputs not given are fed zeros (with a note). Outputs are saved as .npy (raw) or .png (per pixel
 argmax over channels of item 0, with the PASCAL VOC palette).
 """
 import os
@@ -155,6 +155,19 @@ def set_input_shapes(net_param, shapes):
             layer.input_param.shape.add().dim.extend(shapes.get(top, dims))
 
 
+def zeros_like_declared(name, declared, feeds, arrays):
+    """Zeros for an input the user did not give (e.g. the unused `label` input of the vgg
+    deploy net): its declared shape, with the spatial size of the first fed input when both
+    were declared with the same spatial size."""
+    shape = tuple(declared[name])
+    for fed in feeds:
+        fed_declared, fed_shape = tuple(declared[fed]), arrays[fed].shape
+        if len(shape) == 4 and len(fed_declared) == 4 and shape[2:] == fed_declared[2:]:
+            shape = shape[:2] + tuple(fed_shape[2:])
+            break
+    return np.zeros(shape, np.float32)
+
+
 def pad_to(array, shape, name):
     """Pad an image array (already mean-subtracted, so the mean pads as 0) bottom/right."""
     height, width = array.shape[2:]
@@ -195,10 +208,6 @@ def run(args):
     if unknown:
         raise ValueError(f"{args.model}: {unknown[0]!r} is not an input of the net (inputs: "
                          f"{', '.join(declared) or 'none'})")
-    missing = [name for name in declared if name not in feeds]
-    if missing:
-        raise ValueError(f"{args.model}: no --input for net input {missing[0]!r} (inputs: "
-                         f"{', '.join(declared)})")
     arrays, crops = {}, {}   # crops: padded input size -> image size, for .png outputs
     for name, path in feeds.items():
         array, is_image = load_input(path, mean)
@@ -207,11 +216,17 @@ def run(args):
             array = pad_to(array, declared[name], name)
             crops.setdefault(array.shape[2:], image_size)
         arrays[name] = array
+    for name in declared:
+        if name not in arrays:
+            arrays[name] = zeros_like_declared(name, declared, feeds, arrays)
+            print(f"note: no --input for {name!r}; fed zeros of shape {arrays[name].shape}",
+                  file=sys.stderr)
     if not args.pad:
         set_input_shapes(net_param, {name: a.shape for name, a in arrays.items()})
 
     net = Net(net_param, weights=args.weights, phase=args.phase, device=args.device)
-    outputs = args.output or list(net.outputs)
+    # default: the net outputs, less inputs that nothing consumes (vgg deploy's `label`)
+    outputs = args.output or [o for o in net.outputs if o not in net.input_names]
     if args.save and len(args.save) != len(outputs):
         raise ValueError(f"{len(args.save)} --save file(s) for {len(outputs)} output(s) "
                          f"({', '.join(outputs)}); give one --output per --save")

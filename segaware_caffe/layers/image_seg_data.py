@@ -1,5 +1,7 @@
 """ImageSegData (DeepLab v2): image + label image (or constant label) + data_dim, with pad-to-crop
 (SEMANTICS §8.5)."""
+import re
+
 from caffe_proto import caffe_pb2
 
 from ..data.base import (ListDataLayer, label_pad_value, read_joint_crop, read_list_settings,
@@ -61,7 +63,7 @@ class ImageSegData(ListDataLayer):
                 label_value = saturate_uint8(c_atoi(line.tokens[1]) if len(line.tokens) > 1 else 0)
             items.append(SegItem(image_path, label_path, label_value, line))
         if label_type == LabelType.IMAGE and len(lines[0].tokens) > 1 \
-                and c_atoi(lines[0].tokens[1]) == 0 and not lines[0].tokens[1].lstrip("+-").isdigit():
+                and not re.fullmatch(r"[+-]?\d+", lines[0].tokens[1]):
             ctx.warn(f"label_type defaults to IMAGE, so the second token of each list line is "
                      f"parsed as an integer class ({lines[0].tokens[1]!r} -> 0, as in Caffe); set "
                      f"image_data_param {{ label_type: PIXEL }} to read label images")

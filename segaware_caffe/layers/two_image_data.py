@@ -22,6 +22,9 @@ class TwoImageData(ListDataLayer):
     def from_proto(cls, layer_param, ctx):
         settings = read_list_settings(layer_param, ctx)
         colors = layer_param.two_image_data_param
+        if layer_param.image_data_param.HasField("is_color"):
+            ctx.warn("image_data_param.is_color is not used by TwoImageData; set "
+                     "two_image_data_param { first_is_color second_is_color }")
         lines = read_lines(settings.source)
         if not lines:
             raise ctx.error(f"list {settings.source} has no items")
