@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .images import DataError
+
 WORKERS_ENV = "SEGAWARE_DATA_WORKERS"
 
 
@@ -75,7 +77,6 @@ class StackBatch:
         self.layer_label = layer_label
 
     def __call__(self, items):
-        from .images import DataError
         tops = []
         for top_index, arrays in enumerate(zip(*items)):
             shapes = {a.shape for a in arrays}

@@ -1,7 +1,6 @@
 """ImageSegData, TwoImageData and ImageData on a generated 6-image dataset: exact values of
 crop/pad/mirror/mean/scale, TRAIN randomness, epoch order, shuffle, errors."""
 import os
-import warnings
 
 import numpy as np
 import pytest
