@@ -139,8 +139,11 @@ class Solver:
         self.test_nets = self._build_test_nets()
         self.test_inputs = test_inputs
         self.progress = progress
-        for w in ([] if weights is None else [weights] if isinstance(weights, (str, os.PathLike))
-                  else list(weights)) or list(param.weights):
+        if weights is None:
+            weights = list(param.weights)        # BVLC's solver-level `weights` field
+        elif isinstance(weights, (str, os.PathLike)):
+            weights = [weights]
+        for w in weights:
             self.load_weights(w)
         self.iter = 0
         self.current_step = 0
@@ -261,7 +264,7 @@ class Solver:
             field = given[0]
             model, net_state = self._net_source(field, getattr(p, field))
         state = _net_state(caffe_pb2.TRAIN, net_state, p.train_state)
-        log.info(f"Creating training net from {field_name(model)}")
+        log.info(f"Creating training net from {_describe(model)}")
         return self._make_net(model, state)
 
     def _build_test_nets(self):
@@ -641,5 +644,5 @@ def _value(tensor):
     return float(tensor) if tensor.numel() == 1 else tensor.cpu().numpy()
 
 
-def field_name(model):
+def _describe(model):
     return model if isinstance(model, str) else f"net {getattr(model, 'name', '') or '<NetParameter>'}"

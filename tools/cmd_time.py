@@ -60,7 +60,8 @@ class LayerTimer:
         start = self._now()
         for r in self.records:
             sources = [blobs[b] for b in r.bottoms]
-            leaves = [s.detach().requires_grad_(s.is_floating_point()) for s in sources]
+            # a bottom gets a diff only when it depends on learnable blobs (as Caffe decides)
+            leaves = [s.detach().requires_grad_(s.requires_grad) for s in sources]
             t0 = self._now()
             tops = r.module(*leaves)
             self.forward_ms[r.name] += (self._now() - t0) * 1e3

@@ -9,8 +9,11 @@ solver_mode decides (GPU when CUDA is available). Several GPUs or processes:
 """
 import contextlib
 import logging
+import os
 import signal
 import sys
+
+import torch
 
 from segaware_caffe.solver import Solver
 from segaware_caffe.solvers.glog import glog_to
@@ -42,9 +45,6 @@ def add_arguments(parser):
 
 def device_from_gpu(gpu):
     """torch device for caffe's --gpu value (None: let the solver decide)."""
-    import os
-
-    import torch
     if gpu is None:
         return None
     if not torch.cuda.is_available():
