@@ -1,0 +1,147 @@
+"""`segaware-caffe export --python`: the generated module computes what sc.Net computes."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import caffe_proto
+import segaware_caffe as sc
+from converters.emitters import emitter_for, register_emitter
+from converters.python_export import build_net, instantiate, python_source
+from segaware_caffe.resize import resize_deploy
+from tests.conftest import HAVE_SHARED, SHARED
+from tools.cli import main
+
+GOLDEN = sorted((SHARED / "golden" / "layers").glob("*/meta.json")) if HAVE_SHARED else []
+
+
+def import_file(path, name="exported_model"):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def relative_error(got, ref):
+    got, ref = got.detach().double(), ref.detach().double()
+    assert got.shape == ref.shape
+    same_nan = torch.isnan(got) == torch.isnan(ref)
+    assert same_nan.all(), "NaNs in different places"
+    finite = ~torch.isnan(ref)
+    if not finite.any():
+        return 0.0
+    scale = ref[finite].abs().max().item()
+    diff = (got[finite] - ref[finite]).abs().max().item()
+    return diff / scale if scale else diff
+
+
+@pytest.mark.parametrize("meta_path", GOLDEN, ids=lambda p: p.parent.name)
+def test_golden_layer_nets(meta_path):
+    """Every golden layer net, exported: emitters and fallbacks on awkward settings."""
+    case = meta_path.parent
+    meta = json.loads(meta_path.read_text())
+    net = build_net(case / "net.prototxt", phase=meta["phase"].lower(),
+                    variables=meta.get("variables") or None)
+    weights = case / "weights.caffemodel"
+    if weights.exists():
+        net.load_weights(weights)
+    export = python_source(net)
+    model = instantiate(export, net)
+    if net.phase == "TRAIN":
+        model.train()
+    data = np.load(case / "data.npz")
+    inputs = [torch.from_numpy(data["in/" + name].copy()) for name in net.input_names]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = net.forward(**dict(zip(net.input_names, inputs)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        got = model(*inputs)
+    assert set(got) == set(ref)
+    errors = {k: relative_error(got[k], ref[k]) for k in ref}
+    print(case.name, {k: f"{v:.1e}" for k, v in errors.items()},
+          {layer.type: layer.how for layer in export.layers})
+    assert errors, "the net reports no outputs"
+    assert max(errors.values()) <= 1e-6, errors
+
+
+DEPLOY = [("embs", 65), ("vgg", 65), ("res", 65)]
+
+
+@pytest.mark.parametrize("name, size", DEPLOY, ids=[d[0] for d in DEPLOY])
+def test_deploy_exports_match_net(shared, tmp_path, name, size):
+    """The released deploy nets (resized) with filler weights: export with the caffemodel, import the
+    file, load() its safetensors, and compare with sc.Net on the same inputs."""
+    net_param = resize_deploy(caffe_proto.read_net(shared / f"reference/segaware/config/{name}/deploy.prototxt"), size)
+    prototxt = tmp_path / "deploy.prototxt"
+    caffe_proto.write_net(net_param, prototxt)
+    torch.manual_seed(0)
+    net = sc.Net(prototxt)
+    net.save_weights(tmp_path / "filler.caffemodel")
+    assert main(["export", str(prototxt), str(tmp_path / "filler.caffemodel"),
+                 "--python", str(tmp_path / "model.py")]) == 0
+    assert (tmp_path / "model.safetensors").exists()
+    module = import_file(tmp_path / "model.py", f"exported_{name}")
+    model = module.load()
+    torch.manual_seed(1)
+    inputs = {k: torch.rand(s) * 255 for k, s in net.input_shapes.items()}
+    with torch.no_grad():
+        ref = net.forward(**inputs)
+        got = model(**inputs)
+    errors = {k: relative_error(got[k], ref[k]) for k in ref}
+    print(f"{name} deploy at {size}: max relative error {errors}")
+    assert max(errors.values()) <= 1e-6
+
+
+def test_source_reads_like_the_net(shared, tmp_path):
+    net = build_net(shared / "reference/bvlc/mnist_lenet.prototxt")
+    source = python_source(net).source
+    for line in ("self.conv1 = nn.Conv2d(1, 20, kernel_size=5)",
+                 "self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)",
+                 "self.ip1 = nn.Linear(800, 500)",
+                 "conv1 = self.conv1(data)",
+                 "ip1 = self.ip1(pool2.flatten(1))",
+                 "return {'prob': prob}"):
+        assert line in source, line
+    compile(source, "lenet.py", "exec")
+
+
+def test_jit_trace_and_compile(shared):
+    net = build_net(shared / "reference/bvlc/mnist_lenet.prototxt", input_shapes={"data": (2, 1, 28, 28)})
+    export = python_source(net)
+    model = instantiate(export, net)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        ref = net.forward(data=x)["prob"]
+        traced = torch.jit.trace(model, (x,), strict=False)
+        assert torch.equal(traced(x)["prob"], ref)
+        compiled = torch.compile(model)
+        assert relative_error(compiled(x)["prob"], ref) <= 1e-6
+
+
+def test_jit_trace_segaware_net(shared):
+    """A net with segmentation-aware kernels (Im2dist) traces too."""
+    case = shared / "golden/layers/segaware_conv"
+    net = build_net(case / "net.prototxt")
+    net.load_weights(case / "weights.caffemodel")
+    model = instantiate(python_source(net), net)
+    data = np.load(case / "data.npz")
+    inputs = [torch.from_numpy(data["in/" + n].copy()) for n in net.input_names]
+    with torch.no_grad():
+        traced = torch.jit.trace(model, tuple(inputs), strict=False)
+        ref = net.forward(**dict(zip(net.input_names, inputs)))
+        got = traced(*inputs)
+    assert max(relative_error(got[k], ref[k]) for k in ref) <= 1e-6
+
+
+def test_emitter_registry():
+    assert emitter_for("Convolution") is not None and emitter_for("NoSuchType") is None
+    with pytest.raises(ValueError, match="already registered"):
+        register_emitter("ReLU")(lambda spec: None)
+
+
+def test_export_needs_an_output(shared, capsys):
+    assert main(["export", str(shared / "reference/bvlc/mnist_lenet.prototxt")]) == 1
+    assert "give --python FILE and/or --onnx FILE" in capsys.readouterr().err
