@@ -74,6 +74,9 @@ class CaffeLayer(nn.Module):
     BOTTOMS: ClassVar[tuple] = (1, 1)      # (min, max); max None = any number
     TOPS: ClassVar[tuple] = (1, 1)
     IS_LOSS: ClassVar[bool] = False        # Caffe LossLayer: loss_weight 1 on top 0 by default
+    # Caffe AutoTopBlobs: tops the prototxt leaves out (down to TOPS[0]) are created anonymous.
+    # Loss layers always do this (a SoftmaxWithLoss with no top still adds to the loss).
+    AUTO_TOPS: ClassVar[bool] = False
     CAFFE_BLOBS: ClassVar[tuple] = ()      # attribute names of the learnable blobs, Caffe order
     # True for layers with effects beyond their tops (file writers, accumulators)
     HAS_SIDE_EFFECTS: ClassVar[bool] = False

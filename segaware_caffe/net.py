@@ -235,6 +235,11 @@ class Net(nn.Module):
         for lp in layer_params:
             lname, ltype = lp.name, lp.type
             cls = layer_class(ltype, lname)
+            if (cls.AUTO_TOPS or cls.IS_LOSS) and len(lp.top) < cls.TOPS[0]:
+                named = lp
+                lp = caffe_pb2.LayerParameter()
+                lp.CopyFrom(named)
+                lp.top.extend(f"(automatic) {lname} top {i}" for i in range(len(lp.top), cls.TOPS[0]))
             self._check_counts(cls, lp)
             missing = [b for b in lp.bottom if b not in shapes]
             if missing:

@@ -43,7 +43,7 @@ def config_variables(tmp_path):
     (tmp_path / "features").mkdir()
     lr = {k: 1 for k in ("CRF_LR1", "CRF_LR2", "EMBS_LR1", "EMBS_LR2", "EMBS_LR3", "FINAL_LR1",
                          "FINAL_LR2", "MAINSCALE_LR1", "MAINSCALE_LR2", "MAIN_LR1")}
-    return dict(lr, BATCH_SIZE=1, CROP_SIZE=65, HALF_SIZE=33, DATASET="voc", DATA_ROOT=data_root,
+    return dict(lr, BATCH_SIZE=1, CROP_SIZE=321, HALF_SIZE=257, DATASET="voc", DATA_ROOT=data_root,
                 EXP=exp, FEATURE_DIR=tmp_path / "features", NET_ID="net", NUM_LABELS=21,
                 TRAIN_SET="train", TEST_SET="val", MASK_SIZE=3, MASK_PAD=1, MASK_DILATION=1,
                 MASK2_SIZE=3, MASK2_PAD=2, MASK2_DILATION=2, MASK3_SIZE=3, MASK3_PAD=5,
@@ -55,22 +55,67 @@ def declared_phase(path):
     return "train" if path.name.startswith("train") else "test"
 
 
+DATA_TYPES = ("ImageSegData", "TwoImageData", "ImageData")
+
+
+def point_data_layers_at(net_param, root, ids):
+    """The instantiated configs name the author's dataset folders and list files relative to the
+    working directory; give them a generated dataset (root_folder and list files only)."""
+    for lp in net_param.layer:
+        if lp.type == "MatWrite" and lp.mat_write_param.source:
+            source = Path(lp.mat_write_param.source)
+            source.parent.mkdir(parents=True, exist_ok=True)
+            source.write_text("".join(f"{i}\n" for i in ids))
+        if lp.type not in DATA_TYPES:
+            continue
+        ip = lp.image_data_param
+        if not Path(ip.root_folder).is_dir():
+            ip.root_folder = str(root)
+        source = Path(ip.source)
+        if not source.exists():
+            source.parent.mkdir(parents=True, exist_ok=True)
+            if lp.type == "ImageData":    # `path integer_label` lines; no padding, so big images
+                big = lp.transform_param.crop_size + 3
+                Image.new("RGB", (big, big), (90, 120, 150)).save(root / "JPEGImages" / "big.jpg")
+                lines = "/JPEGImages/big.jpg 0\n"
+            else:
+                lines = "".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids)
+            source.write_text(lines)
+
+
 @pytest.mark.parametrize("path", NETS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_released_config_builds(path, tmp_path, monkeypatch):
-    text = path.read_text()
-    variables = config_variables(tmp_path) if "${" in text else None
-    # instantiated configs name list files relative to the working directory ("segaware/list/...")
+    variables = config_variables(tmp_path)
     monkeypatch.chdir(tmp_path)
-    for rel in set(re.findall(r'source: "([^"$]+)"', text)):
-        if not Path(rel).is_absolute():
-            target = tmp_path / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("/JPEGImages/img0.jpg /SegmentationClassAug/img0.png\n")
-    net = sc.Net(path, phase=declared_phase(path), variables=variables)
+    text = path.read_text()
+    crop = re.search(r"crop_size: (\d+|\$\{CROP_SIZE\})", text)   # HALF_SIZE follows the crop
+    if crop:
+        size = variables["CROP_SIZE"] if crop.group(1).startswith("$") else int(crop.group(1))
+        variables["HALF_SIZE"] = (size + 1) // 2
+    net_param = caffe_proto.read_net(path, variables=variables if "${" in text else None)
+    point_data_layers_at(net_param, tmp_path / "VOC", ["img0", "img1", "img2"])
+    net = sc.Net(net_param, phase=declared_phase(path))
     assert net.records, "no layer built"
     print(f"{path.parent.name}/{path.name}: {len(net.records)} layers, "
           f"{sum(p.numel() for p in net.learnable_params)} parameters, "
           f"{len(net.fused_groups)} fused convolutions")
+
+
+def init_for_forward(net):
+    """Random weights with a 1/sqrt(fan-in) scale and unit BatchNorm statistics, so that a
+    101-layer net stays finite (the released fillers are zeros, and zero BatchNorm statistics
+    multiply by 1/sqrt(eps) = 316 per layer)."""
+    for record in net.records:
+        blobs = record.module.caffe_blobs()
+        with torch.no_grad():
+            if record.type == "BatchNorm":
+                blobs[0].zero_(), blobs[1].fill_(1), blobs[2].fill_(1)
+                continue
+            for p in blobs:
+                if record.type == "NormConvMeanfield" or p.lr_mult == 0 and p.dim() < 2:
+                    continue
+                fan_in = p[0].numel() if p.dim() > 1 else 1
+                p.normal_(0, fan_in ** -0.5)
 
 
 # (net, smaller size) — smaller sizes keep the align-corners relations whole (see resize_deploy)
@@ -87,9 +132,7 @@ def test_deploy_runs_forward(name, small, declared):
         net_param = resize_deploy(net_param, small)
     torch.manual_seed(0)
     net = sc.Net(net_param, phase="test")
-    for p in net.learnable_params:
-        with torch.no_grad():
-            p.normal_(0, 0.05)
+    init_for_forward(net)
     inputs = {k: torch.randn(s) for k, s in net.input_shapes.items()}
     with torch.no_grad():
         out = net.forward(**inputs)
