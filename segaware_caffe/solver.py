@@ -39,7 +39,7 @@ import caffe_proto
 from caffe_proto import caffe_pb2
 
 from .net import Net
-from .solvers.glog import ProgressBar, fmt
+from .solvers.glog import ProgressBar, fmt, loss_note
 from .solvers.rules import check_policy, learning_rate, make_rule, regularize
 
 log = logging.getLogger("segaware_caffe.solver")
@@ -384,8 +384,8 @@ class Solver:
         for name in self.net.outputs:
             weight = self.net.loss_weights.get(name, 0.0)
             for value in out[name].detach().reshape(-1).cpu().tolist():
-                note = f" (* {fmt(weight)} = {fmt(weight * value)} loss)" if weight else ""
-                log.info(f"    Train net output #{index}: {name} = {fmt(value)}{note}")
+                log.info(f"    Train net output #{index}: {name} = {fmt(value)}"
+                         f"{loss_note(weight, value)}")
                 index += 1
 
     def _diffs(self):
@@ -485,8 +485,8 @@ class Solver:
             mean = totals[name] / iterations
             weight = net.loss_weights.get(name, 0.0)
             for value in mean.reshape(-1).tolist():
-                note = f" (* {fmt(weight)} = {fmt(weight * value)} loss)" if weight else ""
-                log.info(f"    Test net output #{index_out}: {name} = {fmt(value)}{note}")
+                log.info(f"    Test net output #{index_out}: {name} = {fmt(value)}"
+                         f"{loss_note(weight, value)}")
                 index_out += 1
             means[name] = float(mean) if mean.numel() == 1 else mean.numpy()
         return means

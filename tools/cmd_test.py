@@ -12,27 +12,35 @@ import numpy as np
 import torch
 
 from segaware_caffe.net import Net
-from segaware_caffe.solvers.glog import fmt, glog_to
+from segaware_caffe.solvers.glog import fmt, glog_to, loss_note
 from tools.cmd_inspect import parse_variables
 from tools.cmd_train import device_from_gpu
 
 log = logging.getLogger("segaware_caffe.cli")
 
 
-def add_arguments(parser):
+def add_net_run_arguments(parser, *, phase, iterations_help, input_help):
+    """Options shared by `test` and `time`: the net, its weights, state, inputs and device."""
     parser.add_argument("--model", required=True, help="net .prototxt")
     parser.add_argument("--weights", metavar="W", help=".caffemodel with the learned parameters")
     parser.add_argument("--iterations", type=int, default=50, metavar="N",
-                        help="number of batches (default 50)")
-    parser.add_argument("--phase", choices=("train", "test"), default="test")
+                        help=f"{iterations_help} (default 50)")
+    parser.add_argument("--phase", choices=("train", "test"), default=phase,
+                        help=f"net phase (default {phase}, like caffe)")
     parser.add_argument("--stage", action="append", default=[], help="net stage (repeatable)")
     parser.add_argument("--level", type=int, default=0, help="net level")
     parser.add_argument("--input", action="append", default=[], metavar="BLOB=FILE.npy",
-                        help="array fed to a net input on every pass (nets with Input layers)")
+                        help=input_help)
     parser.add_argument("--set", action="append", default=[], metavar="VAR=value",
                         help="value of a ${VAR} template variable")
     parser.add_argument("--vars", metavar="FILE", help="shell-style KEY=value file of variables")
     parser.add_argument("--gpu", metavar="ID", help="CUDA device index")
+
+
+def add_arguments(parser):
+    add_net_run_arguments(parser, phase="test", iterations_help="number of batches",
+                          input_help="array fed to a net input on every pass (nets with Input "
+                                     "layers)")
 
 
 def feed_from_args(net, items, device, zeros_for_missing=False):
@@ -82,6 +90,5 @@ def run(args):
         for name in net.outputs:
             weight = net.loss_weights.get(name, 0.0)
             for value in (totals[name] / args.iterations).tolist():
-                note = f" (* {fmt(weight)} = {fmt(weight * value)} loss)" if weight else ""
-                log.info(f"{name} = {fmt(value)}{note}")
+                log.info(f"{name} = {fmt(value)}{loss_note(weight, value)}")
     return 0

@@ -10,33 +10,21 @@ import logging
 import sys
 import time
 
-import numpy as np
 import torch
 
 from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import glog_to
 from tools.cmd_inspect import parse_variables
-from tools.cmd_test import feed_from_args
+from tools.cmd_test import add_net_run_arguments, feed_from_args
 from tools.cmd_train import device_from_gpu
 
 log = logging.getLogger("segaware_caffe.cli")
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="net .prototxt")
-    parser.add_argument("--weights", metavar="W", help=".caffemodel (optional)")
-    parser.add_argument("--iterations", type=int, default=50, metavar="N",
-                        help="timed forward-backward passes (default 50)")
-    parser.add_argument("--phase", choices=("train", "test"), default="train",
-                        help="net phase (default train, like caffe time)")
-    parser.add_argument("--stage", action="append", default=[], help="net stage (repeatable)")
-    parser.add_argument("--level", type=int, default=0, help="net level")
-    parser.add_argument("--input", action="append", default=[], metavar="BLOB=FILE.npy",
-                        help="array fed to a net input (default: zeros of the declared shape)")
-    parser.add_argument("--set", action="append", default=[], metavar="VAR=value",
-                        help="value of a ${VAR} template variable")
-    parser.add_argument("--vars", metavar="FILE", help="shell-style KEY=value file of variables")
-    parser.add_argument("--gpu", metavar="ID", help="CUDA device index")
+    add_net_run_arguments(parser, phase="train", iterations_help="timed forward-backward passes",
+                          input_help="array fed to a net input (default: zeros of the declared "
+                                     "shape)")
 
 
 class LayerTimer:

@@ -18,6 +18,11 @@ def fmt(value):
     return f"{float(value):g}"
 
 
+def loss_note(weight, value):
+    """Caffe's suffix for an output with a loss weight: " (* 1 = 0.69 loss)" ("" for weight 0)."""
+    return f" (* {fmt(weight)} = {fmt(weight * value)} loss)" if weight else ""
+
+
 class GlogFormatter(logging.Formatter):
     """glog line format. clear_line=True starts each line by erasing the terminal line (so a
     progress bar drawn there is overwritten, then redrawn below)."""
