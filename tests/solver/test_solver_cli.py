@@ -271,3 +271,17 @@ def test_two_processes_average_gradients_like_caffe(tmp_path):
     for k, p in enumerate(single.net.learnable_params):
         np.testing.assert_array_equal(results[0][k], results[1][k])
         np.testing.assert_allclose(results[0][k], p.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_progress_bar_only_on_terminals():
+    from segaware_caffe.solvers.glog import ProgressBar
+    quiet = io.StringIO()
+    bar = ProgressBar(10, stream=quiet)          # not a tty: off
+    bar.update(5, 0.5)
+    bar.close()
+    assert quiet.getvalue() == ""
+    shown = io.StringIO()
+    bar = ProgressBar(10, stream=shown, enabled=True, width=10)
+    bar.update(5, 0.5)
+    bar.close()
+    assert shown.getvalue() == "\r[#####.....]  5/10 iter  loss 0.5\033[K\n"
