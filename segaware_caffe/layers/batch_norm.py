@@ -89,6 +89,6 @@ class BatchNorm(CaffeLayer):
         parts = [f"channels={self.mean_sum.numel()}", f"use_global_stats={self.use_global_stats}"]
         if self.update_global_stats:
             parts.append("update_global_stats=True")
-        if self.eps != 1e-5:
+        if abs(self.eps - 1e-5) > 1e-12:  # the proto default is float32 1e-5
             parts.append(f"eps={self.eps}")
         return ", ".join(parts)

@@ -159,4 +159,6 @@ class Pooling(CaffeLayer):
             text += f", pad={self.pad}"
         if self.round_mode == FLOOR:
             text += ", round_mode=FLOOR"
+        if self.mask_top:
+            text += ", mask_top=True"
         return text
