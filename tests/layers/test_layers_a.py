@@ -310,6 +310,23 @@ def test_pooling_ceil_rule_vs_torch_ceil_mode():
     assert F.max_pool2d(torch.zeros(1, 1, 7, 7), 2, 4, ceil_mode=True).shape[-1] == 2
 
 
+@pytest.mark.parametrize("geometry", [g for g in POOL_GEOMETRIES if any(g[4]) and all(
+    2 * p <= k for p, k in zip(g[4], g[2]))], ids=str)
+def test_pooling_with_padding_equals_torch_ceil_mode(geometry):
+    # SEMANTICS §9.1's equivalence holds whenever the layer pads (the pad correction is then
+    # torch's) and pad <= kernel/2 (torch refuses larger pads, which Caffe allows up to kernel-1).
+    h, w, kernel, stride, pad = geometry
+    x = randn(2, 3, h, w, dtype=torch.float32)
+    for method, torch_pool in (("MAX", torch.nn.MaxPool2d(kernel, stride, pad, ceil_mode=True)),
+                               ("AVE", torch.nn.AvgPool2d(kernel, stride, pad, ceil_mode=True,
+                                                          count_include_pad=True))):
+        layer = build(f'name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param {{ '
+                      f'pool: {method} kernel_h: {kernel[0]} kernel_w: {kernel[1]} stride_h: '
+                      f'{stride[0]} stride_w: {stride[1]} pad_h: {pad[0]} pad_w: {pad[1]} }}',
+                      [(2, 3, h, w)])
+        torch.testing.assert_close(layer(x), torch_pool(x))
+
+
 def test_pooling_gradients_route_like_caffe():
     layer = build('name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param { pool: AVE '
                   'kernel_size: 3 stride: 2 pad: 1 }', [(1, 1, 6, 6)])
