@@ -116,10 +116,11 @@ def find_masked_conv_groups(net):
         if any(consumers.get(b, 0) != 1 or written.get(b, 0) != 1 or b in net.loss_weights
                for b in inner):
             continue
-        # x and the mask must not be rewritten (in place) between the first group layer and the conv
-        first = min(index[id(im2col)], index[id(tile)])
-        between = records[first + 1:index[id(conv)]]
-        if any(x_blob in r.tops or mask_blob in r.tops for r in between):
+        # x and the mask must keep the value their reader saw until the conv runs (no in-place
+        # layer may rewrite them in between), since the fused call reads them at the conv
+        conv_at = index[id(conv)]
+        if any(x_blob in r.tops for r in records[index[id(im2col)] + 1:conv_at]) or \
+                any(mask_blob in r.tops for r in records[index[id(tile)] + 1:conv_at]):
             continue
         groups.append((FusedGroup(key=conv.key, anchor=conv.name,
                                   record_keys=frozenset({im2col.key, tile.key, prod.key, conv.key}),

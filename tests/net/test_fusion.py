@@ -1,0 +1,89 @@
+"""Issue #4: the fused segmentation-aware convolution inside nets gives the unfused numbers."""
+import numpy as np
+import pytest
+import torch
+
+import caffe_proto
+import segaware_caffe as sc
+from segaware_caffe.resize import resize_deploy
+from tests.conftest import HAVE_SHARED, SHARED
+
+GOLDEN = SHARED / "golden" / "layers" / "segaware_conv"
+
+
+def run(net, inputs, outputs=None, seed_grads=True):
+    inputs = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    out = net.forward(outputs=outputs, **inputs)
+    torch.manual_seed(1)
+    grads = {k: torch.randn_like(v) for k, v in out.items() if v.requires_grad}
+    torch.autograd.backward([out[k] for k in grads], list(grads.values()))
+    param_grads = [p.grad.clone() for p in net.learnable_params]
+    return out, {k: v.grad for k, v in inputs.items()}, param_grads
+
+
+def max_rel(a, b, floor=0.0):
+    """max|a - b| relative to max|b|, or to `floor` where b is smaller (a gradient that is ~0
+    next to the others is float32 noise in both)."""
+    scale = max(b.abs().max().item(), floor)
+    return (a - b).abs().max().item() / (scale if scale else 1.0)
+
+
+def test_golden_segaware_conv_is_fused_and_equal(shared):
+    fused = sc.Net(GOLDEN / "net.prototxt", weights=GOLDEN / "weights.caffemodel")
+    plain = sc.Net(GOLDEN / "net.prototxt", weights=GOLDEN / "weights.caffemodel", fuse=False)
+    assert [g.anchor for g in fused.fused_groups] == ["conv1_1"]
+    assert not plain.fused_groups
+    data = np.load(GOLDEN / "data.npz")
+    inputs = {k[3:]: torch.from_numpy(data[k].copy()) for k in data.files if k.startswith("in/")}
+    out_f, in_f, par_f = run(fused, inputs)
+    out_p, in_p, par_p = run(plain, inputs)
+    assert max_rel(out_f["conv1_1"], out_p["conv1_1"]) <= 1e-5
+    for k in in_f:
+        assert max_rel(in_f[k], in_p[k]) <= 1e-4, k
+    for a, b in zip(par_f, par_p):
+        assert max_rel(a, b) <= 1e-4
+    ref = torch.from_numpy(data["out/conv1_1"])
+    assert max_rel(out_f["conv1_1"], ref) <= 1e-5
+
+
+def test_asking_for_an_intermediate_blob_runs_that_group_unfused(shared):
+    net = sc.Net(GOLDEN / "net.prototxt", weights=GOLDEN / "weights.caffemodel")
+    data = np.load(GOLDEN / "data.npz")
+    inputs = {k[3:]: torch.from_numpy(data[k].copy()) for k in data.files if k.startswith("in/")}
+    out = net.forward(outputs=["im2col_conv1_1_hit", "conv1_1"], **inputs)
+    np.testing.assert_allclose(out["im2col_conv1_1_hit"].detach().numpy(),
+                               data["out/im2col_conv1_1_hit"], rtol=1e-5, atol=1e-6)
+    gm = net.graph_module(["im2col_conv1_1_hit", "conv1_1"])
+    assert not any(n.target.startswith("fused.") for n in gm.graph.nodes if n.op == "call_module")
+    gm = net.graph_module(["conv1_1"])
+    assert any(n.target.startswith("fused.") for n in gm.graph.nodes if n.op == "call_module")
+
+
+@pytest.mark.slow
+def test_vgg_deploy_fused_equals_unfused(shared):
+    """config/vgg/deploy.prototxt (at 65x65 to keep CI fast): outputs within 1e-5 relative,
+    gradients within 1e-4."""
+    net_param = resize_deploy(caffe_proto.read_net(SHARED / "reference/segaware/config/vgg/deploy.prototxt"), 65)
+    torch.manual_seed(0)
+    fused = sc.Net(net_param)
+    plain = sc.Net(net_param, fuse=False)
+    segaware_convs = [r.name for r in fused.records
+                      if r.type == "Convolution" and r.param.convolution_param.bottom_is_im2col]
+    assert sorted(g.anchor for g in fused.fused_groups) == sorted(segaware_convs)
+    with torch.no_grad():
+        for p, q in zip(fused.learnable_params, plain.learnable_params):
+            if p.dim() >= 2:
+                p.normal_(0, p[0].numel() ** -0.5)
+            q.copy_(p)
+    torch.manual_seed(2)
+    inputs = {k: torch.randn(s) * 50 for k, s in fused.input_shapes.items()}
+    out_f, in_f, par_f = run(fused, inputs)
+    out_p, in_p, par_p = run(plain, inputs)
+    for k in out_p:
+        assert max_rel(out_f[k], out_p[k]) <= 1e-5, k
+    for k in in_p:
+        if in_p[k] is not None:
+            assert max_rel(in_f[k], in_p[k]) <= 1e-4, k
+    floor = 1e-3 * max(b.abs().max().item() for b in par_p)
+    for p, a, b in zip(plain.learnable_params, par_f, par_p):
+        assert max_rel(a, b, floor) <= 1e-4, [r.name for r in plain.records if p in r.module.caffe_blobs()]
