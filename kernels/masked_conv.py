@@ -21,7 +21,7 @@ from .im2dist import PatchGeometry, check_image_batch, im2dist, pad_input, tap_o
 
 # Bytes of masked columns per band: small enough to stay in cache on CPU; on CUDA a band is
 # large (fewer launches) but still far below the unfused (N, C*K, Ho*Wo) tensors.
-CPU_BAND_BYTES = 8 << 20
+CPU_BAND_BYTES = 32 << 20
 CUDA_BAND_BYTES = 256 << 20
 
 
