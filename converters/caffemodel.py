@@ -146,11 +146,24 @@ def caffemodel_to_tensors(net, weights, *, prototxt=None, variables=None, phase=
     return tensors, metadata, ignored
 
 
-def _strip_prefix(tensors, wanted):
-    """Accept Net.state_dict() keys (`layers.<key>.<attr>`) as well as bare `<key>.<attr>`."""
-    if wanted and not any(n in tensors for n in wanted) and any(k.startswith("layers.") for k in tensors):
-        return OrderedDict((k[len("layers."):], v) for k, v in tensors.items() if k.startswith("layers."))
-    return tensors
+def net_tensors(net, tensors):
+    """The tensors for `net`'s layer blobs, {`<key>.<attr>`: tensor}, checked: every blob present
+    with the net's shape. Accepts Net.state_dict() keys (`layers.<key>.<attr>`) too. Returns
+    (tensors, unused names)."""
+    firsts = first_records_by_name(net)
+    expected = {f"{r.key}.{a}": (r, tuple(getattr(r.module, a).shape))
+                for r in firsts.values() for a in blob_attribute_names(r.module)}
+    if expected and not any(n in tensors for n in expected) and any(k.startswith("layers.") for k in tensors):
+        tensors = OrderedDict((k[len("layers."):], v) for k, v in tensors.items() if k.startswith("layers."))
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise NetBuildError(f"the tensors have no entry for {len(missing)} blob(s) of the net: "
+                            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    for name, (record, want) in expected.items():
+        if tuple(tensors[name].shape) != want:
+            raise NetBuildError(f"{record.name} ({record.type}): tensor {name} has shape "
+                                f"{tuple(tensors[name].shape)}, the net expects {want}")
+    return OrderedDict((n, tensors[n]) for n in expected), [n for n in tensors if n not in expected]
 
 
 def tensors_to_caffemodel(net, tensors, metadata=None):
@@ -167,44 +180,30 @@ def tensors_to_caffemodel(net, tensors, metadata=None):
             for entry in layer["blobs"]:
                 by_tensor[entry["tensor"]] = entry
     firsts = first_records_by_name(net)
-    expected = [f"{r.key}.{a}" for r in firsts.values() for a in blob_attribute_names(r.module)]
-    tensors = _strip_prefix(tensors, expected)
-    missing = [n for n in expected if n not in tensors]
-    if missing:
-        raise NetBuildError(f"the tensors have no entry for {len(missing)} blob(s) of the net: "
-                            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    tensors, unused = net_tensors(net, tensors)
     out = caffe_pb2.NetParameter()
     out.name = net.name
-    used = set()
     for record in net.records:
         layer = out.layer.add()
         layer.CopyFrom(record.param)
         del layer.blobs[:]
         if firsts[record.name] is not record:
-            continue  # Caffe would save the shared blobs here too; we save each name once
+            continue  # Caffe loads a name's blobs into its first layer only
         for attr in blob_attribute_names(record.module):
             name = f"{record.key}.{attr}"
-            used.add(name)
             tensor = tensors[name]
-            want = tuple(getattr(record.module, attr).shape)
-            if tuple(tensor.shape) != want:
-                raise NetBuildError(f"{record.name} ({record.type}): tensor {name} has shape "
-                                    f"{tuple(tensor.shape)}, the net expects {want}")
+            want = tuple(tensor.shape)
             entry = by_tensor.get(name, {})
             np_dtype, torch_dtype = DTYPES[entry.get("dtype", "float32")]
-            array = tensor.detach().to("cpu", torch_dtype).contiguous().numpy().astype(np_dtype, copy=False)
-            blob = layer.blobs.add()
+            array = tensor.detach().to("cpu", torch_dtype).contiguous().numpy()
             declared = _declared_shape(entry, want)
             if entry and not _fits(declared, want, "legacy" in entry):
                 raise NetBuildError(f"{record.name} ({record.type}): metadata shape {declared} of "
                                     f"{name} does not fit the net's {want}")
+            blob = caffe_proto.array_to_blob(array, double=np_dtype is np.float64)
+            blob.ClearField("shape")
             _set_shape_fields(blob, entry, want)
-            values = array.ravel().tolist()
-            if np_dtype is np.float64:
-                blob.double_data.extend(values)
-            else:
-                blob.data.extend(values)
-    unused = [n for n in tensors if n not in used]
+            layer.blobs.append(blob)
     return out, unused
 
 

@@ -64,9 +64,8 @@ def run(args):
                 target = os.path.join(os.path.dirname(os.path.abspath(args.python)), default_weights)
                 cm.save_tensors(target, tensors, metadata, overwrite=args.force)
                 print(f"wrote {target}")
-        _, unused = cm.tensors_to_caffemodel(net, tensors, metadata)  # checks names and shapes
-        state = {f"layers.{k}": v for k, v in cm._strip_prefix(tensors, []).items()}
-        net.load_state_dict(state, strict=False)
+        tensors, _ = cm.net_tensors(net, tensors)
+        net.load_state_dict({f"layers.{k}": v for k, v in tensors.items()}, strict=False)
     note = f"Source: {os.path.basename(args.prototxt)} (sha256 {cm.prototxt_sha256(args.prototxt)[:16]})"
     if variables:
         note += f", variables {variables}"
