@@ -6,5 +6,6 @@ from . import layers  # noqa: F401  (registers every layer type)
 __all__ = ["BuildContext", "CaffeLayer", "LayerSetupError", "NetBuildError", "register_layer",
            "registered_types"]
 from .net import Net, WeightsReport
+from .solver import Solver
 
-__all__ += ["Net", "WeightsReport"]
+__all__ += ["Net", "Solver", "WeightsReport"]
