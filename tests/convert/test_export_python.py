@@ -14,6 +14,9 @@ from segaware_caffe.resize import resize_deploy
 from tests.conftest import HAVE_SHARED, SHARED
 from tools.cli import main
 
+# torch 2.13 deprecates TorchScript; tracing still works and the issue asks for it
+JIT_WARNINGS = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning",
+                                          "ignore::torch.jit.TracerWarning")
 GOLDEN = sorted((SHARED / "golden" / "layers").glob("*/meta.json")) if HAVE_SHARED else []
 
 
@@ -108,6 +111,7 @@ def test_source_reads_like_the_net(shared, tmp_path):
     compile(source, "lenet.py", "exec")
 
 
+@JIT_WARNINGS
 def test_jit_trace_and_compile(shared):
     net = build_net(shared / "reference/bvlc/mnist_lenet.prototxt", input_shapes={"data": (2, 1, 28, 28)})
     export = python_source(net)
@@ -121,6 +125,7 @@ def test_jit_trace_and_compile(shared):
         assert relative_error(compiled(x)["prob"], ref) <= 1e-6
 
 
+@JIT_WARNINGS
 def test_jit_trace_segaware_net(shared):
     """A net with segmentation-aware kernels (Im2dist) traces too."""
     case = shared / "golden/layers/segaware_conv"
