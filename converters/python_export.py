@@ -23,9 +23,9 @@ import torch
 import caffe_proto
 from caffe_proto import caffe_pb2
 from segaware_caffe.errors import NetBuildError
-from segaware_caffe.layer import CaffeLayer, layer_class, registered_types
+from segaware_caffe.layer import layer_class, registered_types
 
-from .caffemodel import blob_attribute_names, prototxt_sha256
+from .caffemodel import blob_attribute_names
 from .emitters import Emission, LayerSpec, emitter_for
 
 # Layer types computed by segmentation-aware kernels (CuPy on CUDA): no ONNX equivalent.
@@ -215,14 +215,14 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None)
     for record in net.records:
         if record.type == "Input":
             continue
-        kwargs = record.module.__dict__.get("constructor_kwargs", None)
+        if "constructor_kwargs" not in record.module.__dict__:
+            raise NetBuildError(f"{record.name} ({record.type}): the net was not built by "
+                                f"converters.python_export.build_net (no constructor arguments)")
+        kwargs = record.module.__dict__["constructor_kwargs"]
         spec = LayerSpec(name=record.name, type=record.type, key=record.key, kwargs=kwargs,
                          module=record.module, bottoms=[names(b) for b in record.bottoms],
                          bottom_shapes=[net.blob_shapes[b] for b in record.bottoms],
                          num_tops=len(record.tops), phase=net.phase)
-        if "constructor_kwargs" not in record.module.__dict__:
-            raise NetBuildError(f"{record.name} ({record.type}): the net was not built by "
-                                f"converters.python_export.build_net (no constructor arguments)")
         emitter = emitter_for(record.type)
         emission = emitter(spec) if emitter is not None and kwargs is not None else None
         how = "emitter"
@@ -268,7 +268,7 @@ def _render(net, class_name, imports, init_lines, forward_lines, arguments, retu
     init_body = ["super().__init__()"] + init_lines
     out = doc + [""] + plain + froms + ([""] + ours if ours else []) + ["", ""]
     out.append(f"class {class_name}(nn.Module):")
-    out.append(f"    def __init__(self):")
+    out.append("    def __init__(self):")
     out += [f"        {line}" for line in init_body]
     out.append("")
     out.append(f"    def forward(self, {', '.join(arguments)}):" if arguments else "    def forward(self):")

@@ -111,7 +111,7 @@ layer {{ name: "emb" type: "Concat" bottom: "rgb_feat" bottom: "xy_feat" top: "e
 def mask_prototxt(height, width, *, kernel, dilation, lam, rgb_scale=1.0, xy_scale=0.005):
     """m = exp(-lam * Im2dist_L1(emb)) over a kernel x kernel window (out-of-image taps removed)."""
     pad = dilation * (kernel // 2)
-    return f'name: "attention_masks"\n' + embedding_prototxt(height, width, rgb_scale, xy_scale) + f"""
+    return 'name: "attention_masks"\n' + embedding_prototxt(height, width, rgb_scale, xy_scale) + f"""
 layer {{ name: "emb_dist" type: "Im2dist" bottom: "emb" top: "emb_dist"
   convolution_param {{ kernel_size: {kernel} pad: {pad} dilation: {dilation} }}
   im2dist_param {{ norm: L1 remove_bounds: true }} }}

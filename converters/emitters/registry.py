@@ -6,7 +6,7 @@ expression that computes the tops in `forward` -- or None when this instance use
 torch cannot express; the exporter then instantiates the segaware_caffe layer module itself.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,7 +33,6 @@ class Emission:
     imports: tuple = ()       # import lines the code needs
     plain_torch: bool = True  # False when it calls a segmentation-aware kernel (no ONNX)
     note: str = ""            # a short comment for the forward line
-    extra: dict = field(default_factory=dict)
 
 
 def register_emitter(*type_names):

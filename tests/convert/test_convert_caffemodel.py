@@ -1,6 +1,5 @@
 """caffemodel -> safetensors/.pt -> caffemodel is bit-identical for every golden weights file."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
