@@ -58,4 +58,7 @@ class ArgMax(CaffeLayer):
         return torch.stack(rows, dim=1).reshape(shape)
 
     def extra_repr(self):
-        return f"top_k={self.top_k}, axis={self.axis}, out_max_val={self.out_max_val}"
+        parts = [f"top_k={self.top_k}"] if self.top_k != 1 else []
+        parts += [f"axis={self.axis}"] if self.axis is not None else []
+        parts += ["out_max_val=True"] if self.out_max_val else []
+        return ", ".join(parts)

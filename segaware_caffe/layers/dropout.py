@@ -30,4 +30,5 @@ class Dropout(CaffeLayer):
         return x * keep.to(x.dtype) * self.scale
 
     def extra_repr(self):
-        return f"dropout_ratio={self.dropout_ratio}, phase={'TRAIN' if self.train_phase else 'TEST'}"
+        ratio = f"dropout_ratio={self.dropout_ratio}, " if self.dropout_ratio != 0.5 else ""
+        return f"{ratio}phase={'TRAIN' if self.train_phase else 'TEST'}"

@@ -6,13 +6,17 @@ clamped exponent) are written out explicitly.
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..layer import CaffeLayer, register_layer
 
 
 def _f32(value):
     return float(np.float32(value))
+
+
+def _non_default(**settings):
+    """extra_repr text for the settings (name=(value, default)) that differ from their default."""
+    return ", ".join(f"{name}={value}" for name, (value, default) in settings.items() if value != default)
 
 
 @register_layer("AbsVal")
@@ -93,7 +97,7 @@ class Power(CaffeLayer):
         return _PowerFunction.apply(x, self.power, self.scale, self.shift)
 
     def extra_repr(self):
-        return f"power={self.power}, scale={self.scale}, shift={self.shift}"
+        return _non_default(power=(self.power, 1.0), scale=(self.scale, 1.0), shift=(self.shift, 0.0))
 
 
 @register_layer("Exp")
@@ -130,7 +134,7 @@ class Exp(CaffeLayer):
         return y
 
     def extra_repr(self):
-        return f"inner_scale={self.inner_scale}, outer_scale={self.outer_scale}"
+        return _non_default(inner_scale=(self.inner_scale, 1.0), outer_scale=(self.outer_scale, 1.0))
 
 
 @register_layer("Log")
@@ -160,7 +164,8 @@ class Log(CaffeLayer):
         return y * self.base_scale if self.base_scale != 1 else y
 
     def extra_repr(self):
-        return f"base_scale={self.base_scale}, scale={self.scale}, shift={self.shift}"
+        return _non_default(base_scale=(self.base_scale, 1.0), scale=(self.scale, 1.0),
+                            shift=(self.shift, 0.0))
 
 
 @register_layer("Sigmoid")
@@ -203,7 +208,7 @@ class Threshold(CaffeLayer):
         return (x > self.threshold).to(x.dtype)
 
     def extra_repr(self):
-        return f"threshold={self.threshold}"
+        return _non_default(threshold=(self.threshold, 0.0))
 
 
 # exp() argument clamp of the original's BNLL backward
@@ -214,8 +219,9 @@ class _BNLLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        # x > 0: x + log(1 + exp(-x)); else log(1 + exp(x)) -- one expression for both
-        return torch.relu(x) + torch.log(1 + torch.exp(-torch.abs(x)))
+        # x > 0: x + log(1 + exp(-x)); else log(1 + exp(x)) -- one expression for both; the
+        # original adds in double, which log1p matches for tiny exp(-|x|)
+        return torch.relu(x) + torch.log1p(torch.exp(-torch.abs(x)))
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -236,6 +242,21 @@ class BNLL(CaffeLayer):
         return _BNLLFunction.apply(x)
 
 
+class _ELUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha):
+        # exp(x) - 1 rather than expm1: the original's float arithmetic near 0
+        y = torch.where(x > 0, x, alpha * (torch.exp(torch.clamp(x, max=0)) - 1))
+        ctx.save_for_backward(x, y)
+        ctx.alpha = alpha
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, y = ctx.saved_tensors
+        return torch.where(x > 0, grad_y, grad_y * (y + ctx.alpha)), None
+
+
 @register_layer("ELU")
 class ELU(CaffeLayer):
     """y = x if x > 0 else alpha*(exp(x) - 1); dx = dy if x > 0 else dy*(y + alpha)."""
@@ -249,7 +270,7 @@ class ELU(CaffeLayer):
         return cls(alpha=_f32(layer_param.elu_param.alpha))
 
     def forward(self, x):
-        return F.elu(x, alpha=self.alpha)
+        return _ELUFunction.apply(x, self.alpha)
 
     def extra_repr(self):
-        return f"alpha={self.alpha}"
+        return _non_default(alpha=(self.alpha, 1.0))

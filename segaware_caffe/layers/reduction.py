@@ -38,4 +38,5 @@ class Reduction(CaffeLayer):
         return y * coeff if coeff != 1 else y
 
     def extra_repr(self):
-        return f"operation={self.operation}, axis={self.axis}, coeff={self.coeff}"
+        coeff = f", coeff={self.coeff}" if self.coeff != 1 else ""
+        return f"operation={self.operation}, axis={self.axis}{coeff}"
