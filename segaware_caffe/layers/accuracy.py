@@ -13,7 +13,8 @@ class Accuracy(CaffeLayer):
     """A position counts as correct when its label is among the top_k scores along `axis`, scores
     ranked by (value, class index) descending (so among equal scores the higher class ranks
     first, like the original's partial_sort). Top 0 = correct / counted (0-axis; positions with
-    ignore_label are not counted); optional top 1 = accuracy per class (0 for absent classes)."""
+    ignore_label are not counted, and 0/0 = NaN when all are, as the original divides
+    unguarded); optional top 1 = accuracy per class (0 for absent classes)."""
     BOTTOMS = (2, 2)
     TOPS = (1, 2)
 
