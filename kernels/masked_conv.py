@@ -19,9 +19,9 @@ from torch.autograd.function import once_differentiable
 from . import _cuda
 from .im2dist import PatchGeometry, check_image_batch, im2dist, pad_input, tap_offsets
 
-# Bytes of masked columns per band: about a cache-sized block on CPU (measured best at 4-8 MB
-# for vgg conv1_2 on one thread); on CUDA a band is
-# large (fewer launches) but still far below the unfused (N, C*K, Ho*Wo) tensors.
+# Bytes of masked columns per band: about a cache-sized block on CPU (4-8 MB measured best for
+# vgg conv1_2 on one thread); on CUDA a band is large (fewer launches) but still far below the
+# unfused (N, C*K, Ho*Wo) tensors.
 CPU_BAND_BYTES = 8 << 20
 CUDA_BAND_BYTES = 256 << 20
 
