@@ -1,6 +1,8 @@
 """kernels.dist_loss and the DistLoss layer: reference from SEMANTICS §3 with decision 3 (every
 image, ignored elements give nothing, divide by the full count, gradient m/count ignoring
 loss_weight), the golden distloss_* cases (Im2dist -> DistLoss chain), CUDA vs CPU, bad inputs."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from kernels import dist_loss, im2dist, im2parity
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layer import layer_class
 from tests.conftest import cpu_and_cuda
+from tests.kernels.cuda_emulation import emulate_cuda_launch
 
 GOLDEN = ["distloss_k3p0_ignore255_n1", "distloss_k3p1", "distloss_k3p1d2_pad1"]
 
@@ -88,6 +91,19 @@ def test_cuda_matches_cpu():
         results.append((loss.detach().cpu(), dist.grad.cpu()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ignore_label", [None, 255])
+def test_cuda_source_matches_cpu_path(monkeypatch, ignore_label):
+    """The CuPy kernel, compiled as C++ and run on one CPU thread, against the CPU path."""
+    emulate_cuda_launch(monkeypatch)
+    module = sys.modules["kernels.dist_loss"]
+    dist, parity = make_case((2, 9, 5, 4), torch.float64, "cpu", True)
+    dist = dist.detach()
+    for emulated, reference in zip(
+            module._dist_loss_terms_cuda(dist, parity, 0.5, 2.0, ignore_label),
+            module._dist_loss_terms_cpu(dist, parity, 0.5, 2.0, ignore_label)):
+        assert torch.equal(emulated, reference)
 
 
 def build_layer(text, bottom_shapes):

@@ -1,5 +1,7 @@
 """kernels.im2dist and the Im2dist layer: a pure-Python reference written from SEMANTICS §2.1,
 the original's golden numbers, float64 gradcheck (L2), CUDA vs CPU, bad inputs."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from kernels.im2dist import PatchGeometry
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layer import layer_class
 from tests.conftest import cpu_and_cuda
+from tests.kernels.cuda_emulation import emulate_cuda_launch
 
 GOLDEN = ["im2dist_l1_k13p54d9", "im2dist_l1_k3p1", "im2dist_l1_k3p1s2",
           "im2dist_l1_k3p2d2_removecenter", "im2dist_l1_k5p2_removebounds", "im2dist_l2_k3p1",
@@ -190,6 +193,27 @@ def test_cuda_matches_cpu(norm):
         results.append((out.detach().cpu(), xd.grad.cpu()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+@pytest.mark.parametrize("norm, remove_center, remove_bounds",
+                         [("L1", False, False), ("L2", True, True), ("L1", True, False)])
+def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, norm, remove_center,
+                                      remove_bounds):
+    """The CuPy kernels, compiled as C++ and run on one CPU thread, against the CPU path."""
+    emulate_cuda_launch(monkeypatch)
+    module = sys.modules["kernels.im2dist"]
+    shape, kernel, pad, stride, dilation = geometry_case
+    geometry = PatchGeometry.of(kernel, pad, stride, dilation)
+    x = make_input(shape, torch.float64, "cpu", True).detach()
+    expected = module._im2dist_forward_cpu(x, geometry, norm, remove_center, remove_bounds)
+    torch.testing.assert_close(
+        module._im2dist_forward_cuda(x, geometry, norm, remove_center, remove_bounds), expected,
+        rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn(expected.shape, dtype=torch.float64)
+    torch.testing.assert_close(module._im2dist_backward_cuda(x, grad_out, geometry, norm),
+                               module._im2dist_backward_cpu(x, grad_out, geometry, norm),
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", GOLDEN)

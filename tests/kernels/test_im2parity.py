@@ -1,5 +1,7 @@
 """kernels.im2parity and the Im2parity layer: a pure-Python reference written from SEMANTICS
 §2.2 (with decision 3 for centres outside the image), golden numbers, CUDA vs CPU, bad inputs."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from kernels.im2dist import PatchGeometry
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layer import layer_class
 from tests.conftest import cpu_and_cuda
+from tests.kernels.cuda_emulation import emulate_cuda_launch
 
 GOLDEN = ["im2parity_k3p1", "im2parity_k3p1_ignore255", "im2parity_k3p1d5"]
 
@@ -98,6 +101,19 @@ def test_cuda_matches_cpu(ignore_label):
     cpu = im2parity(labels, (3, 5), (4, 2), (2, 1), (1, 2), ignore_label=ignore_label)
     cuda = im2parity(labels.cuda(), (3, 5), (4, 2), (2, 1), (1, 2), ignore_label=ignore_label)
     assert torch.equal(cpu, cuda.cpu())
+
+
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+@pytest.mark.parametrize("ignore_label", [None, 255])
+def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, ignore_label):
+    """The CuPy kernel, compiled as C++ and run on one CPU thread, against the CPU path."""
+    emulate_cuda_launch(monkeypatch)
+    module = sys.modules["kernels.im2parity"]
+    shape, kernel, pad, stride, dilation = geometry_case
+    geometry = PatchGeometry.of(kernel, pad, stride, dilation)
+    labels = make_labels(shape, torch.float64, "cpu", True)
+    assert torch.equal(module._im2parity_forward_cuda(labels, geometry, ignore_label),
+                       module._im2parity_forward_cpu(labels, geometry, ignore_label))
 
 
 @pytest.mark.parametrize("case", GOLDEN)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import kernels.masked_conv as masked_conv_module
 from kernels import im2dist, masked_conv2d
 from tests.conftest import cpu_and_cuda
+from tests.kernels.cuda_emulation import emulate_cuda_launch
 
 # (x shape, out channels, kernel, pad, stride, dilation, group)
 GEOMETRIES = [
@@ -168,6 +169,33 @@ def test_golden_segaware_conv(shared):
         err = np.abs(got.detach().double().numpy() - ref)
         assert (err <= 1e-4 * np.abs(ref) + 1e-5 * np.abs(ref).max()).all(), \
             f"{what}: max abs error {err.max():.3g}, max|ref| {np.abs(ref).max():.3g}"
+
+
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+@pytest.mark.parametrize("band_bytes", [None, 1])
+def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, band_bytes):
+    """The CuPy kernels (with the CUDA band loop; one-row bands too), compiled as C++ and run on
+    one CPU thread, against the CPU path."""
+    emulate_cuda_launch(monkeypatch)
+    if band_bytes is not None:
+        monkeypatch.setattr(masked_conv_module, "CUDA_BAND_BYTES", band_bytes)
+    tensors, geometry = make_case(geometry_case, torch.float64, "cpu", True)
+    x, weight, bias = (tensors[k].detach() for k in ("x", "weight", "bias"))
+    kernel, pad, stride, dilation, group = (geometry[k] for k in
+                                            ("kernel_size", "pad", "stride", "dilation", "group"))
+    patch = masked_conv_module.PatchGeometry.of(kernel, pad, stride, dilation)
+    mask = unfused_mask(tensors["emb"].detach(), 0.3, kernel, pad, stride, dilation)
+    torch.testing.assert_close(
+        masked_conv_module._masked_conv_forward_cuda(x, mask, weight, bias, patch, group),
+        masked_conv_module._masked_conv_forward_cpu(x, mask, weight, bias, patch, group))
+    grad_out = torch.randn(x.shape[0], weight.shape[0], *mask.shape[2:], dtype=torch.float64)
+    needs = (True, True, True, True)
+    for emulated, reference in zip(
+            masked_conv_module._masked_conv_backward_cuda(x, mask, weight, grad_out, patch, group,
+                                                          needs),
+            masked_conv_module._masked_conv_backward_cpu(x, mask, weight, grad_out, patch, group,
+                                                         needs)):
+        torch.testing.assert_close(emulated, reference)
 
 
 @pytest.mark.needs_cuda
