@@ -69,6 +69,11 @@ class PatchGeometry:
         """(i, j) of the tap the original treats as the centre: kh div 2, kw div 2."""
         return (self.kernel[0] // 2, self.kernel[1] // 2)
 
+    @property
+    def centre_offset(self):
+        """Padded-coordinate offsets (as in tap_offsets) of the centre tap."""
+        return (self.centre_tap[0] * self.dilation[0], self.centre_tap[1] * self.dilation[1])
+
     def output_size(self, height, width):
         """floor((H + 2p - (d(k-1)+1)) / s) + 1 per spatial dim."""
         return tuple((size + 2 * p - (d * (k - 1) + 1)) // s + 1 for size, k, p, s, d in zip(
@@ -107,6 +112,13 @@ def inside_masks(geometry, height, width, device):
     return rows, cols
 
 
+def tap_inside(geometry, height, width, device):
+    """Bool (kh, kw, Ho, Wo): tap (i, j) of output (ho, wo) lies inside the H x W image
+    (tap_inside[centre_tap] says where the patch centre is inside)."""
+    rows, cols = inside_masks(geometry, height, width, device)
+    return rows[:, None, :, None] & cols[None, :, None, :]
+
+
 def pad_input(x, geometry):
     """Zero-pad the two spatial dims by the geometry's pad (every tap view then stays in range)."""
     pad_h, pad_w = geometry.pad
@@ -129,24 +141,21 @@ def _im2dist_forward_cpu(x, geometry, norm, remove_center, remove_bounds):
     batch, _, height, width = x.shape
     out_size = geometry.output_size(height, width)
     padded = pad_input(x, geometry)
-    row_inside, col_inside = inside_masks(geometry, height, width, x.device)
-    centre_i, centre_j = geometry.centre_tap
-    _, _, centre_oh, centre_ow = tap_offsets(geometry)[centre_i * geometry.kernel[1] + centre_j]
-    centre = patch_view(padded, centre_oh, centre_ow, out_size, geometry.stride)
-    centre_inside = row_inside[centre_i][:, None] & col_inside[centre_j][None, :]
+    inside = tap_inside(geometry, height, width, x.device)
+    centre_inside = inside[geometry.centre_tap]
+    centre = patch_view(padded, *geometry.centre_offset, out_size, geometry.stride)
     out = x.new_empty((batch, geometry.taps) + out_size)
     zero = x.new_zeros(())
     # value of a tap that computes no distance: 0 when the centre is outside the image, else
     # BIG for an out-of-image neighbour with remove_bounds, else 0
     outside_fill = torch.where(centre_inside, x.new_tensor(BIG if remove_bounds else 0.0), zero)
     for k, (i, j, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
-        if remove_center and (i, j) == (centre_i, centre_j):
+        if remove_center and (i, j) == geometry.centre_tap:
             out[:, k] = torch.where(centre_inside, x.new_tensor(BIG), zero)
             continue
         difference = centre - patch_view(padded, offset_h, offset_w, out_size, geometry.stride)
         distance = difference.abs().sum(1) if norm == "L1" else 0.5 * difference.square().sum(1)
-        valid = centre_inside & row_inside[i][:, None] & col_inside[j][None, :]
-        out[:, k] = torch.where(valid, distance, outside_fill)
+        out[:, k] = torch.where(centre_inside & inside[i, j], distance, outside_fill)
     return out
 
 
@@ -155,24 +164,22 @@ def _im2dist_backward_cpu(x, grad_out, geometry, norm):
     out_size = geometry.output_size(height, width)
     padded = pad_input(x, geometry)
     grad_padded = torch.zeros_like(padded)
-    row_inside, col_inside = inside_masks(geometry, height, width, x.device)
-    centre_i, centre_j = geometry.centre_tap
-    _, _, centre_oh, centre_ow = tap_offsets(geometry)[centre_i * geometry.kernel[1] + centre_j]
-    centre = patch_view(padded, centre_oh, centre_ow, out_size, geometry.stride)
-    centre_inside = row_inside[centre_i][:, None] & col_inside[centre_j][None, :]
+    inside = tap_inside(geometry, height, width, x.device)
+    centre_inside = inside[geometry.centre_tap]
+    centre = patch_view(padded, *geometry.centre_offset, out_size, geometry.stride)
     grad_centre = torch.zeros_like(centre)
     for k, (i, j, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
-        if (i, j) == (centre_i, centre_j):
+        if (i, j) == geometry.centre_tap:
             continue  # zero difference (or a removed tap): no gradient on either path
         neighbour = patch_view(padded, offset_h, offset_w, out_size, geometry.stride)
         difference = centre - neighbour
         # sign(0) = 0 (the original's GPU rule) for L1; the exact derivative for L2
         coefficient = torch.sign(difference) if norm == "L1" else difference
-        valid = centre_inside & row_inside[i][:, None] & col_inside[j][None, :]
+        valid = centre_inside & inside[i, j]
         contribution = coefficient * (grad_out[:, k] * valid).unsqueeze(1)
         grad_centre += contribution
         patch_view(grad_padded, offset_h, offset_w, out_size, geometry.stride).sub_(contribution)
-    patch_view(grad_padded, centre_oh, centre_ow, out_size, geometry.stride).add_(grad_centre)
+    patch_view(grad_padded, *geometry.centre_offset, out_size, geometry.stride).add_(grad_centre)
     pad_h, pad_w = geometry.pad
     return grad_padded[:, :, pad_h:pad_h + height, pad_w:pad_w + width]
 

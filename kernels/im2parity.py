@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _cuda
-from .im2dist import PatchGeometry, check_image_batch, inside_masks, pad_input, patch_view, tap_offsets
+from .im2dist import PatchGeometry, check_image_batch, pad_input, patch_view, tap_inside, tap_offsets
 
 
 def _im2parity_forward_cpu(labels, geometry, ignore_label):
@@ -20,11 +20,8 @@ def _im2parity_forward_cpu(labels, geometry, ignore_label):
     out_size = geometry.output_size(height, width)
     # every channel overwrites the same output in the original, so only the last one counts
     padded = pad_input(torch.trunc(labels[:, channels - 1]), geometry)
-    row_inside, col_inside = inside_masks(geometry, height, width, labels.device)
-    centre_i, centre_j = geometry.centre_tap
-    _, _, centre_oh, centre_ow = tap_offsets(geometry)[centre_i * geometry.kernel[1] + centre_j]
-    centre = patch_view(padded, centre_oh, centre_ow, out_size, geometry.stride)
-    centre_inside = row_inside[centre_i][:, None] & col_inside[centre_j][None, :]
+    centre_inside = tap_inside(geometry, height, width, labels.device)[geometry.centre_tap]
+    centre = patch_view(padded, *geometry.centre_offset, out_size, geometry.stride)
     fill_value = float(ignore_label) if ignore_label is not None else 0.0
     out = labels.new_empty((batch, geometry.taps) + out_size)
     for k, (_, _, offset_h, offset_w) in enumerate(tap_offsets(geometry)):

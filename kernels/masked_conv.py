@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _cuda
-from .im2dist import PatchGeometry, check_image_batch, im2dist, pad_input, tap_offsets
+from .im2dist import PatchGeometry, check_image_batch, im2dist, pad_input, patch_view, tap_offsets
 
 # Bytes of masked columns per band: about a cache-sized block on CPU (4-8 MB measured best for
 # vgg conv1_2 on one thread); on CUDA a band is large (fewer launches) but still far below the
@@ -34,10 +34,8 @@ def band_rows(batch, channels, taps, out_w, itemsize, budget):
 
 def _band_view(padded, offset_h, offset_w, row_start, row_end, out_w, stride):
     """Pixels of one tap for output rows [row_start, row_end): (N, C, rows, Wo) strided view."""
-    stride_h, stride_w = stride
-    first = row_start * stride_h + offset_h
-    return padded[..., first:first + (row_end - row_start - 1) * stride_h + 1:stride_h,
-                  offset_w:offset_w + (out_w - 1) * stride_w + 1:stride_w]
+    return patch_view(padded, row_start * stride[0] + offset_h, offset_w,
+                      (row_end - row_start, out_w), stride)
 
 
 # ---------------------------------------------------------------------------------------------

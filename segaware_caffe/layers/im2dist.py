@@ -27,6 +27,17 @@ def patch_geometry_from_proto(layer_param, ctx):
     return geometry
 
 
+GEOMETRY_DEFAULTS = (("pad", (0, 0)), ("stride", (1, 1)), ("dilation", (1, 1)))
+
+
+def patch_layer_repr(layer, defaults):
+    """kernel plus every (name, default) setting of `layer` that differs from its default."""
+    parts = [f"kernel={layer.kernel}"]
+    parts += [f"{name}={getattr(layer, name)}" for name, default in GEOMETRY_DEFAULTS + defaults
+              if getattr(layer, name) != default]
+    return ", ".join(parts)
+
+
 @register_layer("Im2dist")
 class Im2dist(CaffeLayer):
     """y[n, i*kw + j, ho, wo] = sum_c phi(x[c, centre] - x[c, neighbour_ij]), phi = |d| (L1) or
@@ -58,9 +69,5 @@ class Im2dist(CaffeLayer):
                        remove_center=self.remove_center, remove_bounds=self.remove_bounds)
 
     def extra_repr(self):
-        parts = [f"kernel={self.kernel}"]
-        for name, default in (("pad", (0, 0)), ("stride", (1, 1)), ("dilation", (1, 1)),
-                              ("norm", "L2"), ("remove_center", False), ("remove_bounds", False)):
-            if getattr(self, name) != default:
-                parts.append(f"{name}={getattr(self, name)}")
-        return ", ".join(parts)
+        return patch_layer_repr(self, (("norm", "L2"), ("remove_center", False),
+                                       ("remove_bounds", False)))

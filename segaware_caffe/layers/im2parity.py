@@ -2,7 +2,7 @@
 from kernels.im2parity import im2parity
 
 from ..layer import CaffeLayer, register_layer
-from .im2dist import patch_geometry_from_proto
+from .im2dist import patch_geometry_from_proto, patch_layer_repr
 
 
 @register_layer("Im2parity")
@@ -33,9 +33,4 @@ class Im2parity(CaffeLayer):
                          ignore_label=self.ignore_label)
 
     def extra_repr(self):
-        parts = [f"kernel={self.kernel}"]
-        for name, default in (("pad", (0, 0)), ("stride", (1, 1)), ("dilation", (1, 1)),
-                              ("ignore_label", None)):
-            if getattr(self, name) != default:
-                parts.append(f"{name}={getattr(self, name)}")
-        return ", ".join(parts)
+        return patch_layer_repr(self, (("ignore_label", None),))
