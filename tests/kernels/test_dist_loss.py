@@ -9,10 +9,10 @@ import torch
 
 from caffe_proto import read_net
 from kernels import dist_loss, im2dist, im2parity
-from segaware_caffe import BuildContext, LayerSetupError
-from segaware_caffe.layer import layer_class
+from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
+from tests.kernels.layer_helpers import assert_golden_close, build_layer
 
 GOLDEN = ["distloss_k3p0_ignore255_n1", "distloss_k3p1", "distloss_k3p1d2_pad1"]
 
@@ -106,14 +106,6 @@ def test_cuda_source_matches_cpu_path(monkeypatch, ignore_label):
         assert torch.equal(emulated, reference)
 
 
-def build_layer(text, bottom_shapes):
-    layer_param = read_net(f"layer {{ {text} }}").layer[0] if isinstance(text, str) else text
-    ctx = BuildContext(name=layer_param.name, type=layer_param.type, phase="TRAIN",
-                       bottom_shapes=[tuple(s) for s in bottom_shapes],
-                       bottom_names=list(layer_param.bottom), top_names=list(layer_param.top))
-    return layer_class(layer_param.type, layer_param.name).from_proto(layer_param, ctx)
-
-
 @pytest.mark.parametrize("case", GOLDEN)
 def test_golden_chain(shared, case):
     """weighted_avg -> Im2dist L1 -> DistLoss with Im2parity of the label, as config/embs wires
@@ -133,10 +125,7 @@ def test_golden_chain(shared, case):
     for what, got, key in (("loss", loss, "out/loss_avg"), ("dist", dist, "out/weighted_avg_dist"),
                            ("gradient of dist", dist.grad, "diff/weighted_avg_dist"),
                            ("gradient of the embedding", embedding.grad, "diff/weighted_avg")):
-        ref = data[key].astype(np.float64)
-        err = np.abs(got.detach().double().numpy() - ref)
-        assert (err <= 1e-4 * np.abs(ref) + 1e-5 * np.abs(ref).max()).all(), \
-            f"{case} {what}: max abs error {err.max():.3g}"
+        assert_golden_close(got, data[key], f"{case} {what}")
 
 
 def test_layer_reads_params():

@@ -9,10 +9,10 @@ import torch
 from caffe_proto import read_net
 from kernels import BIG, im2dist
 from kernels.im2dist import PatchGeometry
-from segaware_caffe import BuildContext, LayerSetupError
-from segaware_caffe.layer import layer_class
+from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
+from tests.kernels.layer_helpers import assert_golden_close, build_layer
 
 GOLDEN = ["im2dist_l1_k13p54d9", "im2dist_l1_k3p1", "im2dist_l1_k3p1s2",
           "im2dist_l1_k3p2d2_removecenter", "im2dist_l1_k5p2_removebounds", "im2dist_l2_k3p1",
@@ -97,27 +97,6 @@ def make_input(shape, dtype, device, contiguous, seed=0):
         x = x.transpose(2, 3).contiguous().transpose(2, 3)
         assert not x.is_contiguous()
     return x.requires_grad_(True)
-
-
-def golden_assert_close(got, ref, what):
-    got = got.detach().double().cpu().numpy()
-    ref = np.asarray(ref, dtype=np.float64)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
-    big = ref == np.float64(np.float32(BIG))
-    assert np.array_equal(got[big], ref[big]), f"{what}: removed taps differ"
-    scale = np.abs(ref[~big]).max() if (~big).any() else 0.0
-    err = np.where(big, 0.0, np.abs(got - ref))
-    assert (err <= 1e-4 * np.abs(np.where(big, 0, ref)) + 1e-5 * scale).all(), \
-        f"{what}: max abs error {err.max():.3g}, max|ref| {scale:.3g}"
-    return err.max() / scale if scale else err.max()
-
-
-def build_layer(text, bottom_shapes):
-    layer_param = read_net(f"layer {{ {text} }}").layer[0]
-    ctx = BuildContext(name=layer_param.name, type=layer_param.type, phase="TEST",
-                       bottom_shapes=[tuple(s) for s in bottom_shapes],
-                       bottom_names=list(layer_param.bottom), top_names=list(layer_param.top))
-    return layer_class(layer_param.type, layer_param.name).from_proto(layer_param, ctx)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -224,9 +203,9 @@ def test_golden(shared, case):
     x = torch.from_numpy(data["in/x"].copy()).requires_grad_(True)
     layer = build_layer(str(layer_param), [x.shape])
     out = layer(x)
-    golden_assert_close(out, data["out/dist"], f"{case} forward")
+    assert_golden_close(out, data["out/dist"], f"{case} forward")
     out.backward(torch.from_numpy(data["topdiff/dist"].copy()))
-    golden_assert_close(x.grad, data["diff/x"], f"{case} gradient")
+    assert_golden_close(x.grad, data["diff/x"], f"{case} gradient")
 
 
 def test_layer_output_shapes_and_repr():

@@ -9,10 +9,10 @@ import torch
 from caffe_proto import read_net
 from kernels import im2parity
 from kernels.im2dist import PatchGeometry
-from segaware_caffe import BuildContext, LayerSetupError
-from segaware_caffe.layer import layer_class
+from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
+from tests.kernels.layer_helpers import build_layer
 
 GOLDEN = ["im2parity_k3p1", "im2parity_k3p1_ignore255", "im2parity_k3p1d5"]
 
@@ -63,14 +63,6 @@ def make_labels(shape, dtype, device, contiguous, seed=0):
     if not contiguous:
         labels = labels.transpose(2, 3).contiguous().transpose(2, 3)
     return labels
-
-
-def build_layer(text, bottom_shapes):
-    layer_param = read_net(f"layer {{ {text} }}").layer[0]
-    ctx = BuildContext(name=layer_param.name, type=layer_param.type, phase="TEST",
-                       bottom_shapes=[tuple(s) for s in bottom_shapes],
-                       bottom_names=list(layer_param.bottom), top_names=list(layer_param.top))
-    return layer_class(layer_param.type, layer_param.name).from_proto(layer_param, ctx)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -10,6 +10,7 @@ import kernels.masked_conv as masked_conv_module
 from kernels import im2dist, masked_conv2d
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
+from tests.kernels.layer_helpers import assert_golden_close
 
 # (x shape, out channels, kernel, pad, stride, dilation, group)
 GEOMETRIES = [
@@ -165,10 +166,7 @@ def test_golden_segaware_conv(shared):
                    "lambda": (lam.grad, "paramdiff/weighted_emb_dist1_1/0"),
                    "W": (weight.grad, "paramdiff/conv1_1/0"), "b": (bias.grad, "paramdiff/conv1_1/1")})
     for what, (got, key) in golden.items():
-        ref = data[key].astype(np.float64)
-        err = np.abs(got.detach().double().numpy() - ref)
-        assert (err <= 1e-4 * np.abs(ref) + 1e-5 * np.abs(ref).max()).all(), \
-            f"{what}: max abs error {err.max():.3g}, max|ref| {np.abs(ref).max():.3g}"
+        assert_golden_close(got, data[key], what)
 
 
 @pytest.mark.parametrize("geometry_case", GEOMETRIES)
