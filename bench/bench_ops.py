@@ -123,8 +123,8 @@ def run_all(args):
     results = {}
     for mode in MODES:
         for variant in VARIANTS:
-            command = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--mode", mode,
-                       "--device", args.device, "--threads", str(args.threads),
+            command = [sys.executable, os.path.abspath(__file__), "--worker", variant,
+                       "--mode", mode, "--device", args.device, "--threads", str(args.threads),
                        "--size", str(args.size), "--channels", str(args.channels),
                        "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
             completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -150,7 +150,8 @@ def run_all(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--quick", action="store_true", help="1 repeat, no warm-up (< 2 min on CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 repeat, no warm-up (< 2 min on CPU)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch CPU threads (default: every core)")
     parser.add_argument("--size", type=int, default=321, help="image height and width")

@@ -56,15 +56,17 @@ def launch(name, source, total, args, *, like):
     if total == 0:
         return
     cupy = cupy_module()
-    device_index = like.device.index if like.device.index is not None else torch.cuda.current_device()
+    device_index = (like.device.index if like.device.index is not None
+                    else torch.cuda.current_device())
     kernel = _compiled_kernel(name, source, c_type(like.dtype), device_index)
     scalar = _NUMPY_TYPES[like.dtype]
     launch_args = [np.int64(total)]
     for arg in args:
         if isinstance(arg, torch.Tensor):
             if arg.device != like.device or not arg.is_contiguous():
-                raise ValueError(f"{name}: tensor arguments must be contiguous and on {like.device}, "
-                                 f"got one on {arg.device} (contiguous={arg.is_contiguous()})")
+                raise ValueError(f"{name}: tensor arguments must be contiguous and on "
+                                 f"{like.device}, got one on {arg.device} "
+                                 f"(contiguous={arg.is_contiguous()})")
             launch_args.append(arg.data_ptr())
         elif isinstance(arg, bool) or isinstance(arg, int):
             launch_args.append(np.int32(arg))

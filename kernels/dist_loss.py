@@ -1,4 +1,4 @@
-"""DistLoss: hinge loss pulling same-label embeddings together, pushing others apart (SEMANTICS §3).
+"""DistLoss: hinge loss pulling same-label embeddings together, others apart (SEMANTICS §3).
 
 For every element e of the distances D (usually Im2dist output) with parity p = int(P_e):
     same (p != 0):      m_e = max(D_e - alpha, 0),  diff_e = +m_e
@@ -62,7 +62,8 @@ class DistLossFunction(torch.autograd.Function):
         if dist.is_cuda:
             margin, diff = _dist_loss_terms_cuda(dist, parity, alpha, beta, ignore_label)
         else:
-            margin, diff = _dist_loss_terms_cpu(dist, parity.to(dist.dtype), alpha, beta, ignore_label)
+            margin, diff = _dist_loss_terms_cpu(dist, parity.to(dist.dtype), alpha, beta,
+                                                ignore_label)
         count = dist.numel()
         ctx.save_for_backward(diff)
         ctx.count = count
@@ -107,7 +108,8 @@ def dist_loss(dist, parity, alpha, beta, ignore_label=None):
                          f"and {parity.device}")
     if not 0 < alpha < beta:
         raise ValueError(f"dist_loss: need 0 < alpha < beta, got alpha={alpha}, beta={beta}")
-    if ignore_label is not None and (isinstance(ignore_label, bool) or not isinstance(ignore_label, int)):
+    if ignore_label is not None and (isinstance(ignore_label, bool)
+                                     or not isinstance(ignore_label, int)):
         raise ValueError(f"dist_loss: ignore_label must be an int or None, got {ignore_label!r}")
     return DistLossFunction.apply(dist, parity.reshape(dist.shape), float(alpha), float(beta),
                                   ignore_label)

@@ -83,7 +83,8 @@ class PatchGeometry:
         out_h, out_w = self.output_size(height, width)
         if out_h <= 0 or out_w <= 0:
             raise ValueError(f"input {height}x{width} is too small for kernel {self.kernel}, pad "
-                             f"{self.pad}, dilation {self.dilation}: output would be {out_h}x{out_w}")
+                             f"{self.pad}, dilation {self.dilation}: output would be "
+                             f"{out_h}x{out_w}")
         return out_h, out_w
 
 

@@ -12,7 +12,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _cuda
-from .im2dist import PatchGeometry, check_image_batch, pad_input, patch_view, tap_inside, tap_offsets
+from .im2dist import (PatchGeometry, check_image_batch, pad_input, patch_view, tap_inside,
+                      tap_offsets)
 
 
 def _im2parity_forward_cpu(labels, geometry, ignore_label):

@@ -67,7 +67,8 @@ def _masked_conv_forward_cpu(x, mask, weight, bias, geometry, group):
         columns = _masked_columns_cpu(padded, mask, geometry, row_start, row_end,
                                       buffer[:, :, :, :band])
         columns = columns.reshape(batch, group, channels // group * taps, band * out_w)
-        out_groups = out[:, :, row_start:row_end].view(batch, group, num_output // group, band, out_w)
+        out_groups = out[:, :, row_start:row_end].view(batch, group, num_output // group, band,
+                                                       out_w)
         # 2-D products (torch.mm) rather than a broadcast matmul: batched GEMM is slower on CPU
         for n in range(batch):
             for g in range(group):
@@ -122,7 +123,8 @@ def _masked_conv_backward_cpu(x, mask, weight, grad_out, geometry, group, needs)
                 if need_x:
                     target = _band_view(grad_padded, offset_h, offset_w, row_start, row_end, out_w,
                                         geometry.stride)
-                    target.addcmul_(grad_columns[:, :, k], mask[:, k, row_start:row_end].unsqueeze(1))
+                    target.addcmul_(grad_columns[:, :, k],
+                                    mask[:, k, row_start:row_end].unsqueeze(1))
     grad_x = None
     if need_x:
         pad_h, pad_w = geometry.pad
@@ -351,8 +353,9 @@ def masked_conv2d(x, weight, bias=None, *, emb=None, lam=None, mask=None, kernel
     """
     check_image_batch(x, "x", "masked_conv2d")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"masked_conv2d: weight must be a 4-D tensor (O, C/group, kh, kw), got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+                         f"{got}")
     if kernel_size is None:
         kernel_size = tuple(weight.shape[2:])
     geometry = PatchGeometry.of(kernel_size, pad, stride, dilation)

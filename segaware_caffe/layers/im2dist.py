@@ -1,4 +1,5 @@
-"""Im2dist (SEMANTICS §2.1): per-tap centre-to-neighbour distances, (N, C, H, W) -> (N, K, Ho, Wo)."""
+"""Im2dist (SEMANTICS §2.1): per-tap centre-to-neighbour distances, (N, C, H, W) -> (N, K, Ho, Wo);
+also the convolution_param geometry reading shared by the segaware patch layers."""
 from kernels.im2dist import im2dist
 
 from ..layer import CaffeLayer, register_layer

@@ -47,7 +47,8 @@ def emulate_cuda_launch(monkeypatch):
         for arg in args:
             if isinstance(arg, torch.Tensor):
                 if not arg.is_contiguous() or arg.dtype != torch.float64:
-                    raise AssertionError(f"{name}: emulated kernels take contiguous float64 tensors")
+                    raise AssertionError(f"{name}: emulated kernels take contiguous float64 "
+                                         f"tensors")
                 values.append(ctypes.c_void_p(arg.data_ptr()))
             elif isinstance(arg, float):
                 values.append(ctypes.c_double(arg))

@@ -168,7 +168,8 @@ def test_cuda_matches_cpu(norm):
     for device in ("cpu", "cuda"):
         xd = x.to(device).requires_grad_(True)
         out = im2dist(xd, (3, 5), (2, 3), (2, 1), (2, 1), norm=norm, remove_center=True)
-        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out).to(device))
+        grad_out = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        out.backward(grad_out.to(device))
         results.append((out.detach().cpu(), xd.grad.cpu()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)

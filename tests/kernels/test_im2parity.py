@@ -120,7 +120,8 @@ def test_golden(shared, case):
 
 def test_layer_reads_ignore_label_and_geometry():
     layer = build_layer('name: "p" type: "Im2parity" bottom: "l" top: "p" convolution_param '
-                        '{ kernel_size: 3 pad: 2 dilation: 2 } im2parity_param { ignore_label: 255 }',
+                        '{ kernel_size: 3 pad: 2 dilation: 2 } '
+                        'im2parity_param { ignore_label: 255 }',
                         [(1, 1, 8, 9)])
     assert layer.ignore_label == 255 and layer.dilation == (2, 2)
     assert layer.output_shapes([(1, 1, 8, 9)]) == [(1, 9, 8, 9)]

@@ -120,7 +120,8 @@ def test_bands_of_any_height_give_the_same_result(monkeypatch, rows_budget):
 
 def test_without_bias_and_with_precomputed_mask():
     tensors, geometry = make_case(GEOMETRIES[1], torch.float64, "cpu", True, bias=False)
-    kernel, pad, stride, dilation = (geometry[k] for k in ("kernel_size", "pad", "stride", "dilation"))
+    kernel, pad, stride, dilation = (geometry[k]
+                                     for k in ("kernel_size", "pad", "stride", "dilation"))
     mask = torch.rand(3, 9, *tensors["x"].shape[2:], dtype=torch.float64, requires_grad=True)
     fused = masked_conv2d(tensors["x"], tensors["weight"], None, mask=mask, **geometry)
     unfused = unfused_masked_conv(tensors["x"], tensors["weight"], None, mask, kernel, pad, stride,
@@ -164,7 +165,8 @@ def test_golden_segaware_conv(shared):
     out.backward(torch.from_numpy(data["topdiff/conv1_1"].copy()))
     golden.update({"x": (x.grad, "diff/x"), "emb": (emb.grad, "diff/emb"),
                    "lambda": (lam.grad, "paramdiff/weighted_emb_dist1_1/0"),
-                   "W": (weight.grad, "paramdiff/conv1_1/0"), "b": (bias.grad, "paramdiff/conv1_1/1")})
+                   "W": (weight.grad, "paramdiff/conv1_1/0"),
+                   "b": (bias.grad, "paramdiff/conv1_1/1")})
     for what, (got, key) in golden.items():
         assert_golden_close(got, data[key], what)
 
@@ -212,12 +214,14 @@ def test_cuda_matches_cpu(geometry_case):
     (dict(mask=None), ValueError, "exactly one of emb"),
     (dict(emb="emb"), ValueError, "exactly one of emb"),
     (dict(weight=torch.zeros(4, 3, 3)), ValueError, "weight must be a 4-D tensor"),
-    (dict(kernel_size=5), ValueError, r"weight kernel \(3, 3\) does not match kernel_size \(5, 5\)"),
+    (dict(kernel_size=5), ValueError,
+     r"weight kernel \(3, 3\) does not match kernel_size \(5, 5\)"),
     (dict(group=2), ValueError, "group 2 must divide the input channels 3"),
     (dict(weight=torch.zeros(4, 2, 3, 3)), ValueError, "weight has 2 input channels per group"),
     (dict(bias=torch.zeros(3)), ValueError, r"bias must have shape \(4,\)"),
     (dict(mask=torch.zeros(1, 9, 6, 6)), ValueError, r"mask must be .* = \(1, 9, 5, 5\)"),
-    (dict(mask=torch.zeros(1, 9, 5, 5, dtype=torch.float64)), ValueError, "mask must be torch.float32"),
+    (dict(mask=torch.zeros(1, 9, 5, 5, dtype=torch.float64)), ValueError,
+     "mask must be torch.float32"),
     (dict(x=torch.zeros(1, 3, 5)), ValueError, "x must be 4-D"),
 ])
 def test_rejects_bad_inputs(change, error, message):
