@@ -155,7 +155,9 @@ def _im2dist_forward_cpu(x, geometry, norm, remove_center, remove_bounds):
             out[:, k] = torch.where(centre_inside, x.new_tensor(BIG), zero)
             continue
         difference = centre - patch_view(padded, offset_h, offset_w, out_size, geometry.stride)
-        distance = difference.abs().sum(1) if norm == "L1" else 0.5 * difference.square().sum(1)
+        # in place: the difference is a fresh temporary
+        distance = (difference.abs_().sum(1) if norm == "L1"
+                    else difference.square_().sum(1).mul_(0.5))
         out[:, k] = torch.where(centre_inside & inside[i, j], distance, outside_fill)
     return out
 
@@ -175,9 +177,8 @@ def _im2dist_backward_cpu(x, grad_out, geometry, norm):
         neighbour = patch_view(padded, offset_h, offset_w, out_size, geometry.stride)
         difference = centre - neighbour
         # sign(0) = 0 (the original's GPU rule) for L1; the exact derivative for L2
-        coefficient = torch.sign(difference) if norm == "L1" else difference
-        valid = centre_inside & inside[i, j]
-        contribution = coefficient * (grad_out[:, k] * valid).unsqueeze(1)
+        contribution = difference.sign_() if norm == "L1" else difference
+        contribution *= (grad_out[:, k] * (centre_inside & inside[i, j])).unsqueeze(1)
         grad_centre += contribution
         patch_view(grad_padded, offset_h, offset_w, out_size, geometry.stride).sub_(contribution)
     patch_view(grad_padded, *geometry.centre_offset, out_size, geometry.stride).add_(grad_centre)
