@@ -206,8 +206,10 @@ class PythonExport:
 
 def python_source(net, *, class_name=None, source_note="", default_weights=None):
     """Generate the module source for a Net built by `build_net`. Returns a PythonExport."""
-    class_name = class_name or class_name_for(net.name)
     used_classes = {layer_class(t).__name__ for t in registered_types()}
+    class_name = class_name or class_name_for(net.name)
+    if class_name in used_classes:  # a net named like a layer class ("reshape") must not shadow it
+        class_name += "Net"
     names = _Names(_RESERVED | used_classes | {class_name, "load", "load_weights"})
     imports = {"import os", "import torch", "from torch import nn"}
     init_lines, forward_lines, layers = [], [], []
