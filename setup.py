@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda13x>=14"],
-        "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17"],
     },
     entry_points={"console_scripts": ["segaware-caffe=tools.cli:main"]},
 )

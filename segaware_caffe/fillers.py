@@ -33,7 +33,6 @@ def fill(filler, shape, ctx=None, default_type="constant", default_value=0.0, ge
         return torch.full(shape, float(default_value), dtype=torch.float32)
     kind = filler.type or default_type
     out = torch.empty(shape, dtype=torch.float32)
-    count = out.numel()
     if kind == "constant":
         return out.fill_(filler.value)
     if kind == "uniform":

@@ -15,7 +15,6 @@ unfused (see Net.graph_module).
 """
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .params import conv_geometry

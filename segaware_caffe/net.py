@@ -7,7 +7,6 @@ parameter specs (lr/decay multipliers, sharing by name), and infer its top shape
 as a `torch.fx.GraphModule` per requested output set: one placeholder per input blob, one
 `call_module` per layer, in-place tops renamed to fresh graph values.
 """
-import math
 import operator
 import os
 import re
@@ -356,16 +355,13 @@ class Net(nn.Module):
             p.requires_grad_(self.force_backward or p.lr_mult != 0)
 
     def _net_outputs(self):
-        consumed, produced = set(), []
+        """Blobs no later layer consumes (Caffe's available-blob walk: each layer removes its
+        bottoms, then adds its tops, so an in-place last layer's blob is an output), sorted."""
+        available = set(self.input_names)
         for r in self.records:
-            consumed.update(r.bottoms)
-            for t in r.tops:
-                if t not in produced:
-                    produced.append(t)
-        for name in self.input_names:
-            if name not in produced:
-                produced.append(name)
-        return sorted(b for b in produced if b not in consumed)
+            available.difference_update(r.bottoms)
+            available.update(r.tops)
+        return sorted(available)
 
     # ------------------------------------------------------------------ running
     @property

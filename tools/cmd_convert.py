@@ -1,29 +1,16 @@
 """segaware-caffe convert NET.prototxt WEIGHTS.caffemodel -o model.safetensors (or .pt)
 segaware-caffe convert NET.prototxt model.safetensors --to-caffemodel -o back.caffemodel"""
-import caffe_proto
 from converters import convert_caffemodel, convert_to_caffemodel
+from tools.common import add_variable_arguments, variables_from
 
 
 def add_net_arguments(parser):
     """Options that pick the net a prototxt describes (shared by convert and export)."""
-    parser.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
-                        help="template variable substituted into ${KEY} (repeatable)")
-    parser.add_argument("--variables", metavar="FILE", help="KEY=value file of template variables")
+    add_variable_arguments(parser)
     parser.add_argument("--phase", choices=("train", "test"), default=None,
                         help="net phase used to filter layers (default: test)")
     parser.add_argument("--stage", action="append", default=None, help="net stage (repeatable)")
     parser.add_argument("--level", type=int, default=None, help="net level")
-
-
-def net_variables(args):
-    """{KEY: value} from --variables FILE then --var KEY=VALUE, or None when none are given."""
-    variables = dict(caffe_proto.read_variables(args.variables)) if args.variables else {}
-    for item in args.var:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--var expects KEY=VALUE, got {item!r}")
-        variables[key] = value
-    return variables or None
 
 
 def add_arguments(parser):
@@ -38,7 +25,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    variables = net_variables(args)
+    variables = variables_from(args)
     if args.to_caffemodel:
         _, notes = convert_to_caffemodel(args.prototxt, args.weights, args.output,
                                          variables=variables, phase=args.phase, stages=args.stage,

@@ -7,7 +7,8 @@ import os
 
 from converters import caffemodel as cm
 from converters.python_export import build_net, export_onnx, python_source
-from tools.cmd_convert import add_net_arguments, net_variables
+from tools.cmd_convert import add_net_arguments
+from tools.common import variables_from
 
 
 def add_arguments(parser):
@@ -46,7 +47,7 @@ def run(args):
         raise ValueError("nothing to write: give --python FILE and/or --onnx FILE")
     for path in (args.python, args.onnx):
         _check_new(path, args.force)
-    variables = net_variables(args)
+    variables = variables_from(args)
     phase = args.phase or "test"
     net = build_net(args.prototxt, variables=variables, phase=phase, stages=tuple(args.stage or ()),
                     level=args.level or 0, input_shapes=parse_input_shapes(args.input_shape))

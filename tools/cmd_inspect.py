@@ -8,28 +8,19 @@ import os
 
 import caffe_proto
 from caffe_proto import caffe_pb2
-from tools.cmd_run import parse_assignments
+from tools.common import add_variable_arguments, parse_variables
 
 
 def add_arguments(parser):
     parser.add_argument("prototxt", help="net definition (.prototxt, may be a ${VAR} template)")
     parser.add_argument("--weights", metavar="W", help=".caffemodel whose blobs to show")
-    parser.add_argument("--set", action="append", default=[], metavar="VAR=value",
-                        help="template variable for ${VAR} (repeatable)")
-    parser.add_argument("--vars", metavar="FILE", help="shell-style KEY=value file of variables")
+    add_variable_arguments(parser)
     parser.add_argument("--phase", choices=("train", "test"), default="test",
                         help="phase whose layers are listed (default: test)")
     parser.add_argument("--stage", action="append", default=[], help="net stage (repeatable)")
     parser.add_argument("--level", type=int, default=0, help="net level (default 0)")
     parser.add_argument("--all-phases", action="store_true",
                         help="list every layer, whatever its include/exclude rules")
-
-
-def parse_variables(assignments, vars_file=None):
-    """{name: value} from a KEY=value file, then --set VAR=value items (which win)."""
-    variables = dict(caffe_proto.read_variables(vars_file)) if vars_file else {}
-    variables.update(parse_assignments(assignments, "--set"))
-    return variables
 
 
 def rule_text(layer):

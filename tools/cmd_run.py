@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import caffe_proto
+from tools.common import add_variable_arguments, parse_assignments, parse_variables
 
 DEFAULT_MEAN = "104.008,116.669,122.675"
 
@@ -26,8 +27,7 @@ def add_arguments(parser):
     parser.add_argument("--input", action="append", default=[], metavar="BLOB=FILE",
                         help="feed an image (.jpg, .png, ...) or a .npy array to input BLOB; "
                              "repeat for nets with several inputs")
-    parser.add_argument("--set", action="append", default=[], metavar="VAR=VALUE",
-                        help="value of a ${VAR} template variable of the prototxt")
+    add_variable_arguments(parser)
     parser.add_argument("--output", action="append", default=[], metavar="BLOB",
                         help="blob to save or show (repeatable; default: the net outputs)")
     parser.add_argument("--save", action="append", default=[], metavar="FILE",
@@ -66,16 +66,6 @@ def save_label_png(labels, path):
     image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
     image.putpalette(voc_palette().ravel().tolist())
     image.save(path)
-
-
-def parse_assignments(values, what):
-    result = {}
-    for value in values:
-        name, sep, rest = value.partition("=")
-        if not sep or not name:
-            raise ValueError(f"{what} must look like NAME=VALUE, got {value!r}")
-        result[name] = rest
-    return result
 
 
 def parse_mean(text):
@@ -199,7 +189,7 @@ def save_output(name, array, path, crop=None):
 def run(args):
     from segaware_caffe import Net
 
-    variables = parse_assignments(args.set, "--set")
+    variables = parse_variables(args.set, args.vars)
     feeds = parse_assignments(args.input, "--input")
     mean = parse_mean(args.mean)
     net_param = caffe_proto.read_net(args.model, variables=variables or None)

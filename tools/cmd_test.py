@@ -13,7 +13,7 @@ import torch
 
 from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import fmt, glog_to, loss_note
-from tools.cmd_inspect import parse_variables
+from tools.common import add_variable_arguments, parse_variables
 from tools.cmd_train import device_from_gpu
 
 log = logging.getLogger("segaware_caffe.cli")
@@ -31,9 +31,7 @@ def add_net_run_arguments(parser, *, phase, iterations_help, input_help):
     parser.add_argument("--level", type=int, default=0, help="net level")
     parser.add_argument("--input", action="append", default=[], metavar="BLOB=FILE.npy",
                         help=input_help)
-    parser.add_argument("--set", action="append", default=[], metavar="VAR=value",
-                        help="value of a ${VAR} template variable")
-    parser.add_argument("--vars", metavar="FILE", help="shell-style KEY=value file of variables")
+    add_variable_arguments(parser)
     parser.add_argument("--gpu", metavar="ID", help="CUDA device index")
 
 

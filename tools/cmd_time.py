@@ -14,7 +14,7 @@ import torch
 
 from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import glog_to
-from tools.cmd_inspect import parse_variables
+from tools.common import parse_variables
 from tools.cmd_test import add_net_run_arguments, feed_from_args
 from tools.cmd_train import device_from_gpu
 

@@ -17,7 +17,7 @@ import torch
 
 from segaware_caffe.solver import Solver
 from segaware_caffe.solvers.glog import glog_to
-from tools.cmd_inspect import parse_variables
+from tools.common import add_variable_arguments, parse_variables
 
 log = logging.getLogger("segaware_caffe.cli")
 EFFECTS = ("stop", "snapshot", "none")
@@ -29,9 +29,7 @@ def add_arguments(parser):
     start.add_argument("--weights", action="append", default=[], metavar="W",
                        help=".caffemodel to fine-tune from (repeatable, or comma-separated)")
     start.add_argument("--snapshot", metavar="S", help=".solverstate to resume training from")
-    parser.add_argument("--set", action="append", default=[], metavar="VAR=value",
-                        help="value of a ${VAR} template variable of the solver and its nets")
-    parser.add_argument("--vars", metavar="FILE", help="shell-style KEY=value file of variables")
+    add_variable_arguments(parser)
     parser.add_argument("--gpu", metavar="ID",
                         help="CUDA device index (under torchrun: 'all' = one device per rank)")
     parser.add_argument("--iterations", type=int, metavar="N",
