@@ -98,6 +98,10 @@ def main(argv=None):
                   f"{r['peak_rss_gb']:12.2f} {r['build_s']:8.2f}"
                   + (f"   ({r['fused']} fused convs)" if fuse else ""), flush=True)
         u, f = results[False], results[True]
+        if not f["fused"]:
+            print(f"{net:6} no segmentation-aware convolution to fuse: both variants run the same "
+                  f"layers (their difference is run-to-run noise)", flush=True)
+            continue
         print(f"{net:6} ratio unfused/fused: time {u['steady_s'] / f['steady_s']:.2f}x, "
               f"peak RSS {u['peak_rss_gb'] / f['peak_rss_gb']:.2f}x", flush=True)
 
