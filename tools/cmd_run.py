@@ -187,7 +187,7 @@ def save_output(name, array, path, crop=None):
 
 
 def run(args):
-    from segaware_caffe import Net
+    from segaware_caffe import Net, NetBuildError
 
     variables = parse_variables(args.set, args.vars)
     feeds = parse_assignments(args.input, "--input")
@@ -214,7 +214,15 @@ def run(args):
     if not args.pad:
         set_input_shapes(net_param, {name: a.shape for name, a in arrays.items()})
 
-    net = Net(net_param, weights=args.weights, phase=args.phase, device=args.device)
+    try:
+        net = Net(net_param, weights=args.weights, phase=args.phase, device=args.device)
+    except NetBuildError as e:
+        if args.pad:
+            raise
+        sizes = ", ".join(f"{name} {tuple(shape)}" for name, shape in declared.items())
+        raise NetBuildError(f"{e}\n(the net could not be built at the image size; deploy nets that "
+                            f"hard-code sizes tied to their declared inputs ({sizes}) need --pad, "
+                            f"which pads the image to the declared size)") from None
     # default: the net outputs, less inputs that nothing consumes (vgg deploy's `label`)
     outputs = args.output or [o for o in net.outputs if o not in net.input_names]
     if args.save and len(args.save) != len(outputs):
