@@ -113,7 +113,7 @@ def find_masked_conv_groups(net):
         inner = [im2col.tops[0], tile.tops[0], prod.tops[0]]
         # every intermediate is read once, written once, and is no loss top or net output
         if any(consumers.get(b, 0) != 1 or written.get(b, 0) != 1 or b in net.loss_weights
-               for b in inner):
+               or any(producer[b].param.loss_weight) for b in inner):
             continue
         # x and the mask must keep the value their reader saw until the conv runs (no in-place
         # layer may rewrite them in between), since the fused call reads them at the conv

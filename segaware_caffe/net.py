@@ -182,7 +182,7 @@ class Net(nn.Module):
     """
 
     def __init__(self, model, weights=None, *, phase="test", variables=None, device="cpu",
-                 stages=(), level=0, fuse=True, dtype=torch.float32, overwrite=False):
+                 stages=(), level=None, fuse=True, dtype=torch.float32, overwrite=False):
         super().__init__()
         if isinstance(model, caffe_pb2.NetParameter):
             net_param, where, base_dir = model, f"net {model.name or '<NetParameter>'}", "."
@@ -210,6 +210,10 @@ class Net(nn.Module):
         self._graph_cache = {}
         self.fused = nn.ModuleDict()          # fused segaware convolutions (no params of their own)
         self.fused_groups = []
+        # the prototxt's own `state` counts, like Caffe's Net(param_file, phase, level, stages):
+        # the given stages add to its stages, a given level replaces its level
+        stages = tuple(net_param.state.stage) + tuple(stages)
+        level = net_param.state.level if level is None else level
         self._build(net_param, where, base_dir, PHASES[phase_key], level, stages, overwrite)
         self.to(device=device, dtype=dtype)
         if fuse:
@@ -228,6 +232,7 @@ class Net(nn.Module):
             self._declare_input(name, shape, shapes, where)
         spec = [(lp.name, list(lp.bottom), list(lp.top), list(lp.loss_weight)) for lp in layer_params]
         self._consumers = _count_consumers(spec, list(self.input_names))
+        self._loss_splits = {}                 # (layer, top index) -> name of its loss Split top
         owners = {}                            # shared param name -> (Parameter, explicit lr, explicit decay)
         taken = set()
         phase_name = caffe_pb2.Phase.Name(phase)
@@ -258,6 +263,13 @@ class Net(nn.Module):
             self.layers[key] = module
             self._attach_params(lp, module, owners)
             loss_weights = self._loss_weights(lp, cls)
+            # Caffe's InsertSplits: a top with an explicit loss_weight that another layer also
+            # reads gets a Split whose first top carries the loss (so the loss sees the value before
+            # any in-place rewrite), and the layer's own loss_weight list is cleared (defaults)
+            split_weights = {i: w for i, (t, w) in enumerate(zip(lp.top, lp.loss_weight))
+                             if w != 0 and self._consumers.get((t, (lname, i)), 0) > 1}
+            if split_weights:
+                loss_weights = [1.0 if (cls.IS_LOSS and i == 0) else 0.0 for i in range(len(lp.top))]
             record = LayerRecord(lname, ltype, key, list(lp.bottom), list(lp.top), module, lp, loss_weights)
             self.records.append(record)
             if ltype == "Input":
@@ -279,6 +291,11 @@ class Net(nn.Module):
                 self.blob_shapes[top] = tuple(shape)
                 if w != 0:
                     self.loss_weights[top] = w
+            for i, w in split_weights.items():
+                split_top = f"{lp.top[i]}_{lname}_{i}_split_0"
+                self._loss_splits[(lname, i)] = split_top
+                self.blob_shapes[split_top] = tuple(top_shapes[i])
+                self.loss_weights[split_top] = float(w)
         self.outputs = self._net_outputs()
 
     def _declare_input(self, name, shape, shapes, where):
@@ -361,6 +378,8 @@ class Net(nn.Module):
         for r in self.records:
             available.difference_update(r.bottoms)
             available.update(r.tops)
+            available.update(self._loss_splits.get((r.name, i)) for i in range(len(r.tops))
+                             if (r.name, i) in self._loss_splits)
         return sorted(available)
 
     # ------------------------------------------------------------------ running
@@ -403,6 +422,7 @@ class Net(nn.Module):
                     env[group.conv_top] = graph.call_module(
                         f"fused.{group.key}", (env[group.x_blob], env[group.mask_blob]))
                     producer[group.conv_top] = (r.name, 0)
+                    self._alias_loss_split(r, 0, env, aliases, seen)
                 continue
             args = [env[b] for b in r.bottoms]
             node = graph.call_module(f"layers.{r.key}", tuple(args))
@@ -417,6 +437,7 @@ class Net(nn.Module):
                     env[t] = graph.call_function(_track_grad, (env[t],))
             for i, t in enumerate(r.tops):
                 producer[t] = (r.name, i)
+                self._alias_loss_split(r, i, env, aliases, seen)
         result = {}
         for name in outputs:
             if name in env:
@@ -431,6 +452,13 @@ class Net(nn.Module):
         gm = fx.GraphModule(self, graph, class_name=re.sub(r"\W", "_", self.name or "CaffeNet"))
         self._graph_cache[outputs] = gm
         return gm
+
+    def _alias_loss_split(self, record, index, env, aliases, seen):
+        """The loss Split of a top (if any) holds the value just produced; readers get split 1.."""
+        split_top = self._loss_splits.get((record.name, index))
+        if split_top is not None:
+            aliases[split_top] = env[record.tops[index]]
+            seen[(record.tops[index], (record.name, index))] = 1
 
     def forward(self, outputs=None, **inputs):
         unknown = [k for k in inputs if k not in self.input_names]

@@ -1,0 +1,54 @@
+"""Net-level rules found missing in review: loss_weight on a top another layer also reads (Caffe's
+loss Split), and the prototxt's own NetState (stage/level)."""
+import torch
+
+import segaware_caffe as sc
+
+LOSS_THEN_IN_PLACE = """
+name: "t"
+input: "data" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }
+layer { name: "p" type: "Power" bottom: "data" top: "x" loss_weight: 2 power_param { shift: -10 } }
+layer { name: "r" type: "ReLU" bottom: "x" top: "x" }
+"""
+
+
+def test_loss_weight_on_a_top_rewritten_in_place_uses_the_value_before_the_rewrite():
+    # Caffe inserts x_p_0_split (top 0 carries the loss, top 1 feeds the ReLU), so the loss is
+    # 2 * sum(data - 10) = -72, not 2 * sum(relu(data - 10)) = 0
+    net = sc.Net(LOSS_THEN_IN_PLACE, phase="train")
+    assert net.outputs == ["x", "x_p_0_split_0"]
+    assert net.loss_weights == {"x_p_0_split_0": 2.0}
+    out = net.forward(data=torch.ones(1, 1, 2, 2))
+    assert float(net.loss(out)) == -72.0
+    assert float(out["x"].sum()) == 0.0
+
+
+def test_loss_split_readers_are_numbered_from_one():
+    text = """
+    name: "t"
+    input: "data" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }
+    layer { name: "p" type: "Power" bottom: "data" top: "x" loss_weight: 1 }
+    layer { name: "a" type: "Power" bottom: "x" top: "a" power_param { scale: 2 } }
+    layer { name: "b" type: "Power" bottom: "x" top: "b" power_param { scale: 3 } }
+    """
+    net = sc.Net(text, phase="train")
+    assert net.outputs == ["a", "b", "x_p_0_split_0"]
+    x = torch.arange(4.0).reshape(1, 1, 2, 2)
+    out = net.forward(outputs=["x_p_0_split_0", "x_p_0_split_1", "x_p_0_split_2", "a"], data=x)
+    for k in range(3):
+        torch.testing.assert_close(out[f"x_p_0_split_{k}"], x)
+    torch.testing.assert_close(out["a"], 2 * x)
+
+
+def test_the_prototxt_state_selects_layers():
+    text = """
+    name: "t"
+    state { stage: "deploy" level: 2 }
+    input: "data" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }
+    layer { name: "a" type: "ReLU" bottom: "data" top: "a" include { stage: "deploy" } }
+    layer { name: "b" type: "ReLU" bottom: "data" top: "b" include { min_level: 1 } }
+    layer { name: "c" type: "ReLU" bottom: "data" top: "c" include { stage: "extra" } }
+    """
+    assert [r.name for r in sc.Net(text).records] == ["a", "b"]
+    # given stages add to the file's, a given level replaces the file's
+    assert [r.name for r in sc.Net(text, stages=("extra",), level=0).records] == ["a", "c"]
