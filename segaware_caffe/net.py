@@ -232,7 +232,8 @@ class Net(nn.Module):
             self._declare_input(name, shape, shapes, where)
         spec = [(lp.name, list(lp.bottom), list(lp.top), list(lp.loss_weight)) for lp in layer_params]
         self._consumers = _count_consumers(spec, list(self.input_names))
-        self._loss_splits = {}                 # (layer, top index) -> name of its loss Split top
+        self.loss_splits = {}                  # (layer, top index) -> name of its loss Split top
+        self._auto_tops = set()                # anonymous tops: never net outputs (Caffe)
         owners = {}                            # shared param name -> (Parameter, explicit lr, explicit decay)
         taken = set()
         phase_name = caffe_pb2.Phase.Name(phase)
@@ -243,7 +244,9 @@ class Net(nn.Module):
                 named = lp
                 lp = caffe_pb2.LayerParameter()
                 lp.CopyFrom(named)
-                lp.top.extend(f"(automatic) {lname} top {i}" for i in range(len(lp.top), cls.TOPS[0]))
+                auto = [f"(automatic) {lname} top {i}" for i in range(len(lp.top), cls.TOPS[0])]
+                lp.top.extend(auto)
+                self._auto_tops.update(auto)
             self._check_counts(cls, lp)
             missing = [b for b in lp.bottom if b not in shapes]
             if missing:
@@ -293,7 +296,7 @@ class Net(nn.Module):
                     self.loss_weights[top] = w
             for i, w in split_weights.items():
                 split_top = f"{lp.top[i]}_{lname}_{i}_split_0"
-                self._loss_splits[(lname, i)] = split_top
+                self.loss_splits[(lname, i)] = split_top
                 self.blob_shapes[split_top] = tuple(top_shapes[i])
                 self.loss_weights[split_top] = float(w)
         self.outputs = self._net_outputs()
@@ -373,14 +376,15 @@ class Net(nn.Module):
 
     def _net_outputs(self):
         """Blobs no later layer consumes (Caffe's available-blob walk: each layer removes its
-        bottoms, then adds its tops, so an in-place last layer's blob is an output), sorted."""
+        bottoms, then adds its tops, so an in-place last layer's blob is an output), sorted;
+        anonymous (automatic) tops are left out, as Caffe does."""
         available = set(self.input_names)
         for r in self.records:
             available.difference_update(r.bottoms)
             available.update(r.tops)
-            available.update(self._loss_splits.get((r.name, i)) for i in range(len(r.tops))
-                             if (r.name, i) in self._loss_splits)
-        return sorted(available)
+            available.update(self.loss_splits.get((r.name, i)) for i in range(len(r.tops))
+                             if (r.name, i) in self.loss_splits)
+        return sorted(available - self._auto_tops)
 
     # ------------------------------------------------------------------ running
     @property
@@ -455,7 +459,7 @@ class Net(nn.Module):
 
     def _alias_loss_split(self, record, index, env, aliases, seen):
         """The loss Split of a top (if any) holds the value just produced; readers get split 1.."""
-        split_top = self._loss_splits.get((record.name, index))
+        split_top = self.loss_splits.get((record.name, index))
         if split_top is not None:
             aliases[split_top] = env[record.tops[index]]
             seen[(record.tops[index], (record.name, index))] = 1

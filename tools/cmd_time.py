@@ -54,8 +54,11 @@ class LayerTimer:
             tops = r.module(*leaves)
             self.forward_ms[r.name] += (self._now() - t0) * 1e3
             tops = (tops,) if isinstance(tops, torch.Tensor) else tuple(tops)
-            for name, top in zip(r.tops, tops):
+            for i, (name, top) in enumerate(zip(r.tops, tops)):
                 blobs[name] = top
+                split = self.net.loss_splits.get((r.name, i))
+                if split is not None:   # the loss Split of a top other layers also read
+                    blobs[split] = top
             steps.append((r, leaves, sources, tops))
         forward = (self._now() - start) * 1e3
         grads = {}        # id(tensor) -> accumulated diff

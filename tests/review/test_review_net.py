@@ -52,3 +52,37 @@ def test_the_prototxt_state_selects_layers():
     assert [r.name for r in sc.Net(text).records] == ["a", "b"]
     # given stages add to the file's, a given level replaces the file's
     assert [r.name for r in sc.Net(text, stages=("extra",), level=0).records] == ["a", "c"]
+
+
+def test_an_automatic_loss_top_is_no_net_output_but_still_a_loss():
+    text = """
+    name: "t"
+    input: "data" input_shape { dim: 2 dim: 3 dim: 1 dim: 1 }
+    input: "label" input_shape { dim: 2 dim: 1 dim: 1 dim: 1 }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "data" bottom: "label" }
+    """
+    net = sc.Net(text, phase="train")
+    assert net.outputs == []
+    assert list(net.loss_weights.values()) == [1.0]
+    out = net.forward(outputs=list(net.loss_weights), data=torch.zeros(2, 3, 1, 1),
+                      label=torch.zeros(2, 1, 1, 1))
+    torch.testing.assert_close(float(net.loss(out)), float(torch.log(torch.tensor(3.0))))
+
+
+def test_the_layer_timer_runs_a_net_with_a_loss_split():
+    from tools.cmd_time import LayerTimer
+    net = sc.Net(LOSS_THEN_IN_PLACE, phase="train")
+    timer = LayerTimer(net, torch.device("cpu"))
+    forward_ms, backward_ms = timer.forward_backward({"data": torch.ones(1, 1, 2, 2)})
+    assert forward_ms >= 0 and backward_ms >= 0
+
+
+def test_named_test_nets_need_no_test_interval(tmp_path):
+    # Caffe asks for test_interval > 0 only for test nets made from the generic `net`
+    from segaware_caffe.solver import Solver
+    from tests.solver.toy_layers import TOY_NET
+    (tmp_path / "net.prototxt").write_text(TOY_NET)
+    (tmp_path / "solver.prototxt").write_text(
+        'train_net: "net.prototxt" test_net: "net.prototxt" test_iter: 1 lr_policy: "fixed"')
+    solver = Solver(tmp_path / "solver.prototxt")
+    assert len(solver.test_nets) == 1
