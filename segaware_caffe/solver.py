@@ -274,6 +274,7 @@ class Solver:
             raise SolverError(f"{self.where}: both net and net_param are given; keep one")
         sources = [("test_net_param", n) for n in p.test_net_param] + \
                   [("test_net", n) for n in p.test_net]
+        named = len(sources)
         if generic:
             if len(p.test_iter) < len(sources):
                 raise SolverError(f"{self.where}: test_iter must be given for each test net "
@@ -285,9 +286,11 @@ class Solver:
         if len(p.test_state) and len(p.test_state) != len(sources):
             raise SolverError(f"{self.where}: test_state must be unset or given once per test net "
                               f"({len(sources)} test nets, {len(p.test_state)} test_state)")
-        if sources and p.test_interval <= 0:
-            raise SolverError(f"{self.where}: {len(sources)} test net(s) but test_interval is "
-                              f"{p.test_interval} (must be > 0)")
+        # Caffe requires test_interval only for test nets made from the generic net/net_param;
+        # named test nets without it are built and never run during training
+        if len(sources) > named and p.test_interval <= 0:
+            raise SolverError(f"{self.where}: {len(sources) - named} test net(s) from "
+                              f"{generic[0]} but test_interval is {p.test_interval} (must be > 0)")
         nets = []
         for i, (field, value) in enumerate(sources):
             model, net_state = self._net_source(field, value)
