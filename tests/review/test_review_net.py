@@ -86,3 +86,19 @@ def test_named_test_nets_need_no_test_interval(tmp_path):
         'train_net: "net.prototxt" test_net: "net.prototxt" test_iter: 1 lr_policy: "fixed"')
     solver = Solver(tmp_path / "solver.prototxt")
     assert len(solver.test_nets) == 1
+
+
+def test_a_loss_split_clears_the_layers_own_loss_weights_like_caffe():
+    # InsertSplits clears the layer's loss_weight list; a loss layer then takes its default 1
+    # on top 0 again, so Caffe counts this loss 1 + 2 = 3 times
+    text = """
+    name: "t"
+    input: "a" input_shape { dim: 2 dim: 1 }
+    input: "b" input_shape { dim: 2 dim: 1 }
+    layer { name: "l" type: "EuclideanLoss" bottom: "a" bottom: "b" top: "l" loss_weight: 2 }
+    layer { name: "p" type: "Power" bottom: "l" top: "p" }
+    """
+    net = sc.Net(text, phase="train")
+    assert net.loss_weights == {"l": 1.0, "l_l_0_split_0": 2.0}
+    out = net.forward(outputs=sorted(net.loss_weights), a=torch.ones(2, 1), b=torch.zeros(2, 1))
+    torch.testing.assert_close(float(net.loss(out)), 3 * 0.5)
