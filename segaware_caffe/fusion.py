@@ -110,6 +110,8 @@ def find_masked_conv_groups(net):
         group = int(cp.group)
         if weight.shape[1] * group != x_shape[1]:
             continue
+        if not all(all(r.param.propagate_down) for r in (im2col, tile, prod, conv)):
+            continue   # the fused op cannot cut the gradient of one of its inputs
         inner = [im2col.tops[0], tile.tops[0], prod.tops[0]]
         # every intermediate is read once, written once, and is no loss top or net output
         if any(consumers.get(b, 0) != 1 or written.get(b, 0) != 1 or b in net.loss_weights

@@ -25,6 +25,9 @@ from .errors import NetBuildError
 from .layer import BuildContext, CaffeLayer, layer_class, register_layer
 
 PHASES = {"train": caffe_pb2.TRAIN, "test": caffe_pb2.TEST}
+# layers whose backward writes every bottom diff whatever propagate_down says (SEMANTICS §2.1,
+# §4.2): an upstream layer that needs backward still reads those diffs, so they are not cut
+WRITES_BOTTOM_DIFFS_ALWAYS = frozenset({"Im2dist", "NormConvMeanfield"})
 
 
 @register_layer("Input")
@@ -248,6 +251,10 @@ class Net(nn.Module):
                 lp.top.extend(auto)
                 self._auto_tops.update(auto)
             self._check_counts(cls, lp)
+            if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
+                raise NetBuildError(f"{lname} ({ltype}): propagate_down must be given for every "
+                                    f"bottom or none ({len(lp.propagate_down)} given, "
+                                    f"{len(lp.bottom)} bottoms)")
             missing = [b for b in lp.bottom if b not in shapes]
             if missing:
                 raise NetBuildError(
@@ -429,6 +436,10 @@ class Net(nn.Module):
                     self._alias_loss_split(r, 0, env, aliases, seen)
                 continue
             args = [env[b] for b in r.bottoms]
+            if not self.force_backward and r.type not in WRITES_BOTTOM_DIFFS_ALWAYS:
+                # propagate_down: false gives that bottom no diff (force_backward overrides it)
+                args = [a if keep else graph.call_function(torch.detach, (a,))
+                        for a, keep in zip(args, list(r.param.propagate_down) or [True] * len(args))]
             node = graph.call_module(f"layers.{r.key}", tuple(args))
             if len(r.tops) == 1:
                 env[r.tops[0]] = node

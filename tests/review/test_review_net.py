@@ -1,5 +1,6 @@
 """Net-level rules found missing in review: loss_weight on a top another layer also reads (Caffe's
 loss Split), and the prototxt's own NetState (stage/level)."""
+import pytest
 import torch
 
 import segaware_caffe as sc
@@ -102,3 +103,34 @@ def test_a_loss_split_clears_the_layers_own_loss_weights_like_caffe():
     assert net.loss_weights == {"l": 1.0, "l_l_0_split_0": 2.0}
     out = net.forward(outputs=sorted(net.loss_weights), a=torch.ones(2, 1), b=torch.zeros(2, 1))
     torch.testing.assert_close(float(net.loss(out)), 3 * 0.5)
+
+
+PROPAGATE_DOWN = """
+name: "t"
+force_backward: {force}
+input: "a" input_shape {{ dim: 2 dim: 1 }}
+input: "b" input_shape {{ dim: 2 dim: 1 }}
+layer {{ name: "l" type: "EuclideanLoss" bottom: "a" bottom: "b" top: "l"
+        propagate_down: true propagate_down: false }}
+"""
+
+
+def test_propagate_down_false_gives_that_bottom_no_diff():
+    net = sc.Net(PROPAGATE_DOWN.format(force="false"), phase="train")
+    a = torch.ones(2, 1, requires_grad=True)
+    b = torch.zeros(2, 1, requires_grad=True)
+    net.loss(net.forward(a=a, b=b)).backward()
+    torch.testing.assert_close(a.grad, torch.full((2, 1), 0.5))
+    assert b.grad is None
+    # force_backward overrides propagate_down (Caffe ORs in AllowForceBackward)
+    net = sc.Net(PROPAGATE_DOWN.format(force="true"), phase="train")
+    a = torch.ones(2, 1, requires_grad=True)
+    b = torch.zeros(2, 1, requires_grad=True)
+    net.loss(net.forward(a=a, b=b)).backward()
+    torch.testing.assert_close(b.grad, torch.full((2, 1), -0.5))
+
+
+def test_propagate_down_needs_one_entry_per_bottom():
+    text = PROPAGATE_DOWN.format(force="false").replace("propagate_down: true ", "")
+    with pytest.raises(sc.NetBuildError, match=r"l \(EuclideanLoss\): propagate_down must be given"):
+        sc.Net(text, phase="train")
