@@ -105,9 +105,12 @@ def _state_meets_rule(state, rule):
     return True
 
 
-def filter_layers(net_param, phase, level=0, stages=()):
-    """The layers Caffe keeps for this NetState (Net::FilterNet)."""
-    state = {"phase": phase, "level": level, "stages": set(stages)}
+def filter_layers(net_param, phase, level=None, stages=()):
+    """The layers Caffe keeps for this NetState (Net::FilterNet). The prototxt's own `state`
+    counts, as in Caffe's Net(param_file, phase, level, stages): the given stages add to its
+    stages, a given level replaces its level."""
+    level = net_param.state.level if level is None else level
+    state = {"phase": phase, "level": level, "stages": set(net_param.state.stage) | set(stages)}
     kept = []
     for lp in net_param.layer:
         if len(lp.include) and len(lp.exclude):
@@ -213,10 +216,6 @@ class Net(nn.Module):
         self._graph_cache = {}
         self.fused = nn.ModuleDict()          # fused segaware convolutions (no params of their own)
         self.fused_groups = []
-        # the prototxt's own `state` counts, like Caffe's Net(param_file, phase, level, stages):
-        # the given stages add to its stages, a given level replaces its level
-        stages = tuple(net_param.state.stage) + tuple(stages)
-        level = net_param.state.level if level is None else level
         self._build(net_param, where, base_dir, PHASES[phase_key], level, stages, overwrite)
         self.to(device=device, dtype=dtype)
         if fuse:
