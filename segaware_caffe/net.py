@@ -305,6 +305,9 @@ class Net(nn.Module):
                 self.loss_splits[(lname, i)] = split_top
                 self.blob_shapes[split_top] = tuple(top_shapes[i])
                 self.loss_weights[split_top] = float(w)
+        # after every layer: a sharer may have set its owner's lr_mult
+        for p in self.learnable_params:
+            p.requires_grad_(self.force_backward or p.lr_mult != 0)
         self.outputs = self._net_outputs()
 
     def _declare_input(self, name, shape, shapes, where):
@@ -377,8 +380,6 @@ class Net(nn.Module):
                 owners[spec.name] = (blob, lr, decay, lp.name)
             self.learnable_params.append(blob)
         self.params.setdefault(lp.name, module.caffe_blobs())
-        for p in self.learnable_params:
-            p.requires_grad_(self.force_backward or p.lr_mult != 0)
 
     def _net_outputs(self):
         """Blobs no later layer consumes (Caffe's available-blob walk: each layer removes its

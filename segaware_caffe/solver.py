@@ -495,18 +495,23 @@ class Solver:
         return means
 
     def _share_trained_layers(self, test_net):
-        """Net::ShareTrainedLayersWith: test layers take the data of same-named train layers."""
-        for name, test_blobs in test_net.params.items():
-            train_blobs = self.net.params.get(name)
-            if train_blobs is None:
+        """Net::ShareTrainedLayersWith: each train layer, in order, gives its blobs' data to the
+        first test layer of the same name (so with duplicate train names the last one wins)."""
+        first_in_test = {}
+        for r in test_net.records:
+            first_in_test.setdefault(r.name, r)
+        for source in self.net.records:
+            target = first_in_test.get(source.name)
+            if target is None:
                 continue
+            train_blobs, test_blobs = source.module.caffe_blobs(), target.module.caffe_blobs()
             if len(train_blobs) != len(test_blobs):
-                raise SolverError(f"layer {name}: the test net has {len(test_blobs)} blobs, the "
-                                  f"train net {len(train_blobs)}")
+                raise SolverError(f"layer {source.name}: the test net has {len(test_blobs)} blobs, "
+                                  f"the train net {len(train_blobs)}")
             for i, (mine, theirs) in enumerate(zip(test_blobs, train_blobs)):
                 if mine.shape != theirs.shape:
-                    raise SolverError(f"layer {name} blob {i}: shape {tuple(mine.shape)} in the "
-                                      f"test net, {tuple(theirs.shape)} in the train net")
+                    raise SolverError(f"layer {source.name} blob {i}: shape {tuple(mine.shape)} in "
+                                      f"the test net, {tuple(theirs.shape)} in the train net")
                 mine.data = theirs.data
 
     # ------------------------------------------------------------------ whole runs

@@ -134,3 +134,28 @@ def test_propagate_down_needs_one_entry_per_bottom():
     text = PROPAGATE_DOWN.format(force="false").replace("propagate_down: true ", "")
     with pytest.raises(sc.NetBuildError, match=r"l \(EuclideanLoss\): propagate_down must be given"):
         sc.Net(text, phase="train")
+
+
+def test_test_nets_take_the_last_same_named_train_layer_like_caffe(tmp_path):
+    # Net::ShareTrainedLayersWith walks the train layers in order and gives each one's data to
+    # the first test layer of that name: with duplicate train names the last one wins
+    from segaware_caffe.solver import Solver
+    train = """
+    name: "t"
+    input: "x" input_shape { dim: 1 dim: 2 }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "a" inner_product_param { num_output: 2 weight_filler { type: "constant" value: 1 } } }
+    layer { name: "ip" type: "InnerProduct" bottom: "a" top: "b" inner_product_param { num_output: 2 weight_filler { type: "constant" value: 3 } } }
+    layer { name: "loss" type: "Power" bottom: "b" top: "loss" loss_weight: 1 }
+    """
+    test = """
+    name: "t"
+    input: "x" input_shape { dim: 1 dim: 2 }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "a" inner_product_param { num_output: 2 } }
+    """
+    (tmp_path / "train.prototxt").write_text(train)
+    (tmp_path / "test.prototxt").write_text(test)
+    (tmp_path / "solver.prototxt").write_text(
+        'train_net: "train.prototxt" test_net: "test.prototxt" test_iter: 1 lr_policy: "fixed"')
+    solver = Solver(tmp_path / "solver.prototxt")
+    solver._share_trained_layers(solver.test_nets[0])
+    assert torch.equal(solver.test_nets[0].params["ip"][0], torch.full((2, 2), 3.0))

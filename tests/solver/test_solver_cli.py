@@ -185,8 +185,8 @@ def make_vgg_experiment(root, shared):
     (root / "data").mkdir()
     shutil.copy(config / "solver.prototxt", root / "config" / "vgg" / "solver.prototxt")
     train = (config / "train.prototxt").read_text()
-    # The released train net's SoftmaxWithLoss names no top (Caffe adds an automatic one,
-    # AutoTopBlobs); segaware_caffe.Net does not create automatic tops yet, so name it here.
+    # The released SoftmaxWithLoss names no top; its automatic top is no net output, so Caffe (and
+    # we) print no "Train net output" line for it. Name it so the log has lines parse_log reads.
     train = train.replace('bottom: "label_shrink"\n  loss_param', 'bottom: "label_shrink"\n  top: "loss"\n  loss_param')
     (root / "config" / "vgg" / "train_tiny.prototxt").write_text(train)
     rng = np.random.default_rng(0)
