@@ -24,6 +24,7 @@ import caffe_proto
 from caffe_proto import caffe_pb2
 from segaware_caffe.errors import NetBuildError
 from segaware_caffe.layer import layer_class, registered_types
+from segaware_caffe.net import WRITES_BOTTOM_DIFFS_ALWAYS
 
 from .caffemodel import blob_attribute_names
 from .emitters import Emission, LayerSpec, emitter_for
@@ -221,8 +222,13 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None)
             raise NetBuildError(f"{record.name} ({record.type}): the net was not built by "
                                 f"converters.python_export.build_net (no constructor arguments)")
         kwargs = record.module.__dict__["constructor_kwargs"]
+        bottoms = [names(b) for b in record.bottoms]
+        if not net.force_backward and record.type not in WRITES_BOTTOM_DIFFS_ALWAYS:
+            # propagate_down: false, as sc.Net does it: that bottom gets no gradient
+            keep = list(record.param.propagate_down) or [True] * len(bottoms)
+            bottoms = [b if k else f"{b}.detach()" for b, k in zip(bottoms, keep)]
         spec = LayerSpec(name=record.name, type=record.type, key=record.key, kwargs=kwargs,
-                         module=record.module, bottoms=[names(b) for b in record.bottoms],
+                         module=record.module, bottoms=bottoms,
                          bottom_shapes=[net.blob_shapes[b] for b in record.bottoms],
                          num_tops=len(record.tops), phase=net.phase)
         emitter = emitter_for(record.type)

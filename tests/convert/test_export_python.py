@@ -150,3 +150,29 @@ def test_emitter_registry():
 def test_export_needs_an_output(shared, capsys):
     assert main(["export", str(shared / "reference/bvlc/mnist_lenet.prototxt")]) == 1
     assert "give --python FILE and/or --onnx FILE" in capsys.readouterr().err
+
+
+def test_propagate_down_false_carries_into_the_export():
+    text = """
+    name: "t"
+    input: "a" input_shape { dim: 1 dim: 2 dim: 3 dim: 3 }
+    input: "b" input_shape { dim: 1 dim: 2 dim: 3 dim: 3 }
+    layer { name: "ca" type: "Convolution" bottom: "a" top: "ca"
+            convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" } } }
+    layer { name: "cb" type: "Convolution" bottom: "b" top: "cb"
+            convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" } } }
+    layer { name: "sum" type: "Eltwise" bottom: "ca" bottom: "cb" top: "s"
+            propagate_down: true propagate_down: false }
+    """
+    net = build_net(caffe_proto.read_net(text))
+    export = python_source(net)
+    assert "cb.detach()" in export.source
+    model = instantiate(export, net).train()
+    a, b = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    model(a, b)["s"].sum().backward()
+    net.forward(a=a, b=b)["s"].sum().backward()
+    for key in ("ca", "cb"):
+        mine, theirs = dict(model.named_parameters())[f"{key}.weight"], net.params[key][0]
+        assert (mine.grad is None) == (theirs.grad is None), key
+    assert dict(model.named_parameters())["ca.weight"].grad is not None
+    torch.testing.assert_close(dict(model.named_parameters())["ca.weight"].grad, net.params["ca"][0].grad)
