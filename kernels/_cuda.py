@@ -86,3 +86,20 @@ GRID_STRIDE_LOOP = """
   for (long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x; index < (total); \\
        index += (long long)blockDim.x * gridDim.x)
 """
+
+# For kernels writing an im2col-shaped (N, taps, out_h, out_w) result (im2dist, im2parity): the
+# flat output index -> image n, tap k = (i, j), output pixel (ho, wo), the window centre (ch, cw)
+# and the tap's input pixel (nh, nw). Expects the geometry arguments under their usual names.
+WINDOW_TAP = r"""
+#define WINDOW_TAP(index) \
+    const int wo = index % out_w; \
+    const int ho = (index / out_w) % out_h; \
+    const int k = (index / ((long long)out_w * out_h)) % taps; \
+    const long long n = index / ((long long)out_w * out_h * taps); \
+    const int i = k / kernel_w, j = k % kernel_w; \
+    const int centre_i = kernel_h / 2, centre_j = kernel_w / 2; \
+    const int ch = ho * stride_h - pad_h + centre_i * dilation_h; \
+    const int cw = wo * stride_w - pad_w + centre_j * dilation_w; \
+    const int nh = ho * stride_h - pad_h + i * dilation_h; \
+    const int nw = wo * stride_w - pad_w + j * dilation_w;
+"""

@@ -189,7 +189,7 @@ def _im2dist_backward_cpu(x, grad_out, geometry, norm):
 # ---------------------------------------------------------------------------------------------
 # CUDA (CuPy). Same index decomposition as the CPU loops; backward gathers (no atomics).
 
-_CUDA_SOURCE = _cuda.GRID_STRIDE_LOOP + r"""
+_CUDA_SOURCE = _cuda.GRID_STRIDE_LOOP + _cuda.WINDOW_TAP + r"""
 extern "C" __global__ void im2dist_forward(
     const long long total, const scalar_t* x, scalar_t* out,
     const int channels, const int height, const int width, const int out_h, const int out_w,
@@ -198,16 +198,7 @@ extern "C" __global__ void im2dist_forward(
     const int norm_l1, const int remove_center, const int remove_bounds, const scalar_t big) {
   const int taps = kernel_h * kernel_w;
   GRID_STRIDE_LOOP(index, total) {
-    const int wo = index % out_w;
-    const int ho = (index / out_w) % out_h;
-    const int k = (index / ((long long)out_w * out_h)) % taps;
-    const long long n = index / ((long long)out_w * out_h * taps);
-    const int i = k / kernel_w, j = k % kernel_w;
-    const int centre_i = kernel_h / 2, centre_j = kernel_w / 2;
-    const int ch = ho * stride_h - pad_h + centre_i * dilation_h;
-    const int cw = wo * stride_w - pad_w + centre_j * dilation_w;
-    const int nh = ho * stride_h - pad_h + i * dilation_h;
-    const int nw = wo * stride_w - pad_w + j * dilation_w;
+    WINDOW_TAP(index)
     scalar_t value = 0;
     if (ch < 0 || ch >= height || cw < 0 || cw >= width) {
       value = 0;

@@ -36,7 +36,7 @@ def _im2parity_forward_cpu(labels, geometry, ignore_label):
     return torch.where(centre_inside, out, out.new_tensor(fill_value))
 
 
-_CUDA_SOURCE = _cuda.GRID_STRIDE_LOOP + r"""
+_CUDA_SOURCE = _cuda.GRID_STRIDE_LOOP + _cuda.WINDOW_TAP + r"""
 extern "C" __global__ void im2parity_forward(
     const long long total, const scalar_t* labels, scalar_t* out,
     const int channels, const int height, const int width, const int out_h, const int out_w,
@@ -45,16 +45,7 @@ extern "C" __global__ void im2parity_forward(
     const int has_ignore, const scalar_t ignore_label) {
   const int taps = kernel_h * kernel_w;
   GRID_STRIDE_LOOP(index, total) {
-    const int wo = index % out_w;
-    const int ho = (index / out_w) % out_h;
-    const int k = (index / ((long long)out_w * out_h)) % taps;
-    const long long n = index / ((long long)out_w * out_h * taps);
-    const int i = k / kernel_w, j = k % kernel_w;
-    const int centre_i = kernel_h / 2, centre_j = kernel_w / 2;
-    const int ch = ho * stride_h - pad_h + centre_i * dilation_h;
-    const int cw = wo * stride_w - pad_w + centre_j * dilation_w;
-    const int nh = ho * stride_h - pad_h + i * dilation_h;
-    const int nw = wo * stride_w - pad_w + j * dilation_w;
+    WINDOW_TAP(index)
     const scalar_t fill_value = has_ignore ? ignore_label : (scalar_t)0;
     scalar_t value = fill_value;
     if (ch >= 0 && ch < height && cw >= 0 && cw < width) {
