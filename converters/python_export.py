@@ -211,10 +211,13 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None)
     class_name = class_name or class_name_for(net.name)
     if class_name in used_classes:  # a net named like a layer class ("reshape") must not shadow it
         class_name += "Net"
-    names = _Names(_RESERVED | used_classes | {class_name, "load", "load_weights"})
+    names = _Names(_RESERVED | used_classes | {class_name, "load", "load_weights", "zero_first_element"})
     imports = {"import os", "import torch", "from torch import nn"}
     init_lines, forward_lines, layers = [], [], []
     arguments = [names(b) for b in net.input_names]
+    zeroed = net._zeroed_by_forward          # see segaware_caffe.net.zero_first_element
+    forward_lines += [f"{names(b)} = zero_first_element({names(b)})  # Caffe's Net::Forward"
+                      for b in net.input_names if b in zeroed]
     for record in net.records:
         if record.type == "Input":
             continue
@@ -250,16 +253,28 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None)
             forward_lines.append(comment.strip() or f"# {record.name} ({record.type})")
         else:
             forward_lines.append(f"{', '.join(tops)} = {emission.expression}{comment}")
+        forward_lines += [f"{tops[i]} = zero_first_element({tops[i]})  # Caffe's Net::Forward"
+                          for i in range(len(tops)) if (record.name, i) in zeroed]
         layers.append(ExportedLayer(record.name, record.type, record.key, how, emission.plain_torch))
     outputs = list(net.outputs)
     returned = ", ".join(f"{o!r}: {names(o)}" for o in outputs)
+    helpers = [_ZERO_FIRST_ELEMENT] if zeroed else []
     source = _render(net, class_name, imports, init_lines, forward_lines, arguments, returned,
-                     source_note, default_weights)
+                     source_note, default_weights, helpers)
     return PythonExport(source, class_name, layers, list(net.input_names), outputs)
 
 
+# Plain-torch twin of segaware_caffe.net.zero_first_element for exported modules
+_ZERO_FIRST_ELEMENT = '''def zero_first_element(x):
+    """The original's Net::Forward sets element 0 of every net output to 0 before the layers run;
+    no layer writes this one, so the 0 stays (the gradient passes unchanged)."""
+    first = torch.zeros_like(x, dtype=torch.bool)
+    first.view(-1)[0] = True
+    return torch.where(first, x - x.detach(), x)'''
+
+
 def _render(net, class_name, imports, init_lines, forward_lines, arguments, returned, source_note,
-            default_weights):
+            default_weights, helpers=()):
     plain = sorted(i for i in imports if i.startswith("import "))
     froms = sorted(i for i in imports if i.startswith("from ") and not i.startswith(("from kernels",
                                                                                       "from segaware_caffe")))
@@ -275,6 +290,8 @@ def _render(net, class_name, imports, init_lines, forward_lines, arguments, retu
             '"""']
     init_body = ["super().__init__()"] + init_lines
     out = doc + [""] + plain + froms + ([""] + ours if ours else []) + ["", ""]
+    for helper in helpers:
+        out += helper.splitlines() + ["", ""]
     out.append(f"class {class_name}(nn.Module):")
     out.append("    def __init__(self):")
     out += [f"        {line}" for line in init_body]

@@ -179,6 +179,28 @@ def _track_grad(x):
     return x
 
 
+class _ZeroFirstElement(torch.autograd.Function):
+    """Element 0 set to 0, the gradient passed unchanged (Caffe's backward never sees it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        if y.numel():
+            y.view(-1)[0] = 0
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def zero_first_element(x):
+    """The fork's Net::Forward sets element 0 of every net output to 0 before the layers run
+    (SEMANTICS §11.6). Producers overwrite it; where no layer writes that memory (a fed input, a
+    constant DummyData top, a Reshape of either) the 0 stays and every reader sees it."""
+    return _ZeroFirstElement.apply(x)
+
+
 class Net(nn.Module):
     """A Caffe net as a torch module.
 
@@ -309,6 +331,25 @@ class Net(nn.Module):
         for p in self.learnable_params:
             p.requires_grad_(self.force_backward or p.lr_mult != 0)
         self.outputs = self._net_outputs()
+        self._zeroed_by_forward = self._unwritten_outputs()
+
+    def _unwritten_outputs(self):
+        """Where Caffe's element-0 zeroing of net outputs survives (see zero_first_element): the
+        inputs and constant-DummyData tops (as (layer, top index)) whose memory a net output is,
+        following in-place layers and Reshape (which shares its bottom's memory from setup)."""
+        memory = {name: name for name in self.input_names}
+        unwritten = set(self.input_names)
+        for r in self.records:
+            if r.type == "Input":
+                continue
+            for i, t in enumerate(r.tops):
+                if r.type == "Reshape":
+                    memory[t] = memory[r.bottoms[0]]
+                elif not (i < len(r.bottoms) and r.bottoms[i] == t):   # in place: same memory
+                    memory[t] = (r.name, i)
+                    if r.type == "DummyData" and r.module.fillers[i].type == "constant":
+                        unwritten.add((r.name, i))
+        return {memory[o] for o in self.outputs if o in memory} & unwritten
 
     def _declare_input(self, name, shape, shapes, where):
         if name in shapes:
@@ -408,6 +449,8 @@ class Net(nn.Module):
         env = {}
         for name in self.input_names:
             env[name] = graph.placeholder(re.sub(r"\W", "_", name))
+            if name in self._zeroed_by_forward:
+                env[name] = graph.call_function(zero_first_element, (env[name],))
         aliases = {}
         producer = {name: ("input", i) for i, name in enumerate(self.input_names)}
         seen = {}
@@ -446,6 +489,9 @@ class Net(nn.Module):
             else:
                 for i, t in enumerate(r.tops):
                     env[t] = graph.call_function(operator.getitem, (node, i))
+            for i, t in enumerate(r.tops):
+                if (r.name, i) in self._zeroed_by_forward:
+                    env[t] = graph.call_function(zero_first_element, (env[t],))
             if self.force_backward and not r.bottoms:
                 # force_backward: every blob gets a diff, also those of data layers (DummyData)
                 for t in r.tops:

@@ -65,21 +65,6 @@ def assert_close(got, ref, what, exact=False, rel=1e-4, absfrac=1e-5, floor=0.0)
     return float(err.max() / scale) if scale else float(err.max())
 
 
-# Caffe's Net::Forward zeroes element 0 of every net output before running the layers (a fork
-# memory hack, SEMANTICS §11.6); outputs whose layer never writes them (a constant DummyData top, a
-# Reshape that only shares its bottom's memory) keep that 0, and so does the shared bottom. We do
-# not reproduce it (documented deviation); the comparison leaves out that one element.
-NO_WRITE_TYPES = {"DummyData", "Reshape", "Flatten"}
-
-
-def zeroed_by_caffe_forward(net, blob):
-    for r in net.records:
-        if r.type in NO_WRITE_TYPES and any(t in net.outputs for t in r.tops):
-            if blob in r.tops or (r.type != "DummyData" and blob in r.bottoms):
-                return True
-    return False
-
-
 def assert_close_l2(got, ref, what, limit=1e-2):
     got = np.asarray(got, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
@@ -120,12 +105,6 @@ def test_golden_case(meta_path):
     errors = {}
     for name in out_names:
         ref = data["out/" + name]
-        if ref.size and ref.flat[0] == 0 and zeroed_by_caffe_forward(net, name):
-            got = out[name].detach().numpy().copy()
-            print(f"{name}: element 0 left out (Caffe zeroes it in Net::Forward; see NO_WRITE_TYPES)")
-            got.flat[0] = 0
-            errors["out/" + name] = assert_close(got, ref, f"forward {name}")
-            continue
         errors["out/" + name] = assert_close(out[name].detach().numpy(), ref, f"forward {name}",
                                              exact=is_integer_valued(ref))
     if meta["backward"]:

@@ -121,7 +121,8 @@ def test_golden_case(shared, case):
         if case == "reshape":
             # Net::Forward zeroes element 0 of every net output before the layers run (SEMANTICS
             # §11.6); Reshape's top shares the bottom's memory from setup on, so that zero shows
-            # in both blobs. A net-level artefact, not the layer's: element 0 is left out here.
+            # in both blobs. A net-level rule (sc.Net does it; tests/golden checks it), not the
+            # layer's: element 0 is left out here.
             assert ref.flat[0] == 0
             got.flat[0] = ref.flat[0]
         if types.get(name) in FORWARD_EXACT:

@@ -159,3 +159,37 @@ def test_test_nets_take_the_last_same_named_train_layer_like_caffe(tmp_path):
     solver = Solver(tmp_path / "solver.prototxt")
     solver._share_trained_layers(solver.test_nets[0])
     assert torch.equal(solver.test_nets[0].params["ip"][0], torch.full((2, 2), 3.0))
+
+
+def test_net_forward_zeroes_element_0_of_outputs_no_layer_writes():
+    # the fork's Net::Forward sets element 0 of every net output to 0 before the layers run
+    # (SEMANTICS §11.6): a fed input that is an output (vgg deploy's `label`), a Reshape of an
+    # input (its memory: every reader sees the 0), a constant DummyData top (an in-place layer
+    # then computes f(0) there) keep it; written outputs do not
+    text = """
+    name: "t"
+    input: "x" input_shape { dim: 1 dim: 2 dim: 2 }
+    input: "label" input_shape { dim: 1 dim: 4 }
+    input: "y" input_shape { dim: 1 dim: 4 }
+    layer { name: "r" type: "Reshape" bottom: "x" top: "xr" reshape_param { shape { dim: 4 } } }
+    layer { name: "p" type: "Power" bottom: "x" top: "p" power_param { scale: 2 } }
+    layer { name: "q" type: "Power" bottom: "y" top: "q" power_param { scale: 3 } }
+    layer { name: "dd" type: "DummyData" top: "c"
+            dummy_data_param { shape { dim: 3 } data_filler { type: "constant" value: 1 } } }
+    layer { name: "shift" type: "Power" bottom: "c" top: "c" power_param { shift: 5 } }
+    """
+    net = sc.Net(text)
+    assert net.outputs == ["c", "label", "p", "q", "xr"]
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], requires_grad=True)
+    label = torch.tensor([[7.0, 8.0, 9.0, 10.0]])
+    y = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    out = net.forward(outputs=["c", "label", "p", "q", "xr", "x"], x=x, label=label, y=y)
+    assert out["label"].tolist() == [[0.0, 8.0, 9.0, 10.0]]
+    assert out["xr"].tolist() == [0.0, 2.0, 3.0, 4.0]
+    assert out["x"].flatten().tolist() == [0.0, 2.0, 3.0, 4.0]
+    assert out["p"].flatten().tolist() == [0.0, 4.0, 6.0, 8.0]      # reads the zeroed input
+    assert out["q"].tolist() == [[3.0, 6.0, 9.0, 12.0]]             # y is no output: untouched
+    assert out["c"].tolist() == [5.0, 6.0, 6.0]
+    assert label.tolist() == [[7.0, 8.0, 9.0, 10.0]]                # the caller's tensor is not
+    out["xr"].sum().backward()                                       # the gradient passes as in Caffe
+    assert x.grad.flatten().tolist() == [1.0, 1.0, 1.0, 1.0]
