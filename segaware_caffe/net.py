@@ -207,6 +207,9 @@ class Net(nn.Module):
     net = Net("deploy.prototxt", weights="model.caffemodel", phase="test", variables={...})
     out = net.forward(data=x)                       # {blob: tensor} for the net outputs
     out = net.forward(outputs=["fc8"], data=x)      # any blobs by name
+    out = net.forward(outputs=["conv1@conv1"], data=x)
+        # conv1 as layer conv1 wrote it, before an in-place ReLU rewrote it: its gradient is
+        # what Caffe keeps as conv1's diff
     """
 
     def __init__(self, model, weights=None, *, phase="test", variables=None, device="cpu",
@@ -455,7 +458,8 @@ class Net(nn.Module):
         producer = {name: ("input", i) for i, name in enumerate(self.input_names)}
         seen = {}
         # a fused group runs unfused when one of its intermediate blobs is asked for
-        active = [g for g in self.fused_groups if not g.intermediates & set(outputs)]
+        requested = {name.rsplit("@", 1)[0] for name in outputs}
+        active = [g for g in self.fused_groups if not g.intermediates & requested]
         skipped = {k for g in active for k in g.record_keys}
         anchors = {g.key: g for g in active}
         for r in self.records:
@@ -476,6 +480,7 @@ class Net(nn.Module):
                     env[group.conv_top] = graph.call_module(
                         f"fused.{group.key}", (env[group.x_blob], env[group.mask_blob]))
                     producer[group.conv_top] = (r.name, 0)
+                    aliases[f"{group.conv_top}@{r.name}"] = env[group.conv_top]
                     self._alias_loss_split(r, 0, env, aliases, seen)
                 continue
             args = [env[b] for b in r.bottoms]
@@ -498,6 +503,7 @@ class Net(nn.Module):
                     env[t] = graph.call_function(_track_grad, (env[t],))
             for i, t in enumerate(r.tops):
                 producer[t] = (r.name, i)
+                aliases[f"{t}@{r.name}"] = env[t]   # this version, before in-place rewrites
                 self._alias_loss_split(r, i, env, aliases, seen)
         result = {}
         for name in outputs:
@@ -506,8 +512,8 @@ class Net(nn.Module):
             elif name in aliases:
                 result[name] = aliases[name]
             else:
-                raise KeyError(f"net {self.name or ''}: no blob named {name!r}; blobs are "
-                               f"{', '.join(self.blob_names)}")
+                raise KeyError(f"net {self.name or ''}: no blob named {name!r} (or BLOB@LAYER: "
+                               f"a blob as LAYER wrote it); blobs are {', '.join(self.blob_names)}")
         graph.output(result)
         graph.lint()
         gm = fx.GraphModule(self, graph, class_name=re.sub(r"\W", "_", self.name or "CaffeNet"))

@@ -193,3 +193,24 @@ def test_net_forward_zeroes_element_0_of_outputs_no_layer_writes():
     assert label.tolist() == [[7.0, 8.0, 9.0, 10.0]]                # the caller's tensor is not
     out["xr"].sum().backward()                                       # the gradient passes as in Caffe
     assert x.grad.flatten().tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_blob_at_layer_names_a_version_before_in_place_rewrites():
+    text = """
+    name: "t"
+    input: "x" input_shape { dim: 1 dim: 4 }
+    layer { name: "p" type: "Power" bottom: "x" top: "y" power_param { shift: -2 } }
+    layer { name: "r" type: "ReLU" bottom: "y" top: "y" }
+    layer { name: "s" type: "Power" bottom: "y" top: "y" power_param { scale: 3 } }
+    """
+    net = sc.Net(text)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]], requires_grad=True)
+    out = net.forward(outputs=["y", "y@p", "y@r", "y@s"], x=x)
+    assert out["y@p"].tolist() == [[-1.0, 0.0, 1.0, 2.0]]
+    assert out["y@r"].tolist() == [[0.0, 0.0, 1.0, 2.0]]
+    assert torch.equal(out["y@s"], out["y"])
+    out["y@p"].retain_grad()
+    out["y"].sum().backward()
+    assert out["y@p"].grad.tolist() == [[0.0, 0.0, 3.0, 3.0]]    # Caffe's diff of y
+    with pytest.raises(KeyError, match="BLOB@LAYER"):
+        net.forward(outputs=["y@nope"], x=x)
