@@ -172,6 +172,11 @@ def _count_consumers(records_spec, input_names):
     return consumers
 
 
+def _split_top(x):
+    """One top of Caffe's Split: the same values, its own node in the autograd graph."""
+    return x.view_as(x)
+
+
 def _track_grad(x):
     """Make a data layer's top a leaf that records its gradient (for force_backward nets)."""
     if torch.is_grad_enabled() and x.is_floating_point() and not x.requires_grad:
@@ -467,13 +472,18 @@ class Net(nn.Module):
                 for i, t in enumerate(r.tops):
                     producer[t] = (r.name, i)
                 continue
+            args = []
             for b in r.bottoms:
                 key = (b, producer.get(b))
+                arg = env.get(b)
                 if b in env and self._consumers.get(key, 0) > 1:   # Caffe inserts a Split here
                     src_layer, idx = producer[b]
                     k = seen.get(key, 0)
                     seen[key] = k + 1
-                    aliases[f"{b}_{src_layer}_{idx}_split_{k}"] = env[b]
+                    # a view per consumer: its gradient is that consumer's share, Caffe's split diff
+                    arg = graph.call_function(_split_top, (env[b],))
+                    aliases[f"{b}_{src_layer}_{idx}_split_{k}"] = arg
+                args.append(arg)
             if r.key in skipped:
                 group = anchors.get(r.key)
                 if group is not None:
@@ -481,9 +491,8 @@ class Net(nn.Module):
                         f"fused.{group.key}", (env[group.x_blob], env[group.mask_blob]))
                     producer[group.conv_top] = (r.name, 0)
                     aliases[f"{group.conv_top}@{r.name}"] = env[group.conv_top]
-                    self._alias_loss_split(r, 0, env, aliases, seen)
+                    self._alias_loss_split(graph, r, 0, env, aliases, seen)
                 continue
-            args = [env[b] for b in r.bottoms]
             if not self.force_backward and r.type not in WRITES_BOTTOM_DIFFS_ALWAYS:
                 # propagate_down: false gives that bottom no diff (force_backward overrides it)
                 args = [a if keep else graph.call_function(torch.detach, (a,))
@@ -504,7 +513,7 @@ class Net(nn.Module):
             for i, t in enumerate(r.tops):
                 producer[t] = (r.name, i)
                 aliases[f"{t}@{r.name}"] = env[t]   # this version, before in-place rewrites
-                self._alias_loss_split(r, i, env, aliases, seen)
+                self._alias_loss_split(graph, r, i, env, aliases, seen)
         result = {}
         for name in outputs:
             if name in env:
@@ -520,11 +529,11 @@ class Net(nn.Module):
         self._graph_cache[outputs] = gm
         return gm
 
-    def _alias_loss_split(self, record, index, env, aliases, seen):
+    def _alias_loss_split(self, graph, record, index, env, aliases, seen):
         """The loss Split of a top (if any) holds the value just produced; readers get split 1.."""
         split_top = self.loss_splits.get((record.name, index))
         if split_top is not None:
-            aliases[split_top] = env[record.tops[index]]
+            aliases[split_top] = graph.call_function(_split_top, (env[record.tops[index]],))
             seen[(record.tops[index], (record.name, index))] = 1
 
     def forward(self, outputs=None, **inputs):

@@ -110,8 +110,7 @@ def test_golden_case(meta_path):
     in_place = {t for r in net.records for t in r.tops if t in r.bottoms}
     diff_of = {k[5:]: first[k[5:]] if k[5:] in in_place else k[5:]
                for k in keys if k.startswith("diff/") and k[5:] not in inputs}
-    wanted = sorted(set(diff_of.values()) - set(out_names)
-                    - {n for n in diff_of if "_split_" in n and n not in net.blob_shapes})
+    wanted = sorted(set(diff_of.values()) - set(out_names))
     out = net.forward(outputs=out_names + wanted, **inputs)
     errors = {}
     for name in out_names:
@@ -135,16 +134,9 @@ def test_golden_case(meta_path):
         grad_scale = max((np.abs(data[k]).max() for k in keys
                           if k.startswith(("diff/", "paramdiff/")) and data[k].size), default=0.0)
         net_tol = dict(rel=0.0, absfrac=1e-3, floor=1e-5 * grad_scale) if whole_net else {}
-        split_tops = {k[5:] for k in keys if k.startswith("diff/") and "_split_" in k
-                      and k[5:] not in net.blob_shapes}
         for k in keys:
             if k.startswith("diff/"):
                 name = k[5:]
-                if name in split_tops:
-                    # a Split top's own diff is one consumer's share; we have no Split tensors (the
-                    # consumers read the source blob), whose diff, the sum, is compared instead
-                    print(f"diff/{name}: per-consumer Split diff not materialised; source blob compared")
-                    continue
                 t = inputs[name] if name in inputs else out[diff_of[name]]
                 got = (t.grad if t.grad is not None else torch.zeros_like(t)).detach().numpy()
                 if whole_net and name not in inputs:
