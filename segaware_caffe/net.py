@@ -599,9 +599,11 @@ class Net(nn.Module):
                             f"{arr.shape} in the weights file, the net expects {want}")
                 with torch.no_grad():
                     p.copy_(torch.from_numpy(arr.reshape(want)))
-            loaded.append(src.name)
+            if src.name not in loaded:   # a repeated name in the file overwrites, as in Caffe
+                loaded.append(src.name)
+        # only the first net layer of a name is loaded (Caffe); later namesakes keep their fillers
         not_in_weights = [r.name for r in self.records
-                          if r.module.caffe_blobs() and r.name not in loaded]
+                          if r.module.caffe_blobs() and (r.name not in loaded or by_name[r.name] is not r)]
         return WeightsReport(loaded, not_in_weights, not_in_net)
 
     def to_weights_proto(self):

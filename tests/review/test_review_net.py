@@ -1,5 +1,6 @@
 """Net-level rules found missing in review: loss_weight on a top another layer also reads (Caffe's
 loss Split), and the prototxt's own NetState (stage/level)."""
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,25 @@ def test_blob_at_layer_names_a_version_before_in_place_rewrites():
     assert out["y@p"].grad.tolist() == [[0.0, 0.0, 3.0, 3.0]]    # Caffe's diff of y
     with pytest.raises(KeyError, match="BLOB@LAYER"):
         net.forward(outputs=["y@nope"], x=x)
+
+
+def test_weights_go_to_the_first_layer_of_a_name_and_the_report_says_so():
+    import caffe_proto
+    text = """
+    name: "t"
+    input: "x" input_shape { dim: 1 dim: 2 }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "a" inner_product_param { num_output: 2 } }
+    layer { name: "ip" type: "InnerProduct" bottom: "a" top: "b" inner_product_param { num_output: 2 } }
+    """
+    source = sc.Net(text)
+    with torch.no_grad():
+        source.params["ip"][0].fill_(1.0)
+    weights = source.to_weights_proto()
+    # the file's second "ip" (read later) overwrites the first, as in Caffe
+    weights.layer[1].blobs[0].CopyFrom(caffe_proto.array_to_blob(np.full((2, 2), 4.0, np.float32)))
+    net = sc.Net(text)
+    report = net.load_weights(weights)
+    assert report.loaded == ["ip"] and report.not_in_weights == ["ip"]
+    first, second = net.records[0].module.caffe_blobs()[0], net.records[1].module.caffe_blobs()[0]
+    assert torch.equal(first, torch.full((2, 2), 4.0))
+    assert not torch.equal(second, torch.full((2, 2), 4.0))
