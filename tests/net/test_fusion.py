@@ -59,14 +59,23 @@ def test_asking_for_an_intermediate_blob_runs_that_group_unfused(shared):
     assert any(n.target.startswith("fused.") for n in gm.graph.nodes if n.op == "call_module")
 
 
+# (size, dtype, backward). At 321x321 in float32 the gradients cannot be compared elementwise:
+# fused and unfused sum in different orders (conv outputs differ by ~4e-7 relative), and among
+# the ~10^6 max-pooling windows a few hold near-ties that then route the gradient to another
+# element (measured: conv3_3's gradient 6.7e-2 max / 3e-3 L2 apart, with pool3's equal to 4e-7).
+# So float32 at 321 checks the forward, and float64 (where such flips do not occur) the backward.
+VGG_RUNS = [(65, torch.float32, True), (321, torch.float32, False), (321, torch.float64, True)]
+
+
 @pytest.mark.slow
-def test_vgg_deploy_fused_equals_unfused(shared):
-    """config/vgg/deploy.prototxt (at 65x65 to keep CI fast): outputs within 1e-5 relative,
-    gradients within 1e-4."""
-    net_param = resize_deploy(caffe_proto.read_net(SHARED / "reference/segaware/config/vgg/deploy.prototxt"), 65)
+@pytest.mark.parametrize("size, dtype, backward", VGG_RUNS,
+                         ids=[f"{s}-{str(d)[6:]}-{'fwd+bwd' if b else 'fwd'}" for s, d, b in VGG_RUNS])
+def test_vgg_deploy_fused_equals_unfused(shared, size, dtype, backward):
+    """config/vgg/deploy.prototxt: outputs within 1e-5 relative, gradients within 1e-4."""
+    net_param = resize_deploy(caffe_proto.read_net(SHARED / "reference/segaware/config/vgg/deploy.prototxt"), size)
     torch.manual_seed(0)
-    fused = sc.Net(net_param)
-    plain = sc.Net(net_param, fuse=False)
+    fused = sc.Net(net_param, dtype=dtype)
+    plain = sc.Net(net_param, fuse=False, dtype=dtype)
     segaware_convs = [r.name for r in fused.records
                       if r.type == "Convolution" and r.param.convolution_param.bottom_is_im2col]
     assert sorted(g.anchor for g in fused.fused_groups) == sorted(segaware_convs)
@@ -76,14 +85,24 @@ def test_vgg_deploy_fused_equals_unfused(shared):
                 p.normal_(0, p[0].numel() ** -0.5)
             q.copy_(p)
     torch.manual_seed(2)
-    inputs = {k: torch.randn(s) * 50 for k, s in fused.input_shapes.items()}
-    out_f, in_f, par_f = run(fused, inputs)
-    out_p, in_p, par_p = run(plain, inputs)
+    inputs = {k: torch.randn(s, dtype=dtype) * 50 for k, s in fused.input_shapes.items()}
+    if not backward:
+        with torch.no_grad():
+            out_f, out_p = fused.forward(**inputs), plain.forward(**inputs)
+    else:
+        out_f, in_f, par_f = run(fused, inputs)
+        out_p, in_p, par_p = run(plain, inputs)
+    errors = {k: max_rel(out_f[k], out_p[k]) for k in out_p}
+    print(f"vgg deploy {size}x{size} {dtype} fused vs unfused, outputs: {errors}")
     for k in out_p:
-        assert max_rel(out_f[k], out_p[k]) <= 1e-5, k
-    for k in in_p:
-        if in_p[k] is not None:
-            assert max_rel(in_f[k], in_p[k]) <= 1e-4, k
+        assert errors[k] <= 1e-5, k
+    if not backward:
+        return
+    input_errors = {k: max_rel(in_f[k], in_p[k]) for k in in_p if in_p[k] is not None}
     floor = 1e-3 * max(b.abs().max().item() for b in par_p)
-    for p, a, b in zip(plain.learnable_params, par_f, par_p):
-        assert max_rel(a, b, floor) <= 1e-4, [r.name for r in plain.records if p in r.module.caffe_blobs()]
+    param_errors = [max_rel(a, b, floor) for a, b in zip(par_f, par_p)]
+    print(f"  gradients: inputs {input_errors}, parameters worst {max(param_errors):.2e}")
+    for k, e in input_errors.items():
+        assert e <= 1e-4, k
+    for p, e in zip(plain.learnable_params, param_errors):
+        assert e <= 1e-4, [r.name for r in plain.records if p in r.module.caffe_blobs()]
