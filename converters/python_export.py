@@ -24,10 +24,12 @@ import caffe_proto
 from caffe_proto import caffe_pb2
 from segaware_caffe.errors import NetBuildError
 from segaware_caffe.layer import layer_class, registered_types
+from segaware_caffe.fusion import find_masked_conv_groups
 from segaware_caffe.net import WRITES_BOTTOM_DIFFS_ALWAYS
 
 from .caffemodel import blob_attribute_names
 from .emitters import Emission, LayerSpec, emitter_for
+from .emitters.registry import pair_or_int
 
 # Layer types computed by segmentation-aware kernels (CuPy on CUDA): no ONNX equivalent.
 SEGAWARE_TYPES = frozenset({"Im2dist", "Im2parity", "DistLoss", "NormConv", "NormConvMeanfield",
@@ -188,7 +190,7 @@ class ExportedLayer:
     name: str
     type: str
     key: str
-    how: str                  # "emitter" or "module" (the segaware_caffe layer class)
+    how: str                  # "emitter", "module" (the segaware_caffe layer class) or "fused"
     plain_torch: bool
 
 
@@ -205,8 +207,10 @@ class PythonExport:
         return [layer for layer in self.layers if not layer.plain_torch]
 
 
-def python_source(net, *, class_name=None, source_note="", default_weights=None):
-    """Generate the module source for a Net built by `build_net`. Returns a PythonExport."""
+def python_source(net, *, class_name=None, source_note="", default_weights=None, fuse=True):
+    """Generate the module source for a Net built by `build_net`. Returns a PythonExport.
+    fuse: write each segmentation-aware convolution chain (Im2col, Tile, PROD, Convolution with
+    bottom_is_im2col) as one kernels.masked_conv2d call, as sc.Net runs it."""
     used_classes = {layer_class(t).__name__ for t in registered_types()}
     class_name = class_name or class_name_for(net.name)
     if class_name in used_classes:  # a net named like a layer class ("reshape") must not shadow it
@@ -218,8 +222,13 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None)
     zeroed = net._zeroed_by_forward          # see segaware_caffe.net.zero_first_element
     forward_lines += [f"{names(b)} = zero_first_element({names(b)})  # Caffe's Net::Forward"
                       for b in net.input_names if b in zeroed]
+    fused = {g.anchor: (g, op) for g, op in find_masked_conv_groups(net)} if fuse else {}
+    folded = {k for g, _ in fused.values() for k in g.record_keys} - {g.key for g, _ in fused.values()}
     for record in net.records:
         if record.type == "Input":
+            continue
+        if record.key in folded:   # written by the fused call at its convolution
+            layers.append(ExportedLayer(record.name, record.type, record.key, "fused", False))
             continue
         if "constructor_kwargs" not in record.module.__dict__:
             raise NetBuildError(f"{record.name} ({record.type}): the net was not built by "
@@ -242,6 +251,8 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None)
         elif emission.module is None and blob_attribute_names(record.module):
             raise NetBuildError(f"{record.name} ({record.type}): the emitter wrote inline code for "
                                 f"a layer with parameters")
+        if record.name in fused:
+            emission, how = _fused_emission(*fused[record.name], record, emission, names), "fused"
         imports.update(emission.imports)
         if emission.module is not None:
             init_lines.append(f"self.{record.key} = {emission.module}")
@@ -262,6 +273,20 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None)
     source = _render(net, class_name, imports, init_lines, forward_lines, arguments, returned,
                      source_note, default_weights, helpers)
     return PythonExport(source, class_name, layers, list(net.input_names), outputs)
+
+
+def _fused_emission(group, op, record, conv_emission, names):
+    """The convolution's module stays (its parameters keep their names); its forward line reads
+    the im2col input and the mask directly through kernels.masked_conv2d."""
+    weight, bias = (blob_attribute_names(record.module) + [None])[:2]
+    arguments = [names(group.x_blob), f"self.{record.key}.{weight}",
+                 f"self.{record.key}.{bias}" if bias else "None", f"mask={names(group.mask_blob)}",
+                 f"kernel_size={pair_or_int(op.kernel_size)}", f"pad={pair_or_int(op.pad)}",
+                 f"stride={pair_or_int(op.stride)}", f"dilation={pair_or_int(op.dilation)}",
+                 f"group={op.group}"]
+    return Emission(f"masked_conv2d({', '.join(arguments)})", module=conv_emission.module,
+                    imports=tuple(conv_emission.imports) + ("from kernels import masked_conv2d",),
+                    plain_torch=False, note="fused with its Im2col, Tile and PROD layers")
 
 
 # Plain-torch twin of segaware_caffe.net.zero_first_element for exported modules
@@ -373,6 +398,8 @@ def export_onnx(net, export, path, *, opset=17, overwrite=False):
     """Write `export` (from python_source(net)) as ONNX, with the Net's parameters and its input
     shapes. Refuses, naming them, when layers use segmentation-aware kernels."""
     import warnings
+    if any(layer.how == "fused" for layer in export.layers):   # ONNX has no masked_conv2d
+        export = python_source(net, class_name=export.class_name, fuse=False)
     blocked = export.not_plain_torch
     if blocked:
         raise NotImplementedError(

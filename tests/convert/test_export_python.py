@@ -86,6 +86,10 @@ def test_deploy_exports_match_net(shared, tmp_path, name, size):
     assert main(["export", str(prototxt), str(tmp_path / "filler.caffemodel"),
                  "--python", str(tmp_path / "model.py")]) == 0
     assert (tmp_path / "model.safetensors").exists()
+    # the segmentation-aware convolutions are written fused, as sc.Net runs them
+    source = (tmp_path / "model.py").read_text()
+    assert source.count("= masked_conv2d(") == len(net.fused_groups) == (14 if name == "vgg" else 0)
+    assert "import Im2col" not in source
     module = import_file(tmp_path / "model.py", f"exported_{name}")
     model = module.load()
     torch.manual_seed(1)
