@@ -1,5 +1,7 @@
 """Helpers shared by the segmentation-aware op tests: build one layer from prototxt text, compare
 with golden numbers at the golden/README tolerance."""
+import itertools
+
 import numpy as np
 import torch
 
@@ -33,3 +35,20 @@ def assert_golden_close(got, ref, what):
     assert (err <= 1e-4 * np.abs(kept) + 1e-5 * scale).all(), \
         f"{what}: max abs error {err.max():.3g}, max|ref| {scale:.3g}"
     return err.max() / scale if scale else err.max()
+
+
+def window_taps(shape, geometry):
+    """For the pure-Python references, straight from the spec: every output element (n, tap k,
+    ho, wo) of an im2col-shaped result with its patch centre (ch, cw), the tap's pixel (nh, nw),
+    whether each lies inside the image, and whether the tap is the centre one."""
+    batch, _, height, width = shape
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = (geometry.kernel, geometry.pad, geometry.stride,
+                                              geometry.dilation)
+    out_h, out_w = geometry.output_size(height, width)
+    inside = lambda h, w: 0 <= h < height and 0 <= w < width
+    for n, i, j, ho, wo in itertools.product(range(batch), range(kh), range(kw), range(out_h),
+                                             range(out_w)):
+        ch, cw = ho * sh - ph + (kh // 2) * dh, wo * sw - pw + (kw // 2) * dw
+        nh, nw = ho * sh - ph + i * dh, wo * sw - pw + j * dw
+        yield (n, i * kw + j, ho, wo, (ch, cw), (nh, nw), inside(ch, cw), inside(nh, nw),
+               (i, j) == (kh // 2, kw // 2))

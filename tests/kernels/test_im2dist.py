@@ -12,7 +12,7 @@ from kernels.im2dist import PatchGeometry
 from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
-from tests.kernels.layer_helpers import assert_golden_close, build_layer
+from tests.kernels.layer_helpers import assert_golden_close, build_layer, window_taps
 
 GOLDEN = ["im2dist_l1_k13p54d9", "im2dist_l1_k3p1", "im2dist_l1_k3p1s2",
           "im2dist_l1_k3p2d2_removecenter", "im2dist_l1_k5p2_removebounds", "im2dist_l2_k3p1",
@@ -32,29 +32,18 @@ GEOMETRIES = [
 def reference_im2dist(x, geometry, norm, remove_center, remove_bounds):
     """Loops over every output element, straight from the spec (float64)."""
     x = x.detach().double().cpu().numpy()
-    batch, _, height, width = x.shape
-    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = (geometry.kernel, geometry.pad, geometry.stride,
-                                              geometry.dilation)
-    out_h, out_w = geometry.output_size(height, width)
-    out = np.zeros((batch, kh * kw, out_h, out_w))
-    inside = lambda h, w: 0 <= h < height and 0 <= w < width
-    for n in range(batch):
-        for i in range(kh):
-            for j in range(kw):
-                for ho in range(out_h):
-                    for wo in range(out_w):
-                        ch, cw = ho * sh - ph + (kh // 2) * dh, wo * sw - pw + (kw // 2) * dw
-                        nh, nw = ho * sh - ph + i * dh, wo * sw - pw + j * dw
-                        if not inside(ch, cw):
-                            value = 0.0
-                        elif remove_center and (i, j) == (kh // 2, kw // 2):
-                            value = BIG
-                        elif inside(nh, nw):
-                            d = x[n, :, ch, cw] - x[n, :, nh, nw]
-                            value = np.abs(d).sum() if norm == "L1" else 0.5 * (d * d).sum()
-                        else:
-                            value = BIG if remove_bounds else 0.0
-                        out[n, i * kw + j, ho, wo] = value
+    out = np.zeros((x.shape[0], geometry.taps, *geometry.output_size(*x.shape[2:])))
+    for n, k, ho, wo, (ch, cw), (nh, nw), centre_in, tap_in, is_centre in window_taps(x.shape, geometry):
+        if not centre_in:
+            value = 0.0
+        elif remove_center and is_centre:
+            value = BIG
+        elif tap_in:
+            d = x[n, :, ch, cw] - x[n, :, nh, nw]
+            value = np.abs(d).sum() if norm == "L1" else 0.5 * (d * d).sum()
+        else:
+            value = BIG if remove_bounds else 0.0
+        out[n, k, ho, wo] = value
     return out
 
 
@@ -62,28 +51,14 @@ def reference_im2dist_grad(x, grad_out, geometry, norm):
     """Backward of the original's GPU path: sign(0) = 0 for L1, exact for L2."""
     x = x.detach().double().cpu().numpy()
     grad_out = grad_out.detach().double().cpu().numpy()
-    batch, _, height, width = x.shape
-    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = (geometry.kernel, geometry.pad, geometry.stride,
-                                              geometry.dilation)
-    out_h, out_w = geometry.output_size(height, width)
     grad = np.zeros_like(x)
-    inside = lambda h, w: 0 <= h < height and 0 <= w < width
-    for n in range(batch):
-        for i in range(kh):
-            for j in range(kw):
-                if (i, j) == (kh // 2, kw // 2):
-                    continue
-                for ho in range(out_h):
-                    for wo in range(out_w):
-                        ch, cw = ho * sh - ph + (kh // 2) * dh, wo * sw - pw + (kw // 2) * dw
-                        nh, nw = ho * sh - ph + i * dh, wo * sw - pw + j * dw
-                        if not (inside(ch, cw) and inside(nh, nw)):
-                            continue
-                        d = x[n, :, ch, cw] - x[n, :, nh, nw]
-                        coefficient = np.sign(d) if norm == "L1" else d
-                        g = grad_out[n, i * kw + j, ho, wo]
-                        grad[n, :, ch, cw] += coefficient * g
-                        grad[n, :, nh, nw] -= coefficient * g
+    for n, k, ho, wo, (ch, cw), (nh, nw), centre_in, tap_in, is_centre in window_taps(x.shape, geometry):
+        if is_centre or not (centre_in and tap_in):
+            continue
+        d = x[n, :, ch, cw] - x[n, :, nh, nw]
+        coefficient = np.sign(d) if norm == "L1" else d
+        grad[n, :, ch, cw] += coefficient * grad_out[n, k, ho, wo]
+        grad[n, :, nh, nw] -= coefficient * grad_out[n, k, ho, wo]
     return grad
 
 

@@ -12,7 +12,7 @@ from kernels.im2dist import PatchGeometry
 from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
-from tests.kernels.layer_helpers import build_layer
+from tests.kernels.layer_helpers import build_layer, window_taps
 
 GOLDEN = ["im2parity_k3p1", "im2parity_k3p1_ignore255", "im2parity_k3p1d5"]
 
@@ -26,30 +26,17 @@ GEOMETRIES = [
 
 def reference_im2parity(labels, geometry, ignore_label):
     labels = labels.double().cpu().numpy()
-    batch, channels, height, width = labels.shape
-    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = (geometry.kernel, geometry.pad, geometry.stride,
-                                              geometry.dilation)
-    out_h, out_w = geometry.output_size(height, width)
-    out = np.zeros((batch, kh * kw, out_h, out_w))
-    inside = lambda h, w: 0 <= h < height and 0 <= w < width
-    for n in range(batch):
-        for i in range(kh):
-            for j in range(kw):
-                for ho in range(out_h):
-                    for wo in range(out_w):
-                        ch, cw = ho * sh - ph + (kh // 2) * dh, wo * sw - pw + (kw // 2) * dw
-                        nh, nw = ho * sh - ph + i * dh, wo * sw - pw + j * dw
-                        value = float(ignore_label) if ignore_label is not None else 0.0
-                        for c in range(channels):           # the last channel wins
-                            if not inside(ch, cw):
-                                break
-                            centre = int(labels[n, c, ch, cw])
-                            neighbour = int(labels[n, c, nh, nw]) if inside(nh, nw) else 0
-                            if ignore_label is not None and ignore_label in (centre, neighbour):
-                                value = float(ignore_label)
-                            else:
-                                value = 1.0 if centre == neighbour else 0.0
-                        out[n, i * kw + j, ho, wo] = value
+    out = np.zeros((labels.shape[0], geometry.taps, *geometry.output_size(*labels.shape[2:])))
+    for n, k, ho, wo, (ch, cw), (nh, nw), centre_in, tap_in, _ in window_taps(labels.shape, geometry):
+        value = float(ignore_label) if ignore_label is not None else 0.0
+        for c in range(labels.shape[1] if centre_in else 0):     # the last channel wins
+            centre = int(labels[n, c, ch, cw])
+            neighbour = int(labels[n, c, nh, nw]) if tap_in else 0
+            if ignore_label is not None and ignore_label in (centre, neighbour):
+                value = float(ignore_label)
+            else:
+                value = 1.0 if centre == neighbour else 0.0
+        out[n, k, ho, wo] = value
     return out
 
 
