@@ -29,6 +29,7 @@ import torch
 import caffe_proto
 from caffe_proto import caffe_pb2
 from segaware_caffe.errors import NetBuildError
+from segaware_caffe.net import first_records_by_name
 
 FORMAT = "segaware-caffe-weights"
 VERSION = 1
@@ -53,14 +54,6 @@ def blob_attribute_names(module):
     """Attribute names of the blobs a layer module stores in a caffemodel, Caffe order (CAFFE_BLOBS
     minus the ones this instance does not have, e.g. `bias` with bias_term: false)."""
     return [n for n in module.CAFFE_BLOBS if getattr(module, n, None) is not None]
-
-
-def first_records_by_name(net):
-    """Caffe loads a layer's blobs into the first layer of that name."""
-    records = OrderedDict()
-    for record in net.records:
-        records.setdefault(record.name, record)
-    return records
 
 
 def _shape_fields(blob):

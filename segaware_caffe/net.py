@@ -172,6 +172,15 @@ def _count_consumers(records_spec, input_names):
     return consumers
 
 
+def first_records_by_name(net):
+    """Caffe copies or shares a layer's blobs into the first layer of that name
+    (CopyTrainedLayersFrom, ShareTrainedLayersWith): {name: that LayerRecord}, net order."""
+    records = OrderedDict()
+    for record in net.records:
+        records.setdefault(record.name, record)
+    return records
+
+
 def _split_top(x):
     """One top of Caffe's Split: the same values, its own node in the autograd graph."""
     return x.view_as(x)
@@ -571,9 +580,7 @@ class Net(nn.Module):
         4-D for legacy num/channels/height/width blobs. Returns a WeightsReport."""
         source = weights if isinstance(weights, caffe_pb2.NetParameter) else caffe_proto.read_weights(weights)
         where = weights if isinstance(weights, (str, os.PathLike)) else "weights"
-        by_name = {}
-        for r in self.records:
-            by_name.setdefault(r.name, r)
+        by_name = first_records_by_name(self)
         loaded, not_in_net = [], []
         for src in list(source.layer) + list(source.layers):
             target = by_name.get(src.name)

@@ -38,7 +38,7 @@ import torch
 import caffe_proto
 from caffe_proto import caffe_pb2
 
-from .net import Net
+from .net import Net, first_records_by_name
 from .solvers.glog import ProgressBar, fmt, loss_note
 from .solvers.rules import check_policy, learning_rate, make_rule, regularize
 
@@ -497,9 +497,7 @@ class Solver:
     def _share_trained_layers(self, test_net):
         """Net::ShareTrainedLayersWith: each train layer, in order, gives its blobs' data to the
         first test layer of the same name (so with duplicate train names the last one wins)."""
-        first_in_test = {}
-        for r in test_net.records:
-            first_in_test.setdefault(r.name, r)
+        first_in_test = first_records_by_name(test_net)
         for source in self.net.records:
             target = first_in_test.get(source.name)
             if target is None:
