@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.meanfield import MessageSpec, meanfield_update, message_attention  # noqa: E402
+from segaware_caffe.kernels.meanfield import MessageSpec, meanfield_update, message_attention  # noqa: E402
 
 BILATERAL = MessageSpec(13, pad=54, dilation=9, scale=1.0)
 SPATIAL = MessageSpec(5, pad=2, dilation=1, scale=1.0)

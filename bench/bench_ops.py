@@ -45,7 +45,7 @@ def _make_inputs(torch, args):
 
 def _variant_fn(torch, variant, tensors, train):
     import torch.nn.functional as F
-    from kernels import im2dist, masked_conv2d
+    from segaware_caffe.kernels import im2dist, masked_conv2d
 
     x, weight, bias, mask = (tensors[k] for k in ("x", "weight", "bias", "mask"))
     emb, grad = tensors["emb"], tensors["grad"]

@@ -24,7 +24,7 @@ CONFIG = SHARED / "reference" / "segaware" / "config"
 def child(args):
     sys.path.insert(0, str(REPO))
     import torch
-    import caffe_proto
+    from segaware_caffe import caffe_proto
     import segaware_caffe as sc
     from segaware_caffe.resize import resize_deploy
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import caffe_proto  # noqa: E402
+from segaware_caffe import caffe_proto  # noqa: E402
 import segaware_caffe as sc  # noqa: E402
 from segaware_caffe.resize import resize_deploy  # noqa: E402
 

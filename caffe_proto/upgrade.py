@@ -192,11 +192,18 @@ def _fold_v0_padding_layers(net, where):
     return result
 
 
+def is_repeated(field):
+    """Whether a FieldDescriptor is repeated: runtimes before 6 have only `label`, 7 only
+    `is_repeated`."""
+    flag = getattr(field, "is_repeated", None)
+    return flag if flag is not None else field.label == field.LABEL_REPEATED
+
+
 def _put(message, field_name, value):
     field = message.DESCRIPTOR.fields_by_name[field_name]
     if field.message_type is not None:
         getattr(message, field_name).CopyFrom(value)
-    elif field.is_repeated:
+    elif is_repeated(field):
         getattr(message, field_name).append(value)
     else:
         setattr(message, field_name, value)

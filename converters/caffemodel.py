@@ -26,8 +26,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-import caffe_proto
-from caffe_proto import caffe_pb2
+from segaware_caffe import caffe_proto
+from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.errors import NetBuildError
 from segaware_caffe.net import first_records_by_name
 

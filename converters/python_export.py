@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import caffe_proto
-from caffe_proto import caffe_pb2
+from segaware_caffe import caffe_proto
+from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.errors import NetBuildError
 from segaware_caffe.layer import layer_class, registered_types
 from segaware_caffe.fusion import find_masked_conv_groups
@@ -285,7 +285,7 @@ def _fused_emission(group, op, record, conv_emission, names):
                  f"stride={pair_or_int(op.stride)}", f"dilation={pair_or_int(op.dilation)}",
                  f"group={op.group}"]
     return Emission(f"masked_conv2d({', '.join(arguments)})", module=conv_emission.module,
-                    imports=tuple(conv_emission.imports) + ("from kernels import masked_conv2d",),
+                    imports=tuple(conv_emission.imports) + ("from segaware_caffe.kernels import masked_conv2d",),
                     plain_torch=False, note="fused with its Im2col, Tile and PROD layers")
 
 
@@ -301,9 +301,9 @@ _ZERO_FIRST_ELEMENT = '''def zero_first_element(x):
 def _render(net, class_name, imports, init_lines, forward_lines, arguments, returned, source_note,
             default_weights, helpers=()):
     plain = sorted(i for i in imports if i.startswith("import "))
-    froms = sorted(i for i in imports if i.startswith("from ") and not i.startswith(("from kernels",
+    froms = sorted(i for i in imports if i.startswith("from ") and not i.startswith(("from segaware_caffe.kernels",
                                                                                       "from segaware_caffe")))
-    ours = sorted(i for i in imports if i.startswith(("from kernels", "from segaware_caffe")))
+    ours = sorted(i for i in imports if i.startswith(("from segaware_caffe.kernels", "from segaware_caffe")))
     shapes = ", ".join(f"{name} {tuple(shape)}" for name, shape in net.input_shapes.items())
     doc = [f'"""PyTorch module for the Caffe net {net.name!r}, written by `segaware-caffe export`.', ""]
     if source_note:

@@ -42,7 +42,7 @@ class FusedMaskedConv(nn.Module):
         self.group = group
 
     def forward(self, x, mask):
-        from kernels import masked_conv2d
+        from segaware_caffe.kernels import masked_conv2d
         blobs = self.conv.caffe_blobs()
         weight = blobs[0]
         bias = blobs[1] if len(blobs) > 1 else None

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-import caffe_proto
-from caffe_proto import caffe_pb2
+from segaware_caffe import caffe_proto
+from segaware_caffe.caffe_proto import caffe_pb2
 
 from .errors import NetBuildError
 from .layer import BuildContext, CaffeLayer, layer_class, register_layer

@@ -6,7 +6,7 @@ relation v - 1 = (D - 1) * r between such a value v and the input size D, so for
 spatial constant v becomes (v - 1) * (S - 1) / (D - 1) + 1 when that is a whole number; values for
 which it is not (e.g. embs' 13x13 position input) are independent of the input size and kept.
 """
-from caffe_proto import caffe_pb2
+from segaware_caffe.caffe_proto import caffe_pb2
 
 
 def _mapper(declared, size):

@@ -35,8 +35,8 @@ import tempfile
 import numpy as np
 import torch
 
-import caffe_proto
-from caffe_proto import caffe_pb2
+from segaware_caffe import caffe_proto
+from segaware_caffe.caffe_proto import caffe_pb2
 
 from .net import Net, first_records_by_name
 from .solvers.glog import ProgressBar, fmt, loss_note

@@ -7,20 +7,42 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Numbers the original segaware Caffe produced (inputs, weights, outputs, gradients, solver
+# steps), kept in the repository: see tests/fixtures/README.md.
+GOLDEN = REPO / "tests" / "fixtures" / "golden"
+
+
 def shared_root():
-    """../shared beside the checkout (or $SEGAWARE_SHARED)."""
+    """The reference material beside the checkout (../shared, or $SEGAWARE_SHARED): the released
+    configs and the fork's and BVLC's schemas. Only the tests that read those need it."""
     return Path(os.environ.get("SEGAWARE_SHARED", REPO.parent / "shared"))
 
 
 SHARED = shared_root()
-HAVE_SHARED = (SHARED / "golden").is_dir()
+REFERENCE = SHARED / "reference"
+HAVE_REFERENCE = REFERENCE.is_dir()
+NO_REFERENCE = (f"needs the released configs and schemas at {SHARED / 'reference'} "
+                f"(../shared beside the checkout, or set SEGAWARE_SHARED)")
+
+
+def reference_files(paths):
+    """Parameters for a test over files of the reference material: the files, or (where it is
+    absent) one skipped entry that says so, rather than pytest's bare "got empty parameter set"."""
+    if HAVE_REFERENCE:
+        return list(paths)
+    return [pytest.param(None, marks=pytest.mark.skip(reason=NO_REFERENCE))]
 
 
 @pytest.fixture(scope="session")
-def shared():
-    if not HAVE_SHARED:
-        pytest.skip(f"reference material not found at {SHARED} (set SEGAWARE_SHARED)")
-    return SHARED
+def golden():
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def reference():
+    if not HAVE_REFERENCE:
+        pytest.skip(NO_REFERENCE)
+    return SHARED / "reference"
 
 
 def _cuda_ok():
@@ -44,3 +66,23 @@ def pytest_collection_modifyitems(config, items):
 
 def cpu_and_cuda():
     return ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+
+
+# -- the golden count, printed at the end of every run ------------------------------------------
+_GOLDEN_TESTS = ("tests/golden/test_golden.py::test_golden_case[",
+                 "tests/solver/test_solver_golden.py::test_golden_solver_trajectory[")
+_golden_outcomes = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.nodeid.startswith(_GOLDEN_TESTS):
+        _golden_outcomes[report.nodeid] = report.outcome
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _golden_outcomes:
+        return
+    passed = sum(outcome == "passed" for outcome in _golden_outcomes.values())
+    on_disk = len(list(GOLDEN.glob("*/*/meta.json")))
+    terminalreporter.write_line(f"golden cases of the original Caffe: {passed} of "
+                                f"{len(_golden_outcomes)} run passed ({on_disk} in {GOLDEN})")

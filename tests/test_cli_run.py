@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from segaware_caffe import Net
-from tools.cli import main
-from tools.cmd_run import voc_palette
+from segaware_caffe.tools.cli import main
+from segaware_caffe.tools.cmd_run import voc_palette
 
 MEAN = np.asarray([104.008, 116.669, 122.675], np.float64)
 
@@ -73,8 +73,8 @@ def test_png_output_is_argmax_with_voc_palette(files):
     np.testing.assert_array_equal(palette[:21], voc_palette()[:21])
 
 
-def test_palette_is_the_released_one(shared):
-    with Image.open(shared / "reference/segaware/results/2008_000006.png") as image:
+def test_palette_is_the_released_one(reference):
+    with Image.open(reference / "segaware/results/2008_000006.png") as image:
         released = np.asarray(image.getpalette(), np.uint8).reshape(-1, 3)
     np.testing.assert_array_equal(voc_palette()[:len(released)], released)
     assert voc_palette()[[0, 1, 2, 15, 255]].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0],

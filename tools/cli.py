@@ -25,9 +25,9 @@ def main(argv=None):
     modules = {}
     for verb, help_text in VERBS.items():
         try:
-            module = importlib.import_module(f"tools.cmd_{verb}")
+            module = importlib.import_module(f"segaware_caffe.tools.cmd_{verb}")
         except ModuleNotFoundError as e:
-            if e.name != f"tools.cmd_{verb}":
+            if e.name != f"segaware_caffe.tools.cmd_{verb}":
                 raise
             continue  # verb not available in this build
         modules[verb] = module

@@ -1,7 +1,7 @@
 """segaware-caffe convert NET.prototxt WEIGHTS.caffemodel -o model.safetensors (or .pt)
 segaware-caffe convert NET.prototxt model.safetensors --to-caffemodel -o back.caffemodel"""
-from converters import convert_caffemodel, convert_to_caffemodel
-from tools.common import add_variable_arguments, variables_from
+from segaware_caffe.converters import convert_caffemodel, convert_to_caffemodel
+from segaware_caffe.tools.common import add_variable_arguments, variables_from
 
 
 def add_net_arguments(parser):

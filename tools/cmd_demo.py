@@ -227,8 +227,8 @@ def weights_round_trip(workdir, config=None):
     """(c): filler weights of `config` (a deploy prototxt, e.g. the released config/embs or vgg
     deploy; default: a reduced embedding trunk) -> caffemodel -> safetensors -> caffemodel.
     Returns the number of blobs that came back bit-identical (raises if any differs)."""
-    import caffe_proto
-    from converters import caffemodel as cm
+    from segaware_caffe import caffe_proto
+    from segaware_caffe.converters import caffemodel as cm
     from segaware_caffe import Net
     prototxt = config or embedding_trunk_prototxt()
     torch.manual_seed(0)

@@ -5,10 +5,10 @@ next to it as <model>.safetensors, which the module's load() reads by default (a
 .pt WEIGHTS file is used where it is). --onnx writes ONNX with the given (or filler) weights."""
 import os
 
-from converters import caffemodel as cm
-from converters.python_export import build_net, export_onnx, python_source
-from tools.cmd_convert import add_net_arguments
-from tools.common import variables_from
+from segaware_caffe.converters import caffemodel as cm
+from segaware_caffe.converters.python_export import build_net, export_onnx, python_source
+from segaware_caffe.tools.cmd_convert import add_net_arguments
+from segaware_caffe.tools.common import variables_from
 
 
 def add_arguments(parser):

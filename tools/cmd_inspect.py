@@ -6,9 +6,9 @@ learnable blobs with shapes, lr/decay multipliers, and the phase rules of each l
 import math
 import os
 
-import caffe_proto
-from caffe_proto import caffe_pb2
-from tools.common import add_variable_arguments, parse_variables
+from segaware_caffe import caffe_proto
+from segaware_caffe.caffe_proto import caffe_pb2
+from segaware_caffe.tools.common import add_variable_arguments, parse_variables
 
 
 def add_arguments(parser):

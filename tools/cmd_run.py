@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import caffe_proto
-from tools.common import add_variable_arguments, parse_assignments, parse_variables
+from segaware_caffe import caffe_proto
+from segaware_caffe.tools.common import add_variable_arguments, parse_assignments, parse_variables
 
 DEFAULT_MEAN = "104.008,116.669,122.675"
 

@@ -13,8 +13,8 @@ import torch
 
 from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import fmt, glog_to, loss_note
-from tools.common import add_variable_arguments, parse_variables
-from tools.cmd_train import device_from_gpu
+from segaware_caffe.tools.common import add_variable_arguments, parse_variables
+from segaware_caffe.tools.cmd_train import device_from_gpu
 
 log = logging.getLogger("segaware_caffe.cli")
 

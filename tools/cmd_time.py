@@ -14,9 +14,9 @@ import torch
 
 from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import glog_to
-from tools.common import parse_variables
-from tools.cmd_test import add_net_run_arguments, feed_from_args
-from tools.cmd_train import device_from_gpu
+from segaware_caffe.tools.common import parse_variables
+from segaware_caffe.tools.cmd_test import add_net_run_arguments, feed_from_args
+from segaware_caffe.tools.cmd_train import device_from_gpu
 
 log = logging.getLogger("segaware_caffe.cli")
 

@@ -17,7 +17,7 @@ import torch
 
 from segaware_caffe.solver import Solver
 from segaware_caffe.solvers.glog import glog_to
-from tools.common import add_variable_arguments, parse_variables
+from segaware_caffe.tools.common import add_variable_arguments, parse_variables
 
 log = logging.getLogger("segaware_caffe.cli")
 EFFECTS = ("stop", "snapshot", "none")

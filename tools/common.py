@@ -1,5 +1,5 @@
 """Options shared by the verbs: template variables."""
-import caffe_proto
+from segaware_caffe import caffe_proto
 
 
 def add_variable_arguments(parser):

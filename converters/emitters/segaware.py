@@ -15,5 +15,5 @@ def emit_im2dist(spec):
     for flag in ("remove_center", "remove_bounds"):
         if kw.get(flag):
             args.append(f"{flag}=True")
-    return Emission(f"im2dist({', '.join(args)})", imports=("from kernels import im2dist",),
+    return Emission(f"im2dist({', '.join(args)})", imports=("from segaware_caffe.kernels import im2dist",),
                     plain_torch=False)

@@ -1,5 +1,5 @@
 """DistLoss (SEMANTICS §3): the segaware embedding hinge loss over Im2dist / Im2parity outputs."""
-from kernels.dist_loss import dist_loss
+from segaware_caffe.kernels.dist_loss import dist_loss
 
 from ..layer import CaffeLayer, register_layer
 from ..params import conv_geometry

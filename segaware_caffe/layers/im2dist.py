@@ -1,6 +1,6 @@
 """Im2dist (SEMANTICS §2.1): per-tap centre-to-neighbour distances, (N, C, H, W) -> (N, K, Ho, Wo);
 also the convolution_param geometry reading shared by the segaware patch layers."""
-from kernels.im2dist import im2dist
+from segaware_caffe.kernels.im2dist import im2dist
 
 from ..layer import CaffeLayer, register_layer
 from ..params import canonical_axis, conv_geometry

@@ -1,5 +1,5 @@
 """Im2parity (SEMANTICS §2.2): per-tap label agreement, (N, C, H, W) labels -> (N, K, Ho, Wo)."""
-from kernels.im2parity import im2parity
+from segaware_caffe.kernels.im2parity import im2parity
 
 from ..layer import CaffeLayer, register_layer
 from .im2dist import patch_geometry_from_proto, patch_layer_repr

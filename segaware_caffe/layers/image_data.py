@@ -2,7 +2,7 @@
 (SEMANTICS §8.6)."""
 import numpy as np
 
-import caffe_proto
+from segaware_caffe import caffe_proto
 
 from ..data.base import ListDataLayer, read_list_settings, read_mean_values
 from ..data.listfile import c_atoi, read_lines, resolve_file

@@ -2,7 +2,7 @@
 (SEMANTICS §8.5)."""
 import re
 
-from caffe_proto import caffe_pb2
+from segaware_caffe.caffe_proto import caffe_pb2
 
 from ..data.base import (ListDataLayer, label_pad_value, read_joint_crop, read_list_settings,
                          read_mean_values, warn_if_palette)

@@ -10,7 +10,7 @@ refused at build time (no released net uses it with NormConv).
 import torch
 from torch import nn
 
-from kernels.norm_conv import norm_conv
+from segaware_caffe.kernels.norm_conv import norm_conv
 
 from ..fillers import fill
 from ..layer import CaffeLayer, register_layer

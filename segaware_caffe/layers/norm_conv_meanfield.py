@@ -11,7 +11,7 @@ feed one update (iter_size > 1) with lr_mult != 0; the released configs use lr_m
 import torch
 from torch import nn
 
-from kernels.meanfield import MessageSpec, message_grid_fits, normconv_meanfield
+from segaware_caffe.kernels.meanfield import MessageSpec, message_grid_fits, normconv_meanfield
 
 from ..layer import CaffeLayer, register_layer
 

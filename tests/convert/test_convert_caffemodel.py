@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-import caffe_proto
-from converters import caffemodel as cm
-from tests.conftest import HAVE_SHARED, SHARED
-from tools.cli import main
+from segaware_caffe import caffe_proto
+from segaware_caffe.converters import caffemodel as cm
+from tests.conftest import GOLDEN
+from segaware_caffe.tools.cli import main
 
-WEIGHTS = sorted((SHARED / "golden").glob("*/*/*.caffemodel")) if HAVE_SHARED else []
+WEIGHTS = sorted(GOLDEN.glob("*/*/*.caffemodel")) 
 
 
 def case_of(weights):
@@ -53,8 +53,8 @@ def test_round_trip_bit_identical(weights, suffix, tmp_path, capsys):
     print(f"{weights.parent.name}/{weights.name}: {compared} blob(s) bit-identical via {suffix}")
 
 
-def test_names_metadata_and_state_dict(shared, tmp_path):
-    case = shared / "golden/layers/scale_scalar_numaxes0"
+def test_names_metadata_and_state_dict(golden, tmp_path):
+    case = golden / "layers/scale_scalar_numaxes0"
     out = tmp_path / "m.safetensors"
     metadata, ignored = cm.convert_caffemodel(case / "net.prototxt", case / "weights.caffemodel", out)
     assert ignored == []
@@ -72,8 +72,8 @@ def test_names_metadata_and_state_dict(shared, tmp_path):
     assert not unexpected and not [k for k in missing if k.startswith("layers.")]
 
 
-def test_plain_state_dict_to_caffemodel(shared, tmp_path):
-    case = shared / "golden/layers/innerproduct"
+def test_plain_state_dict_to_caffemodel(golden, tmp_path):
+    case = golden / "layers/innerproduct"
     net = cm.build_net(case / "net.prototxt", phase="train")
     net.load_weights(case / "weights.caffemodel")
     torch.save(net.state_dict(), tmp_path / "sd.pt")
@@ -83,9 +83,9 @@ def test_plain_state_dict_to_caffemodel(shared, tmp_path):
     assert_same_blobs(case / "weights.caffemodel", back)
 
 
-def test_legacy_shapes_survive(shared, tmp_path):
+def test_legacy_shapes_survive(golden, tmp_path):
     """A BVLC-era caffemodel stores a bias as num/channels/height/width 1x1x1xN."""
-    case = shared / "golden/layers/innerproduct"
+    case = golden / "layers/innerproduct"
     source = caffe_proto.read_weights(case / "weights.caffemodel")
     for blob in source.layer[0].blobs:
         shape = caffe_proto.blob_shape(blob)
@@ -103,8 +103,8 @@ def test_legacy_shapes_survive(shared, tmp_path):
     assert_same_blobs(legacy, tmp_path / "back.caffemodel")
 
 
-def test_never_overwrites_without_force(shared, tmp_path, capsys):
-    case = shared / "golden/layers/innerproduct"
+def test_never_overwrites_without_force(golden, tmp_path, capsys):
+    case = golden / "layers/innerproduct"
     out = tmp_path / "m.safetensors"
     out.write_bytes(b"keep me")
     args = ["convert", str(case / "net.prototxt"), str(case / "weights.caffemodel"), "-o", str(out)]
@@ -118,8 +118,8 @@ def test_never_overwrites_without_force(shared, tmp_path, capsys):
     assert main(back_args + ["--force"]) == 0
 
 
-def test_mismatched_weights_name_the_layer(shared, tmp_path, capsys):
-    case = shared / "golden/layers/innerproduct"
+def test_mismatched_weights_name_the_layer(golden, tmp_path, capsys):
+    case = golden / "layers/innerproduct"
     text = (case / "net.prototxt").read_text().replace("num_output: 7", "num_output: 6")
     assert "num_output: 6" in text
     prototxt = tmp_path / "net.prototxt"
@@ -130,8 +130,8 @@ def test_mismatched_weights_name_the_layer(shared, tmp_path, capsys):
     assert "layer ip (InnerProduct) blob 0 (weight) has shape (7, 60)" in err and "(6, 60)" in err
 
 
-def test_missing_tensor_is_an_error(shared, tmp_path):
-    case = shared / "golden/layers/innerproduct"
+def test_missing_tensor_is_an_error(golden, tmp_path):
+    case = golden / "layers/innerproduct"
     net = cm.build_net(case / "net.prototxt")
     with pytest.raises(ValueError, match=r"no entry for 1 blob\(s\) of the net: ip.bias"):
         cm.tensors_to_caffemodel(net, {"ip.weight": torch.zeros(7, 60)})

@@ -5,8 +5,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from tools.cli import main
-from tools.cmd_demo import load_photo, synthetic_photo
+from segaware_caffe.tools.cli import main
+from segaware_caffe.tools.cmd_demo import load_photo, synthetic_photo
 
 SIZE = 96
 
@@ -62,6 +62,6 @@ def test_bundled_photo_is_the_generator_output():
     assert len(np.unique(labels)) == 8
 
 
-def test_demo_round_trip_of_a_released_config(shared, tmp_path):
-    from tools.cmd_demo import weights_round_trip
-    assert weights_round_trip(tmp_path, shared / "reference/segaware/config/embs/deploy.prototxt") == 13  # 6 convolutions (W, b) + the position Scale
+def test_demo_round_trip_of_a_released_config(reference, tmp_path):
+    from segaware_caffe.tools.cmd_demo import weights_round_trip
+    assert weights_round_trip(tmp_path, reference / "segaware/config/embs/deploy.prototxt") == 13  # 6 convolutions (W, b) + the position Scale

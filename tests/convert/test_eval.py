@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.cli import main
-from tools.cmd_eval import evaluate, read_ids
+from segaware_caffe.tools.cli import main
+from segaware_caffe.tools.cmd_eval import evaluate, read_ids
 
 # (ground truth, prediction); 255 = ignore. Counted by hand (rows gt, columns prediction):
 #        pred 0  1  2

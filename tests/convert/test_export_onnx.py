@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import segaware_caffe as sc
-from tests.conftest import HAVE_SHARED, SHARED
-from tools.cli import main
+from tests.conftest import REFERENCE, reference_files
+from segaware_caffe.tools.cli import main
 
-BVLC = (sorted((SHARED / "reference" / "bvlc").glob("*deploy*.prototxt"))
-        + [SHARED / "reference" / "bvlc" / "mnist_lenet.prototxt"]) if HAVE_SHARED else []
+BVLC = reference_files(sorted((REFERENCE / "bvlc").glob("*deploy*.prototxt"))
+                       + [REFERENCE / "bvlc" / "mnist_lenet.prototxt"])
 
 
 def onnxruntime_or_skip():
@@ -24,7 +24,7 @@ def batch_one(net):
     return {name: (1, *shape[1:]) for name, shape in net.input_shapes.items()}
 
 
-@pytest.mark.parametrize("prototxt", BVLC, ids=lambda p: p.stem)
+@pytest.mark.parametrize("prototxt", BVLC, ids=lambda p: p.stem if p else "reference")
 def test_bvlc_nets_run_in_onnxruntime(prototxt, tmp_path):
     ort = onnxruntime_or_skip()
     declared = sc.Net(prototxt)
@@ -54,9 +54,9 @@ def test_bvlc_nets_run_in_onnxruntime(prototxt, tmp_path):
         assert error <= 1e-4
 
 
-def test_segaware_net_is_refused_with_its_layers(shared, tmp_path, capsys):
+def test_segaware_net_is_refused_with_its_layers(reference, tmp_path, capsys):
     out = tmp_path / "vgg.onnx"
-    assert main(["export", str(shared / "reference/segaware/config/vgg/deploy.prototxt"), "--onnx",
+    assert main(["export", str(reference / "segaware/config/vgg/deploy.prototxt"), "--onnx",
                  str(out)]) == 1
     err = capsys.readouterr().err
     assert "cannot export net 'segaware-all-largeFOV' to ONNX: 6 layer(s) run segmentation-aware kernels" in err

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-import caffe_proto
+from segaware_caffe import caffe_proto
 import segaware_caffe as sc
-from converters.emitters import emitter_for, register_emitter
-from converters.python_export import build_net, instantiate, python_source
+from segaware_caffe.converters.emitters import emitter_for, register_emitter
+from segaware_caffe.converters.python_export import build_net, instantiate, python_source
 from segaware_caffe.resize import resize_deploy
-from tests.conftest import HAVE_SHARED, SHARED
-from tools.cli import main
+from tests.conftest import GOLDEN
+from segaware_caffe.tools.cli import main
 
 # torch 2.13 deprecates TorchScript; tracing still works and the issue asks for it
 JIT_WARNINGS = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning",
                                           "ignore::torch.jit.TracerWarning")
-GOLDEN = sorted((SHARED / "golden" / "layers").glob("*/meta.json")) if HAVE_SHARED else []
+GOLDEN_LAYERS = sorted((GOLDEN / "layers").glob("*/meta.json"))
 
 
 def import_file(path, name="exported_model"):
@@ -40,7 +40,7 @@ def relative_error(got, ref):
     return diff / scale if scale else diff
 
 
-@pytest.mark.parametrize("meta_path", GOLDEN, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("meta_path", GOLDEN_LAYERS, ids=lambda p: p.parent.name)
 def test_golden_layer_nets(meta_path):
     """Every golden layer net, exported: emitters and fallbacks on awkward settings."""
     case = meta_path.parent
@@ -74,10 +74,10 @@ DEPLOY = [("embs", 65), ("vgg", 65), ("res", 65)]
 
 
 @pytest.mark.parametrize("name, size", DEPLOY, ids=[d[0] for d in DEPLOY])
-def test_deploy_exports_match_net(shared, tmp_path, name, size):
+def test_deploy_exports_match_net(reference, tmp_path, name, size):
     """The released deploy nets (resized) with filler weights: export with the caffemodel, import the
     file, load() its safetensors, and compare with sc.Net on the same inputs."""
-    net_param = resize_deploy(caffe_proto.read_net(shared / f"reference/segaware/config/{name}/deploy.prototxt"), size)
+    net_param = resize_deploy(caffe_proto.read_net(reference / f"segaware/config/{name}/deploy.prototxt"), size)
     prototxt = tmp_path / "deploy.prototxt"
     caffe_proto.write_net(net_param, prototxt)
     torch.manual_seed(0)
@@ -102,8 +102,8 @@ def test_deploy_exports_match_net(shared, tmp_path, name, size):
     assert max(errors.values()) <= 1e-6
 
 
-def test_source_reads_like_the_net(shared, tmp_path):
-    net = build_net(shared / "reference/bvlc/mnist_lenet.prototxt")
+def test_source_reads_like_the_net(reference, tmp_path):
+    net = build_net(reference / "bvlc/mnist_lenet.prototxt")
     source = python_source(net).source
     for line in ("self.conv1 = nn.Conv2d(1, 20, kernel_size=5)",
                  "self.pool1 = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)",
@@ -116,8 +116,8 @@ def test_source_reads_like_the_net(shared, tmp_path):
 
 
 @JIT_WARNINGS
-def test_jit_trace_and_compile(shared):
-    net = build_net(shared / "reference/bvlc/mnist_lenet.prototxt", input_shapes={"data": (2, 1, 28, 28)})
+def test_jit_trace_and_compile(reference):
+    net = build_net(reference / "bvlc/mnist_lenet.prototxt", input_shapes={"data": (2, 1, 28, 28)})
     export = python_source(net)
     model = instantiate(export, net)
     x = torch.randn(2, 1, 28, 28)
@@ -130,9 +130,9 @@ def test_jit_trace_and_compile(shared):
 
 
 @JIT_WARNINGS
-def test_jit_trace_segaware_net(shared):
+def test_jit_trace_segaware_net(golden):
     """A net with segmentation-aware kernels (Im2dist) traces too."""
-    case = shared / "golden/layers/segaware_conv"
+    case = golden / "layers/segaware_conv"
     net = build_net(case / "net.prototxt")
     net.load_weights(case / "weights.caffemodel")
     model = instantiate(python_source(net), net)
@@ -151,8 +151,8 @@ def test_emitter_registry():
         register_emitter("ReLU")(lambda spec: None)
 
 
-def test_export_needs_an_output(shared, capsys):
-    assert main(["export", str(shared / "reference/bvlc/mnist_lenet.prototxt")]) == 1
+def test_export_needs_an_output(reference, capsys):
+    assert main(["export", str(reference / "bvlc/mnist_lenet.prototxt")]) == 1
     assert "give --python FILE and/or --onnx FILE" in capsys.readouterr().err
 
 

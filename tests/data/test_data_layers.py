@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import caffe_proto
+from segaware_caffe import caffe_proto
 from segaware_caffe import BuildContext, NetBuildError
 from segaware_caffe.data import DataError, WORKERS_ENV, resize_bilinear, resize_nearest
 from segaware_caffe.data.listfile import c_atoi

@@ -4,7 +4,7 @@ import pytest
 import scipy.io
 import torch
 
-import caffe_proto
+from segaware_caffe import caffe_proto
 from segaware_caffe import BuildContext, NetBuildError
 from segaware_caffe.data import DataError
 from segaware_caffe.layer import layer_class

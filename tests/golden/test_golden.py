@@ -26,57 +26,15 @@ import pytest
 import torch
 
 import segaware_caffe as sc
-from tests.conftest import HAVE_SHARED, SHARED
+from tests.conftest import GOLDEN
+from tests.tolerances import BIG, assert_close, assert_close_l2, is_integer_valued  # noqa: F401
 
-BIG = np.float32(3.4028235e36)
-CASES = sorted((SHARED / "golden").glob("*/*/meta.json")) if HAVE_SHARED else []
+CASES = sorted(GOLDEN.glob("*/*/meta.json"))
 LAYER_CASES = [p for p in CASES if p.parts[-3] in ("layers", "nets")]
 
 
 def case_id(meta_path):
     return f"{meta_path.parts[-3]}/{meta_path.parts[-2]}"
-
-
-def assert_close(got, ref, what, exact=False, rel=1e-4, absfrac=1e-5, floor=0.0):
-    got = np.atleast_1d(np.asarray(got, dtype=np.float64))
-    ref = np.atleast_1d(np.asarray(ref, dtype=np.float64))
-    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
-    big = ref == np.float64(BIG)
-    if big.any():
-        wrong = np.argwhere(big & (got != ref))
-        assert not len(wrong), f"{what}: removed taps (FLT_MAX/100) differ, first at {tuple(wrong[0])}"
-    if exact:
-        bad = np.argwhere(got != ref)
-        assert not len(bad), (f"{what}: integer output differs at {tuple(bad[0])}: "
-                              f"got {got[tuple(bad[0])]}, expected {ref[tuple(bad[0])]}")
-        return 0.0
-    keep = ~big
-    if not keep.any():
-        return 0.0
-    scale = np.abs(ref[keep]).max() if keep.any() else 0.0
-    err = np.abs(got - ref)
-    err[big] = 0
-    tol = rel * np.abs(ref) + absfrac * scale + floor + 1e-7
-    bad = err > tol
-    worst = np.unravel_index(np.argmax(err - tol), err.shape) if err.size else ()
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.size} entries off; max abs error "
-                           f"{err.max():.3g} at {tuple(int(i) for i in worst)} (got {got[worst]:.7g}, "
-                           f"expected {ref[worst]:.7g}), max|ref| {scale:.3g}")
-    return float(err.max() / scale) if scale else float(err.max())
-
-
-def assert_close_l2(got, ref, what, limit=1e-2):
-    got = np.asarray(got, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
-    norm = np.linalg.norm(ref)
-    err = np.linalg.norm(got - ref) / norm if norm else np.linalg.norm(got)
-    assert err <= limit, f"{what}: relative L2 error {err:.3g} > {limit}"
-    return float(err)
-
-
-def is_integer_valued(ref):
-    return ref.size > 1 and np.all(np.isfinite(ref)) and np.all(ref == np.round(ref))
 
 
 def load_case(meta_path):
@@ -153,5 +111,5 @@ def test_golden_case(meta_path):
           ", ".join(f"{k}={v:.2e}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1])[:3]))
 
 
-def test_golden_cases_found(shared):
-    assert len(LAYER_CASES) >= 60, f"expected the golden layer cases under {shared}/golden"
+def test_golden_cases_found(golden):
+    assert len(LAYER_CASES) >= 60, f"expected the golden layer cases under {GOLDEN}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _cuda
+from segaware_caffe.kernels import _cuda
 
 _PRELUDE = """#include <cmath>
 using std::fabs; using std::trunc;

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import torch
 
-from caffe_proto import read_net
-from kernels import BIG
+from segaware_caffe.caffe_proto import read_net
+from segaware_caffe.kernels import BIG
 from segaware_caffe import BuildContext
 from segaware_caffe.layer import layer_class
 

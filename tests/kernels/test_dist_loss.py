@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_proto import read_net
-from kernels import dist_loss, im2dist, im2parity
+from segaware_caffe.caffe_proto import read_net
+from segaware_caffe.kernels import dist_loss, im2dist, im2parity
 from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
 from tests.kernels.layer_helpers import assert_golden_close, build_layer
 
-GOLDEN = ["distloss_k3p0_ignore255_n1", "distloss_k3p1", "distloss_k3p1d2_pad1"]
+GOLDEN_CASES = ["distloss_k3p0_ignore255_n1", "distloss_k3p1", "distloss_k3p1d2_pad1"]
 
 
 def reference_dist_loss(dist, parity, alpha, beta, ignore_label):
@@ -97,7 +97,7 @@ def test_cuda_matches_cpu():
 def test_cuda_source_matches_cpu_path(monkeypatch, ignore_label):
     """The CuPy kernel, compiled as C++ and run on one CPU thread, against the CPU path."""
     emulate_cuda_launch(monkeypatch)
-    module = sys.modules["kernels.dist_loss"]
+    module = sys.modules["segaware_caffe.kernels.dist_loss"]
     dist, parity = make_case((2, 9, 5, 4), torch.float64, "cpu", True)
     dist = dist.detach()
     for emulated, reference in zip(
@@ -106,11 +106,11 @@ def test_cuda_source_matches_cpu_path(monkeypatch, ignore_label):
         assert torch.equal(emulated, reference)
 
 
-@pytest.mark.parametrize("case", GOLDEN)
-def test_golden_chain(shared, case):
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_golden_chain(golden, case):
     """weighted_avg -> Im2dist L1 -> DistLoss with Im2parity of the label, as config/embs wires
     it: the loss, the parity, and the gradients reaching Im2dist's top and bottom."""
-    folder = shared / "golden" / "layers" / case
+    folder = golden / "layers" / case
     data = np.load(folder / "data.npz")
     layers = {p.name: p for p in read_net(folder / "net.prototxt").layer}
     embedding = torch.from_numpy(data["out/weighted_avg"].copy()).requires_grad_(True)

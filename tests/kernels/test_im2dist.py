@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_proto import read_net
-from kernels import BIG, im2dist
-from kernels.im2dist import PatchGeometry
+from segaware_caffe.caffe_proto import read_net
+from segaware_caffe.kernels import BIG, im2dist
+from segaware_caffe.kernels.im2dist import PatchGeometry
 from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
 from tests.kernels.layer_helpers import assert_golden_close, build_layer, window_taps
 
-GOLDEN = ["im2dist_l1_k13p54d9", "im2dist_l1_k3p1", "im2dist_l1_k3p1s2",
+GOLDEN_CASES = ["im2dist_l1_k13p54d9", "im2dist_l1_k3p1", "im2dist_l1_k3p1s2",
           "im2dist_l1_k3p2d2_removecenter", "im2dist_l1_k5p2_removebounds", "im2dist_l2_k3p1",
           "im2dist_l2_k3p6d2"]
 
@@ -157,7 +157,7 @@ def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, norm, remove_c
                                       remove_bounds):
     """The CuPy kernels, compiled as C++ and run on one CPU thread, against the CPU path."""
     emulate_cuda_launch(monkeypatch)
-    module = sys.modules["kernels.im2dist"]
+    module = sys.modules["segaware_caffe.kernels.im2dist"]
     shape, kernel, pad, stride, dilation = geometry_case
     geometry = PatchGeometry.of(kernel, pad, stride, dilation)
     x = make_input(shape, torch.float64, "cpu", True).detach()
@@ -171,9 +171,9 @@ def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, norm, remove_c
                                rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", GOLDEN)
-def test_golden(shared, case):
-    folder = shared / "golden" / "layers" / case
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_golden(golden, case):
+    folder = golden / "layers" / case
     data = np.load(folder / "data.npz")
     layer_param = read_net(folder / "net.prototxt").layer[0]
     x = torch.from_numpy(data["in/x"].copy()).requires_grad_(True)

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_proto import read_net
-from kernels import im2parity
-from kernels.im2dist import PatchGeometry
+from segaware_caffe.caffe_proto import read_net
+from segaware_caffe.kernels import im2parity
+from segaware_caffe.kernels.im2dist import PatchGeometry
 from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
 from tests.kernels.layer_helpers import build_layer, window_taps
 
-GOLDEN = ["im2parity_k3p1", "im2parity_k3p1_ignore255", "im2parity_k3p1d5"]
+GOLDEN_CASES = ["im2parity_k3p1", "im2parity_k3p1_ignore255", "im2parity_k3p1d5"]
 
 GEOMETRIES = [
     ((1, 1, 5, 6), (3, 3), (1, 1), (1, 1), (1, 1)),
@@ -87,7 +87,7 @@ def test_cuda_matches_cpu(ignore_label):
 def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, ignore_label):
     """The CuPy kernel, compiled as C++ and run on one CPU thread, against the CPU path."""
     emulate_cuda_launch(monkeypatch)
-    module = sys.modules["kernels.im2parity"]
+    module = sys.modules["segaware_caffe.kernels.im2parity"]
     shape, kernel, pad, stride, dilation = geometry_case
     geometry = PatchGeometry.of(kernel, pad, stride, dilation)
     labels = make_labels(shape, torch.float64, "cpu", True)
@@ -95,9 +95,9 @@ def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, ignore_label):
                        module._im2parity_forward_cpu(labels, geometry, ignore_label))
 
 
-@pytest.mark.parametrize("case", GOLDEN)
-def test_golden(shared, case):
-    folder = shared / "golden" / "layers" / case
+@pytest.mark.parametrize("case", GOLDEN_CASES)
+def test_golden(golden, case):
+    folder = golden / "layers" / case
     data = np.load(folder / "data.npz")
     layer_param = read_net(folder / "net.prototxt").layer[0]
     labels = torch.from_numpy(data["in/label"].copy())

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.masked_conv as masked_conv_module
-from kernels import im2dist, masked_conv2d
+import segaware_caffe.kernels.masked_conv as masked_conv_module
+from segaware_caffe.kernels import im2dist, masked_conv2d
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda_launch
 from tests.kernels.layer_helpers import assert_golden_close
@@ -152,10 +152,10 @@ def test_gradcheck_in_x_mask_weight_bias(geometry_case):
         (x, mask, weight, bias), fast_mode=True)
 
 
-def test_golden_segaware_conv(shared):
+def test_golden_segaware_conv(golden):
     """config/vgg's pattern as the original computed it: output, and gradients of x, the
     embedding, lambda, W and b."""
-    data = np.load(shared / "golden" / "layers" / "segaware_conv" / "data.npz")
+    data = np.load(golden / "layers" / "segaware_conv" / "data.npz")
     tensor = lambda key: torch.from_numpy(np.array(data[key])).requires_grad_(True)
     x, emb = tensor("in/x"), tensor("in/emb")
     lam = tensor("param/weighted_emb_dist1_1/0")

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import caffe_proto
-from kernels import meanfield as meanfield_module
-from kernels.im2dist import PatchGeometry, im2dist
-from kernels.meanfield import MessageFunction, MessageSpec, normconv_meanfield
+from segaware_caffe import caffe_proto
+from segaware_caffe.kernels import meanfield as meanfield_module
+from segaware_caffe.kernels.im2dist import PatchGeometry, im2dist
+from segaware_caffe.kernels.meanfield import MessageFunction, MessageSpec, normconv_meanfield
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layers.norm_conv_meanfield import NormConvMeanfield
 from tests.conftest import cpu_and_cuda
@@ -89,8 +89,8 @@ def random_inputs(n, c, h, w, eb, es, dtype=torch.float64, device="cpu", seed=0)
     ("normconvmeanfield_small", ("unary", "q0", "feat", "xy")),
     ("normconvmeanfield_3iter", ("unary", "q0", "rgbxy", "scaled_xy2")),
 ])
-def test_golden(shared, case, bottoms):
-    folder = shared / "golden" / "layers" / case
+def test_golden(golden, case, bottoms):
+    folder = golden / "layers" / case
     data = np.load(folder / "data.npz")
     # bottoms 2/3 may come from layers of the case net (DummyData xy, Scale): use their stored values
     inputs = [torch.tensor(data[f"out/{name}"], requires_grad=True) for name in bottoms]
@@ -280,8 +280,8 @@ def test_cuda_source_matches_cpu_path(geometry, tmp_path, monkeypatch):
         torch.testing.assert_close(emulated, reference)
 
 
-def test_released_layer(shared, recwarn):
-    net = caffe_proto.read_net(shared / "reference" / "segaware" / "config" / "res" / "deploy.prototxt")
+def test_released_layer(reference, recwarn):
+    net = caffe_proto.read_net(reference / "segaware" / "config" / "res" / "deploy.prototxt")
     param = next(lp for lp in net.layer if lp.type == "NormConvMeanfield")
     ctx = BuildContext(name=param.name, type=param.type, phase="TEST",
                        bottom_shapes=[(1, 21, 257, 257)] * 2 + [(1, 5, 257, 257), (1, 2, 257, 257)])

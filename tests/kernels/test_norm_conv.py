@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import caffe_proto
-from kernels import norm_conv as norm_conv_module
-from kernels.im2dist import BIG, PatchGeometry, im2dist
-from kernels.norm_conv import NormConvFunction, norm_conv
+from segaware_caffe import caffe_proto
+from segaware_caffe.kernels import norm_conv as norm_conv_module
+from segaware_caffe.kernels.im2dist import BIG, PatchGeometry, im2dist
+from segaware_caffe.kernels.norm_conv import NormConvFunction, norm_conv
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layers.norm_conv import NormConv
 from tests.conftest import cpu_and_cuda
@@ -62,8 +62,8 @@ def reference_norm_conv(x, emb, weight, bias, scale, *, kernel, pad, stride, dil
 
 # --------------------------------------------------------------------------------- golden cases
 @pytest.mark.parametrize("case, has_bias", [("normconv", True), ("normconv_l1_group3", False)])
-def test_golden(shared, case, has_bias):
-    folder = shared / "golden" / "layers" / case
+def test_golden(golden, case, has_bias):
+    folder = golden / "layers" / case
     data = np.load(folder / "data.npz")
     x = torch.tensor(data["in/x"], requires_grad=True)
     emb = torch.tensor(data["in/f"], requires_grad=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caffe_proto import caffe_pb2, read_net
+from segaware_caffe.caffe_proto import caffe_pb2, read_net
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layer import layer_class
 from segaware_caffe.layers.pooling import pooled_size
@@ -58,8 +58,8 @@ def as_tuple(tops):
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
-def test_golden_case(shared, case):
-    root = shared / "golden" / "layers" / case
+def test_golden_case(golden, case):
+    root = golden / "layers" / case
     net = read_net(root / "net.prototxt")
     meta = json.loads((root / "meta.json").read_text())
     data = np.load(root / "data.npz")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_proto import read_net
+from segaware_caffe.caffe_proto import read_net
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layer import layer_class
 from tests.conftest import cpu_and_cuda
@@ -110,8 +110,8 @@ def run_case(root):
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
-def test_golden_case(shared, case):
-    blobs, data, meta, types = run_case(shared / "golden" / "layers" / case)
+def test_golden_case(golden, case):
+    blobs, data, meta, types = run_case(golden / "layers" / case)
     errors = {}
     for key in data.files:
         if not key.startswith("out/"):

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-import caffe_proto
+from segaware_caffe import caffe_proto
 import segaware_caffe as sc
 from segaware_caffe.resize import resize_deploy
-from tests.conftest import HAVE_SHARED, SHARED
+from tests.conftest import GOLDEN
 
-GOLDEN = SHARED / "golden" / "layers" / "segaware_conv"
+GOLDEN = GOLDEN / "layers" / "segaware_conv"
 
 
 def run(net, inputs, outputs=None, seed_grads=True):
@@ -28,7 +28,7 @@ def max_rel(a, b, floor=0.0):
     return (a - b).abs().max().item() / (scale if scale else 1.0)
 
 
-def test_golden_segaware_conv_is_fused_and_equal(shared):
+def test_golden_segaware_conv_is_fused_and_equal():
     fused = sc.Net(GOLDEN / "net.prototxt", weights=GOLDEN / "weights.caffemodel")
     plain = sc.Net(GOLDEN / "net.prototxt", weights=GOLDEN / "weights.caffemodel", fuse=False)
     assert [g.anchor for g in fused.fused_groups] == ["conv1_1"]
@@ -46,7 +46,7 @@ def test_golden_segaware_conv_is_fused_and_equal(shared):
     assert max_rel(out_f["conv1_1"], ref) <= 1e-5
 
 
-def test_asking_for_an_intermediate_blob_runs_that_group_unfused(shared):
+def test_asking_for_an_intermediate_blob_runs_that_group_unfused():
     net = sc.Net(GOLDEN / "net.prototxt", weights=GOLDEN / "weights.caffemodel")
     data = np.load(GOLDEN / "data.npz")
     inputs = {k[3:]: torch.from_numpy(data[k].copy()) for k in data.files if k.startswith("in/")}
@@ -70,9 +70,9 @@ VGG_RUNS = [(65, torch.float32, True), (321, torch.float32, False), (321, torch.
 @pytest.mark.slow
 @pytest.mark.parametrize("size, dtype, backward", VGG_RUNS,
                          ids=[f"{s}-{str(d)[6:]}-{'fwd+bwd' if b else 'fwd'}" for s, d, b in VGG_RUNS])
-def test_vgg_deploy_fused_equals_unfused(shared, size, dtype, backward):
+def test_vgg_deploy_fused_equals_unfused(reference, size, dtype, backward):
     """config/vgg/deploy.prototxt: outputs within 1e-5 relative, gradients within 1e-4."""
-    net_param = resize_deploy(caffe_proto.read_net(SHARED / "reference/segaware/config/vgg/deploy.prototxt"), size)
+    net_param = resize_deploy(caffe_proto.read_net(reference / "segaware/config/vgg/deploy.prototxt"), size)
     torch.manual_seed(0)
     fused = sc.Net(net_param, dtype=dtype)
     plain = sc.Net(net_param, fuse=False, dtype=dtype)

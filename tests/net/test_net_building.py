@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import segaware_caffe as sc
-from caffe_proto import caffe_pb2
+from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.layer import CaffeLayer, register_layer
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-import caffe_proto
+from segaware_caffe import caffe_proto
 import segaware_caffe as sc
 from segaware_caffe.resize import resize_deploy
-from tests.conftest import HAVE_SHARED, SHARED
+from tests.conftest import REFERENCE, reference_files
 
-CONFIG = SHARED / "reference" / "segaware" / "config"
-NETS = sorted(p for p in CONFIG.glob("*/*.prototxt") if "solver" not in p.name) if HAVE_SHARED else []
+CONFIG = REFERENCE / "segaware" / "config"
+NETS = reference_files(sorted(p for p in CONFIG.glob("*/*.prototxt") if "solver" not in p.name))
 
 
 def make_dataset(root, n=3, size=(40, 52)):
@@ -83,7 +83,7 @@ def point_data_layers_at(net_param, root, ids):
             source.write_text(lines)
 
 
-@pytest.mark.parametrize("path", NETS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", NETS, ids=lambda p: f"{p.parent.name}/{p.name}" if p else "reference")
 def test_released_config_builds(path, tmp_path, monkeypatch):
     variables = config_variables(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -129,8 +129,8 @@ RUNS = [(name, small, False) for name, small in DEPLOY] + [("embs", 0, True), ("
 
 @pytest.mark.parametrize("name, small, declared", RUNS,
                          ids=[f"{n}-{'declared' if d else 'small'}" for n, _, d in RUNS])
-def test_deploy_runs_forward(name, small, declared):
-    net_param = caffe_proto.read_net(CONFIG / name / "deploy.prototxt")
+def test_deploy_runs_forward(reference, name, small, declared):
+    net_param = caffe_proto.read_net(reference / "segaware" / "config" / name / "deploy.prototxt")
     if not declared:
         net_param = resize_deploy(net_param, small)
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ and where; never a raw protobuf traceback or a MemoryError."""
 import numpy as np
 import pytest
 
-from caffe_proto import (CaffeFormatError, caffe_pb2, read_blob, read_net, read_solver,
+from segaware_caffe.caffe_proto import (CaffeFormatError, caffe_pb2, read_blob, read_net, read_solver,
                          read_solverstate, read_variables, read_weights, write_weights)
 
 NET_TEXT_ERRORS = [
@@ -101,8 +101,8 @@ def test_missing_and_binary_and_directory_net_files(tmp_path):
         read_net(latin)
 
 
-def test_truncated_caffemodels_say_so(shared, tmp_path):
-    data = (shared / "golden" / "layers" / "innerproduct" / "weights.caffemodel").read_bytes()
+def test_truncated_caffemodels_say_so(golden, tmp_path):
+    data = (golden / "layers" / "innerproduct" / "weights.caffemodel").read_bytes()
     for cut in (len(data) // 2, len(data) - 3, 7):
         with pytest.raises(CaffeFormatError, match=r"truncated"):
             read_weights(data[:cut])
@@ -155,7 +155,7 @@ def test_legacy_dims_and_negative_dims_are_checked():
         read_weights(net.SerializeToString())
 
 
-def test_bad_binaryproto_and_solverstate(shared):
+def test_bad_binaryproto_and_solverstate(golden):
     blob = caffe_pb2.BlobProto()
     blob.shape.dim.extend([1, 3, 10, 10])
     blob.data.extend([0.5] * 7)
@@ -163,7 +163,7 @@ def test_bad_binaryproto_and_solverstate(shared):
         read_blob(blob.SerializeToString())
     with pytest.raises(CaffeFormatError, match=r"not a valid binary \.binaryproto"):
         read_blob(b"\xff\xff\xff")
-    state = (shared / "golden" / "solver" / "sgd_step_momentum_wd" /
+    state = (golden / "solver" / "sgd_step_momentum_wd" /
              "snap_iter_2.solverstate").read_bytes()
     with pytest.raises(CaffeFormatError, match=r"\.solverstate .*truncated"):
         read_solverstate(state[: len(state) // 2])

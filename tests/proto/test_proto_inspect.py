@@ -3,8 +3,8 @@ import re
 
 import numpy as np
 
-from caffe_proto import write_weights
-from tools.cli import main
+from segaware_caffe.caffe_proto import write_weights
+from segaware_caffe.tools.cli import main
 
 TEMPLATE = """name: "tiny"
 input: "data"
@@ -55,8 +55,8 @@ def test_variables_file_weights_and_fallback(tmp_path, capsys):
     assert "total: 4 layers, 4 learnable blobs, 1,397 parameters" in out
 
 
-def test_golden_net_with_its_weights(shared, capsys):
-    case = shared / "golden" / "nets" / "embs_deploy"
+def test_golden_net_with_its_weights(golden, capsys):
+    case = golden / "nets" / "embs_deploy"
     code, out, _ = _run(capsys, str(case / "net.prototxt"), "--weights",
                         str(case / "weights.caffemodel"))
     assert code == 0

@@ -4,8 +4,8 @@ import re
 import pytest
 from google.protobuf import text_format
 
-from caffe_proto import caffe_pb2, read_net, read_solver
-from caffe_proto.text import PLACEHOLDER
+from segaware_caffe.caffe_proto import caffe_pb2, read_net, read_solver
+from segaware_caffe.caffe_proto.text import PLACEHOLDER
 
 # One value per `${NAME}` the released templates use (the released run scripts' VOC settings).
 TEMPLATE_VARIABLES = {
@@ -20,8 +20,8 @@ TEMPLATE_VARIABLES = {
 }
 
 
-def _reference_files(shared):
-    files = sorted((shared / "reference").rglob("*.prototxt"))
+def _reference_files(reference):
+    files = sorted(reference.rglob("*.prototxt"))
     assert len(files) >= 30
     return files
 
@@ -30,15 +30,15 @@ def _is_solver(path):
     return "solver" in path.name
 
 
-def test_template_variable_set_is_complete(shared):
+def test_template_variable_set_is_complete(reference):
     used = set()
-    for path in _reference_files(shared):
+    for path in _reference_files(reference):
         used |= set(PLACEHOLDER.findall(path.read_text()))
     assert used == set(TEMPLATE_VARIABLES)
 
 
-def test_every_reference_prototxt_parses_and_round_trips(shared):
-    for path in _reference_files(shared):
+def test_every_reference_prototxt_parses_and_round_trips(reference):
+    for path in _reference_files(reference):
         reader = read_solver if _is_solver(path) else read_net
         message = reader(path, TEMPLATE_VARIABLES)
         if not _is_solver(path):
@@ -55,9 +55,9 @@ def test_every_reference_prototxt_parses_and_round_trips(shared):
         assert text_format.MessageToString(decoded) == text, path
 
 
-def test_templates_and_their_released_instances_agree(shared):
+def test_templates_and_their_released_instances_agree(reference):
     """config/vgg/train.prototxt with the instance's values equals train_voc_train_aug.prototxt."""
-    config = shared / "reference" / "segaware" / "config" / "vgg"
+    config = reference / "segaware" / "config" / "vgg"
     instance = read_net(config / "train_voc_train_aug.prototxt")
     variables = dict(TEMPLATE_VARIABLES, NET_ID=instance.name, BATCH_SIZE=1, CROP_SIZE=321,
                      DATA_ROOT=instance.layer[0].image_data_param.root_folder,
@@ -69,8 +69,8 @@ def test_templates_and_their_released_instances_agree(shared):
     assert [layer.type for layer in template.layer] == [layer.type for layer in instance.layer]
 
 
-def test_golden_nets_parse_and_keep_legacy_inputs(shared):
-    for path in sorted((shared / "golden").glob("*/*/net.prototxt")):
+def test_golden_nets_parse_and_keep_legacy_inputs(golden):
+    for path in sorted((golden).glob("*/*/net.prototxt")):
         net = read_net(path)
         assert len(net.layer) > 0, path
         if len(net.input):
@@ -78,15 +78,15 @@ def test_golden_nets_parse_and_keep_legacy_inputs(shared):
             upgraded = read_net(path, upgrade_inputs=True)
             assert upgraded.layer[0].type == "Input" and not len(upgraded.input)
             assert list(upgraded.layer[0].top) == list(net.input)
-    for path in sorted((shared / "golden" / "solver").glob("*/solver.prototxt")):
+    for path in sorted((golden / "solver").glob("*/solver.prototxt")):
         solver = read_solver(path)
         assert solver.type in ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
         assert not solver.HasField("solver_type")
 
 
 @pytest.mark.parametrize("name", ["mnist_lenet_solver.prototxt", "mnist_lenet_solver_adam.prototxt"])
-def test_bvlc_solvers(shared, name):
-    solver = read_solver(shared / "reference" / "bvlc" / name)
+def test_bvlc_solvers(reference, name):
+    solver = read_solver(reference / "bvlc" / name)
     assert solver.net == "examples/mnist/lenet_train_test.prototxt"
     assert re.fullmatch(r"SGD|Adam", solver.type)
     assert solver.solver_mode == caffe_pb2.SolverParameter.GPU

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from caffe_proto import caffe_pb2
-from tools import gen_caffe_pb2
+from segaware_caffe.caffe_proto import caffe_pb2
+from segaware_caffe.tools import gen_caffe_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,9 +96,9 @@ def test_caffe_pb2_matches_caffe_proto(ours):
         "caffe_pb2.py differs from protoc's output: run python tools/gen_caffe_pb2.py"
 
 
-def test_every_fork_message_field_and_enum_is_ours_unchanged(shared, ours):
+def test_every_fork_message_field_and_enum_is_ours_unchanged(reference, ours):
     _need_protoc()
-    fork = _normalised(_compile(shared / "reference" / "caffe.proto", "forkcaffe"), "forkcaffe")
+    fork = _normalised(_compile(reference / "caffe.proto", "forkcaffe"), "forkcaffe")
     our_messages, our_enums = _messages(ours), _enums(ours)
     problems = []
     for name, message in _messages(fork).items():
@@ -127,9 +127,9 @@ def test_every_fork_message_field_and_enum_is_ours_unchanged(shared, ours):
     assert not problems, "\n".join(problems)
 
 
-def test_every_bvlc_field_is_present_by_name_with_the_same_type(shared, ours):
+def test_every_bvlc_field_is_present_by_name_with_the_same_type(reference, ours):
     _need_protoc()
-    bvlc = _normalised(_compile(shared / "reference" / "bvlc_caffe.proto", "bvlccaffe"), "bvlccaffe")
+    bvlc = _normalised(_compile(reference / "bvlc_caffe.proto", "bvlccaffe"), "bvlccaffe")
     our_messages, our_enums = _messages(ours), _enums(ours)
     problems = []
     for name, message in _messages(bvlc).items():

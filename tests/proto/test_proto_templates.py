@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from caffe_proto import (caffe_pb2, read_net, read_variables, read_weights,
+from segaware_caffe.caffe_proto import (caffe_pb2, read_net, read_variables, read_weights,
                          weights_to_arrays)
 
 
@@ -44,7 +44,7 @@ def test_shell_variable_file(tmp_path):
     assert net.layer[0].transform_param.crop_size == 321
 
 
-def test_released_template_with_variable_file(shared, tmp_path):
+def test_released_template_with_variable_file(reference, tmp_path):
     path = tmp_path / "vars.sh"
     path.write_text("NET_ID=res\nEXP=segaware\nTEST_SET=val\nFEATURE_DIR=features\n"
                     "DATA_ROOT=/voc\nBATCH_SIZE=1\nCROP_SIZE=513\nDATASET=voc12\nNUM_LABELS=21\n"
@@ -52,7 +52,7 @@ def test_released_template_with_variable_file(shared, tmp_path):
                     "CRF_LR1=1\nCRF_LR2=1\nEMBS_LR1=1\nEMBS_LR2=2\nEMBS_LR3=0\n"
                     "MASK_SIZE=3\nMASK_PAD=1\nMASK_DILATION=1\nMASK2_SIZE=3\nMASK2_PAD=2\n"
                     "MASK2_DILATION=2\nMASK3_SIZE=3\nMASK3_PAD=5\nMASK3_DILATION=5\nHALF_SIZE=257\n")
-    net = read_net(shared / "reference" / "segaware" / "config" / "res" / "test.prototxt",
+    net = read_net(reference / "segaware" / "config" / "res" / "test.prototxt",
                    variables=path)
     assert net.name == "res" and len(net.layer) > 100
 
@@ -107,8 +107,8 @@ def test_bvlc_caffemodel_with_clashing_field_numbers_decodes_correctly():
     assert np.array_equal(weights_to_arrays(net)["ip"][0], np.arange(6).reshape(2, 3))
 
 
-def test_fork_caffemodel_fields_need_no_fixing(shared):
+def test_fork_caffemodel_fields_need_no_fixing(golden):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        net = read_weights(shared / "golden" / "nets" / "embs_deploy" / "weights.caffemodel")
+        net = read_weights(golden / "nets" / "embs_deploy" / "weights.caffemodel")
     assert net.layer[0].type == "Input" and len(net.layer[0].input_param.shape) == 1

@@ -3,7 +3,7 @@ versions in reference/bvlc; solver_type and legacy inputs upgrade like BVLC's up
 import numpy as np
 import pytest
 
-from caffe_proto import (CaffeFormatError, caffe_pb2, net_format, read_net, read_solver,
+from segaware_caffe.caffe_proto import (CaffeFormatError, caffe_pb2, net_format, read_net, read_solver,
                          read_weights, upgrade_net_input, weights_to_arrays)
 
 ALEXNET_V1 = """
@@ -140,14 +140,14 @@ def _assert_same_layers(got, want):
         assert mine == theirs, f"\nupgraded:\n{mine}\nreference:\n{theirs}"
 
 
-def _reference(shared, name):
-    return read_net(shared / "reference" / "bvlc" / name)
+def _reference(reference, name):
+    return read_net(reference / "bvlc" / name)
 
 
-def test_v1_alexnet_upgrades_to_the_reference(shared):
+def test_v1_alexnet_upgrades_to_the_reference(reference):
     assert net_format(read_net(ALEXNET_V1, upgrade=False)) == "V1"
     net = read_net(ALEXNET_V1)
-    want = _reference(shared, "bvlc_alexnet_deploy.prototxt")
+    want = _reference(reference, "bvlc_alexnet_deploy.prototxt")
     assert net.name == want.name
     # legacy inputs are kept unless asked for
     assert list(net.input) == ["data"] and list(net.input_dim) == [10, 3, 227, 227]
@@ -160,16 +160,16 @@ def test_v1_alexnet_upgrades_to_the_reference(shared):
     _assert_same_layers(upgraded.layer[1:], want.layer[1:])
 
 
-def test_v1_lenet_with_data_param_transformations_upgrades_to_the_reference(shared):
+def test_v1_lenet_with_data_param_transformations_upgrades_to_the_reference(reference):
     net = read_net(LENET_V1)
-    want = _reference(shared, "mnist_lenet_train_test.prototxt")
+    want = _reference(reference, "mnist_lenet_train_test.prototxt")
     assert net == want
 
 
-def test_v0_caffenet_with_padding_layers_upgrades_to_the_reference(shared):
+def test_v0_caffenet_with_padding_layers_upgrades_to_the_reference(reference):
     assert net_format(read_net(CAFFENET_V0, upgrade=False)) == "V0"
     net = read_net(CAFFENET_V0, upgrade_inputs=True)
-    want = _reference(shared, "bvlc_reference_caffenet_deploy.prototxt")
+    want = _reference(reference, "bvlc_reference_caffenet_deploy.prototxt")
     assert net.layer[0].input_param == want.layer[0].input_param
     _assert_same_layers(net.layer[1:], want.layer[1:])
 

@@ -2,13 +2,14 @@
 import numpy as np
 import pytest
 
-from caffe_proto import (array_to_blob, blob_to_array, caffe_pb2, read_blob, read_net,
+from segaware_caffe.caffe_proto import (array_to_blob, blob_to_array, caffe_pb2, read_blob, read_net,
                          read_solverstate, read_weights, weights_to_arrays, write_blob,
                          write_solverstate, write_weights)
+from tests.conftest import GOLDEN
 
 
-def _cases(shared, pattern):
-    return sorted((shared / "golden").glob(pattern))
+def _cases(pattern):
+    return sorted(GOLDEN.glob(pattern))
 
 
 def _expected(case_dir, file_name):
@@ -32,8 +33,8 @@ def _expected(case_dir, file_name):
     return {layer: [blobs[i] for i in sorted(blobs)] for layer, blobs in expected.items()}
 
 
-def test_every_golden_caffemodel_loads_with_exact_values(shared, tmp_path):
-    files = _cases(shared, "*/*/*.caffemodel")
+def test_every_golden_caffemodel_loads_with_exact_values(tmp_path):
+    files = _cases("*/*/*.caffemodel")
     assert len(files) >= 30
     checked = 0
     for path in files:
@@ -66,15 +67,15 @@ def test_every_golden_caffemodel_loads_with_exact_values(shared, tmp_path):
     assert checked > 100
 
 
-def test_weights_match_the_net_layer_names(shared):
-    for path in _cases(shared, "layers/*/weights.caffemodel"):
+def test_weights_match_the_net_layer_names():
+    for path in _cases("layers/*/weights.caffemodel"):
         net = read_net(path.parent / "net.prototxt")
         names = {layer.name for layer in net.layer}
         assert set(weights_to_arrays(read_weights(path))) <= names
 
 
-def test_solverstate_loads_history(shared, tmp_path):
-    case = shared / "golden" / "solver" / "sgd_step_momentum_wd"
+def test_solverstate_loads_history(golden, tmp_path):
+    case = golden / "solver" / "sgd_step_momentum_wd"
     state = read_solverstate(case / "snap_iter_2.solverstate")
     assert state.iter == 2 and state.learned_net == "snap_iter_2.caffemodel"
     params = [blob for layer in read_weights(case / state.learned_net).layer

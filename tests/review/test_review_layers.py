@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_proto import read_net
+from segaware_caffe.caffe_proto import read_net
 from segaware_caffe import BuildContext
 from segaware_caffe.layer import layer_class
 

@@ -72,7 +72,7 @@ def test_an_automatic_loss_top_is_no_net_output_but_still_a_loss():
 
 
 def test_the_layer_timer_runs_a_net_with_a_loss_split():
-    from tools.cmd_time import LayerTimer
+    from segaware_caffe.tools.cmd_time import LayerTimer
     net = sc.Net(LOSS_THEN_IN_PLACE, phase="train")
     timer = LayerTimer(net, torch.device("cpu"))
     forward_ms, backward_ms = timer.forward_backward({"data": torch.ones(1, 1, 2, 2)})
@@ -218,7 +218,7 @@ def test_blob_at_layer_names_a_version_before_in_place_rewrites():
 
 
 def test_weights_go_to_the_first_layer_of_a_name_and_the_report_says_so():
-    import caffe_proto
+    from segaware_caffe import caffe_proto
     text = """
     name: "t"
     input: "x" input_shape { dim: 1 dim: 2 }

@@ -13,13 +13,13 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-import caffe_proto
+from segaware_caffe import caffe_proto
 from segaware_caffe.solver import Solver
 from segaware_caffe.solvers.glog import glog_to
 from tests.solver.test_solver_rules import batches, make_solver
 from tests.solver.toy_layers import TOY_NET
-from tools.cli import main
-from tools.cmd_train import signal_requests
+from segaware_caffe.tools.cli import main
+from segaware_caffe.tools.cmd_train import signal_requests
 
 # ------------------------------------------------------------------ a parse_log.py-style parser
 ITERATION = re.compile(r"Iteration (\d+)")
@@ -176,9 +176,9 @@ def test_train_verb_rejects_bad_options(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ the released vgg config
-def make_vgg_experiment(root, shared):
+def make_vgg_experiment(root, reference):
     """config/vgg solver + train net (as released, templated) with a 4-image random dataset."""
-    config = shared / "reference" / "segaware" / "config" / "vgg"
+    config = reference / "segaware" / "config" / "vgg"
     (root / "config" / "vgg").mkdir(parents=True)
     (root / "model" / "vgg").mkdir(parents=True)
     (root / "list").mkdir()
@@ -206,8 +206,8 @@ def make_vgg_experiment(root, shared):
 
 
 @pytest.mark.slow
-def test_train_verb_released_vgg_config(tmp_path, shared, capsys):
-    solver_file, vars_file = make_vgg_experiment(tmp_path, shared)
+def test_train_verb_released_vgg_config(tmp_path, reference, capsys):
+    solver_file, vars_file = make_vgg_experiment(tmp_path, reference)
     code = main(["train", "--solver", str(solver_file), "--vars", str(vars_file)])
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]

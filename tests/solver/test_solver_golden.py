@@ -6,19 +6,19 @@ import json
 import numpy as np
 import pytest
 
-import caffe_proto
+from segaware_caffe import caffe_proto
 from segaware_caffe.solver import Solver
-from tests.conftest import HAVE_SHARED, SHARED
+from tests.conftest import GOLDEN
 from tests.golden.test_golden import assert_close
 
-CASES = sorted(p.parent.name for p in (SHARED / "golden" / "solver").glob("*/solver.prototxt")) \
-    if HAVE_SHARED else []
+CASES = sorted(p.parent.name for p in (GOLDEN / "solver").glob("*/solver.prototxt"))
+
 ADAPTIVE = {"AdaGrad", "RMSProp", "AdaDelta", "Adam"}
 STEPS = 4
 
 
 def case_dir(name):
-    return SHARED / "golden" / "solver" / name
+    return GOLDEN / "solver" / name
 
 
 def feed(data, k):
@@ -67,7 +67,7 @@ def compare_params(solver, data, key, what, noise_blobs=(), noise_errors=None):
     return worst
 
 
-def test_golden_solver_cases_found(shared):
+def test_golden_solver_cases_found():
     assert len(CASES) == 14, CASES
 
 
@@ -100,7 +100,7 @@ def test_golden_solver_trajectory(name, tmp_path, monkeypatch):
           + (f"; noise-gradient blobs {sorted(noise)} {max(noise_errors):.2e}" if noise else ""))
 
 
-def test_golden_resume_from_original_solverstate(shared, tmp_path, monkeypatch):
+def test_golden_resume_from_original_solverstate(tmp_path, monkeypatch):
     case = case_dir("sgd_step_momentum_wd")
     data = np.load(case / "data.npz")
     monkeypatch.chdir(tmp_path)       # learned_net is found beside the .solverstate
@@ -116,7 +116,7 @@ def test_golden_resume_from_original_solverstate(shared, tmp_path, monkeypatch):
     print(f"solver/sgd_step_momentum_wd resume: max relative error {worst:.2e}")
 
 
-def test_golden_history_matches_original_snapshot(shared, tmp_path):
+def test_golden_history_matches_original_snapshot(tmp_path):
     """After 2 steps our history blobs (order, shapes, values) equal the original's .solverstate,
     and our snapshot files hold the same history and weights."""
     case = case_dir("sgd_step_momentum_wd")

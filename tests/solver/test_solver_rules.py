@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffe_proto import caffe_pb2
+from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.solver import Solver
 from segaware_caffe.solvers.rules import learning_rate
 from tests.solver.toy_layers import TOY_NET

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import caffe_proto
+from segaware_caffe import caffe_proto
 import segaware_caffe.solver as solver_module
 from segaware_caffe.solver import Solver
 from tests.solver.test_solver_rules import batches, make_solver
