@@ -9,3 +9,8 @@ class LayerSetupError(NetBuildError):
     def __init__(self, layer_name, layer_type, message):
         self.layer_name, self.layer_type = layer_name, layer_type
         super().__init__(f"{layer_name} ({layer_type}): {message}")
+
+
+class NoBackwardError(RuntimeError):
+    """A gradient was asked of a layer (or a bottom of it) that the original Caffe cannot
+    backpropagate through; raised during backward, naming the layer, the bottom and the way out."""

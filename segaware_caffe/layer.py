@@ -89,6 +89,19 @@ class CaffeLayer(nn.Module):
     CAFFE_BLOBS: ClassVar[tuple] = ()      # attribute names of the learnable blobs, Caffe order
     # True for layers with effects beyond their tops (file writers, accumulators)
     HAS_SIDE_EFFECTS: ClassVar[bool] = False
+    # False where the original has no backward at all (its Backward is empty, or aborts): asking
+    # a gradient through the layer is an error, unless propagate_down: false cuts it off
+    HAS_BACKWARD: ClassVar[bool] = True
+    # bottoms (indices; negative counts from the end) the original refuses to backpropagate into,
+    # such as labels, indices and selectors: a gradient asked there is an error
+    NO_GRAD_BOTTOMS: ClassVar[tuple] = ()
+
+    @classmethod
+    def refuses_gradient(cls, bottom_index, num_bottoms):
+        """Whether the original aborts when a gradient reaches bottom `bottom_index`."""
+        if not cls.HAS_BACKWARD:
+            return True
+        return any(i % num_bottoms == bottom_index for i in cls.NO_GRAD_BOTTOMS) if num_bottoms else False
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

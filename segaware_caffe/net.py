@@ -21,7 +21,7 @@ from torch import fx, nn
 from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
 
-from .errors import NetBuildError
+from .errors import NetBuildError, NoBackwardError
 from .layer import BuildContext, CaffeLayer, layer_class, register_layer
 
 PHASES = {"train": caffe_pb2.TRAIN, "test": caffe_pb2.TEST}
@@ -190,6 +190,26 @@ def _track_grad(x):
     """Make a data layer's top a leaf that records its gradient (for force_backward nets)."""
     if torch.is_grad_enabled() and x.is_floating_point() and not x.requires_grad:
         x = x.detach().requires_grad_(True)
+    return x
+
+
+class _RefuseGradient(torch.autograd.Function):
+    """Identity forward; backward raises: the original Caffe cannot backpropagate there."""
+
+    @staticmethod
+    def forward(ctx, x, message):
+        ctx.message = message
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NoBackwardError(ctx.message)
+
+
+def refuse_gradient(x, message):
+    """x unchanged; a gradient flowing back into it raises NoBackwardError(message)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RefuseGradient.apply(x, message)
     return x
 
 
@@ -506,6 +526,7 @@ class Net(nn.Module):
                 # propagate_down: false gives that bottom no diff (force_backward overrides it)
                 args = [a if keep else graph.call_function(torch.detach, (a,))
                         for a, keep in zip(args, list(r.param.propagate_down) or [True] * len(args))]
+            args = [self._refusing(graph, r, i, a) for i, a in enumerate(args)]
             node = graph.call_module(f"layers.{r.key}", tuple(args))
             if len(r.tops) == 1:
                 env[r.tops[0]] = node
@@ -537,6 +558,27 @@ class Net(nn.Module):
         gm = fx.GraphModule(self, graph, class_name=re.sub(r"\W", "_", self.name or "CaffeNet"))
         self._graph_cache[outputs] = gm
         return gm
+
+    def _refusing(self, graph, record, index, arg):
+        """A bottom the original cannot backpropagate into gets a node that raises if a gradient
+        reaches it (propagate_down: false has already detached it where the prototxt says so)."""
+        cls = type(record.module)
+        if not cls.refuses_gradient(index, len(record.bottoms)):
+            return arg
+        pd = list(record.param.propagate_down)
+        if pd and not pd[index] and not self.force_backward:
+            return arg
+        if self.force_backward and record.bottoms[index] in self.input_names:
+            # a fed input only needs a gradient because of force_backward, which Caffe does not
+            # force into the bottoms a layer refuses (LossLayer::AllowForceBackward)
+            return graph.call_function(torch.detach, (arg,))
+        what = ("has no backward in the original Caffe" if not cls.HAS_BACKWARD else
+                f"cannot backpropagate into bottom {index} ({record.bottoms[index]!r}) in the "
+                f"original Caffe")
+        message = (f"{record.name} ({record.type}) {what}, but a gradient was asked of "
+                   f"{record.bottoms[index]!r}; set propagate_down: false for that bottom, or keep "
+                   f"learnable layers from feeding it")
+        return graph.call_function(refuse_gradient, (arg, message))
 
     def _alias_loss_split(self, graph, record, index, env, aliases, seen):
         """The loss Split of a top (if any) holds the value just produced; readers get split 1.."""
