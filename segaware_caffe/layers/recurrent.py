@@ -18,6 +18,9 @@ Caffe behaviour kept:
   of the h0/c0 bottoms and hT/cT tops with the inner net, so h0/c0 get no gradient and the
   diffs of hT/cT are dropped. The continuation indicators cannot be backpropagated into.
 - recurrent_param.debug_info (the inner net's debug log) has no effect.
+
+Not kept: BVLC fixes the number of time steps when the layer is set up and aborts if a later
+forward brings another; here any T runs (the blobs do not depend on it).
 """
 import math
 from typing import ClassVar
