@@ -15,7 +15,6 @@ class LSTM(RecurrentLayer):
     Blobs, Caffe order: W_xc (4H, D), b_c (4H), W_xc_static (4H, Ds) with a static input, W_hc
     (4H, H); D = prod(x.shape[2:]), Ds = prod(x_static.shape[1:])."""
     STATES = ("h", "c")
-    GATES = 4
     BOTTOMS = (2, 5)
     TOPS = (1, 3)
     CAFFE_BLOBS = ("W_xc", "b_c", "W_xc_static", "W_hc")

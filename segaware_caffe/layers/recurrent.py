@@ -41,10 +41,10 @@ def _is_fake(tensor):
 class RecurrentLayer(CaffeLayer):
     """Base of RNN and LSTM (BVLC's abstract RecurrentLayer; not a layer type of its own).
 
-    Subclasses set STATES (names of the recurrent states, in Caffe's bottom/top order), GATES
-    (rows of the input transforms per output unit), BLOB_SHAPES and implement `unroll`."""
+    Subclasses set STATES (names of the recurrent states, in Caffe's bottom/top order),
+    CAFFE_BLOBS, BOTTOMS/TOPS (the widest counts; from_proto checks the exact ones) and implement
+    `blob_shapes` and `unroll`."""
     STATES: ClassVar[tuple] = ()
-    GATES: ClassVar[int] = 1
     NO_GRAD_BOTTOMS = (1,)
 
     def __init__(self, *, num_output, input_size, static_size=None, expose_hidden=False,
