@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .errors import LayerSetupError, NetBuildError
+from .errors import LayerSetupError, NetBuildError, NoBackwardError
 
 _REGISTRY = {}
 
@@ -47,6 +47,45 @@ def layer_class(type_name, layer_name="?"):
             f"{layer_name} ({type_name}): unknown layer type {type_name!r}{hint}. "
             f"Supported types: {', '.join(registered_types())}. "
             f"Register your own with @segaware_caffe.register_layer({type_name!r}).") from None
+
+
+class _NoGradientInto(torch.autograd.Function):
+    """`top` unchanged, linked to `guarded` tensors: its backward raises when one of them needs
+    a gradient (and passes the top's gradient on to `top` otherwise)."""
+
+    @staticmethod
+    def forward(ctx, message, top, *guarded):
+        ctx.message = message
+        ctx.num_guarded = len(guarded)
+        return top.view_as(top)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if any(ctx.needs_input_grad[2:]):
+            raise NoBackwardError(ctx.message)
+        return (None, grad if ctx.needs_input_grad[1] else None) + (None,) * ctx.num_guarded
+
+
+def no_gradient_into(tops, guarded, where, what=None):
+    """Make asking a gradient of `guarded` through `tops` an error, as in the original Caffe,
+    whose Backward aborts (or is missing) there. `tops`: a tensor or a tuple; `guarded`: the
+    bottoms the layer cannot backpropagate into, named by `what` ("its label bottom"); None
+    means a forward-only layer (pass all its bottoms).
+
+    A top computed without autograd (argmax, a comparison) would otherwise just carry no gradient,
+    and a loss whose gradient skips its label would silently give the label none; the link raises
+    NoBackwardError during backward instead, naming the layer. Bottoms that need no gradient
+    (propagate_down: false, fed inputs, data) leave the tops as they are."""
+    guarded = [g for g in guarded if isinstance(g, torch.Tensor) and g.requires_grad]
+    if not guarded or not torch.is_grad_enabled():
+        return tops
+    problem = ("has no backward in the original Caffe" if what is None else
+               f"cannot backpropagate into {what} in the original Caffe (its Backward aborts)")
+    message = (f"{where} {problem}, but a gradient was asked through it; set propagate_down: "
+               f"false for that bottom, or keep learnable layers from feeding it")
+    if isinstance(tops, torch.Tensor):
+        return _NoGradientInto.apply(message, tops, *guarded)
+    return tuple(_NoGradientInto.apply(message, t, *guarded) for t in tops)
 
 
 @dataclass
