@@ -140,7 +140,9 @@ class CaffeLayer(nn.Module):
         """Whether the original aborts when a gradient reaches bottom `bottom_index`."""
         if not cls.HAS_BACKWARD:
             return True
-        return any(i % num_bottoms == bottom_index for i in cls.NO_GRAD_BOTTOMS) if num_bottoms else False
+        # a negative index counts from the end; an index past this layer's bottoms (an optional
+        # bottom left out) refuses nothing
+        return any((i + num_bottoms if i < 0 else i) == bottom_index for i in cls.NO_GRAD_BOTTOMS)
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
