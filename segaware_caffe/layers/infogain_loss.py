@@ -21,6 +21,7 @@ class InfogainLoss(CaffeLayer):
     NO_GRAD_BOTTOMS = (1, 2)
 
     def __init__(self, *, infogain=None, where="InfogainLoss"):
+        """infogain: H as K rows of K floats, or None when H is bottom 2."""
         super().__init__()
         self.where = where
         # H from the source file: a constant of the layer, not a learnable blob (Caffe does not
@@ -49,8 +50,9 @@ class InfogainLoss(CaffeLayer):
         if legacy_shape(shape, ctx, what) != (1, 1, dim, dim):
             raise ctx.error(f"{what} must have shape (1, 1, {dim}, {dim}) for {dim} values per "
                             f"item, got {tuple(shape)}")
-        return cls(infogain=None if infogain is None else infogain.reshape(dim, dim),
-                   where=f"{ctx.name} ({ctx.type})")
+        if infogain is not None:    # plain values (rows of floats), like every constructor argument
+            infogain = tuple(tuple(float(v) for v in row) for row in infogain.reshape(dim, dim))
+        return cls(infogain=infogain, where=f"{ctx.name} ({ctx.type})")
 
     def forward(self, prob, labels, infogain=None):
         num = prob.shape[0]

@@ -12,7 +12,6 @@ from ..layer import CaffeLayer, no_gradient_into, register_layer
 FLT_MAX = 3.4028234663852886e38
 FLT_MIN = 1.1754943508222875e-38
 _METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}   # PoolingParameter.PoolMethod
-MAX, AVE, STOCHASTIC = 0, 1, 2
 CEIL, FLOOR = 0, 1
 
 

@@ -2,7 +2,6 @@
 (top_k, ignore_label, axis), Log (base, scale, shift), Reduction (axis, coeff, every operation),
 PReLU (channel_shared), Bias (axis, num_axes, two bottoms), ELU, BNLL; and which layers have no
 backward or refuse some bottoms, as the fork's Backward functions do."""
-import itertools
 import math
 
 import numpy as np
