@@ -66,18 +66,51 @@ class _NoGradientInto(torch.autograd.Function):
         return (None, grad if ctx.needs_input_grad[1] else None) + (None,) * ctx.num_guarded
 
 
+def depends_on_trained_parameter(tensor):
+    """Whether `tensor`'s autograd history reaches a parameter that trains (lr_mult != 0; a
+    parameter without lr_mult counts as training): Caffe's test of whether a blob needs a
+    gradient. Data tops, fed inputs and frozen (lr_mult 0) parameters do not make it need one,
+    even where force_backward gives them gradients."""
+    if not tensor.requires_grad:
+        return False
+    if tensor.grad_fn is None:
+        return isinstance(tensor, nn.Parameter) and getattr(tensor, "lr_mult", 1) != 0
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)     # AccumulateGrad: a leaf
+        if variable is not None:
+            if isinstance(variable, nn.Parameter) and getattr(variable, "lr_mult", 1) != 0:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 def no_gradient_into(tops, guarded, where, what=None):
     """Make asking a gradient of `guarded` through `tops` an error, as in the original Caffe,
-    whose Backward aborts (or is missing) there. `tops`: a tensor or a tuple; `guarded`: the
-    bottoms the layer cannot backpropagate into, named by `what` ("its label bottom"); None
-    means a forward-only layer (pass all its bottoms).
+    whose Backward aborts (or is missing) there. `tops`: a tensor or a tuple.
+
+    what=None: a forward-only layer (pass all its bottoms); any of them that requires a gradient
+    makes a backward through the tops raise. Otherwise `guarded` are the bottoms the layer refuses
+    (labels, indices, selectors; `what` names them, "its label bottom (1)"), and, as in Caffe,
+    they need a gradient only when they depend on a parameter that trains: a label from a data
+    layer or a fed input gets none and raises nothing, also under force_backward.
 
     A top computed without autograd (argmax, a comparison) would otherwise just carry no gradient,
     and a loss whose gradient skips its label would silently give the label none; the link raises
-    NoBackwardError during backward instead, naming the layer. Bottoms that need no gradient
-    (propagate_down: false, fed inputs, data) leave the tops as they are."""
-    guarded = [g for g in guarded if isinstance(g, torch.Tensor) and g.requires_grad]
-    if not guarded or not torch.is_grad_enabled():
+    NoBackwardError during backward instead, naming the layer. propagate_down: false (the bottom
+    arrives detached) leaves the tops as they are."""
+    if not torch.is_grad_enabled():
+        return tops
+    if what is None:
+        guarded = [g for g in guarded if isinstance(g, torch.Tensor) and g.requires_grad]
+    else:
+        guarded = [g for g in guarded if isinstance(g, torch.Tensor) and depends_on_trained_parameter(g)]
+    if not guarded:
         return tops
     problem = ("has no backward in the original Caffe" if what is None else
                f"cannot backpropagate into {what} in the original Caffe (its Backward aborts)")

@@ -228,7 +228,7 @@ class Pooling(CaffeLayer):
         if self.train_phase:
             return stochastic_pool_train(x, kernel, self.stride, out)
         return no_gradient_into(stochastic_pool_test(x, kernel, self.stride, out), [x],
-                                self.where, "its bottom in the TEST phase of STOCHASTIC pooling")
+                                f"{self.where} with STOCHASTIC pooling in the TEST phase")
 
     def extra_repr(self):
         phase = (", phase=" + ("TRAIN" if self.train_phase else "TEST")) if self.method == "STOCHASTIC" else ""

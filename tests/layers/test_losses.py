@@ -29,6 +29,11 @@ def rand(*shape, seed=0):
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def trained(t):
+    """t through a parameter that trains: in Caffe's terms a blob that needs a gradient."""
+    return t * torch.nn.Parameter(torch.ones((), dtype=t.dtype))
+
+
 def grad_of(layer, inputs, index=0, weight=1.0):
     """d(weight * loss)/d inputs[index] by autograd (inputs are float64 tensors)."""
     x = [t.clone().requires_grad_(i == index) for i, t in enumerate(inputs)]
@@ -190,7 +195,7 @@ def test_infogain_loss_with_H_bottom_matches_definition():
     np.testing.assert_allclose(grad_of(layer, [prob, labels, H]).numpy(), ref_grad, rtol=1e-12)
     with pytest.raises(NoBackwardError, match=r"i \(InfogainLoss\) cannot backpropagate into its "
                                               r"label \(1\) or infogain \(2\) bottom"):
-        layer(prob, labels, H.clone().requires_grad_()).backward()
+        layer(prob, labels, trained(H)).backward()
 
 
 def test_infogain_loss_reads_H_from_source_relative_to_the_prototxt(tmp_path, monkeypatch):
@@ -412,7 +417,8 @@ def test_smooth_l1_loss_follows_the_gpu_code(with_weights):
     if with_weights:
         with pytest.raises(NoBackwardError, match=r"s \(SmoothL1Loss\) cannot backpropagate into "
                                                   r"its weights bottom \(2\)"):
-            grad_of(layer, bottoms, 2)
+            layer(a, b, trained(w)).backward()
+        grad_of(layer, bottoms, 2)      # weights that need no gradient (data): none, no error
 
 
 def test_smooth_l1_loss_with_binary_weights_is_the_derivative():
