@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .errors import LayerSetupError, NetBuildError
+from .errors import LayerSetupError, NetBuildError, NoBackwardError
 
 _REGISTRY = {}
 
@@ -47,6 +47,78 @@ def layer_class(type_name, layer_name="?"):
             f"{layer_name} ({type_name}): unknown layer type {type_name!r}{hint}. "
             f"Supported types: {', '.join(registered_types())}. "
             f"Register your own with @segaware_caffe.register_layer({type_name!r}).") from None
+
+
+class _NoGradientInto(torch.autograd.Function):
+    """`top` unchanged, linked to `guarded` tensors: its backward raises when one of them needs
+    a gradient (and passes the top's gradient on to `top` otherwise)."""
+
+    @staticmethod
+    def forward(ctx, message, top, *guarded):
+        ctx.message = message
+        ctx.num_guarded = len(guarded)
+        return top.view_as(top)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if any(ctx.needs_input_grad[2:]):
+            raise NoBackwardError(ctx.message)
+        return (None, grad if ctx.needs_input_grad[1] else None) + (None,) * ctx.num_guarded
+
+
+def depends_on_trained_parameter(tensor):
+    """Whether `tensor`'s autograd history reaches a parameter that trains (lr_mult != 0; a
+    parameter without lr_mult counts as training): Caffe's test of whether a blob needs a
+    gradient. Data tops, fed inputs and frozen (lr_mult 0) parameters do not make it need one,
+    even where force_backward gives them gradients."""
+    if not tensor.requires_grad:
+        return False
+    if tensor.grad_fn is None:
+        return isinstance(tensor, nn.Parameter) and getattr(tensor, "lr_mult", 1) != 0
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)     # AccumulateGrad: a leaf
+        if variable is not None:
+            if isinstance(variable, nn.Parameter) and getattr(variable, "lr_mult", 1) != 0:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def no_gradient_into(tops, guarded, where, what=None):
+    """Make asking a gradient of `guarded` through `tops` an error, as in the original Caffe,
+    whose Backward aborts (or is missing) there. `tops`: a tensor or a tuple.
+
+    what=None: a forward-only layer (pass all its bottoms); any of them that requires a gradient
+    makes a backward through the tops raise. Otherwise `guarded` are the bottoms the layer refuses
+    (labels, indices, selectors; `what` names them, "its label bottom (1)"), and, as in Caffe,
+    they need a gradient only when they depend on a parameter that trains: a label from a data
+    layer or a fed input gets none and raises nothing, also under force_backward.
+
+    A top computed without autograd (argmax, a comparison) would otherwise just carry no gradient,
+    and a loss whose gradient skips its label would silently give the label none; the link raises
+    NoBackwardError during backward instead, naming the layer. propagate_down: false (the bottom
+    arrives detached) leaves the tops as they are."""
+    if not torch.is_grad_enabled():
+        return tops
+    if what is None:
+        guarded = [g for g in guarded if isinstance(g, torch.Tensor) and g.requires_grad]
+    else:
+        guarded = [g for g in guarded if isinstance(g, torch.Tensor) and depends_on_trained_parameter(g)]
+    if not guarded:
+        return tops
+    problem = ("has no backward in the original Caffe" if what is None else
+               f"cannot backpropagate into {what} in the original Caffe (its Backward aborts)")
+    message = (f"{where} {problem}, but a gradient was asked through it; set propagate_down: "
+               f"false for that bottom, or keep learnable layers from feeding it")
+    if isinstance(tops, torch.Tensor):
+        return _NoGradientInto.apply(message, tops, *guarded)
+    return tuple(_NoGradientInto.apply(message, t, *guarded) for t in tops)
 
 
 @dataclass
@@ -101,7 +173,9 @@ class CaffeLayer(nn.Module):
         """Whether the original aborts when a gradient reaches bottom `bottom_index`."""
         if not cls.HAS_BACKWARD:
             return True
-        return any(i % num_bottoms == bottom_index for i in cls.NO_GRAD_BOTTOMS) if num_bottoms else False
+        # a negative index counts from the end; an index past this layer's bottoms (an optional
+        # bottom left out) refuses nothing
+        return any((i + num_bottoms if i < 0 else i) == bottom_index for i in cls.NO_GRAD_BOTTOMS)
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

@@ -9,6 +9,16 @@ def canonical_axis(axis, ndim, ctx, field="axis"):
     return axis % ndim if ndim else 0
 
 
+def legacy_shape(shape, ctx, what="the bottom"):
+    """Caffe's legacy (num, channels, height, width) of a blob of at most 4 axes: missing
+    trailing axes count as 1. Layers written against that API abort on blobs of more axes."""
+    shape = tuple(shape)
+    if len(shape) > 4:
+        raise ctx.error(f"{what} must have at most 4 axes (num, channels, height, width), got "
+                        f"shape {shape}")
+    return shape + (1,) * (4 - len(shape))
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     kernel: tuple      # (kh, kw)

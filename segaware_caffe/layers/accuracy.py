@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ..layer import CaffeLayer, register_layer
+from ..layer import CaffeLayer, no_gradient_into, register_layer
 from ..params import canonical_axis
 from .softmax_loss import check_labels
 
@@ -17,6 +17,7 @@ class Accuracy(CaffeLayer):
     unguarded); optional top 1 = accuracy per class (0 for absent classes)."""
     BOTTOMS = (2, 2)
     TOPS = (1, 2)
+    HAS_BACKWARD = False
 
     def __init__(self, *, top_k=1, axis=1, ignore_label=None, per_class=False, where="Accuracy"):
         super().__init__()
@@ -40,8 +41,11 @@ class Accuracy(CaffeLayer):
                    ignore_label=int(p.ignore_label) if p.HasField("ignore_label") else None,
                    per_class=len(ctx.top_names) == 2, where=f"{ctx.name} ({ctx.type})")
 
-    @torch.no_grad()
     def forward(self, scores, labels):
+        return no_gradient_into(self._accuracy(scores, labels), [scores, labels], self.where)
+
+    @torch.no_grad()
+    def _accuracy(self, scores, labels):
         shape = scores.shape
         outer, channels = math.prod(shape[:self.axis]), shape[self.axis]
         scores3 = scores.reshape(outer, channels, -1)

@@ -1,7 +1,7 @@
 """DistLoss (SEMANTICS §3): the segaware embedding hinge loss over Im2dist / Im2parity outputs."""
 from segaware_caffe.kernels.dist_loss import dist_loss
 
-from ..layer import CaffeLayer, register_layer
+from ..layer import CaffeLayer, no_gradient_into, register_layer
 from ..params import conv_geometry
 
 
@@ -12,9 +12,12 @@ class DistLoss(CaffeLayer):
     D is the original's signed m / count, unscaled by loss_weight; the parity gets none."""
     BOTTOMS = (2, 2)
     IS_LOSS = True
+    # the original's backward writes only the distances' diff
+    NO_GRAD_BOTTOMS = (1,)
 
-    def __init__(self, *, alpha, beta, ignore_label=None):
+    def __init__(self, *, alpha, beta, ignore_label=None, where="DistLoss"):
         super().__init__()
+        self.where = where
         self.alpha = alpha
         self.beta = beta
         self.ignore_label = ignore_label
@@ -45,10 +48,12 @@ class DistLoss(CaffeLayer):
                 raise ctx.error(f"the parity bottom must have as many elements as the distance "
                                 f"bottom {dist_shape}, got {parity_shape}")
         return cls(alpha=alpha, beta=beta,
-                   ignore_label=dp.ignore_label if dp.HasField("ignore_label") else None)
+                   ignore_label=dp.ignore_label if dp.HasField("ignore_label") else None,
+                   where=f"{ctx.name} ({ctx.type})")
 
     def forward(self, dist, parity):
-        return dist_loss(dist, parity, self.alpha, self.beta, ignore_label=self.ignore_label)
+        loss = dist_loss(dist, parity, self.alpha, self.beta, ignore_label=self.ignore_label)
+        return no_gradient_into(loss, [parity], self.where, "its parity bottom (1)")
 
     def extra_repr(self):
         extra = f", ignore_label={self.ignore_label}" if self.ignore_label is not None else ""

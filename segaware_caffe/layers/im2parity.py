@@ -1,7 +1,7 @@
 """Im2parity (SEMANTICS §2.2): per-tap label agreement, (N, C, H, W) labels -> (N, K, Ho, Wo)."""
 from segaware_caffe.kernels.im2parity import im2parity
 
-from ..layer import CaffeLayer, register_layer
+from ..layer import CaffeLayer, no_gradient_into, register_layer
 from .im2dist import patch_geometry_from_proto, patch_layer_repr
 
 
@@ -11,9 +11,12 @@ class Im2parity(CaffeLayer):
     count as label 0; with ignore_label, taps touching it output ignore_label. A patch whose
     centre is outside the image outputs ignore_label (0 if unset). Forward only: the output
     carries no gradient (the original has no backward)."""
+    HAS_BACKWARD = False
 
-    def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), ignore_label=None):
+    def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), ignore_label=None,
+                 where="Im2parity"):
         super().__init__()
+        self.where = where
         self.kernel = tuple(kernel)
         self.pad = tuple(pad)
         self.stride = tuple(stride)
@@ -26,11 +29,13 @@ class Im2parity(CaffeLayer):
         ip = layer_param.im2parity_param
         return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
                    dilation=geometry.dilation,
-                   ignore_label=ip.ignore_label if ip.HasField("ignore_label") else None)
+                   ignore_label=ip.ignore_label if ip.HasField("ignore_label") else None,
+                   where=f"{ctx.name} ({ctx.type})")
 
     def forward(self, labels):
-        return im2parity(labels, self.kernel, self.pad, self.stride, self.dilation,
-                         ignore_label=self.ignore_label)
+        parity = im2parity(labels, self.kernel, self.pad, self.stride, self.dilation,
+                           ignore_label=self.ignore_label)
+        return no_gradient_into(parity, [labels], self.where)
 
     def extra_repr(self):
         return patch_layer_repr(self, (("ignore_label", None),))

@@ -1,4 +1,5 @@
-"""Pooling MAX / AVE with Caffe's ceil rule and border divisors (SEMANTICS §9.1).
+"""Pooling MAX / AVE with Caffe's ceil rule and border divisors, and STOCHASTIC as the original's
+GPU code computes it (its CPU code has none).
 
 Caffe's output size is computed here and the input is padded (or cropped) to exactly the extent the
 windows cover, so torch's own ceil_mode rule never decides a size.
@@ -6,10 +7,11 @@ windows cover, so torch's own ceil_mode rule never decides a size.
 import torch
 import torch.nn.functional as F
 
-from ..layer import CaffeLayer, register_layer
+from ..layer import CaffeLayer, no_gradient_into, register_layer
 
 FLT_MAX = 3.4028234663852886e38
-MAX, AVE, STOCHASTIC = 0, 1, 2
+FLT_MIN = 1.1754943508222875e-38
+_METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}   # PoolingParameter.PoolMethod
 CEIL, FLOOR = 0, 1
 
 
@@ -41,21 +43,121 @@ def _pair(pp, ctx, field, prefix, default):
     return (default, default)
 
 
+
+def _after(out, size, kernel, pad, stride):
+    """Padding needed after the input so that `out` windows fit exactly (negative: crop)."""
+    return (out - 1) * stride + kernel - size - pad
+
+
+def pool2d(x, method, kernel, pad, stride, out_hw, mask_top=False):
+    """MAX or AVE pooling of (N, C, H, W) with Caffe's windows: window o covers
+    [o*stride - pad, o*stride - pad + kernel); MAX takes the maximum over its in-image part
+    (padding never wins), AVE sums the in-image part and divides by the window clipped to
+    [-pad, size + pad). Returns the top, and with mask_top the winner's h*W + w (-1 for none)."""
+    height, width = x.shape[-2:]
+    out_h, out_w = out_hw
+    borders = (pad[1], _after(out_w, width, kernel[1], pad[1], stride[1]),
+               pad[0], _after(out_h, height, kernel[0], pad[0], stride[0]))
+    if method == "MAX":
+        # -FLT_MAX is Caffe's initial maximum: padding never beats an in-image value and an
+        # empty window gives -FLT_MAX, as in Caffe.
+        padded = F.pad(x, borders, value=-FLT_MAX)
+        top, index = F.max_pool2d(padded, kernel, stride, return_indices=True)
+        if mask_top:
+            with torch.no_grad():
+                row = index // padded.shape[-1] - pad[0]
+                col = index % padded.shape[-1] - pad[1]
+                inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
+                mask = torch.where(inside, row * width + col, -1).to(x.dtype)
+            return top, mask
+        return top
+    sums = F.avg_pool2d(F.pad(x, borders), kernel, stride, divisor_override=1)
+    sizes = []
+    for out, size, k, p, s in zip((out_h, out_w), (height, width), kernel, pad, stride):
+        start = torch.arange(out, device=x.device) * s - p
+        end = torch.clamp(start + k, max=size + p)
+        sizes.append((end - start).to(x.dtype))
+    return sums / (sizes[0][:, None] * sizes[1][None, :])
+
+
+def _window_taps(x, kernel, stride, out_hw):
+    """The taps of every (unpadded) window: values (N*C, kh*kw, L) in row-major tap order, zero
+    where a window runs past the image, with each tap's flat position h*W + w and whether it is
+    inside the image (both (kh*kw, L)); L = Ho*Wo."""
+    num, channels, height, width = x.shape
+    (kh, kw), (sh, sw), (out_h, out_w) = kernel, stride, out_hw
+    borders = (0, _after(out_w, width, kw, 0, sw), 0, _after(out_h, height, kh, 0, sh))
+    padded = F.pad(x, borders).reshape(num * channels, 1, *[n + b for n, b in zip(
+        (height, width), (borders[3], borders[1]))])
+    taps = F.unfold(padded, kernel, stride=stride)
+    device = x.device
+    rows = (torch.arange(out_h, device=device) * sh)[None, :, None] + \
+        torch.arange(kh, device=device).repeat_interleave(kw)[:, None, None]
+    cols = (torch.arange(out_w, device=device) * sw)[None, None, :] + \
+        torch.arange(kw, device=device).repeat(kh)[:, None, None]
+    inside = ((rows < height) & (cols < width)).reshape(kh * kw, -1)
+    position = (rows.clamp(max=height - 1) * width + cols.clamp(max=width - 1)).reshape(kh * kw, -1)
+    return taps, position, inside
+
+
+def stochastic_pool_train(x, kernel, stride, out_hw, generator=None):
+    """TRAIN-phase STOCHASTIC pooling as the original's GPU kernel: per window a uniform u in
+    (0, 1] (curand's range), threshold u * sum(window), and the output is the first element in
+    row-major order at which the running sum reaches the threshold; its gradient goes to that
+    element. u is drawn from torch's generator on x's device (`generator`, else the default one,
+    seeded by torch.manual_seed): Caffe's random stream itself cannot be reproduced. A window whose
+    running sum never reaches the threshold (negative inputs; the original leaves its output
+    unwritten) outputs 0 with no gradient."""
+    num, channels, height, width = x.shape
+    taps, position, inside = _window_taps(x, kernel, stride, out_hw)
+    with torch.no_grad():
+        running = taps.cumsum(1)
+        u = 1 - torch.rand((taps.shape[0], 1, taps.shape[2]), generator=generator,
+                           device=x.device, dtype=x.dtype)
+        hit = (running >= u * running[:, -1:]) & inside
+        found = hit.any(1)
+        first = hit.to(torch.uint8).argmax(1, keepdim=True)
+        chosen = position.expand(taps.shape[0], -1, -1).gather(1, first).squeeze(1)
+    picked = x.reshape(num * channels, height * width).gather(1, chosen)
+    top = torch.where(found, picked, torch.zeros_like(picked))
+    return top.reshape(num, channels, *out_hw)
+
+
+def stochastic_pool_test(x, kernel, stride, out_hw):
+    """TEST-phase STOCHASTIC pooling (GPU code): sum(x^2) / (FLT_MIN + sum(x)) over each window
+    clipped to the image, i.e. the activations weighted by themselves."""
+    borders = (0, _after(out_hw[1], x.shape[-1], kernel[1], 0, stride[1]),
+               0, _after(out_hw[0], x.shape[-2], kernel[0], 0, stride[0]))
+    padded = F.pad(x, borders)
+    sums = F.avg_pool2d(padded, kernel, stride, divisor_override=1)
+    squares = F.avg_pool2d(padded * padded, kernel, stride, divisor_override=1)
+    return squares / (sums + FLT_MIN)
+
+
 @register_layer("Pooling")
 class Pooling(CaffeLayer):
     """MAX: maximum over the window clipped to the image (first element wins ties; an optional
     second top holds the winner's index h*W + w as float, -1 for none). AVE: sum over the in-image
     part of the window divided by the window size clipped to [-pad, H+pad). Windows start at
-    o*stride - pad. With global_pooling the kernel is the bottom's spatial size."""
+    o*stride - pad. With global_pooling the kernel is the bottom's spatial size.
+
+    STOCHASTIC (no padding; the original has only GPU code for it, which this follows): in TRAIN
+    each window outputs one of its elements drawn with probability proportional to its value
+    (see stochastic_pool_train; the gradient goes to the drawn element), in TEST
+    sum(x^2) / sum(x). The TEST phase has no backward: the original's would route gradients by
+    indices that only a TRAIN forward writes."""
     TOPS = (1, 2)
 
     def __init__(self, *, method="MAX", kernel=None, pad=(0, 0), stride=(1, 1),
-                 global_pooling=False, round_mode=CEIL, mask_top=False):
+                 global_pooling=False, round_mode=CEIL, mask_top=False, train=False,
+                 where="Pooling"):
         super().__init__()
         if mask_top and method != "MAX":
             raise ValueError("only MAX pooling has a mask top")
-        if method not in ("MAX", "AVE"):
-            raise ValueError(f"method must be 'MAX' or 'AVE', got {method!r}")
+        if method not in ("MAX", "AVE", "STOCHASTIC"):
+            raise ValueError(f"method must be 'MAX', 'AVE' or 'STOCHASTIC', got {method!r}")
+        if method == "STOCHASTIC" and tuple(pad) != (0, 0):
+            raise ValueError(f"STOCHASTIC pooling takes no padding, got pad {tuple(pad)}")
         self.method = method
         self.kernel = None if global_pooling else tuple(kernel)
         self.pad = tuple(pad)
@@ -63,16 +165,17 @@ class Pooling(CaffeLayer):
         self.global_pooling = global_pooling
         self.round_mode = round_mode
         self.mask_top = mask_top
+        self.train_phase = train
+        self.where = where
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
         pp = layer_param.pooling_param
-        if pp.pool == STOCHASTIC:
-            raise NotImplementedError(f"{ctx.name} ({ctx.type}): STOCHASTIC pooling is not "
-                                      "supported (the original has no CPU forward for it)")
-        method = "MAX" if pp.pool == MAX else "AVE"
-        if method == "AVE" and len(ctx.top_names) > 1:
-            raise ctx.error(f"AVE pooling has one top, got {len(ctx.top_names)}")
+        method = _METHODS.get(pp.pool)
+        if method is None:
+            raise ctx.error(f"pooling_param.pool must be MAX, AVE or STOCHASTIC, got {pp.pool}")
+        if method != "MAX" and len(ctx.top_names) > 1:
+            raise ctx.error(f"{method} pooling has one top, got {len(ctx.top_names)}")
         shape = tuple(ctx.bottom_shapes[0])
         if len(shape) != 4:
             raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
@@ -95,9 +198,13 @@ class Pooling(CaffeLayer):
                 raise ctx.error(f"pooling_param: stride must be > 0, got {stride}")
             if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
                 raise ctx.error(f"pooling_param: pad {pad} must be smaller than the kernel {kernel}")
+        if method == "STOCHASTIC" and pad != (0, 0):
+            raise ctx.error(f"pooling_param: padding is implemented only for MAX and AVE pooling, "
+                            f"got pad {pad} with STOCHASTIC")
         layer = cls(method=method, kernel=kernel, pad=pad, stride=stride,
                     global_pooling=pp.global_pooling, round_mode=pp.round_mode,
-                    mask_top=len(ctx.top_names) == 2)
+                    mask_top=len(ctx.top_names) == 2, train=ctx.phase == "TRAIN",
+                    where=f"{ctx.name} ({ctx.type})")
         out = layer.output_spatial_size(*shape[2:])
         if min(out) <= 0:
             raise ctx.error(f"the bottom's spatial size {shape[2:]} gives an empty output {out} "
@@ -114,46 +221,19 @@ class Pooling(CaffeLayer):
                      for size, k, p, s in zip((height, width), kernel, self.pad, self.stride))
 
     def forward(self, x):
-        height, width = x.shape[-2:]
-        kernel = self._kernel_for(height, width)
-        out_h, out_w = self.output_spatial_size(height, width)
-        pad_h, pad_w = self.pad
-        # The padded extent is exactly what the windows cover: pad before, and after the input
-        # whatever the last window needs (a negative amount crops rows no window reads).
-        after_h = (out_h - 1) * self.stride[0] + kernel[0] - height - pad_h
-        after_w = (out_w - 1) * self.stride[1] + kernel[1] - width - pad_w
-        borders = (pad_w, after_w, pad_h, after_h)
-        if self.method == "MAX":
-            # -FLT_MAX is Caffe's initial maximum: padding never beats an in-image value and an
-            # empty window gives -FLT_MAX, as in Caffe.
-            padded = F.pad(x, borders, value=-FLT_MAX)
-            top, index = F.max_pool2d(padded, kernel, self.stride, return_indices=True)
-            if self.mask_top:
-                return top, self._mask(index, padded.shape[-1], height, width).to(x.dtype)
-            return top
-        padded = F.pad(x, borders)
-        sums = F.avg_pool2d(padded, kernel, self.stride, divisor_override=1)
-        return sums / self._divisor(out_h, out_w, height, width, kernel, x)
-
-    def _mask(self, index, padded_width, height, width):
-        with torch.no_grad():
-            row = index // padded_width - self.pad[0]
-            col = index % padded_width - self.pad[1]
-            inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
-            return torch.where(inside, row * width + col, -1)
-
-    def _divisor(self, out_h, out_w, height, width, kernel, like):
-        """AVE divisor per output: the window clipped to [-pad, size+pad) (padding counted)."""
-        sizes = []
-        for out, size, k, p, s in zip((out_h, out_w), (height, width), kernel, self.pad, self.stride):
-            start = torch.arange(out, device=like.device) * s - p
-            end = torch.clamp(start + k, max=size + p)
-            sizes.append((end - start).to(like.dtype))
-        return sizes[0][:, None] * sizes[1][None, :]
+        kernel = self._kernel_for(*x.shape[-2:])
+        out = self.output_spatial_size(*x.shape[-2:])
+        if self.method != "STOCHASTIC":
+            return pool2d(x, self.method, kernel, self.pad, self.stride, out, self.mask_top)
+        if self.train_phase:
+            return stochastic_pool_train(x, kernel, self.stride, out)
+        return no_gradient_into(stochastic_pool_test(x, kernel, self.stride, out), [x],
+                                f"{self.where} with STOCHASTIC pooling in the TEST phase")
 
     def extra_repr(self):
+        phase = (", phase=" + ("TRAIN" if self.train_phase else "TEST")) if self.method == "STOCHASTIC" else ""
         if self.global_pooling:
-            return f"method={self.method}, global_pooling=True"
+            return f"method={self.method}, global_pooling=True{phase}"
         text = f"method={self.method}, kernel={self.kernel}, stride={self.stride}"
         if self.pad != (0, 0):
             text += f", pad={self.pad}"
@@ -161,4 +241,4 @@ class Pooling(CaffeLayer):
             text += ", round_mode=FLOOR"
         if self.mask_top:
             text += ", mask_top=True"
-        return text
+        return text + phase

@@ -683,9 +683,10 @@ def test_errors(layer_text, shapes, message):
 
 
 def test_unsupported_features_fail_at_build():
-    with pytest.raises(NotImplementedError, match=r"p \(Pooling\): STOCHASTIC"):
+    with pytest.raises(LayerSetupError, match=r"p \(Pooling\): .*padding is implemented only "
+                                              r"for MAX and AVE"):
         build('name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param { pool: STOCHASTIC '
-              'kernel_size: 2 }', [(1, 1, 4, 4)])
+              'kernel_size: 2 pad: 1 }', [(1, 1, 4, 4)])
     with pytest.raises(NotImplementedError, match=r"d \(Deconvolution\): .*bottom_is_im2col"):
         build('name: "d" type: "Deconvolution" bottom: "x" top: "y" convolution_param { '
               'num_output: 2 kernel_size: 2 bottom_is_im2col: true }', [(1, 4, 4, 4)])

@@ -16,6 +16,7 @@ import torch
 
 from segaware_caffe.caffe_proto import read_net
 from segaware_caffe import BuildContext, LayerSetupError
+from segaware_caffe.errors import NoBackwardError
 from segaware_caffe.layer import layer_class
 from tests.conftest import cpu_and_cuda
 
@@ -99,6 +100,11 @@ def run_case(root):
 
     for lp in net.layer:
         bottoms = [bottom(b) for b in lp.bottom]
+        # as sc.Net does with force_backward: a fed input gets no gradient where the layer
+        # refuses one (a label), rather than an error
+        refuses = layer_class(lp.type).refuses_gradient
+        bottoms = [b.detach() if name in net.input and refuses(i, len(bottoms)) else b
+                   for i, (name, b) in enumerate(zip(lp.bottom, bottoms))]
         layer = build(lp, [b.shape for b in bottoms], meta["phase"])
         for i, (top, value) in enumerate(zip(lp.top, as_tuple(layer(*bottoms)))):
             if value.requires_grad:
@@ -208,8 +214,13 @@ def test_bnll_backward_uses_clamped_exponent():
 
 
 def test_threshold_is_forward_only():
-    y = layer_of('type: "Threshold"', shape=(3,))(torch.tensor([-1.0, 0.0, 2.0], requires_grad=True))
-    assert y.tolist() == [0.0, 0.0, 1.0] and not y.requires_grad
+    layer = layer_of('type: "Threshold"', shape=(3,))
+    assert layer(torch.tensor([-1.0, 0.0, 2.0])).tolist() == [0.0, 0.0, 1.0]
+    # the original has no backward: asking a gradient through it is an error, not a zero
+    y = layer(torch.tensor([-1.0, 0.0, 2.0], requires_grad=True))
+    assert y.tolist() == [0.0, 0.0, 1.0]
+    with pytest.raises(NoBackwardError, match=r"\(Threshold\) has no backward"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("params, x, grad", [
@@ -603,7 +614,9 @@ def test_accuracy_top_k_ignore_and_per_class():
     # item 0: label 0 ranks 3rd; item 1: label 2 ties class 1, higher class ranks first -> 2nd;
     # item 2: label 0 ties class 1 at 0.2, class 1 ranks above -> 3rd; item 3: 2nd; item 4 ignored
     assert acc.shape == () and acc.item() == pytest.approx(2 / 4)
-    assert per_class.tolist() == [0.0, 1.0, 1.0] and not acc.requires_grad
+    assert per_class.tolist() == [0.0, 1.0, 1.0]
+    with pytest.raises(NoBackwardError, match=r"a \(Accuracy\) has no backward"):
+        acc.backward()
     top1 = build('name: "a" type: "Accuracy" bottom: "s" bottom: "l" top: "acc"', [(5, 3), (5,)])
     assert top1(scores, torch.tensor([1.0, 0, 2, 2, 0])).item() == pytest.approx(4 / 5)
     spatial = build('name: "a" type: "Accuracy" bottom: "s" bottom: "l" top: "acc"', [(2, 3, 4, 5), (2, 1, 4, 5)])
