@@ -590,3 +590,8 @@ def test_res10_style_ssd_matches_opencv(tmp_path):
     assert got.shape == want.shape and got.shape[2] >= 100, (got.shape, want.shape)
     assert np.array_equal(got[..., :2], want[..., :2])                   # image, label per row
     assert np.allclose(got[..., 2:], want[..., 2:], rtol=1e-4, atol=1e-5)
+    # and the SSD-numbered caffemodel loads back into our net unchanged
+    again = sc.Net(prototxt, weights=weights)
+    for name, params in net.params.items():
+        for mine, loaded in zip(params, again.params[name]):
+            assert torch.equal(mine.detach(), loaded.detach()), name
