@@ -33,7 +33,10 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda13x>=14"],
-        "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17"],
+        # opencv: the SSD tests compare with OpenCV's Caffe importer
+        "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17",
+                 "opencv-python-headless<5"],
+        "bench": ["opencv-python-headless<5"],
     },
     entry_points={"console_scripts": ["segaware-caffe=segaware_caffe.tools.cli:main"]},
 )

@@ -1,5 +1,6 @@
-"""Binary side of Caffe files: decoding with clear errors, BVLC/fork field-number clashes, and
-checked BlobProto <-> numpy conversion."""
+"""Binary side of Caffe files: decoding under the right dialect with errors that say where a file
+breaks, BVLC/fork field-number clashes settled per layer type, and checked BlobProto <-> numpy
+conversion."""
 import os
 import warnings
 
@@ -7,7 +8,9 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from . import caffe_pb2
+from .dialects import READ_ORDER, DialectError, from_dialect, layer_label
 from .errors import CaffeFormatError
+from .wire import LEN, WireError, encode_varint, expected_wire_types, iter_fields, read_varint
 
 # LayerParameter numbers 143..148 mean different things in the fork and in BVLC Caffe. Ours keeps
 # the fork's and gives BVLC's the number 1000 + n. Per number: the fork's field and the layer
@@ -48,21 +51,100 @@ def _looks_like_text(data):
     return any(word in text for word in ("layer", "name:", "input:", "net:", "{"))
 
 
-def parse_binary(data, message, where, what):
-    """Parse bytes into message; errors say the file is truncated or not a Caffe `what`."""
+def parse_binary(data, message, where, what, dialect=None):
+    """Parse bytes into `message` (in place); returns (message, dialect name, the bytes in our
+    numbering). Each dialect of dialects.READ_ORDER is tried in turn (only `dialect` if given);
+    when none decodes, the error says where the bytes break, and says "truncated" only when a
+    length runs past the end of the data."""
     if not data:
         raise CaffeFormatError(f"{where}: empty file, expected a binary {what}")
-    try:
-        message.ParseFromString(data)
-    except DecodeError:
-        if _looks_like_text(data):
-            raise CaffeFormatError(
-                f"{where}: this is a text file, not a binary {what} (read prototxt files with "
-                f"read_net / read_solver)") from None
+    descriptor = message.DESCRIPTOR
+    names = (dialect,) if dialect else READ_ORDER
+    fitted = []           # (misfits, order, name, wire bytes, misfit places)
+    for order, name in enumerate(names):
+        try:
+            wire, found = from_dialect(data, descriptor, name,
+                                       check_candidates=() if dialect else READ_ORDER)
+        except (WireError, DialectError):
+            continue      # malformed whatever the dialect: diagnosed below
+        if found:
+            fitted.append((len(found), order, name, wire, found))
+            continue
+        try:
+            message.Clear()
+            message.ParseFromString(wire)
+        except DecodeError:
+            continue
+        return message, name, wire
+    for count, _, name, wire, found in sorted(fitted, key=lambda t: t[:2]):
+        try:
+            message.Clear()
+            message.ParseFromString(wire)
+        except DecodeError:
+            continue
+        places = "; ".join(f"byte {offset}: {text}" for offset, text in found[:3])
+        warnings.warn(f"{where}: no Caffe dialect ({', '.join(names)}) reads every field of this "
+                      f"{what} as declared; read as {name} ({count} misfit(s): {places})",
+                      stacklevel=3)
+        return message, name, wire
+    message.Clear()
+    if _looks_like_text(data):
         raise CaffeFormatError(
-            f"{where}: not a valid binary {what}: the file is truncated or is not a Caffe file "
-            f"({len(data)} bytes)") from None
-    return message
+            f"{where}: this is a text file, not a binary {what} (read prototxt files with "
+            f"read_net / read_solver)")
+    raise diagnose(data, descriptor, where, what)
+
+
+def diagnose(data, descriptor, where, what):
+    """A CaffeFormatError saying where and how data fails to be a `descriptor` message."""
+    problem = _first_break(memoryview(data), 0, len(data), descriptor, "")
+    size = f"({len(data)} bytes)"
+    if problem is None:       # the generated parser refused something the walk accepts
+        return CaffeFormatError(f"{where}: not a valid binary {what}: the file is corrupt or is "
+                                f"not a Caffe file {size}")
+    error, message_descriptor, context = problem
+    declared = message_descriptor.fields_by_number.get(error.number) \
+        if error.number is not None else None
+    fits = declared is not None and error.wire_type in expected_wire_types(declared)
+    if error.past_end and (fits or error.number is None):
+        field = f"{message_descriptor.name}.{declared.name}: " if declared is not None else ""
+        return CaffeFormatError(f"{where}: not a valid binary {what}: the file is truncated: "
+                                f"{context}{field}{error.problem} {size}")
+    return CaffeFormatError(f"{where}: not a valid binary {what}: the file is corrupt or is not a "
+                            f"Caffe file: {context}{message_descriptor.name}: {error.problem} "
+                            f"{size}")
+
+
+def _first_break(data, start, end, descriptor, context):
+    """(WireError, message descriptor, layer context) of the first malformed place, or None."""
+    layer_index = 0
+    try:
+        for f in iter_fields(data, start, end):
+            declared = descriptor.fields_by_number.get(f.number)
+            if (declared is None or declared.message_type is None or f.wire_type != LEN):
+                continue
+            sub_context = context
+            if descriptor.full_name == "caffe.NetParameter" and declared.name in ("layer", "layers"):
+                label = layer_label(data, f.value_start, f.end, declared.message_type, layer_index)
+                sub_context = f"layer {label} (from byte {f.start}): "
+                layer_index += 1
+            found = _first_break(data, f.value_start, f.end, declared.message_type, sub_context)
+            if found is not None:
+                return found
+    except WireError as error:
+        if descriptor.full_name == "caffe.NetParameter" and error.number in (
+                descriptor.fields_by_name["layer"].number, descriptor.fields_by_name["layers"].number):
+            # a layer cut short: name it from what is left of it
+            field_descriptor = descriptor.fields_by_number[error.number]
+            try:
+                _, payload = read_varint(data, error.offset, end)
+                _, payload = read_varint(data, payload, end)
+            except WireError:
+                payload = end
+            label = layer_label(data, payload, end, field_descriptor.message_type, layer_index)
+            context = f"{context}layer {label} (from byte {error.offset}): "
+        return error, descriptor, context
+    return None
 
 
 def _unknown_count(message):
@@ -84,44 +166,7 @@ def check_recognised(message, where, what, required_any=()):
 
 
 # ------------------------------------------------------------------------------------------------
-# Wire-level walk, to re-read BVLC fields whose numbers the fork uses for something else
-
-def _varint(data, pos):
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise DecodeError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(data):
-    """Yield (number, wire_type, payload) for length-delimited fields and (number, type, None) for
-    others, skipping values without decoding them."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, pos = _varint(data, pos)
-            yield number, wire_type, None
-        elif wire_type == 1:
-            pos += 8
-            yield number, wire_type, None
-        elif wire_type == 2:
-            length, pos = _varint(data, pos)
-            yield number, wire_type, data[pos:pos + length]
-            pos += length
-        elif wire_type == 5:
-            pos += 4
-            yield number, wire_type, None
-        else:
-            raise DecodeError(f"wire type {wire_type}")
-
+# BVLC layer fields whose numbers the fork uses for something else
 
 def fix_bvlc_layer_fields(net, data, where):
     """Re-read LayerParameter fields 143..148 of BVLC files under BVLC numbering (in place).
@@ -134,14 +179,15 @@ def fix_bvlc_layer_fields(net, data, where):
                 if any(layer.HasField(fork) for fork, *_ in CLASHING_LAYER_FIELDS.values())]
     if not suspects:
         return net
-    raw_layers = [payload for number, wire_type, payload in _fields(data)
-                  if number == _LAYER_FIELD and wire_type == 2]
+    raw_layers = [data[f.value_start:f.end] for f in iter_fields(data)
+                  if f.number == _LAYER_FIELD and f.wire_type == LEN]
     for index in suspects:
         layer = net.layer[index]
         raw = {}
-        for number, wire_type, payload in _fields(raw_layers[index]):
-            if number in CLASHING_LAYER_FIELDS and wire_type == 2:
-                raw[number] = raw.get(number, b"") + payload  # repeated chunks merge
+        for f in iter_fields(raw_layers[index]):
+            if f.number in CLASHING_LAYER_FIELDS and f.wire_type == LEN:
+                # repeated chunks of one message field merge
+                raw[f.number] = raw.get(f.number, b"") + bytes(raw_layers[index][f.value_start:f.end])
         for number, (fork_field, fork_types, bvlc_field, bvlc_types) in \
                 CLASHING_LAYER_FIELDS.items():
             if not layer.HasField(fork_field) or layer.type in fork_types:
@@ -217,16 +263,6 @@ def array_to_blob(array, diff=None, double=False):
     return blob
 
 
-def _encode_varint(value):
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _merge_packed(blob, field_name, array, dtype):
     """Append array to a packed repeated float/double field through its wire bytes (a Python
     list round trip costs seconds for a 10M-value blob)."""
@@ -234,7 +270,7 @@ def _merge_packed(blob, field_name, array, dtype):
     if not payload:
         return
     number = blob.DESCRIPTOR.fields_by_name[field_name].number
-    blob.MergeFromString(_encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload)
+    blob.MergeFromString(encode_varint(number << 3 | 2) + encode_varint(len(payload)) + payload)
 
 
 def _as_numpy(value):

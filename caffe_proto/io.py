@@ -10,14 +10,16 @@ import os
 from . import caffe_pb2
 from .binary import (array_to_blob, blob_shape, blob_to_array, check_blob, check_recognised,
                      fix_bvlc_layer_fields, parse_binary, read_bytes)
+from .dialects import READ_ORDER, DialectError, from_dialect, to_dialect
 from .errors import CaffeFormatError
 from .text import load_text, parse_text, read_variables, substitute
 from .upgrade import upgrade_net, upgrade_net_input, upgrade_solver
+from .wire import WireError
 
 __all__ = [
     "read_net", "read_solver", "read_weights", "write_weights", "read_blob", "write_blob",
     "read_solverstate", "write_solverstate", "read_variables", "blob_to_array", "array_to_blob",
-    "blob_shape", "weights_to_arrays", "write_net", "upgrade_net_input",
+    "blob_shape", "weights_to_arrays", "write_net", "upgrade_net_input", "detect_dialect",
 ]
 
 
@@ -77,17 +79,19 @@ def _load_solver_nets(solver, where, base_dir, variables):
         raise CaffeFormatError(f"{where}: the solver names no training net (set net or train_net)")
 
 
-def read_weights(path_or_bytes, *, upgrade=True):
-    """NetParameter with blobs from a .caffemodel written by the fork or by BVLC Caffe.
+def read_weights(path_or_bytes, *, upgrade=True, dialect=None):
+    """NetParameter with blobs from a .caffemodel written by the fork, BVLC Caffe or SSD.
 
-    BVLC layer fields whose numbers the fork reuses (input_param, crop_param, ...: 143..148) are
-    re-read under BVLC numbering; V0/V1 files are upgraded. Blob sizes are checked against their
-    declared shapes.
+    The dialect (field numbering) is recognised from the bytes (see caffe_proto.dialects), or
+    forced with dialect="segaware" / "bvlc" / "ssd". BVLC layer fields whose numbers the fork
+    reuses (input_param, crop_param, ...: 143..148) are re-read per layer type; V0/V1 files are
+    upgraded. Blob sizes are checked against their declared shapes.
     """
     data, where = read_bytes(path_or_bytes)
-    net = parse_binary(data, caffe_pb2.NetParameter(), where, ".caffemodel (NetParameter)")
+    net, _, wire = parse_binary(data, caffe_pb2.NetParameter(), where,
+                                ".caffemodel (NetParameter)", dialect=dialect)
     check_recognised(net, where, ".caffemodel (NetParameter)", required_any=("layer", "layers"))
-    fix_bvlc_layer_fields(net, data, where)
+    fix_bvlc_layer_fields(net, wire, where)
     if upgrade:
         upgrade_net(net, where)
     for layer in list(net.layer) + list(net.layers):
@@ -107,11 +111,13 @@ def weights_to_arrays(net):
     return arrays
 
 
-def write_weights(net_param_or_blobs, path, *, types=None, overwrite=False, name=None):
+def write_weights(net_param_or_blobs, path, *, types=None, overwrite=False, name=None,
+                  dialect="segaware"):
     """Write a .caffemodel from a NetParameter, or from {layer name: [arrays]} (numpy or torch).
 
     types: optional {layer name: Caffe type} recorded in the file (Caffe ignores types when it
-    loads weights; some tools show them).
+    loads weights; some tools show them). dialect: the field numbering of the file ("segaware",
+    "bvlc" or "ssd"); a field the dialect has no number for is an error naming it.
     """
     if isinstance(net_param_or_blobs, caffe_pb2.NetParameter):
         net = net_param_or_blobs
@@ -128,7 +134,27 @@ def write_weights(net_param_or_blobs, path, *, types=None, overwrite=False, name
     else:
         raise TypeError(f"write_weights needs a NetParameter or a dict {{layer name: [arrays]}}, "
                         f"got {type(net_param_or_blobs).__name__}")
-    _write_bytes(path, net.SerializeToString(), overwrite)
+    data = net.SerializeToString()
+    if dialect != "segaware":
+        try:
+            data = to_dialect(data, caffe_pb2.NetParameter, dialect)
+        except DialectError as e:
+            raise DialectError(f"{os.fspath(path)}: cannot write the {dialect} dialect: {e}") from None
+    _write_bytes(path, data, overwrite)
+
+
+def detect_dialect(path_or_bytes):
+    """The dialect ("segaware" or "ssd") whose numbering a .caffemodel's bytes fit, or None
+    when none does (see caffe_proto.dialects; files of BVLC Caffe read as "segaware")."""
+    data, where = read_bytes(path_or_bytes)
+    for name in READ_ORDER:
+        try:
+            _, misfits = from_dialect(data, caffe_pb2.NetParameter.DESCRIPTOR, name)
+        except WireError:
+            return None
+        if not misfits:
+            return name
+    return None
 
 
 def write_net(net, path, *, overwrite=False):
@@ -140,7 +166,7 @@ def write_net(net, path, *, overwrite=False):
 def read_blob(path_or_bytes):
     """numpy array from a .binaryproto (a mean file: BlobProto, usually (1, C, H, W))."""
     data, where = read_bytes(path_or_bytes)
-    blob = parse_binary(data, caffe_pb2.BlobProto(), where, ".binaryproto (BlobProto)")
+    blob, _, _ = parse_binary(data, caffe_pb2.BlobProto(), where, ".binaryproto (BlobProto)")
     check_recognised(blob, where, ".binaryproto (BlobProto)")
     return blob_to_array(blob, where)
 
@@ -154,7 +180,7 @@ def read_solverstate(path_or_bytes):
     """SolverState (iter, learned_net, history blobs, current_step) from a .solverstate file.
     Use blob_to_array on `state.history[i]` for the arrays."""
     data, where = read_bytes(path_or_bytes)
-    state = parse_binary(data, caffe_pb2.SolverState(), where, ".solverstate (SolverState)")
+    state, _, _ = parse_binary(data, caffe_pb2.SolverState(), where, ".solverstate (SolverState)")
     check_recognised(state, where, ".solverstate (SolverState)")
     for index, blob in enumerate(state.history):
         check_blob(blob, f"{where}: history blob {index}")

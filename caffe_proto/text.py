@@ -254,8 +254,12 @@ def _block_body(text, open_brace):
 
 
 def _suggest(message):
-    """A 'did you mean' hint for unknown fields and enum values, from our schema."""
+    """A 'did you mean' hint for unknown fields and enum values, from our schema (or from the
+    user's declarations of other forks' fields)."""
     pool = caffe_pb2.DESCRIPTOR.pool
+    if "segaware_user." in message:
+        from . import extensions
+        pool = extensions._pool()
     field = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', message)
     if field:
         try:
@@ -280,13 +284,175 @@ def _suggest(message):
     return ""
 
 
+def _declare_hint(message_name, field, layer_type):
+    """How to make an unknown field of another Caffe fork readable."""
+    if message_name == "LayerParameter":
+        kind = layer_type if layer_type not in ("?", "") else "YourType"
+        return (f"if {field} is a parameter of another Caffe fork, declare it with the layer that "
+                f"reads it: @segaware_caffe.register_layer({kind!r}, params='optional "
+                f"MyParameter {field} = <its field number>; message MyParameter {{ ... }}') "
+                f"(README: layers of other forks)")
+    return (f"{message_name} of segaware-caffe's schema (segaware fork, BVLC and SSD fields) has "
+            f"no {field}; a fork's own fields inside built-in messages cannot be declared, but its "
+            f"layer type can be registered with its own *_param (README: layers of other forks)")
+
+
 def parse_text(text, message, where="<text>"):
-    """Parse prototxt text into message; a CaffeFormatError names file, line, column and layer."""
+    """Parse prototxt text into message; a CaffeFormatError names file, line, column and layer.
+
+    In a NetParameter, LayerParameter fields declared with caffe_proto.extensions (the fields of
+    other forks' layers) are read with their declaration and kept in the layer as wire bytes."""
+    from . import extensions
+    records = []
+    parsed = text
+    if isinstance(message, caffe_pb2.NetParameter) and extensions.declared_names():
+        parsed, records = _cut_declared_fields(text, set(extensions.declared_names()))
     try:
-        text_format.Parse(text, message, allow_unknown_extension=False)
+        text_format.Parse(parsed, message, allow_unknown_extension=False)
     except text_format.ParseError as error:
         raise _format_parse_error(error, text, message, where) from None
+    for layer_index, name, start, end in records:
+        line = text.count("\n", 0, start) + 1
+        column = start - (text.rfind("\n", 0, start) + 1)
+        block = "\n" * (line - 1) + " " * column + text[start:end]
+        try:
+            holder = extensions.parse_block(block, name)
+        except text_format.ParseError as error:
+            raise _format_parse_error(error, text, message, where) from None
+        if layer_index >= len(message.layer):
+            raise CaffeFormatError(f"{where}:{line}: {name} is outside any layer")
+        extensions.attach(message.layer[layer_index], holder)
     return message
+
+
+def _skip_string(text, index):
+    quote = text[index]
+    end = index + 1
+    while end < len(text) and text[end] != quote:
+        end += 2 if text[end] == "\\" else 1
+    return end + 1
+
+
+def _matching(text, index, opening, closing):
+    """Index just past the bracket matching text[index] (== opening)."""
+    depth = 0
+    while index < len(text):
+        char = text[index]
+        if char in "\"'":
+            index = _skip_string(text, index)
+            continue
+        if char == "#":
+            newline = text.find("\n", index)
+            index = len(text) if newline < 0 else newline
+            continue
+        if char == opening:
+            depth += 1
+        elif char == closing:
+            depth -= 1
+            if depth == 0:
+                return index + 1
+        index += 1
+    return len(text)
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+
+
+def _cut_declared_fields(text, names):
+    """(text with the declared fields of top-level `layer` blocks blanked, keeping every line and
+    column, [(layer index, field name, start, end)])."""
+    records = []
+    out = list(text)
+    depth = 0
+    layer_index = -1
+    in_layer = False
+    index = 0
+    length = len(text)
+    expect_value = False
+    while index < length:
+        char = text[index]
+        if char in "\"'":
+            index = _skip_string(text, index)
+            expect_value = False
+            continue
+        if char == "#":
+            newline = text.find("\n", index)
+            index = length if newline < 0 else newline
+            continue
+        if char == "{":
+            if depth == 0:
+                opening = _LAYER_OPENING.search(text, max(0, index - 40), index)
+                in_layer = bool(opening) and opening.group(0).lstrip().startswith("layer") and \
+                    not opening.group(0).lstrip().startswith("layers")
+                if in_layer:
+                    layer_index += 1
+            depth += 1
+            index += 1
+            expect_value = False
+            continue
+        if char == "}":
+            depth -= 1
+            index += 1
+            continue
+        if char == ":":
+            expect_value = True
+            index += 1
+            continue
+        match = _IDENTIFIER.match(text, index) if (char.isalpha() or char == "_") else None
+        if match is None:
+            if not char.isspace():
+                expect_value = False
+            index += 1
+            continue
+        word, end = match.group(0), match.end()
+        if depth == 1 and in_layer and not expect_value and word in names and \
+                (index == 0 or not (text[index - 1].isalnum() or text[index - 1] == "_")):
+            after = end
+            while after < length and text[after].isspace():
+                after += 1
+            if after < length and text[after] in ":{":
+                stop = _field_end(text, after)
+                records.append((layer_index, word, index, stop))
+                for k in range(index, stop):
+                    if out[k] != "\n":
+                        out[k] = " "
+                index = stop
+                continue
+        expect_value = False
+        index = end
+    return "".join(out), records
+
+
+def _field_end(text, index):
+    """End of a field's value starting at index (the `:` or `{` after its name)."""
+    length = len(text)
+    if text[index] == ":":
+        index += 1
+        while index < length and text[index].isspace():
+            index += 1
+    if index >= length:
+        return length
+    if text[index] == "{":
+        end = _matching(text, index, "{", "}")
+    elif text[index] == "[":
+        end = _matching(text, index, "[", "]")
+    elif text[index] in "\"'":
+        end = _skip_string(text, index)
+        while True:                       # adjacent string literals concatenate
+            probe = end
+            while probe < length and text[probe].isspace():
+                probe += 1
+            if probe < length and text[probe] in "\"'":
+                end = _skip_string(text, probe)
+            else:
+                break
+    else:
+        end = index
+        while end < length and not (text[end].isspace() or text[end] in ";,}#"):
+            end += 1
+    if end < length and text[end] in ";,":
+        end += 1
+    return end
 
 
 def _format_parse_error(error, text, message, where):
@@ -306,6 +472,11 @@ def _format_parse_error(error, text, message, where):
     layer = _enclosing_layer(text, offset)
     context = f" in layer {layer[0]!r} ({layer[1]}):" if layer else ""
     hint = _suggest(detail)
+    detail = re.sub(r"segaware_user\.d\d+\.", "", detail)   # the declared message's own name
+    unknown = re.search(r'Message type "caffe\.(\w+)" has no field named "(\w+)"', detail)
+    if unknown and layer:
+        hint = (hint + "\n    " if hint else "") + _declare_hint(unknown.group(1), unknown.group(2),
+                                                                layer[1])
     caret = " " * (max(column - 1, 0)) + "^"
     parts = [f"{where}:{line_number}:{column}:{context} {detail}",
              f"    {source_line}", f"    {caret}"]

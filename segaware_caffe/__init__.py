@@ -24,6 +24,7 @@ _API = {
     "CaffeLayer": "layer",
     "register_layer": "layer",
     "registered_types": "layer",
+    "supported_layer_types": "layer",
     "LayerSetupError": "errors",
     "NetBuildError": "errors",
     "Net": "net",

@@ -14,3 +14,8 @@ class LayerSetupError(NetBuildError):
 class NoBackwardError(RuntimeError):
     """A gradient was asked of a layer (or a bottom of it) that the original Caffe cannot
     backpropagate through; raised during backward, naming the layer, the bottom and the way out."""
+
+
+class PythonLayerError(RuntimeError):
+    """A user's Python layer raised while it ran; names the layer and the user's file and line
+    (the original exception is chained)."""

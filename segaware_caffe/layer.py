@@ -19,8 +19,21 @@ from .errors import LayerSetupError, NetBuildError, NoBackwardError
 _REGISTRY = {}
 
 
-def register_layer(*type_names):
-    """Class decorator: register a CaffeLayer subclass under one or more Caffe type strings."""
+def register_layer(*type_names, params=None):
+    """Class decorator: register a CaffeLayer subclass under one or more Caffe type strings.
+
+    params: LayerParameter fields the schema does not have (another fork's `*_param`), in proto2
+    syntax, e.g. 'optional UpsampleParameter upsample_param = 320; message UpsampleParameter
+    { optional int32 scale = 1 [default = 2]; }'. Prototxts (and binary files) then carry them,
+    and from_proto reads them as plain Python values with cls.user_params(layer_param).
+    """
+    if not type_names:
+        raise TypeError("register_layer needs at least one Caffe type name")
+    declared = ()
+    if params is not None:
+        from segaware_caffe.caffe_proto import extensions
+        declared = tuple(extensions.declare(params, owner=f"layer type {type_names[0]!r}"))
+
     def wrap(cls):
         for type_name in type_names:
             if type_name in _REGISTRY:
@@ -29,12 +42,22 @@ def register_layer(*type_names):
             _REGISTRY[type_name] = cls
         if not getattr(cls, "TYPE", None):
             cls.TYPE = type_names[0]
+        if declared:
+            cls.USER_PARAMS = declared
         return cls
     return wrap
 
 
 def registered_types():
     return sorted(_REGISTRY)
+
+
+def supported_layer_types():
+    """Every Caffe layer type a net may use: the built-in ones and those registered since."""
+    import importlib
+    importlib.import_module("segaware_caffe.layers")
+    from . import net  # noqa: F401  (Input is defined beside the builder)
+    return registered_types()
 
 
 def layer_class(type_name, layer_name="?"):
@@ -167,6 +190,19 @@ class CaffeLayer(nn.Module):
     # bottoms (indices; negative counts from the end) the original refuses to backpropagate into,
     # such as labels, indices and selectors: a gradient asked there is an error
     NO_GRAD_BOTTOMS: ClassVar[tuple] = ()
+    # LayerParameter fields declared with register_layer(..., params=...)
+    USER_PARAMS: ClassVar[tuple] = ()
+
+    @classmethod
+    def user_params(cls, layer_param, *, given=False):
+        """{field: plain Python value} of the fields declared with register_layer(params=...),
+        with Caffe's defaults where the layer leaves them out (a message: a dict of its fields).
+        given=True returns (values, set of the dotted names the layer sets explicitly)."""
+        from segaware_caffe.caffe_proto import extensions
+        values = extensions.values(layer_param, cls.USER_PARAMS)
+        if given:
+            return values, extensions.given(layer_param, cls.USER_PARAMS)
+        return values
 
     @classmethod
     def refuses_gradient(cls, bottom_index, num_bottoms):

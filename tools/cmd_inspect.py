@@ -1,7 +1,9 @@
 """segaware-caffe inspect NET.prototxt [--weights W] [--set VAR=value ...] [--vars FILE] [--phase P]
 
 A table of the net's layers: name, type, bottoms -> tops (with shapes when the net can be built),
-learnable blobs with shapes, lr/decay multipliers, and the phase rules of each layer.
+learnable blobs with shapes, lr/decay multipliers, and the phase rules of each layer. Layers
+whose type segaware-caffe does not implement are marked "(unsupported)" before anything is
+built (a net with one is then not built at all).
 """
 import math
 import os
@@ -73,11 +75,46 @@ def _filter(net_param, args):
     return list(filter_layers(net_param, phase, args.level, tuple(args.stage)))
 
 
+def _supported_types():
+    """The layer types segaware-caffe can build, or None when the builder cannot be loaded."""
+    try:
+        from segaware_caffe import supported_layer_types
+        return set(supported_layer_types())
+    except Exception:  # the net builder (torch) is optional for this tool
+        return None
+
+
+def unsupported_layers(layers):
+    """[(layer name, type)] of the layers whose type is not implemented (none if unknown)."""
+    supported = _supported_types()
+    if supported is None:
+        return []
+    return [(layer.name, _type_name(layer)) for layer in layers
+            if _type_name(layer) not in supported]
+
+
+def _type_name(layer):
+    return layer.type if isinstance(layer.type, str) else str(layer.type)
+
+
 def inspect_rows(net_param, args, weights=None):
     """(rows, notes): one dict per listed layer, and lines to print under the table."""
     notes = []
-    net, reason = (None, "--all-phases lists layers without building") if args.all_phases else \
-        _build_net(net_param, args)
+    listed = list(net_param.layer) if args.all_phases else _filter(net_param, args)
+    unsupported = unsupported_layers(listed)
+    if unsupported:
+        kinds = sorted({kind for _, kind in unsupported})
+        notes.append(f"{len(unsupported)} layer(s) of type(s) segaware-caffe does not implement: "
+                     + ", ".join(f"{kind} ({', '.join(n for n, k in unsupported if k == kind)})"
+                                 for kind in kinds)
+                     + "; register one with @segaware_caffe.register_layer (the implemented "
+                       "types: segaware_caffe.supported_layer_types())")
+    if args.all_phases:
+        net, reason = None, "--all-phases lists layers without building"
+    elif unsupported:
+        net, reason = None, f"not built: {len(unsupported)} layer(s) of unsupported types"
+    else:
+        net, reason = _build_net(net_param, args)
     if reason:
         notes.append(f"shapes from the prototxt/weights only: {reason}")
     weight_shapes = {}
@@ -98,15 +135,16 @@ def inspect_rows(net_param, args, weights=None):
                 mults=[(getattr(p, "lr_mult", 1.0), getattr(p, "decay_mult", 1.0)) for p in params],
                 rule=rule_text(record.param), ids=[id(p) for p in params]))
         return rows, notes
-    layers = list(net_param.layer) if args.all_phases else _filter(net_param, args)
-    for layer in layers:
+    marked = {name for name, _ in unsupported}
+    for layer in listed:
         shapes = weight_shapes.get(layer.name, [])
         if not shapes and len(layer.blobs):
             shapes = [caffe_proto.blob_shape(b) for b in layer.blobs]
         count = max(len(shapes), len(layer.param))
         mults = [(layer.param[i].lr_mult, layer.param[i].decay_mult) if i < len(layer.param)
                  else (1.0, 1.0) for i in range(count)]
-        rows.append(dict(name=layer.name, type=layer.type,
+        kind = f"{layer.type} (unsupported)" if layer.name in marked else layer.type
+        rows.append(dict(name=layer.name, type=kind,
                          flow=_flow(layer.bottom, layer.top, {}),
                          params=shapes or [None] * len(layer.param), mults=mults,
                          rule=rule_text(layer), ids=None))

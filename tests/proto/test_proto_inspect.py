@@ -51,8 +51,36 @@ def test_variables_file_weights_and_fallback(tmp_path, capsys):
     code, out, _ = _run(capsys, str(net), "--vars", str(variables), "--weights", str(weights))
     assert code == 0
     assert re.search(r"conv\s+Convolution\s+data -> conv\s+4x3x3x3, 4\s+1/1, 2/0", out)
-    assert "note: shapes from the prototxt/weights only: NetBuildError: odd (NoSuchType)" in out
+    assert re.search(r"odd\s+NoSuchType \(unsupported\)\s+data -> odd", out)
+    assert ("note: 1 layer(s) of type(s) segaware-caffe does not implement: NoSuchType (odd); "
+            "register one with @segaware_caffe.register_layer") in out
+    assert "note: shapes from the prototxt/weights only: not built: 1 layer(s) of unsupported types" in out
     assert "total: 4 layers, 4 learnable blobs, 1,397 parameters" in out
+
+
+def test_unsupported_types_are_marked_in_every_listing(tmp_path, capsys):
+    net = tmp_path / "net.prototxt"
+    net.write_text('input: "data"\ninput_shape { dim: 1 dim: 3 dim: 8 dim: 8 }\n'
+                   'layer { name: "a" type: "Upsample" bottom: "data" top: "a" }\n'
+                   'layer { name: "b" type: "ReLU" bottom: "a" top: "b" }\n'
+                   'layer { name: "c" type: "Upsample" bottom: "b" top: "c" include { phase: TRAIN } }\n'
+                   'layer { name: "d" type: "DetectionOutput2" bottom: "b" top: "d" }\n')
+    code, out, _ = _run(capsys, str(net), "--all-phases")
+    assert code == 0
+    assert re.search(r"a\s+Upsample \(unsupported\)", out) and re.search(r"c\s+Upsample \(unsupported\)", out)
+    assert re.search(r"b\s+ReLU\s", out)
+    assert "3 layer(s) of type(s) segaware-caffe does not implement: DetectionOutput2 (d), Upsample (a, c)" in out
+    code, out, _ = _run(capsys, str(net))            # TEST phase: c is not listed
+    assert "2 layer(s) of type(s) segaware-caffe does not implement: DetectionOutput2 (d), Upsample (a)" in out
+
+
+def test_supported_layer_types_lists_every_type():
+    import segaware_caffe as sc
+    types = sc.supported_layer_types()
+    assert types == sorted(types)
+    for kind in ("Input", "Convolution", "Normalize", "Permute", "PriorBox", "DetectionOutput",
+                 "Python", "Softmax", "Flatten", "Concat", "Reshape"):
+        assert kind in types
 
 
 def test_golden_net_with_its_weights(golden, capsys):
