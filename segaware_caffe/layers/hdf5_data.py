@@ -1,4 +1,5 @@
 """HDF5Data: rows of HDF5 files listed in a text file; each top reads the dataset of its name."""
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +96,8 @@ class HDF5Data(StreamDataLayer):
         if param.batch_size <= 0:
             raise ctx.error(f"hdf5_data_param.batch_size must be > 0, got {param.batch_size}")
         source = resolve_file(param.source, ctx, "hdf5_data_param.source")
-        files = [resolve_item(token, ctx.base_dir) for _, token in read_tokens(source)]
+        files = [os.path.abspath(resolve_item(token, ctx.base_dir))
+                 for _, token in read_tokens(source)]
         if not files:
             raise ctx.error(f"hdf5_data_param.source {source} lists no HDF5 files")
         label = f"{ctx.name} ({ctx.type})"

@@ -55,7 +55,9 @@ class HDF5Output(CaffeLayer):
         if folder and not os.path.isdir(folder):
             ctx.warn(f"output directory {folder!r} does not exist (yet); forward will fail "
                      f"unless it is created first")
-        return cls(file_name=file_name, overwrite=ctx.overwrite, label=f"{ctx.name} ({ctx.type})")
+        # Caffe creates the file when the net is set up: the working directory of that moment
+        return cls(file_name=os.path.abspath(file_name), overwrite=ctx.overwrite,
+                   label=f"{ctx.name} ({ctx.type})")
 
     def output_shapes(self, bottom_shapes):
         return []  # no tops; must not run forward (it writes a file)
