@@ -33,7 +33,10 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda13x>=14"],
-        "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17"],
+        # HDF5Data/HDF5Output (h5py), Data on LMDB (lmdb) and LevelDB (plyvel)
+        "data": ["h5py>=3", "lmdb>=1", "plyvel>=1.3"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17",
+                 "h5py>=3", "lmdb>=1", "plyvel>=1.3"],
     },
     entry_points={"console_scripts": ["segaware-caffe=segaware_caffe.tools.cli:main"]},
 )
