@@ -1,9 +1,12 @@
 """LMDB and LevelDB databases of Datum records (the Data layer): records in key order, wrapping
 around, and Datum decoding. lmdb and plyvel are imported on first use.
 
-A database is opened read-only, without LMDB's lock file (nothing is written next to it), by the
-process that reads it: the net's build peeks at the first record and closes the database again,
-the reading itself happens in the data loader (LevelDB allows one process at a time)."""
+A database is opened read-only, without LMDB's lock file (nothing is written next to it). The net's
+build peeks at the first record and closes the database again; the reading itself happens where
+the data loader runs (its worker process, or the main process). Readers of one database in one
+process share its handle (LMDB and LevelDB both refuse a second one); LevelDB also allows only
+one process at a time."""
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -25,48 +28,76 @@ def _key_text(key):
         return repr(key)
 
 
-def _lmdb_records(path, label):
+# Databases open in this process, shared by every reader of one path: LMDB and LevelDB each
+# refuse a second handle on a database within one process. realpath -> [handle, readers].
+# A worker process forked while a handle is open inherits it and reads through it.
+_OPEN = {}
+
+
+@contextlib.contextmanager
+def _shared(path, open_handle):
+    key = os.path.realpath(path)
+    entry = _OPEN.get(key)
+    if entry is None:
+        entry = _OPEN[key] = [open_handle(), 0]
+    entry[1] += 1
+    try:
+        yield entry[0]
+    finally:
+        entry[1] -= 1
+        if entry[1] == 0 and _OPEN.get(key) is entry:
+            del _OPEN[key]
+            entry[0].close()
+
+
+def _open_lmdb(path, label):
     lmdb = require("lmdb", label)
     if not os.path.isfile(os.path.join(path, "data.mdb")):
         hint = (" (it looks like a LevelDB database: set data_param { backend: LEVELDB })"
                 if os.path.isfile(os.path.join(path, "CURRENT")) else "")
         raise DataError(f"{label}: {path} is not an LMDB database: it has no data.mdb{hint}")
     try:
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True,
-                        max_readers=1)
+        return lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True,
+                         max_readers=1)
     except lmdb.Error as e:
         raise DataError(f"{label}: cannot open LMDB database {path}: {e}") from None
+
+
+def _lmdb_records(path, label):
+    with _shared(path, lambda: _open_lmdb(path, label)) as env, env.begin(buffers=False) as txn:
+        cursor = txn.cursor()
+        if not cursor.first():
+            raise DataError(f"{label}: LMDB database {path} has no records")
+        while True:
+            yield cursor.key(), cursor.value()
+            if not cursor.next():
+                cursor.first()
+
+
+def _open_leveldb(path, label):
+    plyvel = require("plyvel", label)
     try:
-        with env.begin(buffers=False) as txn:
-            cursor = txn.cursor()
-            if not cursor.first():
-                raise DataError(f"{label}: LMDB database {path} has no records")
-            while True:
-                yield cursor.key(), cursor.value()
-                if not cursor.next():
-                    cursor.first()
-    finally:
-        env.close()
+        return plyvel.DB(path, create_if_missing=False)
+    except (plyvel.Error, OSError) as e:
+        hint = ""
+        if os.path.isfile(os.path.join(path, "data.mdb")):
+            hint = " (it looks like an LMDB database: set data_param { backend: LMDB })"
+        elif "lock" in str(e).lower():
+            hint = (" (LevelDB lets one process at a time open a database; another process holds "
+                    "it. Set SEGAWARE_DATA_WORKERS=0 to read in the main process)")
+        raise DataError(f"{label}: cannot open LevelDB database {path}: {e}{hint}") from None
 
 
 def _leveldb_records(path, label):
-    plyvel = require("plyvel", label)
-    try:
-        db = plyvel.DB(path, create_if_missing=False)
-    except (plyvel.Error, OSError) as e:
-        hint = (" (it looks like an LMDB database: set data_param { backend: LMDB })"
-                if os.path.isfile(os.path.join(path, "data.mdb")) else "")
-        raise DataError(f"{label}: cannot open LevelDB database {path}: {e}{hint}") from None
-    try:
+    with _shared(path, lambda: _open_leveldb(path, label)) as db:
         while True:
             count = 0
-            for key, value in db.iterator():
-                count += 1
-                yield key, value
+            with db.iterator() as iterator:
+                for key, value in iterator:
+                    count += 1
+                    yield key, value
             if not count:
                 raise DataError(f"{label}: LevelDB database {path} has no records")
-    finally:
-        db.close()
 
 
 def records(path, backend, label):
