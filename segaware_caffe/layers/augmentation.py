@@ -84,6 +84,11 @@ class Augmentation(CaffeLayer):
                    max_translation=aug.max_translation,
                    seed=int(torch.randint(2 ** 62, (1,)).item()))
 
+    def output_shapes(self, bottom_shapes):
+        # not by a trial forward: that would consume a draw of the random stream
+        img0, img1, flow = (tuple(s) for s in bottom_shapes)
+        return [img0, img1, flow, (flow[0], flow[1] // 2) + flow[2:]]
+
     def draw_shifts(self, count, width):
         """Per-item shifts int(t * W), t = min + u * (max - min) in float32."""
         low, high = np.float32(self.min_translation), np.float32(self.max_translation)
@@ -118,9 +123,11 @@ class Augmentation(CaffeLayer):
         u = torch.where(inside, moved[:, 0], one)
         v = moved[:, 1]
         magnitude = shift.abs().to(flow.dtype)
-        # factors w / (w - |s|), h / (h - |s|) in the bottoms' precision, as the original's floats
-        u = u * (width / (width - magnitude))
-        v = v * (height / (height - magnitude))
+        # factors w / (w - |s|), h / (h - |s|), one division in the bottoms' precision as the
+        # original's floats (a Python number divided by a tensor would be a reciprocal times it)
+        w, h = (torch.full_like(magnitude, float(size)) for size in (width, height))
+        u = u * (w / (w - magnitude))
+        v = v * (h / (h - magnitude))
         # the original subtracts the zero-filled from the one-filled u: 0 inside (NaN for NaN or
         # infinite flow), 1 on the uncovered pixels
         mask = torch.where(inside, moved[:, 0] - moved[:, 0], one).unsqueeze(1)
