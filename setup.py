@@ -36,7 +36,8 @@ setup(
         # HDF5Data/HDF5Output (h5py), Data on LMDB (lmdb) and LevelDB (plyvel)
         "data": ["h5py>=3", "lmdb>=1", "plyvel>=1.3"],
         "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17",
-                 "h5py>=3", "lmdb>=1", "plyvel>=1.3"],
+                 "h5py>=3", "lmdb>=1", "plyvel>=1.3",
+                 "opencv-python-headless>=4"],   # bit-exact checks of OpenCV-equivalent code
     },
     entry_points={"console_scripts": ["segaware-caffe=segaware_caffe.tools.cli:main"]},
 )

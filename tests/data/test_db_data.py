@@ -347,3 +347,21 @@ def test_two_nets_read_one_database_in_one_process(tmp_path, backend):
     np.testing.assert_array_equal(second.forward()["label"].numpy(), [10, 11])
     np.testing.assert_array_equal(first.forward()["label"].numpy(), [12, 10])
     assert not (tmp_path / "db" / "lock.mdb").exists()     # read without writing a lock file
+
+
+def test_solver_trains_from_an_lmdb(tmp_path, monkeypatch):
+    """A train net reading its batches from the database, through the Solver (no inputs fed)."""
+    raw_db(tmp_path, "LMDB", count=6, shape=(3, 5, 5))
+    (tmp_path / "train.prototxt").write_text('''name: "t"
+    layer { name: "db" type: "Data" top: "data" top: "label"
+            data_param { source: "db" backend: LMDB batch_size: 3 } transform_param { scale: 0.01 } }
+    layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"
+            inner_product_param { num_output: 16 weight_filler { type: "gaussian" std: 0.01 } } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }''')
+    (tmp_path / "solver.prototxt").write_text('net: "train.prototxt" base_lr: 0.1 lr_policy: "fixed" '
+                                              'max_iter: 4 snapshot_after_train: false display: 0')
+    monkeypatch.chdir(tmp_path)
+    solver = sc.Solver(tmp_path / "solver.prototxt")
+    before = solver.net.params["ip"][0].detach().clone()
+    solver.step(4)
+    assert not torch.equal(before, solver.net.params["ip"][0].detach())
