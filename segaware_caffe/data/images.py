@@ -17,10 +17,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import LayerSetupError
+
 
 class DataError(OSError):
     """An item of a data layer's list cannot be read or batched. The message names the layer,
     the file and the list line."""
+
+
+class DataSetupError(LayerSetupError, DataError):
+    """A data file found unreadable or malformed while the net is built: a LayerSetupError (the
+    net cannot be built) that is also a DataError (it names the file, and the record of a
+    database)."""
+
+
+def data_setup_error(ctx, error):
+    """DataSetupError for the layer of `ctx` from a DataError whose message may already start
+    with the layer's name and type."""
+    message, label = str(error), f"{ctx.name} ({ctx.type}): "
+    return DataSetupError(ctx.name, ctx.type, message.removeprefix(label))
 
 
 def read_image(path, color):

@@ -8,6 +8,7 @@ from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
 
 from ..data.db import DataError, decode_datum, first_record, record_where, records
+from ..data.images import data_setup_error
 from ..data.listfile import resolve_dir, resolve_file
 from ..data.optional import require_at_build
 from ..data.stream import StreamDataLayer, draw_seed
@@ -122,7 +123,7 @@ class Data(StreamDataLayer):
             where = record_where(label, source, key)
             first = decode_datum(value, where, color)
         except DataError as e:
-            raise ctx.error(str(e).removeprefix(label + ": ")) from None
+            raise data_setup_error(ctx, e) from None
         if color is not None and not caffe_pb2.Datum.FromString(value).encoded:
             ctx.warn("transform_param force_color/force_gray only apply to encoded records (as in "
                      "Caffe); the records are raw")

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..data.hdf5 import dataset_shapes, read_datasets
-from ..data.images import DataError
+from ..data.images import DataError, data_setup_error
 from ..data.listfile import read_tokens, resolve_file, resolve_item
 from ..data.optional import require_at_build
 from ..data.stream import StreamDataLayer, draw_seed
@@ -104,7 +104,7 @@ class HDF5Data(StreamDataLayer):
         try:
             shapes = dataset_shapes(files[0], ctx.top_names, label)
         except DataError as e:
-            raise ctx.error(str(e).removeprefix(label + ": ")) from None
+            raise data_setup_error(ctx, e) from None
         return cls(files=files, tops=ctx.top_names, batch_size=int(param.batch_size),
                    shuffle=bool(param.shuffle), seed=draw_seed(),
                    row_shapes=[shapes[name][1:] for name in ctx.top_names], label=label)

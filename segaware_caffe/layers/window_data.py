@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.images import DataError, read_image
+from ..data.images import DataError, DataSetupError, read_image
 from ..data.listfile import resolve_file, resolve_item
 from ..data.stream import StreamDataLayer, draw_seed
 from ..data.windows import WindowCrop, WindowFileError, parse_window_file
@@ -165,7 +165,7 @@ class WindowData(StreamDataLayer):
                         mirror=bool(tp.mirror), base_dir=ctx.base_dir, seed=draw_seed(),
                         label=label)
         except WindowFileError as e:
-            raise ctx.error(str(e)) from None
+            raise DataSetupError(ctx.name, ctx.type, str(e)) from None
         if layer.channels != 3:
             raise ctx.error(f"window file {source}: the last image block gives {layer.channels} "
                             f"channels, which sizes the data top, but the images are read as "

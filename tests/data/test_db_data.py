@@ -246,7 +246,10 @@ def test_ignored_fields_warn(tmp_path):
 # ------------------------------------------------------------------ errors
 def test_empty_lmdb(tmp_path):
     write_db(tmp_path / "db", "LMDB", {})
-    with pytest.raises(sc.NetBuildError, match=r"db \(Data\): LMDB database .*db has no records"):
+    with pytest.raises(DataError, match=r"db \(Data\): LMDB database .*db has no records") as error:
+        data_net(tmp_path, "LMDB")
+    assert isinstance(error.value, sc.NetBuildError)     # found while building: both
+    with pytest.raises(sc.NetBuildError, match="has no records"):
         data_net(tmp_path, "LMDB")
 
 
@@ -274,7 +277,7 @@ def test_missing_source_and_file_source(tmp_path):
 
 def test_first_record_not_a_datum_names_the_key(tmp_path):
     write_db(tmp_path / "db", "LMDB", {b"key0": b"\xff\xff\xff garbage"})
-    with pytest.raises(sc.NetBuildError, match=r"record 'key0': not a Datum record"):
+    with pytest.raises(DataError, match=r"record 'key0': not a Datum record"):
         data_net(tmp_path, "LMDB")
 
 

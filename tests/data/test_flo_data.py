@@ -101,7 +101,7 @@ def test_corrupt_first_file_is_a_build_error_later_one_a_data_error(tmp_path, fl
     with pytest.raises(DataError, match=r"flo \(FloData\): .*f1\.flo: truncated"):
         net.forward()
     (tmp_path / "flo" / "f0.flo").write_bytes(b"junk" * 8)
-    with pytest.raises(sc.NetBuildError, match=r"f0\.flo: not a \.flo file"):
+    with pytest.raises(DataError, match=r"flo \(FloData\): .*f0\.flo: not a \.flo file"):
         flo_net(tmp_path)
 
 

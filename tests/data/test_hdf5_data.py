@@ -145,7 +145,7 @@ def test_transform_param_is_refused(tmp_path, files):
 
 
 def test_missing_dataset_in_first_file_is_a_build_error_naming_file_and_dataset(tmp_path, files):
-    with pytest.raises(sc.NetBuildError, match=r"f0\.h5 has no dataset 'nope'.*data, extra, label"):
+    with pytest.raises(DataError, match=r"h5 \(HDF5Data\): .*f0\.h5 has no dataset 'nope'.*data, extra, label"):
         make_net(tmp_path, net_text(tops=("data", "nope")))
 
 
