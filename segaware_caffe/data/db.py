@@ -57,8 +57,7 @@ def _open_lmdb(path, label):
                 if os.path.isfile(os.path.join(path, "CURRENT")) else "")
         raise DataError(f"{label}: {path} is not an LMDB database: it has no data.mdb{hint}")
     try:
-        return lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True,
-                         max_readers=1)
+        return lmdb.open(path, readonly=True, lock=False, subdir=True)
     except lmdb.Error as e:
         raise DataError(f"{label}: cannot open LMDB database {path}: {e}") from None
 
