@@ -33,9 +33,12 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda13x>=14"],
-        # opencv: the SSD tests compare with OpenCV's Caffe importer
+        # HDF5Data/HDF5Output (h5py), Data on LMDB (lmdb) and LevelDB (plyvel)
+        "data": ["h5py>=3", "lmdb>=1", "plyvel>=1.3"],
+        # opencv: the SSD tests compare with OpenCV's Caffe importer, and data tests check
+        # OpenCV-equivalent resizing bit for bit
         "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17",
-                 "opencv-python-headless<5"],
+                 "h5py>=3", "lmdb>=1", "plyvel>=1.3", "opencv-python-headless<5"],
         "bench": ["opencv-python-headless<5"],
     },
     entry_points={"console_scripts": ["segaware-caffe=segaware_caffe.tools.cli:main"]},

@@ -48,7 +48,15 @@ def register_layer(*type_names, params=None):
     return wrap
 
 
+def _load_builtin_layers():
+    """Import segaware_caffe.layers (which registers every built-in type) before the registry is
+    read, so code that imports segaware_caffe.net or .layer directly sees the whole registry."""
+    import importlib
+    importlib.import_module("segaware_caffe.layers")
+
+
 def registered_types():
+    _load_builtin_layers()
     return sorted(_REGISTRY)
 
 
@@ -61,6 +69,7 @@ def supported_layer_types():
 
 
 def layer_class(type_name, layer_name="?"):
+    _load_builtin_layers()
     try:
         return _REGISTRY[type_name]
     except KeyError:

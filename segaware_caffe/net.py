@@ -615,6 +615,12 @@ class Net(nn.Module):
             total = term if total is None else total + term
         return total
 
+    def set_input_arrays(self, data, labels, layer=None):
+        """pycaffe's Net.set_input_arrays: hand (data, labels) to the net's MemoryData layer (or
+        the one named `layer`); see segaware_caffe.layers.memory_data.MemoryData."""
+        from .layers.memory_data import set_input_arrays
+        set_input_arrays(self, data, labels, layer)
+
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights):
         """Copy blobs from a .caffemodel (path, bytes or NetParameter) into layers of the same

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import NetBuildError
 from ..layer import CaffeLayer
-from .images import DataError, is_palette_image
+from .images import DataError, data_setup_error, is_palette_image
 from .listfile import resolve_file, saturate_uint8
 from .loader import BatchStream, EndlessSampler, ListDataset, StackBatch, default_num_workers
 
@@ -135,7 +134,7 @@ class ListDataLayer(CaffeLayer):
             try:
                 first = reader(0, torch.Generator().manual_seed(0))
             except DataError as e:
-                raise NetBuildError(str(e)) from None
+                raise data_setup_error(ctx, e) from None
             item_shapes = [array.shape for array in first]
         else:
             item_shapes = crop_shapes

@@ -29,6 +29,40 @@ def resolve_file(path, ctx, what):
                     f"nor beside the prototxt ({os.path.abspath(ctx.base_dir)})")
 
 
+def resolve_dir(path, ctx, what):
+    """Like `resolve_file`, for a directory (an LMDB or LevelDB database)."""
+    if not path:
+        raise ctx.error(f"{what} is empty; expected the path of a directory")
+    candidates = [path] if os.path.isabs(path) else [path, os.path.join(ctx.base_dir, path)]
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            return candidate
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            raise ctx.error(f"{what} {candidate!r} is a file; expected a database directory")
+    if os.path.isabs(path):
+        raise ctx.error(f"{what} {path!r} does not exist")
+    raise ctx.error(f"{what} {path!r} not found in the working directory ({os.getcwd()}) "
+                    f"nor beside the prototxt ({os.path.abspath(ctx.base_dir)})")
+
+
+def resolve_item(path, base_dir):
+    """A file named inside a list: as given when it exists (Caffe opens it relative to the working
+    directory), else beside the prototxt when it exists there, else as given (so that the error
+    that follows names the path the list holds)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    beside = os.path.join(base_dir, path)
+    return beside if os.path.exists(beside) else path
+
+
+def read_tokens(path):
+    """Every whitespace-separated token of a text file with its 1-based line number (Caffe's
+    `file >> name` loops read tokens, not lines)."""
+    with open(path) as f:
+        return [(number, token) for number, text in enumerate(f, start=1) for token in text.split()]
+
+
 def read_lines(path):
     """The non-blank lines of a text file, with their line numbers."""
     with open(path) as f:

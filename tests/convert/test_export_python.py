@@ -1,6 +1,7 @@
 """`segaware-caffe export --python`: the generated module computes what sc.Net computes."""
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -40,11 +41,28 @@ def relative_error(got, ref):
     return diff / scale if scale else diff
 
 
+def written_datasets(net):
+    """{file/dataset: tensor} of what the net's HDF5Output layers wrote."""
+    files = [r.module.file_name for r in net.records if r.type == "HDF5Output"]
+    if not files:
+        return {}
+    h5py = pytest.importorskip("h5py", reason="HDF5Output writes HDF5 files; needs h5py")
+    written = {}
+    for name in files:
+        with h5py.File(name, "r") as f:
+            written.update({f"{name}/{k}": torch.from_numpy(f[k][()]) for k in f})
+    return written
+
+
 @pytest.mark.parametrize("meta_path", GOLDEN_LAYERS, ids=lambda p: p.parent.name)
-def test_golden_layer_nets(meta_path):
+def test_golden_layer_nets(meta_path, tmp_path, monkeypatch):
     """Every golden layer net, exported: emitters and fallbacks on awkward settings."""
     case = meta_path.parent
     meta = json.loads(meta_path.read_text())
+    # data layers read (and HDF5Output writes) files relative to the working directory: run in a
+    # copy of the case folder, as the original did
+    shutil.copytree(case, tmp_path / "case")
+    monkeypatch.chdir(tmp_path / "case")
     net = build_net(case / "net.prototxt", phase=meta["phase"].lower(),
                     variables=meta.get("variables") or None)
     weights = case / "weights.caffemodel"
@@ -56,12 +74,19 @@ def test_golden_layer_nets(meta_path):
         model.train()
     data = np.load(case / "data.npz")
     inputs = [torch.from_numpy(data["in/" + name].copy()) for name in net.input_names]
+    for record in net.records:
+        if record.type == "MemoryData":   # the same arrays handed to both
+            net.set_input_arrays(data["src/data"].copy(), data["src/label"].copy())
+            getattr(model, record.key).set_input_arrays(data["src/data"].copy(),
+                                                        data["src/label"].copy())
     torch.manual_seed(0)
     with torch.no_grad():
         ref = net.forward(**dict(zip(net.input_names, inputs)))
+    ref.update(written_datasets(net))
     torch.manual_seed(0)
     with torch.no_grad():
         got = model(*inputs)
+    got.update(written_datasets(net))   # the exported writer rewrote the same file
     assert set(got) == set(ref)
     errors = {k: relative_error(got[k], ref[k]) for k in ref}
     print(case.name, {k: f"{v:.1e}" for k, v in errors.items()},

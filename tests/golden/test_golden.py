@@ -59,6 +59,9 @@ def test_golden_case(meta_path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     meta, net, data = load_case(meta_path, workdir=tmp_path / "case")
     keys = data.files
+    if any(r.type == "MemoryData" for r in net.records):
+        # the arrays the original was handed with pycaffe's net.set_input_arrays
+        net.set_input_arrays(data["src/data"].copy(), data["src/label"].copy())
     inputs = {}
     for k in keys:
         if k.startswith("in/"):
@@ -83,6 +86,15 @@ def test_golden_case(meta_path, tmp_path, monkeypatch):
         ref = data["out/" + name]
         errors["out/" + name] = assert_close(out[name].detach().numpy(), ref, f"forward {name}",
                                              exact=is_integer_valued(ref))
+    for k in (k for k in keys if k.startswith("file/")):
+        # an HDF5 file of the case after the first forward (read, or written by HDF5Output) in
+        # the working-directory copy
+        h5py = pytest.importorskip("h5py", reason="file/ keys are HDF5 datasets; needs h5py")
+        file_name, dataset = k[len("file/"):].rsplit("/", 1)
+        with h5py.File(file_name, "r") as f:
+            got = f[dataset][()]
+        errors[k] = assert_close(got, data[k], f"dataset {dataset!r} of {file_name}",
+                                 exact=is_integer_valued(data[k]))
     second = [k[5:] for k in keys if k.startswith("out2/")]
     if second:   # data layers: a second forward reads the next batch (readers advance and wrap)
         with torch.no_grad():
