@@ -162,7 +162,6 @@ class DomainTransformFunction(torch.autograd.Function):
     def backward(ctx, grad):
         rows, cols = ctx.saved_tensors
         grad_x, grad_g = _backward(grad.contiguous(), rows, cols, *ctx.constants, ctx.saved)
-        ctx.saved = None
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_g if ctx.needs_input_grad[1] else None, None, None, None, None, None)
 
@@ -189,5 +188,9 @@ def domain_transform(x, g, dims, *, num_iter=3, spatial_sigma=50.0, range_sigma=
     """Filter x (N, C, H, W) guided by g (N, 1, H, W) >= 0 over the valid (h, w) = dims[n, :2] of
     each image; differentiable in x and g (the original's gradient, see the module notes)."""
     _check(x, g, dims, num_iter, spatial_sigma, range_sigma, min_weight)
+    if not (torch.is_grad_enabled() and (x.requires_grad or g.requires_grad)):
+        mult1, mult2 = domain_transform_constants(num_iter, spatial_sigma, range_sigma)
+        rows, cols = _valid(dims, *x.shape[2:], x.device)
+        return _forward(x, g, rows, cols, mult1, mult2, min_weight, False)[0]
     return DomainTransformFunction.apply(x, g, dims, int(num_iter), float(spatial_sigma),
                                          float(range_sigma), float(min_weight))

@@ -3,7 +3,7 @@ image until each wins a target portion of the pixels."""
 import numpy as np
 import torch
 
-from ..layer import CaffeLayer, register_layer
+from ..layer import CaffeLayer, forward_only, register_layer
 
 
 class GlibcRand:
@@ -117,8 +117,10 @@ class AdaptiveBiasChannel(CaffeLayer):
             present.append(label)
         return sorted(present)
 
-    @torch.no_grad()
     def forward(self, scores, labels):
+        return forward_only(self._adapt, (scores, labels), where=self.where)
+
+    def _adapt(self, scores, labels):
         n, channels = scores.shape[:2]
         spatial = scores[0, 0].numel()
         top = scores.clone().reshape(n, channels, -1)

@@ -7,6 +7,19 @@ from ..layer import CaffeLayer, register_layer
 _LABEL_TYPES = {1: "IMAGE", 2: "PIXEL"}   # BiasChannelParameter.LabelType
 
 
+class _AddBias(torch.autograd.Function):
+    """scores + bias(labels); the gradient passes to the scores unchanged. The labels stay in the
+    graph (with no gradient) so that a gradient asked of them meets the builder's refusal."""
+
+    @staticmethod
+    def forward(ctx, scores, labels, bias_of):
+        return bias_of(scores, labels)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
 @register_layer("BiasChannel")
 class BiasChannel(CaffeLayer):
     """Bottoms: scores (N, C, H, W) and labels. Labels are int()-truncated; -1 and the
@@ -74,6 +87,9 @@ class BiasChannel(CaffeLayer):
         return used, label
 
     def forward(self, scores, labels):
+        return _AddBias.apply(scores, labels, self._biased)
+
+    def _biased(self, scores, labels):
         channels = scores.shape[1]
         classes = torch.arange(channels, device=scores.device).reshape(1, channels, 1, 1)
         zero = scores.new_zeros(())

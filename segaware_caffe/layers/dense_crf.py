@@ -6,7 +6,7 @@ import torch
 from segaware_caffe.kernels.dense_crf import (FLT_MIN, PottsKernel, dense_crf_inference,
                                               pixel_features)
 
-from ..layer import CaffeLayer, register_layer
+from ..layer import CaffeLayer, forward_only, register_layer
 
 
 @register_layer("DenseCRF")
@@ -82,8 +82,10 @@ class DenseCRF(CaffeLayer):
                              f"the blob's ({height}, {width}) or cover it in both axes")
         return rows, cols
 
-    @torch.no_grad()
-    def forward(self, scores, dims, image=None):
+    def forward(self, *bottoms):
+        return forward_only(self._infer, bottoms, where=self.where)
+
+    def _infer(self, scores, dims, image=None):
         n, channels, height, width = scores.shape
         top = torch.zeros(n, channels, height, width, dtype=torch.float32, device=scores.device)
         for index in range(n):

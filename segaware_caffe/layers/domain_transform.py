@@ -4,7 +4,7 @@ import math
 
 from segaware_caffe.kernels.domain_transform import domain_transform
 
-from ..layer import CaffeLayer, register_layer
+from ..layer import CaffeLayer, forward_only, register_layer
 
 
 @register_layer("DomainTransform")
@@ -18,8 +18,10 @@ class DomainTransform(CaffeLayer):
     BOTTOMS = (3, 3)
     NO_GRAD_BOTTOMS = (2,)
 
-    def __init__(self, *, num_iter=3, spatial_sigma=50.0, range_sigma=5.0, min_weight=0.0):
+    def __init__(self, *, num_iter=3, spatial_sigma=50.0, range_sigma=5.0, min_weight=0.0,
+                 where="DomainTransform"):
         super().__init__()
+        self.where = where
         self.num_iter = num_iter
         self.spatial_sigma, self.range_sigma = float(spatial_sigma), float(range_sigma)
         self.min_weight = float(min_weight)
@@ -44,7 +46,7 @@ class DomainTransform(CaffeLayer):
             raise ctx.error(f"bottom 2 (the valid sizes) must hold (h, w) per image, (N, 2, 1, 1) "
                             f"with N = {x[0]}, got {dims}")
         return cls(num_iter=int(p.num_iter), spatial_sigma=p.spatial_sigma,
-                   range_sigma=p.range_sigma, min_weight=p.min_weight)
+                   range_sigma=p.range_sigma, min_weight=p.min_weight, where=f"{ctx.name} ({ctx.type})")
 
     def forward(self, x, g, dims):
         return domain_transform(x, g, dims, num_iter=self.num_iter, spatial_sigma=self.spatial_sigma,
@@ -64,4 +66,7 @@ class DomainTransformForwardOnly(DomainTransform):
     TYPE = "DomainTransformForwardOnly"
     HAS_BACKWARD = False
     NO_GRAD_BOTTOMS = ()
+
+    def forward(self, x, g, dims):
+        return forward_only(super().forward, (x, g, dims), where=self.where)
 

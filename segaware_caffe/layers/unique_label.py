@@ -1,7 +1,7 @@
 """UniqueLabel (DeepLab): the sorted set of label values present in each image."""
 import torch
 
-from ..layer import CaffeLayer, register_layer
+from ..layer import CaffeLayer, forward_only, register_layer
 
 
 @register_layer("UniqueLabel")
@@ -37,8 +37,10 @@ class UniqueLabel(CaffeLayer):
         return cls(max_labels=int(p.max_labels), ignore_labels=[int(v) for v in p.ignore_label],
                    force_labels=forced, where=f"{ctx.name} ({ctx.type})")
 
-    @torch.no_grad()
     def forward(self, labels):
+        return forward_only(self._unique, (labels,), where=self.where)
+
+    def _unique(self, labels):
         n = labels.shape[0]
         values = labels.reshape(n, -1)
         # the original looks values up in an int set: a value counts as ignored when its C++
