@@ -38,23 +38,32 @@ def _f32(value):
     return torch.tensor(np.float32(value), dtype=torch.float32)
 
 
+def _below(threshold):
+    """The largest float32 <= threshold: for a float32 a, a > threshold (compared in double, as
+    the original's float-vs-double comparison does) iff a > this."""
+    t = np.float32(threshold)
+    return float(t if float(t) <= threshold else np.nextafter(t, np.float32(-np.inf)))
+
+
+_T8, _T4, _T2 = _below(0.69 * 2 * 2 * 2), _below(0.69 * 2 * 2), _below(0.69)
+
+
 def fast_exp(x):
     """The original's fast_exp on a float32 tensor: |x| > 20 gives 0 (also for positive x); else
-    |x| is halved down to <= 0.69 (by 8, 4 and 2, comparing in double as the source does), a
-    degree-7 polynomial approximates exp(-|x|), it is squared back up, and inverted for x >= 0."""
+    |x| is divided down to <= 0.69 (by 8 while > 5.52, by 4 while > 2.76, by 2 while > 0.69), a
+    degree-7 polynomial approximates exp(-|x|), it is squared back up once per halving, and
+    inverted for x >= 0. With |x| <= 20 those loops run at most 1, 1 and 2 times."""
     dev = x.device
     negative = x < 0
-    a = torch.where(negative, -x, x)
+    a = x.abs()
     zero = a > 20
-    a = torch.where(zero, torch.zeros_like(a), a)
-    mult = torch.zeros_like(a, dtype=torch.int32)
-    for threshold, step, divisor in ((0.69 * 2 * 2 * 2, 3, 8.0), (0.69 * 2 * 2, 2, 4.0), (0.69, 1, 2.0)):
-        while True:
-            hit = a.double() > threshold
-            if not bool(hit.any()):
-                break
-            mult = mult + hit.to(torch.int32) * step
-            a = torch.where(hit, a / divisor, a)
+    a = a.masked_fill(zero, 0.0)
+    mult = torch.zeros_like(a, dtype=torch.int8)
+    for threshold, step, factor, times in ((_T8, 3, 0.125, 1), (_T4, 2, 0.25, 1), (_T2, 1, 0.5, 2)):
+        for _ in range(times):
+            hit = a > threshold
+            mult.add_(hit.to(torch.int8), alpha=step)     # at most 3 + 2 + 2 = 7
+            a = torch.where(hit, a * factor, a)   # exact: a power-of-two scaling
     poly = [c.to(dev) for c in map(_f32, _POLY)]
     t = poly[5] - a * poly[6]
     for c in reversed(poly[:5]):
@@ -63,7 +72,7 @@ def fast_exp(x):
     for i in range(int(mult.max()) if mult.numel() else 0):
         r = torch.where(mult > i, r * r, r)
     r = torch.where(negative, r, 1 / r)
-    return torch.where(zero, torch.zeros_like(r), r)
+    return r.masked_fill(zero, 0.0)
 
 
 def exp_and_normalize(values, scale):
@@ -79,51 +88,49 @@ def exp_and_normalize(values, scale):
 
 def _wrap16(values):
     """int64 -> the int16 the original's short keys hold (two's complement wrap)."""
+    if values.numel() and -32768 <= int(values.min()) and int(values.max()) <= 32767:
+        return values
     return (values + 32768) % 65536 - 32768
 
 
 class _KeyIndex:
-    """Exact lookup of int16 key rows: sorted int64 codes when the key box fits in 62 bits,
-    otherwise row-wise unique."""
+    """The distinct int16 key rows (the lattice vertices) and exact lookup of their neighbours
+    (each coordinate moved by a constant). Fast path: keys packed into int64 codes of a
+    mixed-radix box wide enough for every neighbour, so a neighbour's code is the vertex's plus a
+    constant; otherwise (a huge box, or keys at the int16 limits, where the original's shorts
+    wrap) row-wise unique and lookup."""
 
-    def __init__(self, keys):
-        self.lo = keys.min(0).values
-        span = (keys.max(0).values - self.lo + 1).tolist()
+    def __init__(self, keys, reach):
+        lo = keys.min(0).values - reach
+        hi = keys.max(0).values + reach
+        span = (hi - lo + 1).tolist()
         total, strides = 1, []
-        for s in reversed(span):
+        for size in reversed(span):
             strides.append(total)
-            total *= s
-        self.packed = total < 2 ** 62
+            total *= size
+        self.packed = total < 2 ** 62 and int(lo.min()) >= -32768 and int(hi.max()) <= 32767
         if self.packed:
-            self.strides = torch.tensor(list(reversed(strides)), dtype=torch.int64, device=keys.device)
-            self.hi = self.lo + torch.tensor(span, dtype=torch.int64, device=keys.device) - 1
-            self.codes, self.inverse = torch.unique(self._code(keys), sorted=True, return_inverse=True)
-            self.rows = None
+            self.lo, self.span = lo, torch.tensor(span, dtype=torch.int64, device=keys.device)
+            self.strides = list(reversed(strides))
+            codes = ((keys - lo) * torch.tensor(self.strides, dtype=torch.int64, device=keys.device)).sum(1)
+            self.codes, self.inverse = torch.unique(codes, sorted=True, return_inverse=True)
+            self.size = int(self.codes.numel())
         else:
             self.rows, self.inverse = torch.unique(keys, dim=0, return_inverse=True)
-        self.size = int(self.codes.numel() if self.packed else self.rows.shape[0])
+            self.size = int(self.rows.shape[0])
 
-    def _code(self, keys):
-        return ((keys - self.lo) * self.strides).sum(-1)
-
-    def vertex_keys(self):
-        if not self.packed:
-            return self.rows
-        rest = self.codes.unsqueeze(1)
-        digits = (rest // self.strides) % (self.hi - self.lo + 1)
-        return digits + self.lo
-
-    def find(self, queries):
-        """Index of each query row among the unique keys, -1 where absent."""
+    def neighbour(self, moves):
+        """Index of each vertex's neighbour whose key is the vertex's + moves (one int per
+        coordinate, int16 arithmetic), -1 where that key is no vertex."""
         if self.packed:
-            inside = ((queries >= self.lo) & (queries <= self.hi)).all(-1)
-            code = torch.where(inside, self._code(queries), torch.full_like(inside, -1, dtype=torch.int64))
-            pos = torch.searchsorted(self.codes, code).clamp(max=max(self.size - 1, 0))
-            found = inside & (self.codes[pos] == code)
-            return torch.where(found, pos, torch.full_like(pos, -1))
+            query = self.codes + sum(m * s for m, s in zip(moves, self.strides))
+            pos = torch.searchsorted(self.codes, query).clamp(max=self.size - 1)
+            return torch.where(self.codes[pos] == query, pos, torch.full_like(pos, -1))
+        dev = self.rows.device
+        queries = _wrap16(self.rows + torch.tensor(moves, dtype=torch.int64, device=dev))
         both, inverse = torch.unique(torch.cat([self.rows, queries]), dim=0, return_inverse=True)
-        table = torch.full((both.shape[0],), -1, dtype=torch.int64, device=queries.device)
-        table[inverse[:self.size]] = torch.arange(self.size, device=queries.device)
+        table = torch.full((both.shape[0],), -1, dtype=torch.int64, device=dev)
+        table[inverse[:self.size]] = torch.arange(self.size, device=dev)
         return table[inverse[self.size:]]
 
 
@@ -179,21 +186,19 @@ class Permutohedral:
         r = rank[:, :d].unsqueeze(1)                                     # (n', 1, d)
         canonical = torch.where(r <= d - remainder, remainder, remainder - (d + 1))
         keys = _wrap16(rem0[:, :d].to(torch.int64).unsqueeze(1) + canonical)   # (n', d+1, d)
-        index = _KeyIndex(keys.reshape(-1, d))
+        index = _KeyIndex(keys.reshape(-1, d), d)
         self.size = index.size
         # lattice vertex of each (point, remainder), shifted by one: row 0 is "no vertex"
         self.offset = (index.inverse.reshape(-1, d + 1)[:n] + 1)
         self.weight = bary[:n, :d + 1].contiguous()
         # blur neighbours along each lattice axis j: all coordinates -1 / +1, except coordinate
         # j (j < d), which moves by +d / -d
-        vkeys = index.vertex_keys()
         neighbours = []
         for j in range(d + 1):
-            n1, n2 = vkeys - 1, vkeys + 1
+            down_moves, up_moves = [-1] * d, [1] * d
             if j < d:
-                n1[:, j] = vkeys[:, j] + d
-                n2[:, j] = vkeys[:, j] - d
-            neighbours.append((index.find(_wrap16(n1)) + 1, index.find(_wrap16(n2)) + 1))
+                down_moves[j], up_moves[j] = d, -d
+            neighbours.append((index.neighbour(down_moves) + 1, index.neighbour(up_moves) + 1))
         self.neighbours = neighbours
         self.alpha = float(np.float32(1.0) / np.float32(1.0 + 2.0 ** -d))
 
@@ -204,14 +209,21 @@ class Permutohedral:
         lattice = values.new_zeros(self.size + 1, width)
         contrib = (self.weight.unsqueeze(2) * values.unsqueeze(1)).reshape(-1, width)
         lattice.index_add_(0, self.offset.reshape(-1), contrib)
-        half = _f32(0.5).to(values.device)
+        spare = values.new_zeros(self.size + 1, width)    # row 0 stays 0 in both buffers
+        pair = values.new_empty(self.size, width)
+        other = values.new_empty(self.size, width)
         for n1, n2 in self.neighbours:
-            blurred = lattice[1:] + half * (lattice[n1] + lattice[n2])
-            lattice = torch.cat([lattice[:1], blurred])
+            torch.index_select(lattice, 0, n1, out=pair)
+            torch.index_select(lattice, 0, n2, out=other)
+            pair.add_(other).mul_(0.5)                     # 0.5 * (v_n1 + v_n2)
+            torch.add(lattice[1:], pair, out=spare[1:])
+            lattice, spare = spare, lattice
         weight = self.weight * _f32(self.alpha).to(values.device)
         out = values.new_zeros(self.n, width)
+        gathered = values.new_empty(self.n, width)
         for j in range(d + 1):
-            out = out + weight[:, j:j + 1] * lattice[self.offset[:, j]]
+            torch.index_select(lattice, 0, self.offset[:, j], out=gathered)
+            out.add_(gathered.mul_(weight[:, j:j + 1]))
         return out
 
 
