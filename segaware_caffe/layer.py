@@ -244,3 +244,35 @@ class CaffeLayer(nn.Module):
         if isinstance(tops, torch.Tensor):
             tops = (tops,)
         return [tuple(t.shape) for t in tops]
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Runs `fn` without recording it, but keeps its tensor arguments in the graph, so that a
+    gradient asked through a forward-only layer is not a silent zero: the bottoms get none here,
+    which the builder's refusal nodes in front of them turn into a NoBackwardError (honouring
+    propagate_down), and a learnable blob asked for one raises directly."""
+
+    @staticmethod
+    def forward(ctx, fn, num_bottoms, message, *tensors):
+        ctx.num_bottoms, ctx.message = num_bottoms, message
+        tops = fn(*tensors)
+        single = isinstance(tops, torch.Tensor)
+        tops = (tops,) if single else tuple(tops)
+        ctx.mark_non_differentiable(*[t for t in tops if not t.is_floating_point()])
+        return tops[0] if single else tops
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if any(ctx.needs_input_grad[3 + ctx.num_bottoms:]):
+            from .errors import NoBackwardError
+            raise NoBackwardError(ctx.message)
+        return (None,) * len(ctx.needs_input_grad)
+
+
+def forward_only(fn, bottoms, blobs=(), where="this layer"):
+    """fn(*bottoms, *blobs) for a layer whose original has no backward (HAS_BACKWARD = False):
+    the result carries no gradient, and asking one raises NoBackwardError instead of stopping
+    silently (see _ForwardOnly)."""
+    message = (f"{where} has no backward in the original Caffe, but a gradient was asked of its "
+               f"learnable blobs; set their lr_mult to 0 or keep the loss from depending on it")
+    return _ForwardOnly.apply(fn, len(bottoms), message, *bottoms, *blobs)
