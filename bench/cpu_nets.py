@@ -104,7 +104,10 @@ def run_variant(net, fuse, backward, size, threads, args):
            "--gemm-size", str(args.gemm_size), "--gemm-repeat", str(args.gemm_repeat)] + \
           (["--fuse"] if fuse else []) + (["--backward"] if backward else []) + \
           (["--size", str(size)] if size else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{net} ({'fused' if fuse else 'unfused'}, {threads} thread(s)) failed:\n"
                          f"{proc.stderr[-3000:]}")
@@ -139,6 +142,8 @@ def main(argv=None):
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--variants", nargs="+", choices=("unfused", "fused"),
                         default=["unfused", "fused"])
+    parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"),
+                        help="OMP_WAIT_POLICY for the timed processes (default: inherited)")
     parser.add_argument("--gemm-size", type=int, default=2048)
     parser.add_argument("--gemm-repeat", type=int, default=3,
                         help="GEMM timings before and again after the net (median of all)")
@@ -159,8 +164,9 @@ def main(argv=None):
     if args.quick:
         args.repeat, args.gemm_size, args.gemm_repeat = 1, 512, 2
     sizes = sorted({size_of(net) for net in args.nets})
+    policy = args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY", "(unset)")
     print(f"input size: {', '.join(str(s) if s else 'declared' for s in sizes)}; repeats: {args.repeat}; GEMM: float32 "
-          f"{args.gemm_size}^3 torch.mm, median of {2 * args.gemm_repeat}; "
+          f"{args.gemm_size}^3 torch.mm, median of {2 * args.gemm_repeat}; OMP_WAIT_POLICY={policy}; "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(HEADER, flush=True)
     variants = [(net, False) for net in args.nets] + \

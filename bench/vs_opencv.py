@@ -12,11 +12,14 @@ a ResNet-50 with BatchNorm+Scale at half width (open_nsfw), the three MTCNN PReL
 240x320 pyramid level, RNet 24x24 batch 16, ONet 48x48 batch 8), an SSD res10-style face detector at
 300x300 (BatchNorm/Scale/ReLU backbone, loc/conf heads, Permute, Flatten, PriorBox, softmax; without
 DetectionOutput, whose top-k selection would turn float32 rounding into different rows), and an
-FCN-style VGG head on a small trunk at 400x500 (bilinear Deconvolution and Crop).
+FCN-style VGG head on a small trunk, on a 500x400 (width x height) image, with a bilinear
+Deconvolution and a Crop.
 
-Weights are random (conv/inner-product weights scaled by their fan-in, BatchNorm statistics with a
-scale factor other than 1, Scale near 1, PReLU slopes in [0.05, 0.3]; bilinear fillers kept), written
-as a .caffemodel with our writer and read by both. Per net and thread count one subprocess (so
+Weights are random (BatchNorm statistics with a stored scale factor other than 1, Scale near 1,
+PReLU slopes in [0.05, 0.3], bilinear fillers kept) and every Convolution/InnerProduct is rescaled
+so that its output has unit std on the benchmark's input (a softmax that saturated to exact 0/1
+would compare equal whatever the implementations compute), written as a .caffemodel with our
+writer and read by both. Per net and thread count one subprocess (so
 torch's and OpenCV's thread pools start with that count and nothing else ran in that process) builds
 both nets, times the first build (sc.Net with the weights vs cv2.dnn.readNetFromCaffe) and the
 first forward, warms up, then alternates ours, OpenCV, ours, ... and prints the medians. Ours is
@@ -282,7 +285,7 @@ def ssd_res10():
 def fcn_small():
     """FCN-style: a small VGG-like trunk (three conv pairs + max pooling, stride 8), the VGG head
     as convolutions (fc6 7x7, fc7 1x1, dropout), a 21-class score, a bilinear x8 Deconvolution and
-    a Crop back to the 400x500 input."""
+    a Crop back to the 500x400 (width x height) input."""
     p = Proto("fcn_small")
     data = x = p.input("data", (1, 3, 400, 500))
     for block, width in enumerate((16, 32, 64), 1):
@@ -579,7 +582,7 @@ def format_row(name, threads, r):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nets", nargs="+", default=ALL_NETS, metavar="NET",
+    parser.add_argument("--nets", nargs="+", default=None, metavar="NET",
                         help=f"nets to run (default all: {' '.join(ALL_NETS)})")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeat", type=int, default=20, help="timed runs of each (median)")
@@ -596,13 +599,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
+    if args.nets is None:
+        args.nets = list(ALL_NETS)
+        if not BVLC.is_dir() and not args.list:
+            print(f"skipping the BVLC reference nets: {BVLC} not found (set SEGAWARE_SHARED to the "
+                  f"folder holding reference/)")
+            args.nets = list(GENERATED)
     unknown = [n for n in args.nets if n not in ALL_NETS]
     if unknown:
         parser.error(f"unknown net {unknown[0]!r} (choose from {', '.join(ALL_NETS)})")
     if args.list:
         for name in ALL_NETS:
-            where = (GENERATED[name].__doc__.splitlines()[0] if name in GENERATED
-                     else str(BVLC / REFERENCE_NETS[name][0]))
+            if name in GENERATED:
+                where = " ".join(GENERATED[name].__doc__.split()).split(". ")[0].rstrip(".")
+            else:
+                where = str(BVLC / REFERENCE_NETS[name][0])
             print(f"{name:19} {where}")
         return 0
     try:
