@@ -1,5 +1,10 @@
-"""Helpers shared by the layers' ``from_proto``: axis canonicalisation and convolution geometry."""
-from dataclasses import dataclass
+"""Helpers shared by the layers' ``from_proto``: axis canonicalisation and convolution geometry.
+
+The geometry itself (ConvGeometry: kernel / pad / stride / dilation and Caffe's output-size
+rules) is the one the kernels use, kernels/geometry.py."""
+from segaware_caffe.kernels.geometry import ConvGeometry
+
+__all__ = ["ConvGeometry", "canonical_axis", "conv_geometry"]
 
 
 def canonical_axis(axis, ndim, ctx, field="axis"):
@@ -7,25 +12,6 @@ def canonical_axis(axis, ndim, ctx, field="axis"):
     if not -ndim <= axis < ndim:
         raise ctx.error(f"{field} {axis} is out of range for a {ndim}-D bottom (expected {-ndim}..{ndim - 1})")
     return axis % ndim if ndim else 0
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    kernel: tuple      # (kh, kw)
-    pad: tuple
-    stride: tuple
-    dilation: tuple
-
-    def output_size(self, height, width):
-        """floor((H + 2p - (d(k-1)+1)) / s) + 1 per spatial dim (Caffe's conv/im2col rule)."""
-        out = []
-        for size, k, p, s, d in zip((height, width), self.kernel, self.pad, self.stride, self.dilation):
-            out.append((size + 2 * p - (d * (k - 1) + 1)) // s + 1)
-        return tuple(out)
-
-    @property
-    def taps(self):
-        return self.kernel[0] * self.kernel[1]
 
 
 def _pair(ctx, values, h_field, w_field, cp, name, default):
