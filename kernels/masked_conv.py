@@ -299,7 +299,10 @@ def _forward_igemm(x, mask, weight, bias, geometry, group, mode, images=0):
     out = x.new_empty((batch, outputs, out_h, out_w))
     grid = _grid(_ceil_div(out_h * out_w, IGEMM_BN),
                  group * _ceil_div(outputs // group, IGEMM_BM), batch)
-    _cuda.launch("igemm_forward", _igemm_code(x.dtype, mode), grid=grid,
+    # every slice of the reduction within one tap: the kernel variant without per-element taps
+    aligned = (x.shape[1] // group) % igemm_k_slice(x.dtype, mode) == 0
+    name = "igemm_forward_aligned" if aligned else "igemm_forward"
+    _cuda.launch(name, _igemm_code(x.dtype, mode), grid=grid,
                  block=(IGEMM_THREADS, 1, 1), like=x,
                  args=(_cuda.at_image(x, images), _cuda.at_image(mask, images, acc), weight,
                        _cuda.Typed(bias if bias is not None else mask, acc), bias is not None,
@@ -337,7 +340,9 @@ def _backward_igemm(grad_out, x, mask, weight, geometry, group, needs, mode, ima
         grad_x = torch.empty_like(x)
         grid = _grid(_ceil_div(height * width, IGEMM_BN),
                      group * _ceil_div(in_per_group, IGEMM_BM), batch)
-        _cuda.launch("igemm_backward_input", code, grid=grid, block=block, like=x,
+        aligned = out_per_group % igemm_k_slice(x.dtype, mode) == 0
+        name = "igemm_backward_input_aligned" if aligned else "igemm_backward_input"
+        _cuda.launch(name, code, grid=grid, block=block, like=x,
                      args=(_cuda.at_image(grad_out, images), _cuda.at_image(mask, images, acc),
                            weight, _cuda.at_image(grad_x, images), *sizes, images,
                            images + batch))

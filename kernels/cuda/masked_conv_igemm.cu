@@ -335,8 +335,11 @@ SEGAWARE_DEVICE int ceil_div(const int a, const int b) { return (a + b - 1) / b;
 
 // ------------------------------------------------------------------------------ forward
 // A[m][kidx] = W[o0 + m, c, tap], B[p][kidx] = x[n, c0 + c, pixel of tap at p] * mask[n, tap, p]
-// with kidx = tap * in_per_group + c (tap-major, so a thread's pixel moves only when the tap
-// changes).
+// with kidx = tap * in_per_group + c (tap-major: a thread's pixel moves only when the tap
+// changes). ALIGNED: in_per_group is a multiple of BK, so every slice lies within one tap and
+// the tap's pixel, bounds and mask are worked out once per slice (every released layer but the
+// first); otherwise they follow the tap element by element.
+template <bool ALIGNED>
 struct ForwardLoader {
   const scalar_t* weight;     // rows of this block's outputs
   const scalar_t* x_group;    // image n, first channel of the group
@@ -345,6 +348,17 @@ struct ForwardLoader {
   int m_valid, k_total, pixel, pixel_valid, h_base, w_base;
 
   SEGAWARE_DEVICE int b_slot(const int e) const { return threadIdx.x * BKP + e; }
+
+  // where tap `tap` of this thread's pixel reads: valid, the x offset of channel 0, the mask
+  SEGAWARE_DEVICE bool tap_source(const int tap, long long& offset, acc_t& mask_value) const {
+    if (!pixel_valid || tap >= s.taps) return false;
+    const int i = tap / s.kernel_w, j = tap - i * s.kernel_w;
+    const int h = h_base + i * s.dilation_h, w = w_base + j * s.dilation_w;
+    if (!inside(h, w, s.height, s.width)) return false;
+    mask_value = mask_image[(long long)tap * s.out_plane + pixel];
+    offset = h * s.width + w;
+    return true;
+  }
 
   SEGAWARE_DEVICE void load(const int kt, tile_t* a_stage, tile_t* b_stage) const {
     const int cg = s.in_per_group;
@@ -355,76 +369,74 @@ struct ForwardLoader {
       const scalar_t* weight_row = weight + (long long)row * k_total;
       for (int e = 0; e < A_ELEMS; ++e) {
         acc_t value = 0;
-        if (row < m_valid && k_first + e < k_total) value = load_acc(weight_row[c * s.taps + tap]);
+        if (row < m_valid && (ALIGNED || k_first + e < k_total)) {
+          value = load_acc(weight_row[(c + (ALIGNED ? e : 0)) * s.taps + tap]);
+        }
         a_stage[e] = to_tile(value);
-        if (++c == cg) { c = 0; ++tap; }
+        if (!ALIGNED && ++c == cg) { c = 0; ++tap; }
       }
     }
-    {   // masked input columns: this thread's pixel, BK consecutive kidx
-      const int k_first = kt * BK;
-      int tap = k_first / cg, c = k_first - tap * cg;
-      acc_t mask_value = 0;
+    const int k_first = kt * BK;
+    if (ALIGNED) {   // masked input columns: one tap, BK consecutive channels
+      const int tap = k_first / cg, c = k_first - tap * cg;
       long long offset = 0;
-      bool valid = false;
-      int state_tap = -1;
+      acc_t mask_value = 0;
+      const bool valid = tap_source(tap, offset, mask_value);
+      const scalar_t* source = x_group + (long long)c * s.in_plane + offset;
       for (int e = 0; e < B_ELEMS; ++e) {
-        if (tap != state_tap) {   // the tap moved: where this pixel reads, and its mask
-          state_tap = tap;
-          valid = false;
-          if (pixel_valid && tap < s.taps) {
-            const int i = tap / s.kernel_w, j = tap - i * s.kernel_w;
-            const int h = h_base + i * s.dilation_h, w = w_base + j * s.dilation_w;
-            if (inside(h, w, s.height, s.width)) {
-              valid = true;
-              mask_value = mask_image[(long long)tap * s.out_plane + pixel];
-              offset = (long long)c * s.in_plane + h * s.width + w;
-            }
-          }
-        }
-        acc_t value = 0;
-        if (valid && k_first + e < k_total) value = load_acc(x_group[offset]) * mask_value;
+        const acc_t value = valid ? load_acc(source[(long long)e * s.in_plane]) * mask_value
+                                  : (acc_t)0;
         b_stage[e] = to_tile(value);
-        offset += s.in_plane;
+      }
+    } else {         // masked input columns: the tap may change inside the slice
+      int tap = k_first / cg, c = k_first - tap * cg;
+      long long offset = 0;
+      acc_t mask_value = 0;
+      bool valid = tap_source(tap, offset, mask_value);
+      for (int e = 0; e < B_ELEMS; ++e) {
+        acc_t value = 0;
+        if (valid && k_first + e < k_total) {
+          value = load_acc(x_group[(long long)c * s.in_plane + offset]) * mask_value;
+        }
+        b_stage[e] = to_tile(value);
         if (++c == cg) {
           c = 0;
-          ++tap;
-          offset -= (long long)cg * s.in_plane;
+          valid = tap_source(++tap, offset, mask_value);
         }
       }
     }
   }
 };
 
-extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) igemm_forward(
+template <bool ALIGNED>
+SEGAWARE_DEVICE void forward_tiles(
     const scalar_t* __restrict__ x, const acc_t* __restrict__ mask,
     const scalar_t* __restrict__ weight, const acc_t* __restrict__ bias, const int has_bias,
-    scalar_t* __restrict__ out, GEOMETRY_PARAMS, const int outputs, const int group,
-    const int n_begin, const int n_end) {
+    scalar_t* __restrict__ out, const Problem& s, const int n_begin, const int n_end) {
   __shared__ SHARED_ALIGN tile_t a_tiles[2 * BM * BKP];
   __shared__ SHARED_ALIGN tile_t b_tiles[2 * BN * BKP];
-  MAKE_PROBLEM(s)
   const int m_tiles = ceil_div(s.out_per_group, BM);
   const int k_total = s.in_per_group * s.taps;
-  TILE_LOOPS(ceil_div(s.out_plane, BN), group * m_tiles, n_end - n_begin) {
+  TILE_LOOPS(ceil_div(s.out_plane, BN), s.group * m_tiles, n_end - n_begin) {
     const int n = n_begin + tile_z;
     const int g = tile_y / m_tiles, m0 = (tile_y - g * m_tiles) * BM;
     const int o0 = g * s.out_per_group + m0;
     const int p0 = tile_x * BN;
-    ForwardLoader loader;
+    ForwardLoader<ALIGNED> loader;
     loader.s = s;
     loader.weight = weight + (long long)o0 * k_total;
-    loader.x_group = x + ((long long)n * channels + (long long)g * s.in_per_group) * s.in_plane;
+    loader.x_group = x + ((long long)n * s.channels + (long long)g * s.in_per_group) * s.in_plane;
     loader.mask_image = mask + (long long)n * s.taps * s.out_plane;
     loader.m_valid = s.out_per_group - m0;
     loader.k_total = k_total;
     loader.pixel = p0 + (int)threadIdx.x;
     loader.pixel_valid = loader.pixel < s.out_plane;
-    const int ho = loader.pixel / out_w, wo = loader.pixel - ho * out_w;
-    loader.h_base = ho * stride_h - pad_h;
-    loader.w_base = wo * stride_w - pad_w;
+    const int ho = loader.pixel / s.out_w, wo = loader.pixel - ho * s.out_w;
+    loader.h_base = ho * s.stride_h - s.pad_h;
+    loader.w_base = wo * s.stride_w - s.pad_w;
     acc_t acc[MI][NI][4];
     tile_product(loader, ceil_div(k_total, BK), a_tiles, b_tiles, acc);
-    scalar_t* out_tile = out + ((long long)n * outputs + o0) * s.out_plane;
+    scalar_t* out_tile = out + ((long long)n * s.outputs + o0) * s.out_plane;
     for (int mi = 0; mi < MI; ++mi) {
       for (int r = 0; r < 4; r += 2) {
         const int m = acc_row(mi, r);
@@ -443,9 +455,23 @@ extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) igemm_forward(
   }
 }
 
+#define FORWARD_KERNEL(name, aligned) \
+  extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) name( \
+      const scalar_t* __restrict__ x, const acc_t* __restrict__ mask, \
+      const scalar_t* __restrict__ weight, const acc_t* __restrict__ bias, const int has_bias, \
+      scalar_t* __restrict__ out, GEOMETRY_PARAMS, const int outputs, const int group, \
+      const int n_begin, const int n_end) { \
+    MAKE_PROBLEM(s) \
+    forward_tiles<aligned>(x, mask, weight, bias, has_bias, out, s, n_begin, n_end); \
+  }
+FORWARD_KERNEL(igemm_forward, false)
+FORWARD_KERNEL(igemm_forward_aligned, true)
+
 // ------------------------------------------------------------------------------ input grad
 // A[m][kidx] = W[o, c0 + m, tap], B[q][kidx] = g[n, o, p] * mask[n, tap, p] where output p
-// reads input pixel q through tap (else 0), kidx = tap * out_per_group + o.
+// reads input pixel q through tap (else 0), kidx = tap * out_per_group + o. ALIGNED:
+// out_per_group is a multiple of BK (one tap per slice).
+template <bool ALIGNED>
 struct InputLoader {
   const scalar_t* weight;     // the group's first output, channel c0
   const scalar_t* grad_group; // image n, the group's first output
@@ -455,6 +481,18 @@ struct InputLoader {
 
   SEGAWARE_DEVICE int b_slot(const int e) const { return threadIdx.x * BKP + e; }
 
+  // the output pixel that reads this thread's input pixel through `tap`, and its mask
+  SEGAWARE_DEVICE bool tap_source(const int tap, int& p, acc_t& mask_value) const {
+    if (!pixel_valid || tap >= s.taps) return false;
+    const int i = tap / s.kernel_w, j = tap - i * s.kernel_w;
+    const int ho = source_of(h, s.pad_h, i, s.dilation_h, s.stride_h, s.out_h);
+    const int wo = source_of(w, s.pad_w, j, s.dilation_w, s.stride_w, s.out_w);
+    if (ho < 0 || wo < 0) return false;
+    p = ho * s.out_w + wo;
+    mask_value = mask_image[(long long)tap * s.out_plane + p];
+    return true;
+  }
+
   SEGAWARE_DEVICE void load(const int kt, tile_t* a_stage, tile_t* b_stage) const {
     const int og = s.out_per_group;
     {
@@ -463,78 +501,74 @@ struct InputLoader {
       int tap = k_first / og, o = k_first - tap * og;
       for (int e = 0; e < A_ELEMS; ++e) {
         acc_t value = 0;
-        if (row < m_valid && k_first + e < k_total) {
-          value = load_acc(weight[((long long)o * s.in_per_group + row) * s.taps + tap]);
+        if (row < m_valid && (ALIGNED || k_first + e < k_total)) {
+          value = load_acc(weight[((long long)(o + (ALIGNED ? e : 0)) * s.in_per_group + row)
+                                  * s.taps + tap]);
         }
         a_stage[e] = to_tile(value);
-        if (++o == og) { o = 0; ++tap; }
+        if (!ALIGNED && ++o == og) { o = 0; ++tap; }
       }
     }
-    {
-      const int k_first = kt * BK;
-      int tap = k_first / og, o = k_first - tap * og;
+    const int k_first = kt * BK;
+    if (ALIGNED) {
+      const int tap = k_first / og, o = k_first - tap * og;
+      int p = 0;
       acc_t mask_value = 0;
-      long long offset = 0;
-      bool valid = false;
-      int state_tap = -1;
+      const bool valid = tap_source(tap, p, mask_value);
+      const scalar_t* source = grad_group + (long long)o * s.out_plane + p;
       for (int e = 0; e < B_ELEMS; ++e) {
-        if (tap != state_tap) {
-          state_tap = tap;
-          valid = false;
-          if (pixel_valid && tap < s.taps) {
-            const int i = tap / s.kernel_w, j = tap - i * s.kernel_w;
-            const int ho = source_of(h, s.pad_h, i, s.dilation_h, s.stride_h, s.out_h);
-            const int wo = source_of(w, s.pad_w, j, s.dilation_w, s.stride_w, s.out_w);
-            if (ho >= 0 && wo >= 0) {
-              valid = true;
-              const int p = ho * s.out_w + wo;
-              mask_value = mask_image[(long long)tap * s.out_plane + p];
-              offset = (long long)o * s.out_plane + p;
-            }
-          }
-        }
-        acc_t value = 0;
-        if (valid && k_first + e < k_total) value = load_acc(grad_group[offset]) * mask_value;
+        const acc_t value = valid ? load_acc(source[(long long)e * s.out_plane]) * mask_value
+                                  : (acc_t)0;
         b_stage[e] = to_tile(value);
-        offset += s.out_plane;
+      }
+    } else {
+      int tap = k_first / og, o = k_first - tap * og;
+      int p = 0;
+      acc_t mask_value = 0;
+      bool valid = tap_source(tap, p, mask_value);
+      for (int e = 0; e < B_ELEMS; ++e) {
+        acc_t value = 0;
+        if (valid && k_first + e < k_total) {
+          value = load_acc(grad_group[(long long)o * s.out_plane + p]) * mask_value;
+        }
+        b_stage[e] = to_tile(value);
         if (++o == og) {
           o = 0;
-          ++tap;
-          offset -= (long long)og * s.out_plane;
+          valid = tap_source(++tap, p, mask_value);
         }
       }
     }
   }
 };
 
-extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) igemm_backward_input(
+template <bool ALIGNED>
+SEGAWARE_DEVICE void input_tiles(
     const scalar_t* __restrict__ grad_out, const acc_t* __restrict__ mask,
-    const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_x, GEOMETRY_PARAMS,
-    const int outputs, const int group, const int n_begin, const int n_end) {
+    const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_x, const Problem& s,
+    const int n_begin, const int n_end) {
   __shared__ SHARED_ALIGN tile_t a_tiles[2 * BM * BKP];
   __shared__ SHARED_ALIGN tile_t b_tiles[2 * BN * BKP];
-  MAKE_PROBLEM(s)
   const int m_tiles = ceil_div(s.in_per_group, BM);
   const int k_total = s.out_per_group * s.taps;
-  TILE_LOOPS(ceil_div(s.in_plane, BN), group * m_tiles, n_end - n_begin) {
+  TILE_LOOPS(ceil_div(s.in_plane, BN), s.group * m_tiles, n_end - n_begin) {
     const int n = n_begin + tile_z;
     const int g = tile_y / m_tiles, m0 = (tile_y - g * m_tiles) * BM;
     const int q0 = tile_x * BN;
-    InputLoader loader;
+    InputLoader<ALIGNED> loader;
     loader.s = s;
     loader.weight = weight + ((long long)g * s.out_per_group * s.in_per_group + m0) * s.taps;
-    loader.grad_group = grad_out + ((long long)n * outputs + (long long)g * s.out_per_group)
+    loader.grad_group = grad_out + ((long long)n * s.outputs + (long long)g * s.out_per_group)
                                    * s.out_plane;
     loader.mask_image = mask + (long long)n * s.taps * s.out_plane;
     loader.m_valid = s.in_per_group - m0;
     loader.k_total = k_total;
     const int q = q0 + (int)threadIdx.x;
     loader.pixel_valid = q < s.in_plane;
-    loader.h = q / width;
-    loader.w = q - loader.h * width;
+    loader.h = q / s.width;
+    loader.w = q - loader.h * s.width;
     acc_t acc[MI][NI][4];
     tile_product(loader, ceil_div(k_total, BK), a_tiles, b_tiles, acc);
-    scalar_t* grad_tile = grad_x + ((long long)n * channels + (long long)g * s.in_per_group + m0)
+    scalar_t* grad_tile = grad_x + ((long long)n * s.channels + (long long)g * s.in_per_group + m0)
                                    * s.in_plane;
     for (int mi = 0; mi < MI; ++mi) {
       for (int r = 0; r < 4; ++r) {
@@ -548,6 +582,17 @@ extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) igemm_backward_input
     }
   }
 }
+
+#define INPUT_KERNEL(name, aligned) \
+  extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) name( \
+      const scalar_t* __restrict__ grad_out, const acc_t* __restrict__ mask, \
+      const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_x, GEOMETRY_PARAMS, \
+      const int outputs, const int group, const int n_begin, const int n_end) { \
+    MAKE_PROBLEM(s) \
+    input_tiles<aligned>(grad_out, mask, weight, grad_x, s, n_begin, n_end); \
+  }
+INPUT_KERNEL(igemm_backward_input, false)
+INPUT_KERNEL(igemm_backward_input_aligned, true)
 
 // ------------------------------------------------------------------------------ mask grad
 // For tap k: A[m][o] = W[o, c0 + m, k], B[p][o] = g[n, o, p]; the epilogue forms

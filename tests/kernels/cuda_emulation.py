@@ -126,8 +126,8 @@ static int run(const unsigned* dims, std::function<void()> kernel) {
           set_thread(t);
           swapcontext(&scheduler, &contexts[t]);
         }
-        for (int t = 1; t < threads; ++t) {
-          if (barriers[t] != barriers[0]) {
+        for (int t = 0; t < threads; ++t) {
+          if (!finished[t] || barriers[t] != barriers[0]) {
             std::fprintf(stderr, "emulation: block (%u, %u, %u): thread %d reached %ld "
                          "barriers, thread 0 %ld\n", bx, by, bz, t, barriers[t], barriers[0]);
             return 1;
