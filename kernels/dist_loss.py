@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _cuda
-from .geometry import check_tensor, compute_dtype
+from .geometry import check_tensor, compute_dtype, no_autocast
 
 
 def _terms_cpu(dist, parity, alpha, beta, ignore_label):
@@ -34,17 +34,20 @@ def _terms_cpu(dist, parity, alpha, beta, ignore_label):
 
 
 def _terms_cuda(dist, parity, alpha, beta, ignore_label, begin=0):
+    """`begin` > 0 numbers the elements from there (tests: offsets beyond 2^31)."""
     margin = torch.empty_like(dist)
     diff = torch.empty_like(dist)
+    shifted = lambda t: _cuda.Shifted(t, begin) if begin else t  # noqa: E731
     _cuda.launch_flat("dist_loss_terms", ("dist_loss.cu",), dist.numel(),
-                      (dist, parity, margin, diff, float(alpha), float(beta),
-                       ignore_label is not None,
+                      (shifted(dist), shifted(parity), shifted(margin), shifted(diff),
+                       float(alpha), float(beta), ignore_label is not None,
                        float(ignore_label) if ignore_label is not None else 0.0),
                       like=dist, begin=begin)
     return margin, diff
 
 
 @torch.library.custom_op("segaware::dist_loss", mutates_args=())
+@no_autocast
 def dist_loss_op(dist: Tensor, parity: Tensor, alpha: float, beta: float,
                  ignore_label: int | None) -> tuple[Tensor, Tensor]:
     """(loss, diff / count): the 0-dim loss and the gradient the original gives dist."""

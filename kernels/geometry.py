@@ -14,6 +14,7 @@ patch centre.
 This module also holds the strided tap views the CPU paths are built from, and the one input
 check every op uses.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,16 @@ def check_tensor(op, name, tensor, *, dim=None, dtypes=FLOAT_DTYPES, like=None, 
                         + ("," if len(shape) == 1 else "") + ")")
             raise ValueError(f"{op}: {name} must have shape {expected}, got {got}")
     return tensor
+
+
+def no_autocast(function):
+    """Run `function` (an op's implementation) with autocast off: the torch products inside an
+    op compute in the dtypes the op chose, not in the autocast dtype."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return function(*args, **kwargs)
+    return wrapper
 
 
 def compute_dtype(dtype):

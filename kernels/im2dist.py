@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from . import _cuda
-from .geometry import (ConvGeometry, check_tensor, compute_dtype, pad_input, patch_view,
-                       tap_inside, tap_offsets, unpad)
+from .geometry import (ConvGeometry, check_tensor, compute_dtype, no_autocast, pad_input,
+                       patch_view, tap_inside, tap_offsets, unpad)
 
 # FLT_MAX / 100 rounded to float32, the value the original writes for removed taps
 BIG = float(torch.tensor(torch.finfo(torch.float32).max / 100, dtype=torch.float32))
@@ -78,25 +78,29 @@ def _backward_cpu(x, grad_out, geometry, norm_l1):
 # ---------------------------------------------------------------------------------------------
 # CUDA (kernels/cuda/im2dist.cu): one thread per written element, gathers only
 
-def _forward_cuda(x, geometry, norm_l1, remove_center, remove_bounds, row_begin=0):
+# `images` > 0 numbers the batch's images from there (tests: offsets beyond 2^31 elements)
+def _forward_cuda(x, geometry, norm_l1, remove_center, remove_bounds, images=0):
     batch, channels, height, width = x.shape
     out_size = geometry.output_size(height, width)
     out = x.new_empty((batch, geometry.taps) + out_size)
     _cuda.launch_rows("im2dist_forward", ("im2dist.cu",), batch * geometry.taps,
                       out_size[0] * out_size[1],
-                      (x, out, *_cuda.geometry_args(geometry, channels, height, width, out_size),
-                       norm_l1, remove_center, remove_bounds, BIG), like=x, row_begin=row_begin)
+                      (_cuda.at_image(x, images), _cuda.at_image(out, images),
+                       *_cuda.geometry_args(geometry, channels, height, width, out_size),
+                       norm_l1, remove_center, remove_bounds, BIG),
+                      like=x, row_begin=images * geometry.taps)
     return out
 
 
-def _backward_cuda(x, grad_out, geometry, norm_l1, row_begin=0):
+def _backward_cuda(x, grad_out, geometry, norm_l1, images=0):
     batch, channels, height, width = x.shape
     out_size = geometry.output_size(height, width)
     grad_x = torch.empty_like(x)
     _cuda.launch_rows("im2dist_backward", ("im2dist.cu",), batch * channels, height * width,
-                      (x, grad_out.contiguous(), grad_x,
+                      (_cuda.at_image(x, images), _cuda.at_image(grad_out.contiguous(), images),
+                       _cuda.at_image(grad_x, images),
                        *_cuda.geometry_args(geometry, channels, height, width, out_size), norm_l1),
-                      like=x, row_begin=row_begin)
+                      like=x, row_begin=images * channels)
     return grad_x
 
 
@@ -104,6 +108,7 @@ def _backward_cuda(x, grad_out, geometry, norm_l1, row_begin=0):
 # the ops
 
 @torch.library.custom_op("segaware::im2dist", mutates_args=())
+@no_autocast
 def im2dist_op(x: Tensor, geometry: list[int], norm_l1: bool, remove_center: bool,
                remove_bounds: bool) -> Tensor:
     """x (N, C, H, W) float32/float64 -> (N, kh*kw, Ho, Wo); geometry = ConvGeometry.as_list()."""
@@ -120,6 +125,7 @@ def _(x, geometry, norm_l1, remove_center, remove_bounds):
 
 
 @torch.library.custom_op("segaware::im2dist_backward", mutates_args=())
+@no_autocast
 def im2dist_backward_op(x: Tensor, grad_out: Tensor, geometry: list[int], norm_l1: bool) -> Tensor:
     geometry = ConvGeometry.from_list(geometry)
     x = x.contiguous()

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from . import _cuda
-from .geometry import (ConvGeometry, check_tensor, compute_dtype, pad_input, patch_view,
-                       tap_inside, tap_offsets)
+from .geometry import (ConvGeometry, check_tensor, compute_dtype, no_autocast, pad_input,
+                       patch_view, tap_inside, tap_offsets)
 
 
 def _forward_cpu(labels, geometry, ignore_label):
@@ -40,21 +40,23 @@ def _forward_cpu(labels, geometry, ignore_label):
     return torch.where(centre_inside, out, out.new_tensor(fill_value))
 
 
-def _forward_cuda(labels, geometry, ignore_label, row_begin=0):
+def _forward_cuda(labels, geometry, ignore_label, images=0):
+    """`images` > 0 numbers the batch's images from there (tests: offsets beyond 2^31)."""
     batch, channels, height, width = labels.shape
     out_size = geometry.output_size(height, width)
     out = labels.new_empty((batch, geometry.taps) + out_size)
     _cuda.launch_rows("im2parity_forward", ("im2parity.cu",), batch * geometry.taps,
                       out_size[0] * out_size[1],
-                      (labels, out, *_cuda.geometry_args(geometry, channels, height, width,
-                                                         out_size),
+                      (_cuda.at_image(labels, images), _cuda.at_image(out, images),
+                       *_cuda.geometry_args(geometry, channels, height, width, out_size),
                        ignore_label is not None,
                        float(ignore_label) if ignore_label is not None else 0.0),
-                      like=labels, row_begin=row_begin)
+                      like=labels, row_begin=images * geometry.taps)
     return out
 
 
 @torch.library.custom_op("segaware::im2parity", mutates_args=())
+@no_autocast
 def im2parity_op(labels: Tensor, geometry: list[int], ignore_label: int | None) -> Tensor:
     """labels (N, C, H, W) float32/float64 -> (N, kh*kw, Ho, Wo) of 0/1 (or ignore_label)."""
     geometry = ConvGeometry.from_list(geometry)

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from . import _cuda
-from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, pad_input,
-                       patch_view, tap_offsets, unpad)
+from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, no_autocast,
+                       pad_input, patch_view, tap_offsets, unpad)
 from .im2dist import im2dist
 
 # Bytes of masked columns per band: about a cache-sized block on CPU (4-8 MB measured best for
@@ -167,10 +167,11 @@ def _band_args(x, mask, geometry, row_start):
 def _masked_columns_cuda(x, mask, geometry, row_start, row_end, columns, images=0):
     batch, channels = x.shape[:2]
     band = row_end - row_start
+    per_image = channels * geometry.taps * band * mask.shape[3]
     _cuda.launch_rows("masked_columns", _BANDS, batch * channels * geometry.taps,
                       band * mask.shape[3],
                       (_cuda.at_image(x, images), _cuda.at_image(mask, images),
-                       _cuda.at_image(columns.view(batch, -1), images),
+                       _cuda.at_image(columns.view(batch, per_image), images),
                        *_band_args(x, mask, geometry, row_start)),
                       like=x, row_begin=images * channels * geometry.taps)
     return columns
@@ -231,7 +232,8 @@ def _backward_bands_cuda(grad_out, x, mask, weight, geometry, group, needs, imag
             grad_weight += torch.matmul(grad_band, columns.transpose(-1, -2)).sum(0)
         if need_x or need_mask:
             grad_columns = torch.matmul(weight_groups.transpose(-1, -2), grad_band).contiguous()
-            grad_columns_arg = _cuda.at_image(grad_columns.view(batch, -1), images)
+            grad_columns_arg = _cuda.at_image(
+                grad_columns.view(batch, channels * taps * band * out_w), images)
             band_args = _band_args(x, mask, geometry, row_start)
             if need_mask:
                 _cuda.launch_rows("masked_columns_grad_mask", _BANDS, batch * taps, band * out_w,
@@ -418,6 +420,7 @@ def _upcast_backward(path, grad_out, x, mask, weight, geometry, group, needs):
 # and grad_bias in the mask's, grad_weight in the weight's.
 
 @torch.library.custom_op("segaware::masked_conv2d", mutates_args=())
+@no_autocast
 def masked_conv2d_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
                      geometry: list[int], group: int) -> Tensor:
     geometry = ConvGeometry.from_list(geometry)
@@ -434,6 +437,7 @@ def _(x, mask, weight, bias, geometry, group):
 
 
 @torch.library.custom_op("segaware::masked_conv2d_backward", mutates_args=())
+@no_autocast
 def masked_conv2d_backward_op(grad_out: Tensor, x: Tensor, mask: Tensor, weight: Tensor,
                               geometry: list[int], group: int,
                               needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from . import _cuda
-from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, pad_input, patch_view, tap_view,
-                       unpad)
+from .geometry import (ConvGeometry, HALF_DTYPES, check_tensor, no_autocast, pad_input, patch_view,
+                       tap_view, unpad)
 from .im2dist import im2dist
 
 
@@ -129,6 +129,7 @@ def _message_backward_cuda(grad_out, q, attention, geometry, needs, images=0):
 
 # ------------------------------------------------------------------------------------- the ops
 @torch.library.custom_op("segaware::crf_message", mutates_args=())
+@no_autocast
 def crf_message_op(q: Tensor, attention: Tensor, geometry: list[int]) -> Tensor:
     """out[n, c, p] = sum_k attention[n, k, p] * q_pad[n, c, p + offset_k]: a depthwise
     attention-weighted sum over the taps of `geometry` (N, C, H, W) -> (N, C, Ho, Wo)."""
@@ -144,6 +145,7 @@ def _(q, attention, geometry):
 
 
 @torch.library.custom_op("segaware::crf_message_backward", mutates_args=())
+@no_autocast
 def crf_message_backward_op(grad_out: Tensor, q: Tensor, attention: Tensor, geometry: list[int],
                             needs: list[bool]) -> tuple[Tensor, Tensor]:
     """(grad_q, grad_attention), the exact gradients; an entry not in needs is empty."""
@@ -242,13 +244,20 @@ def normconv_meanfield(unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bil
         unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bilateral, compat = (
             t.float() for t in (unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bilateral,
                                 compat))
+    return _meanfield(unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bilateral, compat,
+                      num_iterations, bilateral, spatial).to(out_dtype)
+
+
+@no_autocast
+def _meanfield(unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bilateral, compat,
+               num_iterations, bilateral, spatial):
     attention_bilateral = message_attention(feat_bilateral, bilateral)
     attention_spatial = message_attention(feat_spatial, spatial)
     x = q0
     for _ in range(num_iterations):
-        x = meanfield_update(x, unary, attention_bilateral, attention_spatial, w_spatial, w_bilateral,
-                             compat, bilateral=bilateral, spatial=spatial)
-    return x.to(out_dtype)
+        x = meanfield_update(x, unary, attention_bilateral, attention_spatial, w_spatial,
+                             w_bilateral, compat, bilateral=bilateral, spatial=spatial)
+    return x
 
 
 def meanfield_update(x, unary, attention_bilateral, attention_spatial, w_spatial, w_bilateral, compat,

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from . import _cuda
-from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, pad_input,
-                       tap_view, unpad)
+from .geometry import (ConvGeometry, HALF_DTYPES, check_tensor, compute_dtype, no_autocast,
+                       pad_input, tap_view, unpad)
 from .im2dist import im2dist
 
 
@@ -130,6 +130,7 @@ def _backward_cuda(grad_out, x, attention, weight, geometry, group, needs, image
 
 # ------------------------------------------------------------------------------------- the ops
 @torch.library.custom_op("segaware::attention_conv", mutates_args=())
+@no_autocast
 def attention_conv_op(x: Tensor, attention: Tensor, weight: Tensor, bias: Tensor | None,
                       geometry: list[int], group: int) -> Tensor:
     """y = sum_{c,k} W[o,c,k] * A[k,p] * x_pad[c, p + offset_k] + b[o], grouped; x (N, C, H, W),
@@ -147,6 +148,7 @@ def _(x, attention, weight, bias, geometry, group):
 
 
 @torch.library.custom_op("segaware::attention_conv_backward", mutates_args=())
+@no_autocast
 def attention_conv_backward_op(grad_out: Tensor, x: Tensor, attention: Tensor, weight: Tensor,
                                geometry: list[int], group: int,
                                needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -209,15 +211,21 @@ def norm_conv(x, emb, weight, bias=None, scale=None, *, kernel_size, pad=0, stri
         dtype, out_dtype = torch.float32, torch.get_autocast_dtype(x.device.type)
     else:
         dtype, out_dtype = compute_dtype(x.dtype), x.dtype
-    x, emb, weight = x.to(dtype), emb.to(dtype), weight.to(dtype)
-    bias = bias.to(dtype) if bias is not None else None
+    out = _norm_conv(x.to(dtype), emb.to(dtype), weight.to(dtype),
+                     bias.to(dtype) if bias is not None else None,
+                     scale.to(dtype) if scale_term else None, geometry, group, norm,
+                     remove_center, remove_bounds)
+    return out.to(out_dtype)
+
+
+@no_autocast
+def _norm_conv(x, emb, weight, bias, scale, geometry, group, norm, remove_center, remove_bounds):
     dist = im2dist(emb, geometry.kernel, pad=geometry.pad, stride=geometry.stride,
                    dilation=geometry.dilation, norm=norm, remove_center=remove_center,
                    remove_bounds=remove_bounds)
-    logits = dist * (-scale.to(dtype)).reshape(()) if scale_term else dist
+    logits = dist * (-scale).reshape(()) if scale is not None else dist
     attention = torch.softmax(logits, dim=1)
-    out = attention_conv_op(x, attention, weight, bias, geometry.as_list(), group)
-    return out.to(out_dtype)
+    return attention_conv_op(x, attention, weight, bias, geometry.as_list(), group)
 
 
 def _check_inputs(x, emb, weight, bias, scale, geometry, group, scale_term, autocast):
