@@ -53,7 +53,7 @@ def _forward_cpu(x, geometry, norm_l1, remove_center, remove_bounds):
     return out
 
 
-def _backward_cpu(x, grad_out, geometry, norm_l1):
+def _backward_cpu(grad_out, x, geometry, norm_l1):
     _, _, height, width = x.shape
     out_size = geometry.output_size(height, width)
     padded = pad_input(x, geometry)
@@ -92,7 +92,7 @@ def _forward_cuda(x, geometry, norm_l1, remove_center, remove_bounds, images=0):
     return out
 
 
-def _backward_cuda(x, grad_out, geometry, norm_l1, images=0):
+def _backward_cuda(grad_out, x, geometry, norm_l1, images=0):
     batch, channels, height, width = x.shape
     out_size = geometry.output_size(height, width)
     grad_x = torch.empty_like(x)
@@ -126,15 +126,15 @@ def _(x, geometry, norm_l1, remove_center, remove_bounds):
 
 @torch.library.custom_op("segaware::im2dist_backward", mutates_args=())
 @no_autocast
-def im2dist_backward_op(x: Tensor, grad_out: Tensor, geometry: list[int], norm_l1: bool) -> Tensor:
+def im2dist_backward_op(grad_out: Tensor, x: Tensor, geometry: list[int], norm_l1: bool) -> Tensor:
     geometry = ConvGeometry.from_list(geometry)
     x = x.contiguous()
     path = _backward_cuda if x.is_cuda else _backward_cpu
-    return path(x, grad_out.contiguous(), geometry, norm_l1)
+    return path(grad_out.contiguous(), x, geometry, norm_l1)
 
 
 @im2dist_backward_op.register_fake
-def _(x, grad_out, geometry, norm_l1):
+def _(grad_out, x, geometry, norm_l1):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -148,7 +148,7 @@ def _backward(ctx, grad_out):
     grad_x = None
     if ctx.needs_input_grad[0]:
         (x,) = ctx.saved_tensors
-        grad_x = im2dist_backward_op(x, grad_out, ctx.geometry, ctx.norm_l1)
+        grad_x = im2dist_backward_op(grad_out, x, ctx.geometry, ctx.norm_l1)
     return grad_x, None, None, None, None
 
 

@@ -46,17 +46,20 @@ typedef SEGAWARE_ACC acc_t;
 #define WINDOW_ROW(row) \
   const int taps = kernel_h * kernel_w; \
   const int n = (row) / taps, k = (row) - n * taps; \
-  const int i = k / kernel_w, j = k - i * kernel_w; \
-  const int centre_i = kernel_h / 2, centre_j = kernel_w / 2;
+  const int i = k / kernel_w, j = k - i * kernel_w;
 
-// An output pixel of that row: (ho, wo), the patch centre (ch, cw) and the tap's input pixel
-// (nh, nw) in image coordinates (outside [0, height) x [0, width) means zero padding).
+// An output pixel of that row: (ho, wo) and the tap's input pixel (nh, nw) in image
+// coordinates (outside [0, height) x [0, width) means zero padding).
 #define WINDOW_PIXEL(pixel) \
   const int ho = (pixel) / out_w, wo = (pixel) - ho * out_w; \
-  const int ch = ho * stride_h - pad_h + centre_i * dilation_h; \
-  const int cw = wo * stride_w - pad_w + centre_j * dilation_w; \
   const int nh = ho * stride_h - pad_h + i * dilation_h; \
   const int nw = wo * stride_w - pad_w + j * dilation_w;
+
+// The patch centre of that pixel: tap (kernel_h div 2, kernel_w div 2) at (ch, cw).
+#define WINDOW_CENTRE \
+  const int centre_i = kernel_h / 2, centre_j = kernel_w / 2; \
+  const int ch = ho * stride_h - pad_h + centre_i * dilation_h; \
+  const int cw = wo * stride_w - pad_w + centre_j * dilation_w;
 
 // The output position that reads input coordinate `coord` through tap offset `tap` along one
 // axis: out = (coord + pad - tap * dilation) / stride when that divides exactly and lies in

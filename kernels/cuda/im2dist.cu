@@ -12,6 +12,7 @@ extern "C" __global__ void im2dist_forward(
     scalar_t* out_row = out + (long long)row * plane;
     PIXEL_LOOP(pixel) {
       WINDOW_PIXEL(pixel)
+      WINDOW_CENTRE
       acc_t value = 0;
       if (!inside(ch, cw, height, width)) {
         value = 0;                       // a patch centred outside the image: 0 on every tap

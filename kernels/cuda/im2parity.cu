@@ -14,6 +14,7 @@ extern "C" __global__ void im2parity_forward(
     scalar_t* out_row = out + (long long)row * plane;
     PIXEL_LOOP(pixel) {
       WINDOW_PIXEL(pixel)
+      WINDOW_CENTRE
       acc_t value = fill_value;
       if (inside(ch, cw, height, width)) {
         const acc_t centre_label = trunc((acc_t)label_plane[ch * width + cw]);

@@ -76,5 +76,32 @@ def test_igemm_compiles_for_sm_80(tmp_path):
         assert compile_report(mc._igemm_code(dtype, mode), "sm_80", tmp_path)
 
 
+def ptx_divisions(code, tmp_path):
+    """{kernel: number of 64-bit integer div / rem instructions} in the PTX of `code`."""
+    source = tmp_path / "kernel.cu"
+    source.write_text(code)
+    subprocess.run([NVCC, "-arch=sm_90", "-ptx", "-std=c++14", str(source), "-o",
+                    str(tmp_path / "kernel.ptx")], check=True, capture_output=True)
+    counts = {}
+    for chunk in (tmp_path / "kernel.ptx").read_text().split(".entry ")[1:]:
+        name = re.match(r"(\w+)", chunk).group(1)
+        counts[name] = len(re.findall(r"\b(?:div|rem)\.[su]64\b", chunk))
+    return counts
+
+
+def test_no_64_bit_division(tmp_path):
+    """Indices inside a plane are 32-bit and rows are decoded once per row: no kernel divides
+    64-bit integers, except the flat DistLoss loop (its trip count, computed once) and the
+    weight gradient's split bounds (once per tile)."""
+    allowed = {"dist_loss_terms": 1, "igemm_backward_weight": 2}
+    for name in ROW_PLANE:
+        for kernel, count in ptx_divisions(_cuda.preamble(torch.float64) + _cuda.source(name),
+                                           tmp_path).items():
+            assert count <= allowed.get(kernel, 0), f"{kernel}: {count} 64-bit div/rem"
+    for mode, dtype in (("3xtf32", torch.float32), ("bf16", torch.bfloat16)):
+        for kernel, count in ptx_divisions(mc._igemm_code(dtype, mode), tmp_path).items():
+            assert count <= allowed.get(kernel, 0), f"{mode} {kernel}: {count} 64-bit div/rem"
+
+
 def test_float64_igemm_compiles(tmp_path):
     assert compile_report(mc._igemm_code(torch.float64, "simt"), "sm_90", tmp_path)

@@ -168,8 +168,8 @@ def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, norm, remove_c
     torch.testing.assert_close(module._forward_cuda(x, geometry, l1, remove_center, remove_bounds),
                                expected, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn(expected.shape, dtype=torch.float64)
-    torch.testing.assert_close(module._backward_cuda(x, grad_out, geometry, l1),
-                               module._backward_cpu(x, grad_out, geometry, l1),
+    torch.testing.assert_close(module._backward_cuda(grad_out, x, geometry, l1),
+                               module._backward_cpu(grad_out, x, geometry, l1),
                                rtol=1e-12, atol=1e-12)
 
 

@@ -124,13 +124,14 @@ def relative_error(got, ref):
     return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def check_igemm(case, mode, dtype=None, tolerance=1e-5):
+def check_igemm(case, mode, dtype=None, tolerance=1e-5, device="cpu"):
     shape, outputs, geometry, group = case
     dtype = dtype or MODE_DTYPES[mode]
     x, mask, weight, bias, grad_out = make_inputs(shape, outputs, geometry, group, dtype)
-    out = mc._forward_igemm(x, mask, weight, bias, geometry, group, mode)
-    grads = mc._backward_igemm(grad_out, x, mask, weight, geometry, group, (True, True, True),
-                               mode)
+    on = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    out = mc._forward_igemm(*on(x, mask, weight, bias), geometry, group, mode).cpu()
+    grads = [g.cpu() for g in mc._backward_igemm(*on(grad_out, x, mask, weight), geometry, group,
+                                                 (True, True, True), mode)]
     expected = rounded_reference(x, mask, weight, bias, grad_out, geometry, group, mode)
     assert out.dtype == x.dtype and grads[0].dtype == x.dtype
     assert grads[1].dtype == mask.dtype and grads[2].dtype == weight.dtype
@@ -156,6 +157,14 @@ def test_igemm_ragged_tiles(emulated, case, mode):
 @pytest.mark.parametrize("case", RELEASED, ids=lambda c: f"C{c[0][1]}-p{c[2].pad[0]}")
 def test_igemm_released_geometries(emulated, case, mode):
     check_igemm(case, mode)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("mode", list(MODE_DTYPES))
+@pytest.mark.parametrize("case", RAGGED[:4] + RELEASED, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_igemm_on_the_gpu(case, mode):
+    """The same comparison with the GPU's own mma instructions."""
+    check_igemm(case, mode, device="cuda")
 
 
 def test_igemm_float64_fma_is_exact(emulated):

@@ -137,8 +137,8 @@ def cuda_and_cpu_paths(t):
     everything = (True, True, True)
     yield ("im2dist forward", m["im2dist"]._forward_cuda(emb, GEOMETRY, True, True, True),
            m["im2dist"]._forward_cpu(emb, GEOMETRY, True, True, True))
-    yield ("im2dist backward", m["im2dist"]._backward_cuda(emb, grad_taps, GEOMETRY, False),
-           m["im2dist"]._backward_cpu(emb, grad_taps, GEOMETRY, False))
+    yield ("im2dist backward", m["im2dist"]._backward_cuda(grad_taps, emb, GEOMETRY, False),
+           m["im2dist"]._backward_cpu(grad_taps, emb, GEOMETRY, False))
     yield ("im2parity", m["im2parity"]._forward_cuda(labels, GEOMETRY, 2),
            m["im2parity"]._forward_cpu(labels, GEOMETRY, 2))
     yield ("dist_loss", m["dist_loss"]._terms_cuda(grad_taps, attention.round(), 0.5, 2.0, 1),
@@ -200,7 +200,7 @@ def test_cuda_kernels_offsets_beyond_2_31(monkeypatch):
     n0 = (1 << 31) // min(emb[0].numel(), attention[0].numel()) + 1
     checks = [
         lambda images: m["im2dist"]._forward_cuda(emb, GEOMETRY, False, True, True, images),
-        lambda images: m["im2dist"]._backward_cuda(emb, attention, GEOMETRY, True, images),
+        lambda images: m["im2dist"]._backward_cuda(attention, emb, GEOMETRY, True, images),
         lambda images: m["im2parity"]._forward_cuda(labels, GEOMETRY, None, images),
         lambda images: m["norm_conv"]._forward_cuda(x, attention, weight, bias, GEOMETRY, 2,
                                                     images),
@@ -262,6 +262,7 @@ def opcheck_cases():
     geometry = GEOMETRY.as_list()
     out_size = GEOMETRY.output_size(*x.shape[2:])
     attention = torch.rand(2, GEOMETRY.taps, *out_size, dtype=torch.float64)
+    grad = torch.randn(2, 6, *out_size, dtype=torch.float64)
     ops = torch.ops.segaware
     g = lambda v: v.clone().requires_grad_()  # noqa: E731
     return {
@@ -273,11 +274,24 @@ def opcheck_cases():
         "attention_conv": (ops.attention_conv, (g(x), g(attention), g(weight), None, geometry,
                                                 2)),
         "crf_message": (ops.crf_message, (g(x), g(attention), geometry)),
+        # the backward ops (no autograd of their own: the forward ops' backward calls them)
+        "im2dist_backward": (ops.im2dist_backward, (attention, emb, geometry, False)),
+        "masked_conv2d_backward": (ops.masked_conv2d_backward,
+                                   (grad, x, attention, weight, geometry, 2,
+                                    [True, False, True, True])),
+        "attention_conv_backward": (ops.attention_conv_backward,
+                                    (grad, x, attention, weight, geometry, 2,
+                                     [False, True, True, False])),
+        "crf_message_backward": (ops.crf_message_backward,
+                                 (torch.randn_like(x[:, :, :out_size[0], :out_size[1]]), x,
+                                  attention, geometry, [True, True])),
     }
 
 
 @pytest.mark.parametrize("name", ["im2dist", "im2parity", "dist_loss", "masked_conv2d",
-                                  "attention_conv", "crf_message"])
+                                  "attention_conv", "crf_message", "im2dist_backward",
+                                  "masked_conv2d_backward", "attention_conv_backward",
+                                  "crf_message_backward"])
 def test_opcheck(name):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of each op."""
     op, args = opcheck_cases()[name]
