@@ -293,6 +293,18 @@ def _sizes(x, weight, mask, geometry, group):
             + (weight.shape[0], group))
 
 
+def igemm_weights(weight, group, kernel):
+    """The weights in the K order of one implicit-GEMM kernel: "forward" (O, taps, C/g),
+    "input" (group, C/g, taps, O/g), "mask" (group, taps, C/g, O/g)."""
+    outputs, in_per_group = weight.shape[:2]
+    grouped = weight.reshape(group, outputs // group, in_per_group, -1)
+    if kernel == "forward":
+        return weight.reshape(outputs, in_per_group, -1).transpose(1, 2).contiguous()
+    if kernel == "input":
+        return grouped.permute(0, 2, 3, 1).contiguous()
+    return grouped.permute(0, 3, 2, 1).contiguous()
+
+
 def _forward_igemm(x, mask, weight, bias, geometry, group, mode, images=0):
     batch, _, height, width = x.shape
     out_h, out_w = mask.shape[2:]
@@ -306,7 +318,8 @@ def _forward_igemm(x, mask, weight, bias, geometry, group, mode, images=0):
     name = "igemm_forward_aligned" if aligned else "igemm_forward"
     _cuda.launch(name, _igemm_code(x.dtype, mode), grid=grid,
                  block=(IGEMM_THREADS, 1, 1), like=x,
-                 args=(_cuda.at_image(x, images), _cuda.at_image(mask, images, acc), weight,
+                 args=(_cuda.at_image(x, images), _cuda.at_image(mask, images, acc),
+                       igemm_weights(weight, group, "forward"),
                        _cuda.Typed(bias if bias is not None else mask, acc), bias is not None,
                        _cuda.at_image(out, images), *_sizes(x, weight, mask, geometry, group),
                        images, images + batch))
@@ -346,14 +359,15 @@ def _backward_igemm(grad_out, x, mask, weight, geometry, group, needs, mode, ima
         name = "igemm_backward_input_aligned" if aligned else "igemm_backward_input"
         _cuda.launch(name, code, grid=grid, block=block, like=x,
                      args=(_cuda.at_image(grad_out, images), _cuda.at_image(mask, images, acc),
-                           weight, _cuda.at_image(grad_x, images), *sizes, images,
-                           images + batch))
+                           igemm_weights(weight, group, "input"), _cuda.at_image(grad_x, images),
+                           *sizes, images, images + batch))
     if need_mask:
         channel_tiles = group * _ceil_div(in_per_group, IGEMM_BM)
         partial = x.new_empty((batch, channel_tiles, taps, out_plane), dtype=acc)
         grid = _grid(_ceil_div(out_plane, IGEMM_BN), taps * channel_tiles, batch)
         _cuda.launch("igemm_backward_mask", code, grid=grid, block=block, like=x,
-                     args=(_cuda.at_image(grad_out, images), _cuda.at_image(x, images), weight,
+                     args=(_cuda.at_image(grad_out, images), _cuda.at_image(x, images),
+                           igemm_weights(weight, group, "mask"),
                            _cuda.at_image(partial, images, acc), *sizes, images, images + batch))
         grad_mask = partial.sum(1).view(batch, taps, out_h, out_w)
     if need_weight:

@@ -15,7 +15,10 @@
 //                          channels of the tile (one partial per channel tile, summed after)
 //   igemm_backward_weight  M = outputs, N = (channel, tap), K = the pixels of every image,
 //                          split over blocks (one partial per split, summed after)
-// so every result is written by exactly one thread: no atomics, deterministic.
+// so every result is written by exactly one thread: no atomics, deterministic. The launcher
+// hands the first three the weights already laid out in their K order (one contiguous A row
+// per output / channel), so the A tiles load without index arithmetic:
+//   forward (O, taps, C/g), input gradient (group, C/g, taps, O/g), mask (group, taps, C/g, O/g).
 //
 // IGEMM_MODE picks the inner product: 0 SIMT fused multiply-adds in acc_t (any GPU, float64);
 // 1 TF32 mma m16n8k8; 2 3xTF32 (each float split in a TF32 high part and a TF32 remainder,
@@ -99,6 +102,7 @@ SEGAWARE_DEVICE void store_acc(f16_t* where, const float value) {
 
 // ------------------------------------------------------------------------------ tile shape
 #define IGEMM_THREADS 128
+#define IGEMM_MIN_BLOCKS 2   // resident blocks per multiprocessor ptxas plans registers for
 constexpr int THREADS = IGEMM_THREADS;
 constexpr int BM = 64, BN = 128;
 constexpr int WARPS_N = 2;
@@ -341,7 +345,7 @@ SEGAWARE_DEVICE int ceil_div(const int a, const int b) { return (a + b - 1) / b;
 // first); otherwise they follow the tap element by element.
 template <bool ALIGNED>
 struct ForwardLoader {
-  const scalar_t* weight;     // rows of this block's outputs
+  const scalar_t* weight;     // (O, taps, C/g) rows of this block's outputs
   const scalar_t* x_group;    // image n, first channel of the group
   const acc_t* mask_image;    // image n
   Problem s;
@@ -362,18 +366,14 @@ struct ForwardLoader {
 
   SEGAWARE_DEVICE void load(const int kt, tile_t* a_stage, tile_t* b_stage) const {
     const int cg = s.in_per_group;
-    {   // weights: this thread's A row, A_ELEMS consecutive kidx
+    {   // weights: this thread's A row, A_ELEMS consecutive kidx (contiguous)
       const int row = a_stage_row();
       const int k_first = kt * BK + a_stage_k(0);
-      int tap = k_first / cg, c = k_first - tap * cg;
-      const scalar_t* weight_row = weight + (long long)row * k_total;
+      const scalar_t* weight_row = weight + (long long)row * k_total + k_first;
       for (int e = 0; e < A_ELEMS; ++e) {
         acc_t value = 0;
-        if (row < m_valid && (ALIGNED || k_first + e < k_total)) {
-          value = load_acc(weight_row[(c + (ALIGNED ? e : 0)) * s.taps + tap]);
-        }
+        if (row < m_valid && (ALIGNED || k_first + e < k_total)) value = load_acc(weight_row[e]);
         a_stage[e] = to_tile(value);
-        if (!ALIGNED && ++c == cg) { c = 0; ++tap; }
       }
     }
     const int k_first = kt * BK;
@@ -456,7 +456,7 @@ SEGAWARE_DEVICE void forward_tiles(
 }
 
 #define FORWARD_KERNEL(name, aligned) \
-  extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) name( \
+  extern "C" __global__ void __launch_bounds__(IGEMM_THREADS, IGEMM_MIN_BLOCKS) name( \
       const scalar_t* __restrict__ x, const acc_t* __restrict__ mask, \
       const scalar_t* __restrict__ weight, const acc_t* __restrict__ bias, const int has_bias, \
       scalar_t* __restrict__ out, GEOMETRY_PARAMS, const int outputs, const int group, \
@@ -473,7 +473,7 @@ FORWARD_KERNEL(igemm_forward_aligned, true)
 // out_per_group is a multiple of BK (one tap per slice).
 template <bool ALIGNED>
 struct InputLoader {
-  const scalar_t* weight;     // the group's first output, channel c0
+  const scalar_t* weight;     // (group, C/g, taps, O/g): the row of this block's channel c0
   const scalar_t* grad_group; // image n, the group's first output
   const acc_t* mask_image;
   Problem s;
@@ -498,15 +498,11 @@ struct InputLoader {
     {
       const int row = a_stage_row();
       const int k_first = kt * BK + a_stage_k(0);
-      int tap = k_first / og, o = k_first - tap * og;
+      const scalar_t* weight_row = weight + (long long)row * k_total + k_first;
       for (int e = 0; e < A_ELEMS; ++e) {
         acc_t value = 0;
-        if (row < m_valid && (ALIGNED || k_first + e < k_total)) {
-          value = load_acc(weight[((long long)(o + (ALIGNED ? e : 0)) * s.in_per_group + row)
-                                  * s.taps + tap]);
-        }
+        if (row < m_valid && (ALIGNED || k_first + e < k_total)) value = load_acc(weight_row[e]);
         a_stage[e] = to_tile(value);
-        if (!ALIGNED && ++o == og) { o = 0; ++tap; }
       }
     }
     const int k_first = kt * BK;
@@ -556,7 +552,7 @@ SEGAWARE_DEVICE void input_tiles(
     const int q0 = tile_x * BN;
     InputLoader<ALIGNED> loader;
     loader.s = s;
-    loader.weight = weight + ((long long)g * s.out_per_group * s.in_per_group + m0) * s.taps;
+    loader.weight = weight + ((long long)g * s.in_per_group + m0) * k_total;
     loader.grad_group = grad_out + ((long long)n * s.outputs + (long long)g * s.out_per_group)
                                    * s.out_plane;
     loader.mask_image = mask + (long long)n * s.taps * s.out_plane;
@@ -584,7 +580,7 @@ SEGAWARE_DEVICE void input_tiles(
 }
 
 #define INPUT_KERNEL(name, aligned) \
-  extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) name( \
+  extern "C" __global__ void __launch_bounds__(IGEMM_THREADS, IGEMM_MIN_BLOCKS) name( \
       const scalar_t* __restrict__ grad_out, const acc_t* __restrict__ mask, \
       const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_x, GEOMETRY_PARAMS, \
       const int outputs, const int group, const int n_begin, const int n_end) { \
@@ -598,7 +594,7 @@ INPUT_KERNEL(igemm_backward_input_aligned, true)
 // For tap k: A[m][o] = W[o, c0 + m, k], B[p][o] = g[n, o, p]; the epilogue forms
 // sum_m acc[m][p] * x[n, c0 + m, pixel of tap k at p] for the tile's channels.
 struct MaskLoader {
-  const scalar_t* weight;      // the group's first output, channel c0, tap k
+  const scalar_t* weight;      // (group, taps, C/g, O/g): the row of channel c0 at tap k
   const scalar_t* grad_group;  // image n, the group's first output
   Problem s;
   int m_valid, pixel, pixel_valid;
@@ -609,12 +605,10 @@ struct MaskLoader {
     const int og = s.out_per_group;
     const int row = a_stage_row();
     const int a_first = kt * BK + a_stage_k(0);
+    const scalar_t* weight_row = weight + (long long)row * og + a_first;
     for (int e = 0; e < A_ELEMS; ++e) {
-      const int o = a_first + e;
       acc_t value = 0;
-      if (row < m_valid && o < og) {
-        value = load_acc(weight[((long long)o * s.in_per_group + row) * s.taps]);
-      }
+      if (row < m_valid && a_first + e < og) value = load_acc(weight_row[e]);
       a_stage[e] = to_tile(value);
     }
     const int b_first = kt * BK;
@@ -627,7 +621,7 @@ struct MaskLoader {
   }
 };
 
-extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) igemm_backward_mask(
+extern "C" __global__ void __launch_bounds__(IGEMM_THREADS, IGEMM_MIN_BLOCKS) igemm_backward_mask(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ weight, acc_t* __restrict__ partial, GEOMETRY_PARAMS,
     const int outputs, const int group, const int n_begin, const int n_end) {
@@ -645,7 +639,7 @@ extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) igemm_backward_mask(
     const int p0 = tile_x * BN;
     MaskLoader loader;
     loader.s = s;
-    loader.weight = weight + ((long long)g * s.out_per_group * s.in_per_group + m0) * s.taps + k;
+    loader.weight = weight + (((long long)g * s.taps + k) * s.in_per_group + m0) * s.out_per_group;
     loader.grad_group = grad_out + ((long long)n * outputs + (long long)g * s.out_per_group)
                                    * s.out_plane;
     loader.m_valid = s.in_per_group - m0;
@@ -767,7 +761,7 @@ struct WeightLoader {
   }
 };
 
-extern "C" __global__ void __launch_bounds__(IGEMM_THREADS) igemm_backward_weight(
+extern "C" __global__ void __launch_bounds__(IGEMM_THREADS, IGEMM_MIN_BLOCKS) igemm_backward_weight(
     const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
     const acc_t* __restrict__ mask, acc_t* __restrict__ partial, GEOMETRY_PARAMS,
     const int outputs, const int group, const int n_begin, const int n_end, const int splits) {

@@ -2,7 +2,7 @@
 source) for each dtype and inner-product mode, compiled by nvcc for sm_90 (and the tensor-core
 modes for sm_80): it must compile, and the kernels the released nets run must not spill
 registers. Skipped, saying so, where nvcc is not installed (the CPU emulation tests run the same
-sources either way)."""
+sources either way). ptxas -v's registers per kernel are printed (pytest -s)."""
 import re
 import shutil
 import subprocess
@@ -19,9 +19,6 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="needs nvcc (the CUDA toolk
 
 ROW_PLANE = ["im2dist.cu", "im2parity.cu", "dist_loss.cu", "norm_conv.cu", "meanfield.cu",
              "masked_conv_bands.cu"]
-# kernels that may spill: the implicit GEMM's per-element-tap variants (odd channel counts, a
-# first layer's short reduction) and the FMA fallback (GPUs before sm_80, float64 by request)
-MAY_SPILL = {"igemm_forward", "igemm_backward_input"}
 
 
 def compile_report(code, arch, tmp_path):
@@ -64,10 +61,9 @@ def test_igemm_compiles_for_sm_90(tmp_path, mode):
             "igemm_backward_input_aligned", "igemm_backward_mask",
             "igemm_backward_weight"} <= set(report)
     print({kernel: tuple(values) for kernel, values in sorted(report.items())})
-    if mode != "simt":
+    if mode != "simt":   # the FMA fallback (GPUs before sm_80) may spill a little
         for kernel, (registers, spilled) in report.items():
-            if kernel not in MAY_SPILL:
-                assert spilled == 0, f"{mode} {kernel}: {spilled} bytes spilled"
+            assert spilled == 0, f"{mode} {kernel}: {spilled} bytes spilled"
 
 
 def test_igemm_compiles_for_sm_80(tmp_path):
