@@ -58,6 +58,13 @@ def source(*names):
     return "\n".join((SOURCE_DIR / name).read_text() for name in parts)
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_code(dtype, sources, defines=()):
+    """The complete source of `sources` (a tuple of names) for `dtype` and `defines`; one string
+    object per combination, so the compile cache finds it by identity."""
+    return preamble(dtype, defines) + source(*sources)
+
+
 def preamble(dtype, defines=()):
     """The lines compiled in front of a source for `dtype` and `defines` ((name, value) pairs)."""
     storage, arithmetic = c_types(dtype)
@@ -230,9 +237,8 @@ def launch_rows(name, sources, rows, plane, args, *, like, row_begin=0, defines=
     if rows <= 0 or plane <= 0:
         return
     grid = (min(-(-plane // BLOCK_SIZE), MAX_GRID_X), min(rows, MAX_GRID_Y), 1)
-    code = preamble(like.dtype, defines) + source(*sources)
-    launch(name, code, grid=grid, block=(BLOCK_SIZE, 1, 1),
-           args=(row_begin, row_begin + rows, plane, *args), like=like)
+    launch(name, kernel_code(like.dtype, tuple(sources), tuple(defines)), grid=grid,
+           block=(BLOCK_SIZE, 1, 1), args=(row_begin, row_begin + rows, plane, *args), like=like)
 
 
 def launch_flat(name, sources, total, args, *, like, begin=0, defines=()):
@@ -240,9 +246,8 @@ def launch_flat(name, sources, total, args, *, like, begin=0, defines=()):
     if total <= 0:
         return
     grid = (min(-(-total // BLOCK_SIZE), MAX_GRID_X), 1, 1)
-    code = preamble(like.dtype, defines) + source(*sources)
-    launch(name, code, grid=grid, block=(BLOCK_SIZE, 1, 1),
-           args=(Int64(begin), Int64(begin + total), *args), like=like)
+    launch(name, kernel_code(like.dtype, tuple(sources), tuple(defines)), grid=grid,
+           block=(BLOCK_SIZE, 1, 1), args=(Int64(begin), Int64(begin + total), *args), like=like)
 
 
 def geometry_args(geometry, channels, height, width, out_size):

@@ -275,8 +275,7 @@ def igemm_k_slice(dtype, mode):
 
 
 def _igemm_code(dtype, mode):
-    return (_cuda.preamble(dtype, (("IGEMM_MODE", IGEMM_MODES[mode]),))
-            + _cuda.source("masked_conv_igemm.cu"))
+    return _cuda.kernel_code(dtype, ("masked_conv_igemm.cu",), (("IGEMM_MODE", IGEMM_MODES[mode]),))
 
 
 def _ceil_div(a, b):
