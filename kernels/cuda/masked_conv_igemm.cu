@@ -48,17 +48,17 @@ SEGAWARE_DEVICE float bf16_to_float(const unsigned short bits) {
   return __uint_as_float(((unsigned)bits) << 16);
 }
 
-#ifdef SEGAWARE_EMULATION
-// round to nearest even (the GPU's cvt.rn), NaN kept quiet
-inline unsigned short float_to_bf16(const float value) {
+// float -> bf16 and -> TF32 in plain integer arithmetic: the emulation's, and the GPU's before
+// sm_80 (which has no cvt instructions for them; the tensor-core modes never run there)
+#if defined(SEGAWARE_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
+// round to nearest even (cvt.rn), NaN kept quiet
+SEGAWARE_DEVICE unsigned short float_to_bf16(const float value) {
   const unsigned bits = __float_as_uint(value);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((bits >> 16) | 0x40u);
   return (unsigned short)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
-inline float f16_to_float(const unsigned short bits) { return emu_f16_to_float(bits); }
-inline unsigned short float_to_f16(const float value) { return emu_float_to_f16(value); }
 // cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits
-inline unsigned float_to_tf32(const float value) {
+SEGAWARE_DEVICE unsigned float_to_tf32(const float value) {
   const unsigned bits = __float_as_uint(value);
   if ((bits & 0x7f800000u) == 0x7f800000u) return bits;   // inf / nan unchanged
   return (bits + 0x1000u) & 0xffffe000u;
@@ -69,6 +69,17 @@ SEGAWARE_DEVICE unsigned short float_to_bf16(const float value) {
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
   return bits;
 }
+SEGAWARE_DEVICE unsigned float_to_tf32(const float value) {
+  unsigned bits;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(value));
+  return bits;
+}
+#endif
+
+#ifdef SEGAWARE_EMULATION
+SEGAWARE_DEVICE float f16_to_float(const unsigned short bits) { return emu_f16_to_float(bits); }
+SEGAWARE_DEVICE unsigned short float_to_f16(const float value) { return emu_float_to_f16(value); }
+#else
 SEGAWARE_DEVICE float f16_to_float(const unsigned short bits) {
   float value;
   asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(bits));
@@ -77,11 +88,6 @@ SEGAWARE_DEVICE float f16_to_float(const unsigned short bits) {
 SEGAWARE_DEVICE unsigned short float_to_f16(const float value) {
   unsigned short bits;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-  return bits;
-}
-SEGAWARE_DEVICE unsigned float_to_tf32(const float value) {
-  unsigned bits;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(value));
   return bits;
 }
 #endif

@@ -99,5 +99,12 @@ def test_no_64_bit_division(tmp_path):
             assert count <= allowed.get(kernel, 0), f"{mode} {kernel}: {count} 64-bit div/rem"
 
 
+def test_fma_fallback_compiles_before_sm_80(tmp_path):
+    """GPUs before sm_80 (no tensor-core mma for these types) run the FMA tiles, half storage
+    included: those variants must build for sm_75."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert compile_report(mc._igemm_code(dtype, "simt"), "sm_75", tmp_path)
+
+
 def test_float64_igemm_compiles(tmp_path):
     assert compile_report(mc._igemm_code(torch.float64, "simt"), "sm_90", tmp_path)

@@ -110,6 +110,39 @@ def test_batch_of_33_is_33_single_images(op):
         torch.testing.assert_close(out[n:n + 1], run(op, single)[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("batch", [0, 33])
+@pytest.mark.parametrize("op", list(OPS))
+def test_cuda_batch_of_0_and_33(op, batch):
+    """The public ops on CUDA tensors against the CPU, batches of 0 and 33 images."""
+    cpu = tensors(batch, seed=7)
+    cuda = {k: v.cuda() for k, v in cpu.items()}
+    expected, expected_grads = run(op, cpu)
+    got, grads = run(op, cuda)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-9, equal_nan=True)
+    for key, grad in expected_grads.items():
+        torch.testing.assert_close(grads[key].cpu(), grad, rtol=1e-9, atol=1e-9, msg=key)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", list(OPS))
+def test_cuda_half_inputs(op, dtype):
+    """Half inputs on CUDA (the fused convolution in half mma, the rest in float32) against the
+    CPU's float32 computation of the same half values."""
+    half = tensors(2, dtype=dtype, seed=8)
+    got, grads = run(op, {k: v.cuda() for k, v in half.items()})
+    expected, expected_grads = run(op, {k: v.float() for k, v in half.items()},
+                                   seed_dtype=dtype)
+    assert got.dtype == dtype
+    limit = 16 * torch.finfo(dtype).eps
+    assert ((got.float().cpu() - expected).abs().max() / expected.abs().max()).item() <= limit
+    for key, grad in grads.items():
+        reference = expected_grads[key]
+        error = ((grad.float().cpu() - reference).abs().max() / reference.abs().max()).item()
+        assert error <= limit, (key, error)
+
+
 def test_dist_loss_batch_of_33():
     out, grads = run("dist_loss", tensors(33, seed=2))
     assert out.shape == () and torch.isfinite(out) and grads["emb"].shape[0] == 33
