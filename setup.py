@@ -22,7 +22,8 @@ setup(
     # segaware_caffe.kernels, ... so that no generic top-level name lands in site-packages
     packages=packages(),
     package_dir={"segaware_caffe." + name: name for name in SUBPACKAGES},
-    package_data={"segaware_caffe.caffe_proto": ["caffe.proto"], "segaware_caffe": ["assets/*"]},
+    package_data={"segaware_caffe.caffe_proto": ["caffe.proto"], "segaware_caffe": ["assets/*"],
+                  "segaware_caffe.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.23",
@@ -32,7 +33,11 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "cuda": ["cupy-cuda13x>=14"],
+        # CuPy for the CUDA kernels, matching the CUDA major version of the torch build
+        # (torch.version.cuda); CuPy 13 and 14 both work
+        "cuda12": ["cupy-cuda12x>=13"],
+        "cuda13": ["cupy-cuda13x>=14"],
+        "cuda": ["cupy-cuda13x>=14"],   # the name of earlier releases: same as cuda13
         # HDF5Data/HDF5Output (h5py), Data on LMDB (lmdb) and LevelDB (plyvel)
         "data": ["h5py>=3", "lmdb>=1", "plyvel>=1.3"],
         # opencv: the SSD tests compare with OpenCV's Caffe importer, and data tests check

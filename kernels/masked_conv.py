@@ -1,29 +1,49 @@
-"""Fused segmentation-aware convolution (issue #4, SEMANTICS §5).
+"""Fused segmentation-aware convolution.
 
 The released configs compute each segmentation-aware convolution as
 
     Conv_bottom_is_im2col( Im2col(x) * Tile(mask, C) ),   mask = exp(-|lam * Im2dist_L1(emb)|)
 
 i.e. y[n, o, p] = b[o] + sum_{c, k} W[o, c, k] * x[n, c, p + offset_k] * mask[n, k, p]
-(zero padding outside the image). Written that way it stores three (N, C*K, Ho*Wo) tensors. Here
-the masked columns are built a band of output rows at a time, each band multiplied by the weights
-at once, so only a band-sized buffer exists; backward recomputes the bands.
+(zero padding outside the image). Written that way it stores three (N, C*K, Ho*Wo) tensors.
+Here no such tensor exists:
+
+* CPU: the masked columns are built a band of output rows at a time, each band multiplied by the
+  weights at once (torch.mm), so only a band-sized buffer exists; backward recomputes the bands.
+* CUDA, float32 / float16 / bfloat16: implicit GEMMs on tensor cores (kernels/cuda/
+  masked_conv_igemm.cu) that apply the mask while loading each input tile into shared memory and
+  never write columns to global memory, for the output and for all three gradients. float32
+  uses TF32 mma when torch.backends.cuda.matmul.allow_tf32 is set (as a torch matmul would) and
+  otherwise 3xTF32 (about float32 accuracy); the half types use BF16 / FP16 mma; all accumulate
+  in float32. GPUs older than compute capability 8.0 run the same tiles with FMA.
+* CUDA, float64: the band path with CuPy column kernels and cuBLAS products.
 
 The mask chain (K x Ho x Wo, small) runs as ordinary differentiable ops on top of `im2dist`, so
 its gradients follow the original's rules: AbsVal's sign(0) = 0 (torch.abs) and Im2dist L1 with
 sign(0) = 0. The fused part is linear in x, mask and W, so its backward is the exact derivative.
 """
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from . import _cuda
-from .im2dist import PatchGeometry, check_image_batch, im2dist, pad_input, patch_view, tap_offsets
+from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, no_autocast,
+                       pad_input, patch_view, tap_offsets, unpad)
+from .im2dist import im2dist
 
 # Bytes of masked columns per band: about a cache-sized block on CPU (4-8 MB measured best for
-# vgg conv1_2 on one thread); on CUDA a band is large (fewer launches) but still far below the
-# unfused (N, C*K, Ho*Wo) tensors.
+# vgg conv1_2 on one thread); on CUDA (float64) a band is large (fewer launches) but still far
+# below the unfused (N, C*K, Ho*Wo) tensors.
 CPU_BAND_BYTES = 8 << 20
 CUDA_BAND_BYTES = 256 << 20
+
+# "auto": implicit GEMM for float32 / half, bands for float64; "igemm" or "bands" force one
+CUDA_IMPL = "auto"
+
+# the implicit-GEMM tile shape (masked_conv_igemm.cu; igemm_tile_shape reports the kernel's)
+IGEMM_BM, IGEMM_BN, IGEMM_THREADS = 64, 128, 128
+IGEMM_MODES = {"simt": 0, "tf32": 1, "3xtf32": 2, "bf16": 3, "f16": 4}
+# weight-gradient partial sums kept at most (bytes); more splits fill the GPU better
+IGEMM_PARTIAL_BYTES = 256 << 20
 
 
 def band_rows(batch, channels, taps, out_w, itemsize, budget):
@@ -50,7 +70,7 @@ def _masked_columns_cpu(padded, mask, geometry, row_start, row_end, columns):
     return columns
 
 
-def _masked_conv_forward_cpu(x, mask, weight, bias, geometry, group):
+def _forward_cpu(x, mask, weight, bias, geometry, group):
     batch, channels, _, _ = x.shape
     out_h, out_w = mask.shape[2:]
     num_output = weight.shape[0]
@@ -80,8 +100,8 @@ def _masked_conv_forward_cpu(x, mask, weight, bias, geometry, group):
     return out
 
 
-def _masked_conv_backward_cpu(x, mask, weight, grad_out, geometry, group, needs):
-    need_x, need_mask, need_weight, need_bias = needs
+def _backward_cpu(grad_out, x, mask, weight, geometry, group, needs):
+    need_x, need_mask, need_weight = needs
     batch, channels, height, width = x.shape
     out_h, out_w = mask.shape[2:]
     num_output = weight.shape[0]
@@ -125,122 +145,47 @@ def _masked_conv_backward_cpu(x, mask, weight, grad_out, geometry, group, needs)
                                         geometry.stride)
                     target.addcmul_(grad_columns[:, :, k],
                                     mask[:, k, row_start:row_end].unsqueeze(1))
-    grad_x = None
-    if need_x:
-        pad_h, pad_w = geometry.pad
-        grad_x = grad_padded[:, :, pad_h:pad_h + height, pad_w:pad_w + width]
-    grad_bias = grad_out.sum((0, 2, 3)) if need_bias else None
+    grad_x = unpad(grad_padded, geometry, height, width).contiguous() if need_x else None
     if need_weight:
         grad_weight = grad_weight.reshape(weight.shape)
-    return grad_x, grad_mask, grad_weight, grad_bias
+    return grad_x, grad_mask, grad_weight
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: CuPy kernels build the masked band columns and scatter-free gradients; the weight
-# products are torch matmuls (cuBLAS). Same band loop and index order as the CPU path.
+# CUDA, bands (float64): CuPy kernels build the masked band columns and turn column gradients
+# back into mask and input gradients; the products are torch matmuls (cuBLAS). Same band loop and
+# index order as the CPU path. `images` > 0 starts the kernels' image numbering there (tests).
 
-_CUDA_SOURCE = _cuda.GRID_STRIDE_LOOP + r"""
-// columns (N, C, K, band, Wo) = x[n, c, pixel of tap k] * mask[n, k, row_start + r, wo]
-extern "C" __global__ void masked_columns(
-    const long long total, const scalar_t* x, const scalar_t* mask, scalar_t* columns,
-    const int channels, const int height, const int width, const int out_h, const int out_w,
-    const int kernel_h, const int kernel_w, const int pad_h, const int pad_w,
-    const int stride_h, const int stride_w, const int dilation_h, const int dilation_w,
-    const int row_start, const int band) {
-  const int taps = kernel_h * kernel_w;
-  GRID_STRIDE_LOOP(index, total) {
-    const int wo = index % out_w;
-    const int r = (index / out_w) % band;
-    const int k = (index / ((long long)out_w * band)) % taps;
-    const int c = (index / ((long long)out_w * band * taps)) % channels;
-    const long long n = index / ((long long)out_w * band * taps * channels);
-    const int ho = row_start + r;
-    const int i = k / kernel_w, j = k % kernel_w;
-    const int h = ho * stride_h - pad_h + i * dilation_h;
-    const int w = wo * stride_w - pad_w + j * dilation_w;
-    scalar_t value = 0;
-    if (h >= 0 && h < height && w >= 0 && w < width) {
-      value = x[((n * channels + c) * height + h) * width + w]
-            * mask[((n * taps + k) * out_h + ho) * out_w + wo];
-    }
-    columns[index] = value;
-  }
-}
-
-// grad_mask[n, k, row_start + r, wo] = sum_c grad_columns[n, c, k, r, wo] * x[n, c, pixel]
-extern "C" __global__ void masked_columns_grad_mask(
-    const long long total, const scalar_t* x, const scalar_t* grad_columns, scalar_t* grad_mask,
-    const int channels, const int height, const int width, const int out_h, const int out_w,
-    const int kernel_h, const int kernel_w, const int pad_h, const int pad_w,
-    const int stride_h, const int stride_w, const int dilation_h, const int dilation_w,
-    const int row_start, const int band) {
-  const int taps = kernel_h * kernel_w;
-  GRID_STRIDE_LOOP(index, total) {
-    const int wo = index % out_w;
-    const int r = (index / out_w) % band;
-    const int k = (index / ((long long)out_w * band)) % taps;
-    const long long n = index / ((long long)out_w * band * taps);
-    const int ho = row_start + r;
-    const int i = k / kernel_w, j = k % kernel_w;
-    const int h = ho * stride_h - pad_h + i * dilation_h;
-    const int w = wo * stride_w - pad_w + j * dilation_w;
-    scalar_t accumulated = 0;
-    if (h >= 0 && h < height && w >= 0 && w < width) {
-      for (int c = 0; c < channels; ++c) {
-        accumulated += grad_columns[(((n * channels + c) * taps + k) * band + r) * out_w + wo]
-                     * x[((n * channels + c) * height + h) * width + w];
-      }
-    }
-    grad_mask[((n * taps + k) * out_h + ho) * out_w + wo] = accumulated;
-  }
-}
-
-// One thread per input pixel: gather grad_columns * mask over the taps of the band that read
-// this pixel (col2im as a gather; no atomics). Adds to grad_x (bands accumulate).
-extern "C" __global__ void masked_columns_grad_x(
-    const long long total, const scalar_t* grad_columns, const scalar_t* mask, scalar_t* grad_x,
-    const int channels, const int height, const int width, const int out_h, const int out_w,
-    const int kernel_h, const int kernel_w, const int pad_h, const int pad_w,
-    const int stride_h, const int stride_w, const int dilation_h, const int dilation_w,
-    const int row_start, const int band) {
-  const int taps = kernel_h * kernel_w;
-  GRID_STRIDE_LOOP(index, total) {
-    const int w = index % width;
-    const int h = (index / width) % height;
-    const int c = (index / ((long long)width * height)) % channels;
-    const long long n = index / ((long long)width * height * channels);
-    scalar_t accumulated = 0;
-    for (int k = 0; k < taps; ++k) {
-      const int i = k / kernel_w, j = k % kernel_w;
-      const int rh = h + pad_h - i * dilation_h, rw = w + pad_w - j * dilation_w;
-      if (rh < 0 || rw < 0 || rh % stride_h != 0 || rw % stride_w != 0) continue;
-      const int ho = rh / stride_h, wo = rw / stride_w;
-      if (ho < row_start || ho >= row_start + band || wo >= out_w) continue;
-      const int r = ho - row_start;
-      accumulated += grad_columns[(((n * channels + c) * taps + k) * band + r) * out_w + wo]
-                   * mask[((n * taps + k) * out_h + ho) * out_w + wo];
-    }
-    grad_x[index] += accumulated;
-  }
-}
-"""
+_BANDS = ("masked_conv_bands.cu",)
 
 
-def _kernel_geometry_args(x, mask, geometry, row_start, band):
+def _band_args(x, mask, geometry, row_start):
     _, channels, height, width = x.shape
-    out_h, out_w = mask.shape[2:]
-    return (channels, height, width, out_h, out_w, *geometry.kernel, *geometry.pad,
-            *geometry.stride, *geometry.dilation, row_start, band)
+    return (*_cuda.geometry_args(geometry, channels, height, width, mask.shape[2:]), row_start)
 
 
-def _masked_columns_cuda(x, mask, geometry, row_start, row_end, columns):
-    _cuda.launch("masked_columns", _CUDA_SOURCE, columns.numel(),
-                 (x, mask, columns, *_kernel_geometry_args(x, mask, geometry, row_start,
-                                                           row_end - row_start)), like=x)
+def _masked_columns_cuda(x, mask, geometry, row_start, row_end, columns, images=0):
+    batch, channels = x.shape[:2]
+    band = row_end - row_start
+    per_image = channels * geometry.taps * band * mask.shape[3]
+    _cuda.launch_rows("masked_columns", _BANDS, batch * channels * geometry.taps,
+                      band * mask.shape[3],
+                      (_cuda.at_image(x, images), _cuda.at_image(mask, images),
+                       _cuda.at_image(columns.view(batch, per_image), images),
+                       *_band_args(x, mask, geometry, row_start)),
+                      like=x, row_begin=images * channels * geometry.taps)
     return columns
 
 
-def _masked_conv_forward_cuda(x, mask, weight, bias, geometry, group):
+def input_rows_of_band(geometry, height, row_start, row_end):
+    """[first, end) of the input rows that output rows [row_start, row_end) read (clipped)."""
+    first = row_start * geometry.stride[0] - geometry.pad[0]
+    last = ((row_end - 1) * geometry.stride[0] - geometry.pad[0]
+            + (geometry.kernel[0] - 1) * geometry.dilation[0])
+    return max(0, first), min(height, last + 1)
+
+
+def _forward_bands_cuda(x, mask, weight, bias, geometry, group, images=0):
     batch, channels, _, _ = x.shape
     out_h, out_w = mask.shape[2:]
     num_output = weight.shape[0]
@@ -253,7 +198,7 @@ def _masked_conv_forward_cuda(x, mask, weight, bias, geometry, group):
         row_end = min(out_h, row_start + rows)
         band = row_end - row_start
         columns = buffer[:batch * channels * taps * band * out_w]
-        _masked_columns_cuda(x, mask, geometry, row_start, row_end, columns)
+        _masked_columns_cuda(x, mask, geometry, row_start, row_end, columns, images)
         columns = columns.view(batch, group, channels // group * taps, band * out_w)
         band_out = torch.matmul(weight_groups, columns)
         out[:, :, row_start:row_end] = band_out.reshape(batch, num_output, band, out_w)
@@ -262,9 +207,9 @@ def _masked_conv_forward_cuda(x, mask, weight, bias, geometry, group):
     return out
 
 
-def _masked_conv_backward_cuda(x, mask, weight, grad_out, geometry, group, needs):
-    need_x, need_mask, need_weight, need_bias = needs
-    batch, channels, _, _ = x.shape
+def _backward_bands_cuda(grad_out, x, mask, weight, geometry, group, needs, images=0):
+    need_x, need_mask, need_weight = needs
+    batch, channels, height, width = x.shape
     out_h, out_w = mask.shape[2:]
     num_output = weight.shape[0]
     taps = geometry.taps
@@ -282,49 +227,279 @@ def _masked_conv_backward_cuda(x, mask, weight, grad_out, geometry, group, needs
             batch, group, num_output // group, band * out_w)
         if need_weight:
             columns = buffer[:batch * channels * taps * band * out_w]
-            _masked_columns_cuda(x, mask, geometry, row_start, row_end, columns)
+            _masked_columns_cuda(x, mask, geometry, row_start, row_end, columns, images)
             columns = columns.view(batch, group, group_columns, band * out_w)
             grad_weight += torch.matmul(grad_band, columns.transpose(-1, -2)).sum(0)
         if need_x or need_mask:
             grad_columns = torch.matmul(weight_groups.transpose(-1, -2), grad_band).contiguous()
-            band_args = _kernel_geometry_args(x, mask, geometry, row_start, band)
+            grad_columns_arg = _cuda.at_image(
+                grad_columns.view(batch, channels * taps * band * out_w), images)
+            band_args = _band_args(x, mask, geometry, row_start)
             if need_mask:
-                _cuda.launch("masked_columns_grad_mask", _CUDA_SOURCE, batch * taps * band * out_w,
-                             (x, grad_columns, grad_mask, *band_args), like=x)
+                _cuda.launch_rows("masked_columns_grad_mask", _BANDS, batch * taps, band * out_w,
+                                  (_cuda.at_image(x, images), grad_columns_arg,
+                                   _cuda.at_image(grad_mask, images), *band_args),
+                                  like=x, row_begin=images * taps)
             if need_x:
-                _cuda.launch("masked_columns_grad_x", _CUDA_SOURCE, x.numel(),
-                             (grad_columns, mask, grad_x, *band_args), like=x)
-    grad_bias = grad_out.sum((0, 2, 3)) if need_bias else None
+                # only the input rows this band's taps read
+                first, end = input_rows_of_band(geometry, height, row_start, row_end)
+                _cuda.launch_rows("masked_columns_grad_x", _BANDS, batch * channels,
+                                  (end - first) * width,
+                                  (grad_columns_arg, _cuda.at_image(mask, images),
+                                   _cuda.at_image(grad_x, images), *band_args, band, first),
+                                  like=x, row_begin=images * channels)
     if need_weight:
         grad_weight = grad_weight.reshape(weight.shape)
-    return grad_x, grad_mask, grad_weight, grad_bias
+    return grad_x, grad_mask, grad_weight
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA, implicit GEMM (float32 / float16 / bfloat16; float64 too, with mode "simt")
 
-class MaskedConv2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mask, weight, bias, geometry, group):
-        x, mask, weight = x.contiguous(), mask.contiguous(), weight.contiguous()
-        forward_impl = _masked_conv_forward_cuda if x.is_cuda else _masked_conv_forward_cpu
-        out = forward_impl(x, mask, weight, bias, geometry, group)
-        ctx.save_for_backward(x, mask, weight)
-        ctx.geometry, ctx.group, ctx.has_bias = geometry, group, bias is not None
-        return out
+def igemm_mode(dtype, capability):
+    """The inner product the implicit GEMM uses for `dtype` on a GPU of `capability`."""
+    if dtype == torch.float64 or capability[0] < 8:
+        return "simt"
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16:
+        return "f16"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "3xtf32"
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, mask, weight = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
-                 ctx.has_bias and ctx.needs_input_grad[3])
-        if not any(needs):
-            return None, None, None, None, None, None
-        backward_impl = _masked_conv_backward_cuda if x.is_cuda else _masked_conv_backward_cpu
-        grad_x, grad_mask, grad_weight, grad_bias = backward_impl(
-            x, mask, weight, grad_out.contiguous(), ctx.geometry, ctx.group, needs)
-        return grad_x, grad_mask, grad_weight, grad_bias, None, None
 
+def igemm_k_slice(dtype, mode):
+    """BK of the tile shape for (dtype, mode)."""
+    if mode in ("bf16", "f16"):
+        return 32
+    return 8 if dtype == torch.float64 else 16
+
+
+def _igemm_code(dtype, mode):
+    return _cuda.kernel_code(dtype, ("masked_conv_igemm.cu",), (("IGEMM_MODE", IGEMM_MODES[mode]),))
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _grid(x, y, z):
+    return (min(x, _cuda.INT32_MAX), min(y, _cuda.MAX_GRID_Y), min(z, _cuda.MAX_GRID_Y))
+
+
+def _sizes(x, weight, mask, geometry, group):
+    _, channels, height, width = x.shape
+    return (_cuda.geometry_args(geometry, channels, height, width, mask.shape[2:])
+            + (weight.shape[0], group))
+
+
+def igemm_weights(weight, group, kernel):
+    """The weights in the K order of one implicit-GEMM kernel: "forward" (O, taps, C/g),
+    "input" (group, C/g, taps, O/g), "mask" (group, taps, C/g, O/g)."""
+    outputs, in_per_group = weight.shape[:2]
+    grouped = weight.reshape(group, outputs // group, in_per_group, -1)
+    if kernel == "forward":
+        return weight.reshape(outputs, in_per_group, -1).transpose(1, 2).contiguous()
+    if kernel == "input":
+        return grouped.permute(0, 2, 3, 1).contiguous()
+    return grouped.permute(0, 3, 2, 1).contiguous()
+
+
+def _forward_igemm(x, mask, weight, bias, geometry, group, mode, images=0):
+    batch, _, height, width = x.shape
+    out_h, out_w = mask.shape[2:]
+    outputs = weight.shape[0]
+    acc = compute_dtype(x.dtype)
+    out = x.new_empty((batch, outputs, out_h, out_w))
+    grid = _grid(_ceil_div(out_h * out_w, IGEMM_BN),
+                 group * _ceil_div(outputs // group, IGEMM_BM), batch)
+    # every slice of the reduction within one tap: the kernel variant without per-element taps
+    aligned = (x.shape[1] // group) % igemm_k_slice(x.dtype, mode) == 0
+    name = "igemm_forward_aligned" if aligned else "igemm_forward"
+    _cuda.launch(name, _igemm_code(x.dtype, mode), grid=grid,
+                 block=(IGEMM_THREADS, 1, 1), like=x,
+                 args=(_cuda.at_image(x, images), _cuda.at_image(mask, images, acc),
+                       igemm_weights(weight, group, "forward"),
+                       _cuda.Typed(bias if bias is not None else mask, acc), bias is not None,
+                       _cuda.at_image(out, images), *_sizes(x, weight, mask, geometry, group),
+                       images, images + batch))
+    return out
+
+
+def weight_splits(tiles, chunks, partial_bytes_per_split, multiprocessors):
+    """How many blocks share the reduction of each weight-gradient tile: about four blocks per
+    multiprocessor in all, at most one split per pixel chunk, within IGEMM_PARTIAL_BYTES."""
+    wanted = _ceil_div(4 * multiprocessors, max(1, tiles))
+    affordable = max(1, IGEMM_PARTIAL_BYTES // max(1, partial_bytes_per_split))
+    return max(1, min(wanted, chunks, affordable, _cuda.MAX_GRID_Y))
+
+
+def _backward_igemm(grad_out, x, mask, weight, geometry, group, needs, mode, images=0,
+                    multiprocessors=None):
+    need_x, need_mask, need_weight = needs
+    batch, channels, height, width = x.shape
+    out_h, out_w = mask.shape[2:]
+    outputs = weight.shape[0]
+    taps = geometry.taps
+    acc = compute_dtype(x.dtype)
+    code = _igemm_code(x.dtype, mode)
+    sizes = _sizes(x, weight, mask, geometry, group)
+    block = (IGEMM_THREADS, 1, 1)
+    in_per_group, out_per_group = channels // group, outputs // group
+    out_plane = out_h * out_w
+    if multiprocessors is None:
+        multiprocessors = _cuda.multiprocessors(_cuda.device_index(x)) if x.is_cuda else 2
+    grad_out = grad_out.contiguous()
+    grad_x = grad_mask = grad_weight = None
+    if need_x:
+        grad_x = torch.empty_like(x)
+        grid = _grid(_ceil_div(height * width, IGEMM_BN),
+                     group * _ceil_div(in_per_group, IGEMM_BM), batch)
+        aligned = out_per_group % igemm_k_slice(x.dtype, mode) == 0
+        name = "igemm_backward_input_aligned" if aligned else "igemm_backward_input"
+        _cuda.launch(name, code, grid=grid, block=block, like=x,
+                     args=(_cuda.at_image(grad_out, images), _cuda.at_image(mask, images, acc),
+                           igemm_weights(weight, group, "input"), _cuda.at_image(grad_x, images),
+                           *sizes, images, images + batch))
+    if need_mask:
+        channel_tiles = group * _ceil_div(in_per_group, IGEMM_BM)
+        partial = x.new_empty((batch, channel_tiles, taps, out_plane), dtype=acc)
+        grid = _grid(_ceil_div(out_plane, IGEMM_BN), taps * channel_tiles, batch)
+        _cuda.launch("igemm_backward_mask", code, grid=grid, block=block, like=x,
+                     args=(_cuda.at_image(grad_out, images), _cuda.at_image(x, images),
+                           igemm_weights(weight, group, "mask"),
+                           _cuda.at_image(partial, images, acc), *sizes, images, images + batch))
+        grad_mask = partial.sum(1).view(batch, taps, out_h, out_w)
+    if need_weight:
+        columns = in_per_group * taps
+        tiles = _ceil_div(columns, IGEMM_BN) * group * _ceil_div(out_per_group, IGEMM_BM)
+        chunks = batch * _ceil_div(out_plane, igemm_k_slice(x.dtype, mode))
+        if chunks > _cuda.INT32_MAX:
+            raise OverflowError(f"masked_conv2d: {chunks} pixel slices exceed the 32-bit range "
+                                f"of the weight-gradient kernel")
+        splits = weight_splits(tiles, chunks, outputs * columns * 4, multiprocessors)
+        partial = x.new_empty((splits, outputs, columns), dtype=acc)
+        grid = _grid(_ceil_div(columns, IGEMM_BN), group * _ceil_div(out_per_group, IGEMM_BM),
+                     splits)
+        _cuda.launch("igemm_backward_weight", code, grid=grid, block=block, like=x,
+                     args=(_cuda.at_image(grad_out, images), _cuda.at_image(x, images),
+                           _cuda.at_image(mask, images, acc), _cuda.Typed(partial, acc), *sizes,
+                           images, images + batch, splits))
+        grad_weight = partial.sum(0).view(weight.shape).to(weight.dtype)
+    return grad_x, grad_mask, grad_weight
+
+
+def _use_igemm(dtype):
+    if CUDA_IMPL not in ("auto", "igemm", "bands"):
+        raise ValueError(f"masked_conv.CUDA_IMPL must be 'auto', 'igemm' or 'bands', got "
+                         f"{CUDA_IMPL!r}")
+    return CUDA_IMPL == "igemm" or (CUDA_IMPL == "auto" and dtype != torch.float64)
+
+
+def _forward_cuda(x, mask, weight, bias, geometry, group):
+    if _use_igemm(x.dtype):
+        mode = igemm_mode(x.dtype, _cuda.compute_capability(_cuda.device_index(x)))
+        return _forward_igemm(x, mask, weight, bias, geometry, group, mode)
+    return _upcast_forward(_forward_bands_cuda, x, mask, weight, bias, geometry, group)
+
+
+def _backward_cuda(grad_out, x, mask, weight, geometry, group, needs):
+    if _use_igemm(x.dtype):
+        mode = igemm_mode(x.dtype, _cuda.compute_capability(_cuda.device_index(x)))
+        return _backward_igemm(grad_out, x, mask, weight, geometry, group, needs, mode)
+    return _upcast_backward(_backward_bands_cuda, grad_out, x, mask, weight, geometry, group,
+                            needs)
+
+
+# paths that compute in float32 / float64 only: half inputs go up and the results come back
+def _upcast_forward(path, x, mask, weight, bias, geometry, group):
+    if x.dtype not in HALF_DTYPES:
+        return path(x, mask, weight, bias, geometry, group)
+    out = path(x.float(), mask, weight.float(), bias, geometry, group)
+    return out.to(x.dtype)
+
+
+def _upcast_backward(path, grad_out, x, mask, weight, geometry, group, needs):
+    if x.dtype not in HALF_DTYPES:
+        return path(grad_out, x, mask, weight, geometry, group, needs)
+    grad_x, grad_mask, grad_weight = path(grad_out.float(), x.float(), mask, weight.float(),
+                                          geometry, group, needs)
+    return (grad_x.to(x.dtype) if grad_x is not None else None, grad_mask,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the ops. Dtypes: x and weight share one (float16 / bfloat16 / float32 / float64); mask and
+# bias are float32 for half x, else x's dtype. The output and grad_x are in x's dtype, grad_mask
+# and grad_bias in the mask's, grad_weight in the weight's.
+
+@torch.library.custom_op("segaware::masked_conv2d", mutates_args=())
+@no_autocast
+def masked_conv2d_op(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor | None,
+                     geometry: list[int], group: int) -> Tensor:
+    geometry = ConvGeometry.from_list(geometry)
+    x, mask, weight = x.contiguous(), mask.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    if x.is_cuda:
+        return _forward_cuda(x, mask, weight, bias, geometry, group)
+    return _upcast_forward(_forward_cpu, x, mask, weight, bias, geometry, group)
+
+
+@masked_conv2d_op.register_fake
+def _(x, mask, weight, bias, geometry, group):
+    return x.new_empty((x.shape[0], weight.shape[0], *mask.shape[2:]))
+
+
+@torch.library.custom_op("segaware::masked_conv2d_backward", mutates_args=())
+@no_autocast
+def masked_conv2d_backward_op(grad_out: Tensor, x: Tensor, mask: Tensor, weight: Tensor,
+                              geometry: list[int], group: int,
+                              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_mask, grad_weight, grad_bias); entries not in needs = (x, mask, weight,
+    bias) are empty tensors."""
+    geometry = ConvGeometry.from_list(geometry)
+    grad_out, x = grad_out.contiguous(), x.contiguous()
+    mask, weight = mask.contiguous(), weight.contiguous()
+    if x.is_cuda:
+        grads = _backward_cuda(grad_out, x, mask, weight, geometry, group, tuple(needs[:3]))
+    else:
+        grads = _upcast_backward(_backward_cpu, grad_out, x, mask, weight, geometry, group,
+                                 tuple(needs[:3]))
+    grad_bias = (grad_out.sum((0, 2, 3), dtype=mask.dtype) if needs[3]
+                 else grad_out.new_empty(0, dtype=mask.dtype))
+    empty = (x.new_empty(0), mask.new_empty(0), weight.new_empty(0))
+    return (*(g if g is not None else e for g, e in zip(grads, empty)), grad_bias)
+
+
+@masked_conv2d_backward_op.register_fake
+def _(grad_out, x, mask, weight, geometry, group, needs):
+    def like(tensor, needed, dtype=None):
+        if needed:
+            return torch.empty_like(tensor, dtype=dtype, memory_format=torch.contiguous_format)
+        return tensor.new_empty(0, dtype=dtype)
+    return (like(x, needs[0]), like(mask, needs[1]), like(weight, needs[2]),
+            grad_out.new_empty((weight.shape[0],) if needs[3] else (0,), dtype=mask.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, mask, weight, bias, geometry, group = inputs
+    ctx.save_for_backward(x, mask, weight)
+    ctx.geometry, ctx.group, ctx.has_bias = geometry, group, bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, mask, weight = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+             bool(ctx.needs_input_grad[2]), bool(ctx.has_bias and ctx.needs_input_grad[3])]
+    if not any(needs):
+        return None, None, None, None, None, None
+    grads = masked_conv2d_backward_op(grad_out, x, mask, weight, ctx.geometry, ctx.group, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+
+masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
 
 def segaware_mask(emb, lam, geometry, norm="L1"):
     """exp(-|lam * Im2dist(emb)|), (N, K, Ho, Wo): the released configs' Im2dist -> Scale ->
@@ -334,6 +509,13 @@ def segaware_mask(emb, lam, geometry, norm="L1"):
     return torch.exp(-torch.abs(distance * lam))
 
 
+def _autocast_dtype(device_type):
+    """The autocast dtype active for `device_type`, or None."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def masked_conv2d(x, weight, bias=None, *, emb=None, lam=None, mask=None, kernel_size=None,
                   pad=0, stride=1, dilation=1, group=1, norm="L1"):
     """Segmentation-aware convolution without the (N, C*K, Ho*Wo) intermediates.
@@ -341,29 +523,35 @@ def masked_conv2d(x, weight, bias=None, *, emb=None, lam=None, mask=None, kernel
     y[n, o, p] = bias[o] + sum_{c, k} weight[o, c, k] * x[n, c, p + offset_k] * mask[n, k, p]
 
     Args:
-        x: (N, C, H, W) float32/float64.
-        weight: (O, C/group, kh, kw); bias: (O,) or None.
+        x: (N, C, H, W) float16 / bfloat16 / float32 / float64; N may be 0.
+        weight: (O, C/group, kh, kw) of x's dtype; bias: (O,) or None.
         emb, lam: embedding (N, E, H', W') and scale (0-dim tensor or float); the mask is then
             exp(-|lam * Im2dist_norm(emb)|) with the convolution's geometry.
         mask: alternatively a precomputed (N, kh*kw, Ho, Wo) mask (exactly one of emb / mask).
         kernel_size: int or pair; defaults to weight's (must match it when given).
         pad, stride, dilation: int or (h, w) pairs. group: channel groups. norm: "L1" or "L2".
     Returns:
-        (N, O, Ho, Wo), Ho, Wo by the convolution rule.
+        (N, O, Ho, Wo) in x's dtype, Ho, Wo by the convolution rule.
+
+    Half precision: x and weight in float16 / bfloat16 run the half kernels on CUDA (products
+    in half, sums in float32; on CPU everything in float32), with the mask and the bias in
+    float32 (a half mask or bias is widened). Under torch.autocast, x and a float32 weight are
+    cast to the autocast dtype, as for a convolution.
     """
-    check_image_batch(x, "x", "masked_conv2d")
+    check_tensor("masked_conv2d", "x", x, dim=4)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"masked_conv2d: weight must be a 4-D tensor (O, C/group, kh, kw), got "
                          f"{got}")
     if kernel_size is None:
         kernel_size = tuple(weight.shape[2:])
-    geometry = PatchGeometry.of(kernel_size, pad, stride, dilation)
+    geometry = ConvGeometry.of(kernel_size, pad, stride, dilation)
     if tuple(weight.shape[2:]) != geometry.kernel:
         raise ValueError(f"masked_conv2d: weight kernel {tuple(weight.shape[2:])} does not match "
                          f"kernel_size {geometry.kernel}")
     batch, channels, height, width = x.shape
-    if group <= 0 or channels % group or weight.shape[0] % group:
+    if isinstance(group, bool) or not isinstance(group, int) or group <= 0 \
+            or channels % group or weight.shape[0] % group:
         raise ValueError(f"masked_conv2d: group {group} must divide the input channels {channels} "
                          f"and the outputs {weight.shape[0]}")
     if weight.shape[1] * group != channels:
@@ -373,23 +561,34 @@ def masked_conv2d(x, weight, bias=None, *, emb=None, lam=None, mask=None, kernel
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"masked_conv2d: bias must have shape ({weight.shape[0]},), got "
                          f"{tuple(bias.shape)}")
+    autocast = _autocast_dtype(x.device.type) if x.dtype != torch.float64 else None
+    if autocast is not None:
+        x, weight = x.to(autocast), weight.to(autocast)
+    dtype = x.dtype
+    side = compute_dtype(dtype)        # the mask's and the bias's dtype
     for name, tensor in (("weight", weight), ("bias", bias), ("mask", mask), ("emb", emb)):
-        if tensor is not None and (tensor.dtype != x.dtype or tensor.device != x.device):
-            raise ValueError(f"masked_conv2d: {name} must be {x.dtype} on {x.device} like x, got "
-                             f"{tensor.dtype} on {tensor.device}")
-    out_size = geometry.check_output_size(height, width)
+        if tensor is None:
+            continue
+        allowed = (dtype,) if name == "weight" else (
+            (dtype,) if dtype not in HALF_DTYPES else (*HALF_DTYPES, torch.float32))
+        if tensor.device != x.device or tensor.dtype not in allowed:
+            expected = " or ".join(str(d) for d in allowed)
+            raise ValueError(f"masked_conv2d: {name} must be {expected} on {x.device} like x, "
+                             f"got {tensor.dtype} on {tensor.device}")
+    out_size = geometry.check_output_size(height, width, "masked_conv2d")
     if (emb is None) == (mask is None):
         raise ValueError("masked_conv2d: give exactly one of emb (with lam) or mask")
     if emb is not None:
         if lam is None:
             raise ValueError("masked_conv2d: emb needs lam (the Scale applied to its distances)")
-        check_image_batch(emb, "emb", "masked_conv2d")
+        check_tensor("masked_conv2d", "emb", emb, dim=4)
         if emb.shape[0] != batch or tuple(emb.shape[2:]) != (height, width):
             raise ValueError(f"masked_conv2d: emb must be (N={batch}, E, {height}, {width}) like "
                              f"x, got {tuple(emb.shape)}")
-        mask = segaware_mask(emb, lam, geometry, norm)
+        mask = segaware_mask(emb.to(side), lam, geometry, norm)
     expected_mask = (batch, geometry.taps) + out_size
     if tuple(mask.shape) != expected_mask:
         raise ValueError(f"masked_conv2d: mask must be (N, kh*kw, Ho, Wo) = {expected_mask}, got "
                          f"{tuple(mask.shape)}")
-    return MaskedConv2dFunction.apply(x, mask, weight, bias, geometry, group)
+    return masked_conv2d_op(x, mask.to(side), weight, bias.to(side) if bias is not None else None,
+                            geometry.as_list(), group)

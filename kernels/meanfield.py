@@ -1,4 +1,4 @@
-"""NormConvMeanfield: the segmentation-aware CRF of the released ResNet models (SEMANTICS §4.2).
+"""NormConvMeanfield: the segmentation-aware CRF of the released ResNet models.
 
     A_b = softmax_k(-scale_b * im2dist_L2(F_b))      A_s likewise from F_s (computed once)
     X_0 = q0
@@ -10,12 +10,12 @@
     return X_T                                               (log domain, not normalised)
 
 The messages are the original's internal NormConv layers (depthwise, all-ones weights, no bias):
-`MessageFunction` computes them tap by tap without a column matrix, and gives the exact gradient
-to Q and to the attention. Everything else is composed of autograd-aware torch ops (exact, and
+the op `torch.ops.segaware.crf_message` computes them tap by tap without a column matrix, and
+gives the exact gradient to Q and to the attention. Everything else is composed of autograd-aware torch ops (exact, and
 each iteration keeps only a few (N, C, H, W) tensors for backward). Because the attention depends
 only on the features, it is computed once and its gradient accumulates over the iterations.
 
-Quirks kept from the original (decision 1):
+Quirks of the original, kept:
 * dilation 0 (the original's default): every tap samples the patch centre, so the message is the
   zero-padded Q itself (the softmax weights sum to one over one value) on an (H+2p) x (W+2p) grid,
   and the features get no gradient (the original's is rounding noise: A * (G - sum_k A*G) with
@@ -27,10 +27,12 @@ Quirks kept from the original (decision 1):
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
-from ._cuda import GRID_STRIDE_LOOP, launch
-from .im2dist import PatchGeometry, check_image_batch, im2dist, pad_input, patch_view
+from . import _cuda
+from .geometry import (ConvGeometry, HALF_DTYPES, check_tensor, no_autocast, pad_input, patch_view,
+                       tap_view, unpad)
+from .im2dist import im2dist
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,9 @@ class MessageSpec:
 
     @property
     def geometry(self):
-        # built directly: PatchGeometry.of would reject the original's dilation 0
-        return PatchGeometry((self.kernel,) * 2, (self.pad,) * 2, (self.stride,) * 2, (self.dilation,) * 2)
+        # built directly: ConvGeometry.of would reject the original's dilation 0
+        return ConvGeometry((self.kernel,) * 2, (self.pad,) * 2, (self.stride,) * 2,
+                            (self.dilation,) * 2)
 
     def validate(self, what):
         if self.kernel < 1 or self.stride < 1 or self.pad < 0 or self.dilation < 0:
@@ -57,180 +60,127 @@ class MessageSpec:
 
 # ------------------------------------------------------------------------------------------ CPU
 def _message_forward_cpu(q, attention, geometry):
-    out_size = attention.shape[-2:]
+    out_size = tuple(attention.shape[-2:])
     padded = pad_input(q, geometry)
     out = q.new_zeros(*q.shape[:2], *out_size)
     for k in range(geometry.taps):
-        i, j = divmod(k, geometry.kernel[1])
-        offset = (i * geometry.dilation[0], j * geometry.dilation[1])
-        out.addcmul_(patch_view(padded, *offset, out_size, geometry.stride), attention[:, k:k + 1])
+        out.addcmul_(tap_view(padded, geometry, k, out_size), attention[:, k:k + 1])
     return out
 
 
 def _message_backward_cpu(grad_out, q, attention, geometry, needs):
     need_q, need_attention = needs
     height, width = q.shape[-2:]
-    out_size = attention.shape[-2:]
+    out_size = tuple(attention.shape[-2:])
     padded = pad_input(q, geometry)
     grad_padded = torch.zeros_like(padded) if need_q else None
     grad_attention = torch.empty_like(attention) if need_attention else None
     for k in range(geometry.taps):
-        i, j = divmod(k, geometry.kernel[1])
-        offset = (i * geometry.dilation[0], j * geometry.dilation[1])
         if need_q:
-            grad_tap = patch_view(grad_padded, *offset, out_size, geometry.stride)
-            grad_tap.addcmul_(grad_out, attention[:, k:k + 1])
+            tap_view(grad_padded, geometry, k, out_size).addcmul_(grad_out, attention[:, k:k + 1])
         if need_attention:
             # channel dot product per pixel (einsum beats mul-then-sum by about a third here)
-            grad_attention[:, k] = torch.einsum("nchw,nchw->nhw", patch_view(padded, *offset, out_size,
-                                                                            geometry.stride), grad_out)
-    grad_q = None
-    if need_q:
-        pad_h, pad_w = geometry.pad
-        grad_q = grad_padded[:, :, pad_h:pad_h + height, pad_w:pad_w + width]
+            grad_attention[:, k] = torch.einsum("nchw,nchw->nhw",
+                                                tap_view(padded, geometry, k, out_size), grad_out)
+    grad_q = unpad(grad_padded, geometry, height, width).contiguous() if need_q else None
     return grad_q, grad_attention
 
 
 # ----------------------------------------------------------------------------------------- CUDA
-# Same index decomposition and loop order as the CPU helpers; every kernel gathers (one thread per
-# written element), so there are no atomics and results are deterministic.
-_CUDA_SOURCE = GRID_STRIDE_LOOP + r"""
-extern "C" __global__ void message_forward(
-    const long long total, const scalar_t* q, const scalar_t* attention, scalar_t* out,
-    const int channels, const int height, const int width, const int out_h, const int out_w,
-    const int kernel_h, const int kernel_w, const int pad_h, const int pad_w,
-    const int stride_h, const int stride_w, const int dilation_h, const int dilation_w) {
-  const int taps = kernel_h * kernel_w;
-  GRID_STRIDE_LOOP(index, total) {
-    const int wo = index % out_w;
-    const int ho = (index / out_w) % out_h;
-    const long long nc = index / ((long long)out_w * out_h);
-    const long long n = nc / channels;
-    scalar_t sum = 0;
-    for (int i = 0; i < kernel_h; ++i) {
-      const int h = ho * stride_h - pad_h + i * dilation_h;
-      if (h < 0 || h >= height) continue;
-      for (int j = 0; j < kernel_w; ++j) {
-        const int w = wo * stride_w - pad_w + j * dilation_w;
-        if (w < 0 || w >= width) continue;
-        const int k = i * kernel_w + j;
-        sum += attention[((n * taps + k) * out_h + ho) * out_w + wo] * q[(nc * height + h) * width + w];
-      }
-    }
-    out[index] = sum;
-  }
-}
-
-extern "C" __global__ void message_backward_input(
-    const long long total, const scalar_t* grad_out, const scalar_t* attention, scalar_t* grad_q,
-    const int channels, const int height, const int width, const int out_h, const int out_w,
-    const int kernel_h, const int kernel_w, const int pad_h, const int pad_w,
-    const int stride_h, const int stride_w, const int dilation_h, const int dilation_w) {
-  const int taps = kernel_h * kernel_w;
-  GRID_STRIDE_LOOP(index, total) {
-    const int w = index % width;
-    const int h = (index / width) % height;
-    const long long nc = index / ((long long)width * height);
-    const long long n = nc / channels;
-    scalar_t sum = 0;
-    for (int i = 0; i < kernel_h; ++i) {
-      const int h_offset = h + pad_h - i * dilation_h;
-      if (h_offset < 0 || h_offset % stride_h != 0) continue;
-      const int ho = h_offset / stride_h;
-      if (ho >= out_h) continue;
-      for (int j = 0; j < kernel_w; ++j) {
-        const int w_offset = w + pad_w - j * dilation_w;
-        if (w_offset < 0 || w_offset % stride_w != 0) continue;
-        const int wo = w_offset / stride_w;
-        if (wo >= out_w) continue;
-        const int k = i * kernel_w + j;
-        sum += attention[((n * taps + k) * out_h + ho) * out_w + wo]
-               * grad_out[(nc * out_h + ho) * out_w + wo];
-      }
-    }
-    grad_q[index] = sum;
-  }
-}
-
-extern "C" __global__ void message_backward_attention(
-    const long long total, const scalar_t* grad_out, const scalar_t* q, scalar_t* grad_attention,
-    const int channels, const int height, const int width, const int out_h, const int out_w,
-    const int kernel_h, const int kernel_w, const int pad_h, const int pad_w,
-    const int stride_h, const int stride_w, const int dilation_h, const int dilation_w) {
-  const int taps = kernel_h * kernel_w;
-  GRID_STRIDE_LOOP(index, total) {
-    const int wo = index % out_w;
-    const int ho = (index / out_w) % out_h;
-    const int k = (index / ((long long)out_w * out_h)) % taps;
-    const long long n = index / ((long long)out_w * out_h * taps);
-    const int i = k / kernel_w;
-    const int j = k % kernel_w;
-    const int h = ho * stride_h - pad_h + i * dilation_h;
-    const int w = wo * stride_w - pad_w + j * dilation_w;
-    scalar_t sum = 0;
-    if (h >= 0 && h < height && w >= 0 && w < width) {
-      for (int c = 0; c < channels; ++c) {
-        sum += q[((n * channels + c) * height + h) * width + w]
-               * grad_out[((n * channels + c) * out_h + ho) * out_w + wo];
-      }
-    }
-    grad_attention[index] = sum;
-  }
-}
-"""
+# kernels/cuda/meanfield.cu: same decomposition as the CPU helpers, gathers only
+_SOURCE = ("meanfield.cu",)
 
 
-def _geometry_args(q, attention, geometry):
-    return [q.shape[1], q.shape[2], q.shape[3], attention.shape[2], attention.shape[3],
-            *geometry.kernel, *geometry.pad, *geometry.stride, *geometry.dilation]
+def _sizes(q, attention, geometry):
+    return _cuda.geometry_args(geometry, q.shape[1], q.shape[2], q.shape[3], attention.shape[-2:])
 
 
-def _message_forward_cuda(q, attention, geometry):
-    out = q.new_empty(*q.shape[:2], *attention.shape[-2:])
-    launch("message_forward", _CUDA_SOURCE, out.numel(),
-           [q, attention, out] + _geometry_args(q, attention, geometry), like=q)
+def _message_forward_cuda(q, attention, geometry, images=0):
+    batch, channels = q.shape[:2]
+    out = q.new_empty(batch, channels, *attention.shape[-2:])
+    _cuda.launch_rows("message_forward", _SOURCE, batch * channels,
+                      attention.shape[2] * attention.shape[3],
+                      (_cuda.at_image(q, images), _cuda.at_image(attention, images),
+                       _cuda.at_image(out, images), *_sizes(q, attention, geometry)),
+                      like=q, row_begin=images * channels)
     return out
 
 
-def _message_backward_cuda(grad_out, q, attention, geometry, needs):
+def _message_backward_cuda(grad_out, q, attention, geometry, needs, images=0):
     need_q, need_attention = needs
-    grad_out = grad_out.contiguous()
-    args = _geometry_args(q, attention, geometry)
+    batch, channels, height, width = q.shape
+    sizes = _sizes(q, attention, geometry)
     grad_q = grad_attention = None
     if need_q:
         grad_q = torch.empty_like(q)
-        launch("message_backward_input", _CUDA_SOURCE, grad_q.numel(),
-               [grad_out, attention, grad_q] + args, like=q)
+        _cuda.launch_rows("message_backward_input", _SOURCE, batch * channels, height * width,
+                          (_cuda.at_image(grad_out, images), _cuda.at_image(attention, images),
+                           _cuda.at_image(grad_q, images), *sizes),
+                          like=q, row_begin=images * channels)
     if need_attention:
         grad_attention = torch.empty_like(attention)
-        launch("message_backward_attention", _CUDA_SOURCE, grad_attention.numel(),
-               [grad_out, q, grad_attention] + args, like=q)
+        _cuda.launch_rows("message_backward_attention", _SOURCE, batch * geometry.taps,
+                          attention.shape[2] * attention.shape[3],
+                          (_cuda.at_image(grad_out, images), _cuda.at_image(q, images),
+                           _cuda.at_image(grad_attention, images), *sizes),
+                          like=q, row_begin=images * geometry.taps)
     return grad_q, grad_attention
 
 
-# ------------------------------------------------------------------------------------- autograd
-class MessageFunction(torch.autograd.Function):
+# ------------------------------------------------------------------------------------- the ops
+@torch.library.custom_op("segaware::crf_message", mutates_args=())
+@no_autocast
+def crf_message_op(q: Tensor, attention: Tensor, geometry: list[int]) -> Tensor:
     """out[n, c, p] = sum_k attention[n, k, p] * q_pad[n, c, p + offset_k]: a depthwise
-    attention-weighted sum over the taps of `geometry` (N, C, H, W) -> (N, C, Ho, Wo), with the
-    exact gradient to q and to the attention."""
+    attention-weighted sum over the taps of `geometry` (N, C, H, W) -> (N, C, Ho, Wo)."""
+    geometry = ConvGeometry.from_list(geometry)
+    q, attention = q.contiguous(), attention.contiguous()
+    path = _message_forward_cuda if q.is_cuda else _message_forward_cpu
+    return path(q, attention, geometry)
 
-    @staticmethod
-    def forward(ctx, q, attention, geometry):
-        q, attention = q.contiguous(), attention.contiguous()
-        forward_path = _message_forward_cuda if q.is_cuda else _message_forward_cpu
-        out = forward_path(q, attention, geometry)
-        ctx.save_for_backward(q, attention)
-        ctx.geometry = geometry
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        q, attention = ctx.saved_tensors
-        backward_path = _message_backward_cuda if q.is_cuda else _message_backward_cpu
-        grad_q, grad_attention = backward_path(grad_out, q, attention, ctx.geometry,
-                                               ctx.needs_input_grad[:2])
-        return grad_q, grad_attention, None
+@crf_message_op.register_fake
+def _(q, attention, geometry):
+    return q.new_empty((*q.shape[:2], *attention.shape[-2:]))
+
+
+@torch.library.custom_op("segaware::crf_message_backward", mutates_args=())
+@no_autocast
+def crf_message_backward_op(grad_out: Tensor, q: Tensor, attention: Tensor, geometry: list[int],
+                            needs: list[bool]) -> tuple[Tensor, Tensor]:
+    """(grad_q, grad_attention), the exact gradients; an entry not in needs is empty."""
+    geometry = ConvGeometry.from_list(geometry)
+    grad_out, q, attention = grad_out.contiguous(), q.contiguous(), attention.contiguous()
+    path = _message_backward_cuda if q.is_cuda else _message_backward_cpu
+    grad_q, grad_attention = path(grad_out, q, attention, geometry, tuple(needs))
+    return (grad_q if grad_q is not None else q.new_empty(0),
+            grad_attention if grad_attention is not None else attention.new_empty(0))
+
+
+@crf_message_backward_op.register_fake
+def _(grad_out, q, attention, geometry, needs):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format) if needs[0]
+            else q.new_empty(0),
+            torch.empty_like(attention, memory_format=torch.contiguous_format) if needs[1]
+            else attention.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    q, attention, geometry = inputs
+    ctx.save_for_backward(q, attention)
+    ctx.geometry = geometry
+
+
+def _backward(ctx, grad_out):
+    q, attention = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+    if not any(needs):
+        return None, None, None
+    grad_q, grad_attention = crf_message_backward_op(grad_out, q, attention, ctx.geometry, needs)
+    return (grad_q if needs[0] else None, grad_attention if needs[1] else None, None)
+
+
+crf_message_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def message_attention(features, spec):
@@ -251,7 +201,7 @@ def message(q, attention, spec):
     if attention is None:   # dilation 0: the zero-padded q, sampled at the stride
         out_size = geometry.output_size(*q.shape[-2:])
         return patch_view(pad_input(q, geometry), 0, 0, out_size, geometry.stride)
-    return MessageFunction.apply(q, attention, geometry)
+    return crf_message_op(q, attention, geometry.as_list())
 
 
 def _as_input_frame(msg, height, width):
@@ -261,8 +211,9 @@ def _as_input_frame(msg, height, width):
     no golden case has N > 1 with a misaligned grid."""
     if msg.shape[-2:] == (height, width):
         return msg
-    n, channels = msg.shape[:2]
-    return msg.reshape(n, -1)[:, :channels * height * width].reshape(n, channels, height, width)
+    n, channels, grid_h, grid_w = msg.shape
+    return msg.reshape(n, channels * grid_h * grid_w)[:, :channels * height * width].reshape(
+        n, channels, height, width)
 
 
 def message_grid_fits(spec, height, width):
@@ -274,7 +225,7 @@ def message_grid_fits(spec, height, width):
 
 def normconv_meanfield(unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bilateral, compat, *,
                        num_iterations, bilateral, spatial):
-    """The segmentation-aware CRF (SEMANTICS §4.2), exactly as the original computes it.
+    """The segmentation-aware CRF, exactly as the original computes it.
 
     unary, q0: (N, C, H, W) log-domain scores (q0 is soft-maxed at the start of iteration 0);
     feat_bilateral (N, Eb, H, W), feat_spatial (N, Es, H, W): attention features;
@@ -282,14 +233,30 @@ def normconv_meanfield(unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bil
     num_iterations: number of updates T >= 1; bilateral, spatial: MessageSpec of each message.
     Returns X_T (N, C, H, W), not normalised. Differentiable in every tensor argument.
     """
+    autocast = (isinstance(unary, torch.Tensor) and unary.dtype != torch.float64
+                and torch.is_autocast_enabled(unary.device.type))
     _check_inputs(unary, q0, feat_bilateral, feat_spatial, (w_spatial, w_bilateral, compat),
-                  num_iterations, bilateral, spatial)
+                  num_iterations, bilateral, spatial, autocast)
+    # half inputs (and autocast) are computed in float32; the result comes back in the input's
+    # (or the autocast) dtype
+    out_dtype = torch.get_autocast_dtype(unary.device.type) if autocast else unary.dtype
+    if autocast or unary.dtype in HALF_DTYPES:
+        unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bilateral, compat = (
+            t.float() for t in (unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bilateral,
+                                compat))
+    return _meanfield(unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bilateral, compat,
+                      num_iterations, bilateral, spatial).to(out_dtype)
+
+
+@no_autocast
+def _meanfield(unary, q0, feat_bilateral, feat_spatial, w_spatial, w_bilateral, compat,
+               num_iterations, bilateral, spatial):
     attention_bilateral = message_attention(feat_bilateral, bilateral)
     attention_spatial = message_attention(feat_spatial, spatial)
     x = q0
     for _ in range(num_iterations):
-        x = meanfield_update(x, unary, attention_bilateral, attention_spatial, w_spatial, w_bilateral,
-                             compat, bilateral=bilateral, spatial=spatial)
+        x = meanfield_update(x, unary, attention_bilateral, attention_spatial, w_spatial,
+                             w_bilateral, compat, bilateral=bilateral, spatial=spatial)
     return x
 
 
@@ -302,15 +269,17 @@ def meanfield_update(x, unary, attention_bilateral, attention_spatial, w_spatial
     q = torch.softmax(x, dim=1)
     msg_spatial = _as_input_frame(message(q, attention_spatial, spatial), height, width)
     msg_bilateral = _as_input_frame(message(q, attention_bilateral, bilateral), height, width)
-    mixed = (torch.matmul(w_spatial, msg_spatial.reshape(n, channels, -1))
-             + torch.matmul(w_bilateral, msg_bilateral.reshape(n, channels, -1)))
+    plane = height * width
+    mixed = (torch.matmul(w_spatial, msg_spatial.reshape(n, channels, plane))
+             + torch.matmul(w_bilateral, msg_bilateral.reshape(n, channels, plane)))
     return unary - torch.matmul(compat, mixed).reshape(n, channels, height, width)
 
 
-def _check_inputs(unary, q0, feat_bilateral, feat_spatial, matrices, num_iterations, bilateral, spatial):
+def _check_inputs(unary, q0, feat_bilateral, feat_spatial, matrices, num_iterations, bilateral,
+                  spatial, autocast=False):
     for tensor, name in ((unary, "unary"), (q0, "q0"), (feat_bilateral, "feat_bilateral"),
                          (feat_spatial, "feat_spatial")):
-        check_image_batch(tensor, name, "normconv_meanfield")
+        check_tensor("normconv_meanfield", name, tensor, dim=4)
     if q0.shape != unary.shape:
         raise ValueError(f"normconv_meanfield: q0 must have unary's shape {tuple(unary.shape)}, "
                          f"got {tuple(q0.shape)}")
@@ -333,6 +302,9 @@ def _check_inputs(unary, q0, feat_bilateral, feat_spatial, matrices, num_iterati
                              f"the {height}x{width} values per channel the CRF reads (use stride 1 "
                              f"and pad = (kernel // 2) * dilation)")
     tensors = (unary, q0, feat_bilateral, feat_spatial, *matrices)
-    if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
+    dtypes = {t.dtype for t in tensors}
+    if autocast:   # half activations next to float32 parameters
+        dtypes = {torch.float32 if d in HALF_DTYPES else d for d in dtypes}
+    if len(dtypes) != 1 or len({t.device for t in tensors}) != 1:
         raise ValueError(f"normconv_meanfield: all tensors must share one dtype and device, got "
                          f"{[(t.dtype, str(t.device)) for t in tensors]}")

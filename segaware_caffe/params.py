@@ -1,5 +1,10 @@
-"""Helpers shared by the layers' ``from_proto``: axis canonicalisation and convolution geometry."""
-from dataclasses import dataclass
+"""Helpers shared by the layers' ``from_proto``: axis canonicalisation and convolution geometry.
+
+The geometry itself (ConvGeometry: kernel / pad / stride / dilation and Caffe's output-size
+rules) is the one the kernels use, kernels/geometry.py."""
+from segaware_caffe.kernels.geometry import ConvGeometry
+
+__all__ = ["ConvGeometry", "canonical_axis", "conv_geometry", "legacy_shape"]
 
 
 def canonical_axis(axis, ndim, ctx, field="axis"):
@@ -17,25 +22,6 @@ def legacy_shape(shape, ctx, what="the bottom"):
         raise ctx.error(f"{what} must have at most 4 axes (num, channels, height, width), got "
                         f"shape {shape}")
     return shape + (1,) * (4 - len(shape))
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    kernel: tuple      # (kh, kw)
-    pad: tuple
-    stride: tuple
-    dilation: tuple
-
-    def output_size(self, height, width):
-        """floor((H + 2p - (d(k-1)+1)) / s) + 1 per spatial dim (Caffe's conv/im2col rule)."""
-        out = []
-        for size, k, p, s, d in zip((height, width), self.kernel, self.pad, self.stride, self.dilation):
-            out.append((size + 2 * p - (d * (k - 1) + 1)) // s + 1)
-        return tuple(out)
-
-    @property
-    def taps(self):
-        return self.kernel[0] * self.kernel[1]
 
 
 def _pair(ctx, values, h_field, w_field, cp, name, default):

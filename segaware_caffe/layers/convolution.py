@@ -11,22 +11,13 @@ from torch import nn
 
 from ..fillers import fill
 from ..layer import CaffeLayer, register_layer
-from ..params import canonical_axis, conv_geometry
+from ..params import ConvGeometry, canonical_axis, conv_geometry
 
 
 def optional_filler(message, field):
     """The FillerParameter `field` of `message` if the prototxt gives it, else None (the layer's
     default filler)."""
     return getattr(message, field) if message.HasField(field) else None
-
-
-def spatial_output_size(kind, size, kernel, pad, stride, dilation):
-    """Caffe's output size of one spatial axis: floor rule for convolution, its inverse for
-    deconvolution."""
-    extent = dilation * (kernel - 1) + 1
-    if kind == "Deconvolution":
-        return stride * (size - 1) + extent - 2 * pad
-    return (size + 2 * pad - extent) // stride + 1
 
 
 class _ConvolutionBase(CaffeLayer):
@@ -100,9 +91,15 @@ class _ConvolutionBase(CaffeLayer):
                             f"{out} (kernel {self.kernel}, pad {self.pad}, stride {self.stride}, "
                             f"dilation {self.dilation})")
 
+    @property
+    def geometry(self):
+        return ConvGeometry(self.kernel, self.pad, self.stride, self.dilation)
+
     def output_spatial_size(self, height, width):
-        return tuple(spatial_output_size(self.TYPE, size, k, p, s, d) for size, k, p, s, d in zip(
-            (height, width), self.kernel, self.pad, self.stride, self.dilation))
+        """Caffe's floor rule for convolution, its inverse for deconvolution."""
+        if self.TYPE == "Deconvolution":
+            return self.geometry.deconv_output_size(height, width)
+        return self.geometry.output_size(height, width)
 
     def forward(self, *bottoms):
         tops = tuple(self._convolve_batched(x) for x in bottoms)

@@ -1,6 +1,7 @@
-"""kernels.im2dist and the Im2dist layer: a pure-Python reference written from SEMANTICS §2.1,
-the original's golden numbers, float64 gradcheck (L2), CUDA vs CPU, bad inputs."""
-import sys
+"""kernels.im2dist and the Im2dist layer: a pure-Python reference written from the definition,
+the original's golden numbers, float64 gradcheck (L2), the CUDA kernels (emulated on the CPU)
+against the CPU path, bad inputs."""
+import importlib
 
 import numpy as np
 import pytest
@@ -8,10 +9,10 @@ import torch
 
 from segaware_caffe.caffe_proto import read_net
 from segaware_caffe.kernels import BIG, im2dist
-from segaware_caffe.kernels.im2dist import PatchGeometry
+from segaware_caffe.kernels.geometry import ConvGeometry
 from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
-from tests.kernels.cuda_emulation import emulate_cuda_launch
+from tests.kernels.cuda_emulation import emulate_cuda
 from tests.kernels.layer_helpers import assert_golden_close, build_layer, window_taps
 
 GOLDEN_CASES = ["im2dist_l1_k13p54d9", "im2dist_l1_k3p1", "im2dist_l1_k3p1s2",
@@ -84,7 +85,7 @@ def make_input(shape, dtype, device, contiguous, seed=0):
 def test_forward_backward_match_reference(device, dtype, contiguous, geometry_case, norm,
                                           remove_center, remove_bounds):
     shape, kernel, pad, stride, dilation = geometry_case
-    geometry = PatchGeometry.of(kernel, pad, stride, dilation)
+    geometry = ConvGeometry.of(kernel, pad, stride, dilation)
     x = make_input(shape, dtype, device, contiguous)
     out = im2dist(x, kernel, pad, stride, dilation, norm=norm, remove_center=remove_center,
                   remove_bounds=remove_bounds)
@@ -105,8 +106,8 @@ def test_forward_backward_match_reference(device, dtype, contiguous, geometry_ca
 
 
 def test_l1_gradient_follows_gpu_rule_on_constant_input():
-    """SEMANTICS §2.1: the CPU original gives [[-5,-3,-5],[-3,0,-3],[-5,-3,-5]] here (sign(0) =
-    -1); the GPU path the released models used, and we, give no gradient at all."""
+    """The original's CPU path gives [[-5,-3,-5],[-3,0,-3],[-5,-3,-5]] here (sign(0) = -1); its
+    GPU path, which the released models used, and we, give no gradient at all."""
     x = torch.ones(1, 1, 3, 3, requires_grad=True)
     im2dist(x, 3, pad=1, norm="L1").sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
@@ -130,7 +131,7 @@ def test_double_backward_is_refused():
     out = im2dist(x, 3, pad=1)
     grad_out = torch.ones_like(out, requires_grad=True)
     (grad,) = torch.autograd.grad(out, x, grad_out, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         grad.sum().backward()
 
 
@@ -155,19 +156,20 @@ def test_cuda_matches_cpu(norm):
                          [("L1", False, False), ("L2", True, True), ("L1", True, False)])
 def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, norm, remove_center,
                                       remove_bounds):
-    """The CuPy kernels, compiled as C++ and run on one CPU thread, against the CPU path."""
-    emulate_cuda_launch(monkeypatch)
-    module = sys.modules["segaware_caffe.kernels.im2dist"]
+    """The CUDA kernels, run by the CPU emulation on a grid of at most 2 blocks per dimension
+    (so the grid-stride loops wrap), against the CPU path."""
+    emulate_cuda(monkeypatch, max_grid=2)
+    module = importlib.import_module("segaware_caffe.kernels.im2dist")
     shape, kernel, pad, stride, dilation = geometry_case
-    geometry = PatchGeometry.of(kernel, pad, stride, dilation)
+    geometry = ConvGeometry.of(kernel, pad, stride, dilation)
     x = make_input(shape, torch.float64, "cpu", True).detach()
-    expected = module._im2dist_forward_cpu(x, geometry, norm, remove_center, remove_bounds)
-    torch.testing.assert_close(
-        module._im2dist_forward_cuda(x, geometry, norm, remove_center, remove_bounds), expected,
-        rtol=1e-12, atol=1e-12)
+    l1 = norm == "L1"
+    expected = module._forward_cpu(x, geometry, l1, remove_center, remove_bounds)
+    torch.testing.assert_close(module._forward_cuda(x, geometry, l1, remove_center, remove_bounds),
+                               expected, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn(expected.shape, dtype=torch.float64)
-    torch.testing.assert_close(module._im2dist_backward_cuda(x, grad_out, geometry, norm),
-                               module._im2dist_backward_cpu(x, grad_out, geometry, norm),
+    torch.testing.assert_close(module._backward_cuda(grad_out, x, geometry, l1),
+                               module._backward_cpu(grad_out, x, geometry, l1),
                                rtol=1e-12, atol=1e-12)
 
 
@@ -205,7 +207,8 @@ def test_layer_errors_name_the_layer(text, shape, message):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(x=torch.zeros(2, 3, 4)), ValueError, r"must be 4-D .* got shape \(2, 3, 4\)"),
-    (dict(x=torch.zeros(1, 1, 4, 4, dtype=torch.int64)), TypeError, "float32 or float64"),
+    (dict(x=torch.zeros(1, 1, 4, 4, dtype=torch.int64)), TypeError,
+     "x must be one of float16, bfloat16, float32, float64, got torch.int64"),
     (dict(norm="L3"), ValueError, "norm must be one of"),
     (dict(kernel_size=7), ValueError, "too small"),
     (dict(kernel_size=(3, 3, 3)), ValueError, "kernel_size must be an int or a pair"),

@@ -1,6 +1,7 @@
-"""kernels.im2parity and the Im2parity layer: a pure-Python reference written from SEMANTICS
-§2.2 (with decision 3 for centres outside the image), golden numbers, CUDA vs CPU, bad inputs."""
-import sys
+"""kernels.im2parity and the Im2parity layer: a pure-Python reference written from the
+definition (a patch centred outside the image gives ignore_label, else 0), golden numbers, the
+CUDA kernel (emulated on the CPU) against the CPU path, bad inputs."""
+import importlib
 
 import numpy as np
 import pytest
@@ -8,10 +9,10 @@ import torch
 
 from segaware_caffe.caffe_proto import read_net
 from segaware_caffe.kernels import im2parity
-from segaware_caffe.kernels.im2dist import PatchGeometry
+from segaware_caffe.kernels.geometry import ConvGeometry
 from segaware_caffe import LayerSetupError
 from tests.conftest import cpu_and_cuda
-from tests.kernels.cuda_emulation import emulate_cuda_launch
+from tests.kernels.cuda_emulation import emulate_cuda
 from tests.kernels.layer_helpers import build_layer, window_taps
 
 GOLDEN_CASES = ["im2parity_k3p1", "im2parity_k3p1_ignore255", "im2parity_k3p1d5"]
@@ -61,7 +62,7 @@ def test_matches_reference(device, dtype, contiguous, geometry_case, ignore_labe
     shape, kernel, pad, stride, dilation = geometry_case
     labels = make_labels(shape, dtype, device, contiguous)
     out = im2parity(labels, kernel, pad, stride, dilation, ignore_label=ignore_label)
-    expected = reference_im2parity(labels, PatchGeometry.of(kernel, pad, stride, dilation),
+    expected = reference_im2parity(labels, ConvGeometry.of(kernel, pad, stride, dilation),
                                    ignore_label)
     assert out.dtype == dtype and out.device == labels.device
     np.testing.assert_array_equal(out.double().cpu().numpy(), expected)
@@ -85,14 +86,15 @@ def test_cuda_matches_cpu(ignore_label):
 @pytest.mark.parametrize("geometry_case", GEOMETRIES)
 @pytest.mark.parametrize("ignore_label", [None, 255])
 def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, ignore_label):
-    """The CuPy kernel, compiled as C++ and run on one CPU thread, against the CPU path."""
-    emulate_cuda_launch(monkeypatch)
-    module = sys.modules["segaware_caffe.kernels.im2parity"]
+    """The CUDA kernel, run by the CPU emulation on a grid of at most 2 blocks per dimension,
+    against the CPU path."""
+    emulate_cuda(monkeypatch, max_grid=2)
+    module = importlib.import_module("segaware_caffe.kernels.im2parity")
     shape, kernel, pad, stride, dilation = geometry_case
-    geometry = PatchGeometry.of(kernel, pad, stride, dilation)
+    geometry = ConvGeometry.of(kernel, pad, stride, dilation)
     labels = make_labels(shape, torch.float64, "cpu", True)
-    assert torch.equal(module._im2parity_forward_cuda(labels, geometry, ignore_label),
-                       module._im2parity_forward_cpu(labels, geometry, ignore_label))
+    assert torch.equal(module._forward_cuda(labels, geometry, ignore_label),
+                       module._forward_cpu(labels, geometry, ignore_label))
 
 
 @pytest.mark.parametrize("case", GOLDEN_CASES)
@@ -130,7 +132,8 @@ def test_layer_errors_name_the_layer(text, shape, message):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(labels=torch.zeros(2, 4, 4)), ValueError, "must be 4-D"),
-    (dict(labels=torch.zeros(1, 1, 4, 4, dtype=torch.int32)), TypeError, "float32 or float64"),
+    (dict(labels=torch.zeros(1, 1, 4, 4, dtype=torch.int32)), TypeError,
+     "labels must be one of float16, bfloat16, float32, float64"),
     (dict(ignore_label=-1), ValueError, "ignore_label must be a non-negative int"),
     (dict(ignore_label=2.5), ValueError, "ignore_label must be a non-negative int"),
     (dict(stride=(1, 0)), ValueError, "stride must be > 0"),

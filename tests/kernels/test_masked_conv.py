@@ -1,6 +1,7 @@
 """kernels.masked_conv2d: the fused segmentation-aware convolution against the unfused Caffe
 recipe written with plain torch ops (Im2col, Tile, Eltwise PROD, Conv with bottom_is_im2col),
-the original's golden numbers, float64 gradcheck, band splitting, CUDA vs CPU, bad inputs."""
+the original's golden numbers, float64 gradcheck, band splitting, the CUDA paths (emulated on the
+CPU; more in test_masked_conv_cuda.py) against the CPU path, bad inputs."""
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 import segaware_caffe.kernels.masked_conv as masked_conv_module
 from segaware_caffe.kernels import im2dist, masked_conv2d
 from tests.conftest import cpu_and_cuda
-from tests.kernels.cuda_emulation import emulate_cuda_launch
+from tests.kernels.cuda_emulation import emulate_cuda
 from tests.kernels.layer_helpers import assert_golden_close
 
 # (x shape, out channels, kernel, pad, stride, dilation, group)
@@ -172,29 +173,32 @@ def test_golden_segaware_conv(golden):
 
 
 @pytest.mark.parametrize("geometry_case", GEOMETRIES)
-@pytest.mark.parametrize("band_bytes", [None, 1])
-def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, band_bytes):
-    """The CuPy kernels (with the CUDA band loop; one-row bands too), compiled as C++ and run on
-    one CPU thread, against the CPU path."""
-    emulate_cuda_launch(monkeypatch)
-    if band_bytes is not None:
-        monkeypatch.setattr(masked_conv_module, "CUDA_BAND_BYTES", band_bytes)
+@pytest.mark.parametrize("path", ["bands", "bands-1-row", "igemm"])
+def test_cuda_source_matches_cpu_path(monkeypatch, geometry_case, path):
+    """The CUDA paths in float64 (the band kernels with cuBLAS-style products, also with
+    one-row bands; the implicit GEMM with FMA tiles), run by the CPU emulation on a grid of at
+    most 2 blocks per dimension, against the CPU path."""
+    emulate_cuda(monkeypatch, max_grid=2)
+    if path == "bands-1-row":
+        monkeypatch.setattr(masked_conv_module, "CUDA_BAND_BYTES", 1)
+    monkeypatch.setattr(masked_conv_module, "CUDA_IMPL", "igemm" if path == "igemm" else "bands")
+    monkeypatch.setattr(masked_conv_module._cuda, "compute_capability", lambda index: (9, 0))
+    monkeypatch.setattr(masked_conv_module._cuda, "device_index", lambda tensor: 0)
+    monkeypatch.setattr(masked_conv_module._cuda, "multiprocessors", lambda index: 2)
     tensors, geometry = make_case(geometry_case, torch.float64, "cpu", True)
     x, weight, bias = (tensors[k].detach() for k in ("x", "weight", "bias"))
     kernel, pad, stride, dilation, group = (geometry[k] for k in
                                             ("kernel_size", "pad", "stride", "dilation", "group"))
-    patch = masked_conv_module.PatchGeometry.of(kernel, pad, stride, dilation)
+    patch = masked_conv_module.ConvGeometry.of(kernel, pad, stride, dilation)
     mask = unfused_mask(tensors["emb"].detach(), 0.3, kernel, pad, stride, dilation)
     torch.testing.assert_close(
-        masked_conv_module._masked_conv_forward_cuda(x, mask, weight, bias, patch, group),
-        masked_conv_module._masked_conv_forward_cpu(x, mask, weight, bias, patch, group))
+        masked_conv_module._forward_cuda(x, mask, weight, bias, patch, group),
+        masked_conv_module._forward_cpu(x, mask, weight, bias, patch, group))
     grad_out = torch.randn(x.shape[0], weight.shape[0], *mask.shape[2:], dtype=torch.float64)
-    needs = (True, True, True, True)
+    needs = (True, True, True)
     for emulated, reference in zip(
-            masked_conv_module._masked_conv_backward_cuda(x, mask, weight, grad_out, patch, group,
-                                                          needs),
-            masked_conv_module._masked_conv_backward_cpu(x, mask, weight, grad_out, patch, group,
-                                                         needs)):
+            masked_conv_module._backward_cuda(grad_out, x, mask, weight, patch, group, needs),
+            masked_conv_module._backward_cpu(grad_out, x, mask, weight, patch, group, needs)):
         torch.testing.assert_close(emulated, reference)
 
 
@@ -221,7 +225,9 @@ def test_cuda_matches_cpu(geometry_case):
     (dict(bias=torch.zeros(3)), ValueError, r"bias must have shape \(4,\)"),
     (dict(mask=torch.zeros(1, 9, 6, 6)), ValueError, r"mask must be .* = \(1, 9, 5, 5\)"),
     (dict(mask=torch.zeros(1, 9, 5, 5, dtype=torch.float64)), ValueError,
-     "mask must be torch.float32"),
+     "mask must be torch.float32 on cpu like x, got torch.float64"),
+    (dict(weight=torch.zeros(4, 3, 3, 3, dtype=torch.bfloat16)), ValueError,
+     "weight must be torch.float32 on cpu like x, got torch.bfloat16"),
     (dict(x=torch.zeros(1, 3, 5)), ValueError, "x must be 4-D"),
 ])
 def test_rejects_bad_inputs(change, error, message):

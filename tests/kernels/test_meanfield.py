@@ -1,5 +1,6 @@
-"""NormConvMeanfield: kernels/meanfield.py and the NormConvMeanfield layer (SEMANTICS §4.2)."""
+"""NormConvMeanfield: kernels/meanfield.py and the NormConvMeanfield layer."""
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -7,13 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from segaware_caffe import caffe_proto
-from segaware_caffe.kernels import meanfield as meanfield_module
-from segaware_caffe.kernels.im2dist import PatchGeometry, im2dist
-from segaware_caffe.kernels.meanfield import MessageFunction, MessageSpec, normconv_meanfield
+from segaware_caffe.kernels.geometry import ConvGeometry
+from segaware_caffe.kernels.im2dist import im2dist
+from segaware_caffe.kernels.meanfield import MessageSpec, crf_message_op, normconv_meanfield
 from segaware_caffe import BuildContext, LayerSetupError
 from segaware_caffe.layers.norm_conv_meanfield import NormConvMeanfield
 from tests.conftest import cpu_and_cuda
-from tests.kernels.test_norm_conv import emulated_launch
+from tests.kernels.cuda_emulation import emulate_cuda
+
+meanfield_module = importlib.import_module("segaware_caffe.kernels.meanfield")
 
 
 def assert_golden(got, ref, what):
@@ -141,8 +144,8 @@ def test_gradcheck(device, bilateral, spatial):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-MESSAGE_GEOMETRIES = [PatchGeometry.of((3, 2), (1, 0), (2, 1), (2, 1)), PatchGeometry.of(5, 1, 2, 1),
-                      PatchGeometry.of(3, 1, 1, 1)]
+MESSAGE_GEOMETRIES = [ConvGeometry.of((3, 2), (1, 0), (2, 1), (2, 1)), ConvGeometry.of(5, 1, 2, 1),
+                      ConvGeometry.of(3, 1, 1, 1)]
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -153,12 +156,12 @@ def test_message_function(device, geometry):
     out_h, out_w = geometry.output_size(7, 6)
     attention = torch.rand(3, geometry.taps, out_h, out_w, generator=gen,
                            dtype=torch.float64).to(device).requires_grad_()
-    got = MessageFunction.apply(q, attention, geometry)
+    got = crf_message_op(q, attention, geometry.as_list())
     cols = F.unfold(q, geometry.kernel, dilation=geometry.dilation, padding=geometry.pad,
                     stride=geometry.stride).reshape(3, 2, geometry.taps, -1)
     expected = (cols * attention.reshape(3, 1, geometry.taps, -1)).sum(2).reshape(3, 2, out_h, out_w)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda a, b: MessageFunction.apply(a, b, geometry), (q, attention),
+    assert torch.autograd.gradcheck(lambda a, b: crf_message_op(a, b, geometry.as_list()), (q, attention),
                                     fast_mode=True)
 
 
@@ -264,9 +267,9 @@ def test_functional_rejects_short_grid():
 
 
 @pytest.mark.parametrize("geometry", MESSAGE_GEOMETRIES)
-def test_cuda_source_matches_cpu_path(geometry, tmp_path, monkeypatch):
-    # the CuPy kernels compiled as C++ and run on a one-thread grid (see test_norm_conv)
-    monkeypatch.setattr(meanfield_module, "launch", emulated_launch(meanfield_module._CUDA_SOURCE, tmp_path))
+def test_cuda_source_matches_cpu_path(geometry, monkeypatch):
+    # the CUDA kernels run by the CPU emulation, grid-stride loops wrapping (at most 2 blocks)
+    emulate_cuda(monkeypatch, max_grid=2)
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(2, 3, 7, 6, generator=gen, dtype=torch.float64)
     out_h, out_w = geometry.output_size(7, 6)
