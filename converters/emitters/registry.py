@@ -5,6 +5,7 @@ its bottoms) and returns an `Emission` -- the attribute to create in `__init__` 
 expression that computes the tops in `forward` -- or None when this instance uses a variant plain
 torch cannot express; the exporter then instantiates the segaware_caffe layer module itself.
 """
+import keyword
 import math
 from dataclasses import dataclass
 
@@ -24,6 +25,18 @@ class LayerSpec:
     bottom_shapes: list       # build-time shapes of the bottoms
     num_tops: int
     phase: str                # "TRAIN" or "TEST"
+
+    @property
+    def attr(self):
+        """How generated code reads the layer's module attribute."""
+        return attribute_expression(self.key)
+
+
+def attribute_expression(key):
+    """`self.<key>`, or `getattr(self, '<key>')` for a key that is no plain ASCII name (a Caffe
+    layer named `class`)."""
+    plain = key.isidentifier() and key.isascii() and not keyword.iskeyword(key)
+    return f"self.{key}" if plain else f"getattr(self, {key!r})"
 
 
 @dataclass

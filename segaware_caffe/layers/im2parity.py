@@ -11,6 +11,8 @@ class Im2parity(CaffeLayer):
     count as label 0; with ignore_label, taps touching it output ignore_label. A patch whose
     centre is outside the image outputs ignore_label (0 if unset). Forward only: the output
     carries no gradient (the original has no backward)."""
+    HAS_BACKWARD = False        # its Backward aborts (NOT_IMPLEMENTED)
+    USES_SEGAWARE_KERNELS = True
 
     def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), ignore_label=None):
         super().__init__()

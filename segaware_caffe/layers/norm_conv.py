@@ -25,6 +25,7 @@ def _optional_filler(message, field):
 
 @register_layer("NormConv")
 class NormConv(CaffeLayer):
+    USES_SEGAWARE_KERNELS = True
     BOTTOMS = (2, 2)
     TOPS = (1, 1)
     CAFFE_BLOBS = ("weight", "bias", "scale")

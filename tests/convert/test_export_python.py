@@ -188,8 +188,9 @@ def test_export_keeps_the_zeroed_element_0_of_unwritten_outputs():
     name: "t"
     input: "x" input_shape { dim: 1 dim: 4 }
     input: "label" input_shape { dim: 1 dim: 4 }
+    input: "w" input_shape { dim: 1 dim: 4 }
     layer { name: "r" type: "Reshape" bottom: "x" top: "xr" reshape_param { shape { dim: 4 } } }
-    layer { name: "p" type: "Power" bottom: "x" top: "p" power_param { scale: 2 } }
+    layer { name: "p" type: "Power" bottom: "w" top: "p" power_param { scale: 2 } }
     layer { name: "dd" type: "DummyData" top: "c"
             dummy_data_param { shape { dim: 3 } data_filler { type: "constant" value: 1 } } }
     """
@@ -198,13 +199,16 @@ def test_export_keeps_the_zeroed_element_0_of_unwritten_outputs():
     for line in ("x = zero_first_element(x)", "label = zero_first_element(label)",
                  "c = zero_first_element(c)"):
         assert line in export.source, line
+    assert "w = zero_first_element(w)" not in export.source    # its Power writes p
     model = instantiate(export, net)
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]], requires_grad=True)
     label = torch.tensor([[7.0, 8.0, 9.0, 10.0]])
-    got, ref = model(x, label), net.forward(x=x, label=label)
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    got, ref = model(x, label, w), net.forward(x=x, label=label, w=w)
     assert set(got) == set(ref) == {"c", "label", "p", "xr"}
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
     assert got["label"].tolist() == [[0.0, 8.0, 9.0, 10.0]]
+    assert got["xr"].tolist() == [0.0, 2.0, 3.0, 4.0]
     got["xr"].sum().backward()
     assert x.grad.tolist() == [[1.0, 1.0, 1.0, 1.0]]

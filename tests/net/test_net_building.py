@@ -67,12 +67,19 @@ layer { name: "leveled" type: "ReLU" bottom: "c" top: "leveled" exclude { min_le
 """
 
 
+def prototxt_layers(net):
+    return [r.name for r in net.records if r.origin == "prototxt"]
+
+
 def test_phase_stage_level_filtering():
     test_net = sc.Net(NET, phase="test")
-    names = [r.name for r in test_net.records]
-    assert names == ["a", "relu", "b", "c", "leveled"]
+    assert prototxt_layers(test_net) == ["a", "relu", "b", "c", "leveled"]
+    # as Caffe builds it: the legacy inputs' Input layer, and a Split where a blob has two readers
+    assert [r.name for r in test_net.records] == ["input", "a", "relu", "a_relu_0_split", "b", "c",
+                                                  "leveled"]
     train_net = sc.Net(NET, phase="train", stages=["extra"], level=1)
-    assert [r.name for r in train_net.records] == ["a", "relu", "b", "c", "train_only", "staged"]
+    assert prototxt_layers(train_net) == ["a", "relu", "b", "c", "train_only", "staged"]
+    assert "c_c_0_split" in [r.name for r in train_net.records]
     assert train_net.loss_weights == {"loss": 1.0}
     assert train_net.outputs == ["loss", "staged"]   # blobs nobody consumes, alphabetical
 
@@ -147,7 +154,7 @@ def test_weights_with_wrong_shape_name_the_layer():
     del blob.data[:]
     blob.data.extend([1.0, 2.0])
     blob.shape.dim[:] = [2]
-    with pytest.raises(sc.NetBuildError, match=r"layer a \(TestMulWeight\) blob 0 has shape \(2,\) in the weights file, the net expects \(3,\)"):
+    with pytest.raises(sc.NetBuildError, match=r"layer a \(TestMulWeight\) blob 0 \(weight\) has shape \(2,\) in the weights file, the net expects \(3,\)"):
         net.load_weights(proto)
 
 
