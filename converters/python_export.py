@@ -223,8 +223,10 @@ class _Writer:
         tops = [self.names(t) for t in (record.tops if not node.target.startswith("fused.")
                                         else [node.meta["blob"]])]
         note = f"{record.name} ({record.type})" + (f": {emission.note}" if emission.note else "")
-        if not tops or not emission.expression:
+        if not emission.expression:
             self.line(f"# {comment(note)}")
+        elif not tops:              # a layer without tops runs for its effects (file writers)
+            self.line(emission.expression, note)
         else:
             self.line(f"{', '.join(tops)} = {emission.expression}",
                       note if emission.module is None or emission.note else "")
@@ -270,8 +272,12 @@ def _emit_detach(writer, node):
 
 def _emit_refuse(writer, node):
     writer.helpers["refuse_gradient"] = _REFUSE_GRADIENT
-    x, message = node.args
-    writer.value[node] = f"refuse_gradient({writer.value[x]}, {message!r})"
+    top, refusals = node.args
+    pairs = "".join(f"({writer.value[bottom]}, {message!r}), " for bottom, message in refusals)
+    name = writer.names(node.meta["blob"])
+    writer.line(f"{name} = refuse_gradient({writer.value[top]}, ({pairs.rstrip()}))",
+                "the original cannot backpropagate there")
+    writer.value[node] = name
 
 
 def _emit_zero(writer, node):
@@ -331,11 +337,16 @@ _REFUSE_GRADIENT = '''class _RefuseGradient(torch.autograd.Function):
         raise RuntimeError(ctx.message)
 
 
-def refuse_gradient(x, message):
-    """x unchanged; a gradient reaching it raises: the original Caffe cannot backpropagate there."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _RefuseGradient.apply(x, message)
-    return x'''
+def refuse_gradient(top, refusals):
+    """`top` of a layer that refuses the gradient of some bottoms ((bottom, message) pairs): once
+    one of them requires grad, a backward through `top` raises, as the original Caffe aborts."""
+    if not (torch.is_grad_enabled() and top.is_floating_point()):
+        return top
+    for bottom, message in refusals:
+        if bottom.requires_grad:
+            source = top if top.requires_grad else top.detach().requires_grad_(True)
+            return _RefuseGradient.apply(source, message)
+    return top'''
 
 _TRACK_GRAD = '''def track_grad(x):
     """A data layer's top as a leaf that records its gradient (the net sets force_backward)."""

@@ -11,21 +11,25 @@ Caffe decides once, while it builds a net, which layers run Backward and which b
    does not allow (AllowForceBackward: the label of a loss); every parameter gets a diff.
 
 `analyse` computes Caffe's three flag sets (blob_need_backward, layer_need_backward,
-bottom_need_backward) from the built records, with two points left to the caller, because under
-PyTorch the caller decides them at run time:
+bottom_need_backward) from the built records. Two points are the caller's under PyTorch, decided
+at run time, and the graph's analysis leaves them to the caller:
 
 * a fed input needs backward when the caller's tensor requires grad (Caffe: never, without
   force_backward): the analysis counts every input as needing it unless force_backward is set;
 * which tops contribute to a loss is what `backward()` is called on: the analysis counts every
-  top as contributing, unless `losses_decide` asks for Caffe's own rule (a top with a non-zero
-  loss weight, or one a contributing layer reads).
+  top as contributing.
+
+`exact=True` applies Caffe's own rules to both (inputs need no backward without force_backward;
+a layer contributes when a top has a non-zero loss weight or a contributing layer reads it):
+those are the flags Caffe itself logs (`Net.backward_flags`).
 
 From the flags each bottom edge of the graph gets one treatment (`edges`):
 
 * "detach": Caffe computes no diff there, or computes one that no backward reads (a layer that
   ignores propagate_down writes the diff, but its producer runs no backward);
-* "refuse": Caffe would call the layer's Backward for that bottom and the original refuses it
-  (no backward at all, or a label/index bottom): a gradient reaching it raises NoBackwardError;
+* "refuse": Caffe would ask the layer's Backward for that bottom's diff and the original refuses
+  it (no backward at all, or a label/index bottom): once the bottom requires grad, a backward
+  that reaches the layer raises NoBackwardError;
 * "keep": the gradient flows as autograd computes it.
 """
 from dataclasses import dataclass
@@ -51,9 +55,9 @@ def _param_need(record):
             for i in range(count)]
 
 
-def analyse(records, force_backward, losses_decide=False):
+def analyse(records, force_backward, exact=False):
     """The flags of the three passes above for built records (each with .bottoms, .tops,
-    .module, .param, .loss_weights); `losses_decide` as described in the module docstring."""
+    .module, .param, .loss_weights); `exact` as described in the module docstring."""
     version = {}                 # blob name -> (record index, top index) now holding it
     sources = []                 # per record, per bottom: the version it reads
     blob_need = {}
@@ -65,7 +69,7 @@ def analyse(records, force_backward, losses_decide=False):
         propagate = list(record.param.propagate_down) or [True] * len(reads)
         bottom_need.append([blob_need[v] and p for v, p in zip(reads, propagate)])
         if cls.NET_INPUT:
-            need = not force_backward        # the caller's requires_grad decides
+            need = not force_backward and not exact    # the caller's requires_grad decides
         else:
             need = any(blob_need[v] for v in reads) or any(_param_need(record))
         layer_need.append(need)
@@ -77,7 +81,7 @@ def analyse(records, force_backward, losses_decide=False):
     for index in range(len(records) - 1, -1, -1):
         record = records[index]
         tops = [(index, i) for i in range(len(record.tops))]
-        contributes = not losses_decide or any(
+        contributes = not exact or any(
             record.loss_weights[i] != 0 or tops[i] in under_loss for i in range(len(tops)))
         if layer_need[index] and all(t in skipped for t in tops):
             layer_need[index] = False

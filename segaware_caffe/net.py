@@ -15,10 +15,12 @@ interpreter of a net: `forward` calls it, `export --python` writes its nodes out
 `call_module` per layer (Split layers included: each of their tops is a view of its own, so each
 top's gradient is its reader's share, Caffe's split diff); `getitem` for layers with several tops;
 and the helper functions below, each a rule of the original: `zero_first_element`,
-`torch.detach` (no diff computed there), `refuse_gradient` (the original cannot backpropagate
-there), `track_grad` (force_backward gives data layers' tops a diff); a fused segmentation-aware
+`torch.detach` (no diff computed there), `refuse_gradient` (on the tops of a layer whose
+Backward would be asked a diff it refuses), `track_grad` (force_backward gives data layers' tops
+a diff); a fused segmentation-aware
 convolution (see fusion.py) is one `call_module` of `fused.<key>`.
 """
+import keyword
 import operator
 import re
 import warnings
@@ -58,9 +60,13 @@ class LayerRecord:
 
 
 def _identifier(name, taken):
+    """A unique Python identifier from a Caffe name (fx writes module attributes and
+    placeholders into generated code): other characters become `_`, a keyword gets a `_`."""
     key = re.sub(r"\W", "_", name) or "layer"
     if key[0].isdigit():
         key = "_" + key
+    if keyword.iskeyword(key):
+        key += "_"
     base, i = key, 1
     while key in taken:
         i += 1
@@ -90,11 +96,19 @@ class _RefuseGradient(torch.autograd.Function):
         raise NoBackwardError(ctx.message)
 
 
-def refuse_gradient(x, message):
-    """x unchanged; a gradient flowing back into it raises NoBackwardError(message)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _RefuseGradient.apply(x, message)
-    return x
+def refuse_gradient(top, refusals):
+    """A top of a layer that refuses some bottoms' gradients, `refusals` = ((bottom, message),
+    ...). When a refused bottom requires grad, Caffe's Backward of the layer would be asked for
+    its diff and abort: the top then carries a node whose backward raises NoBackwardError(that
+    bottom's message) -- also when the layer's forward gives the top no autograd history (an
+    index or comparison), since Caffe calls the layer's Backward all the same."""
+    if not (torch.is_grad_enabled() and top.is_floating_point()):
+        return top
+    for bottom, message in refusals:
+        if isinstance(bottom, torch.Tensor) and bottom.requires_grad:
+            source = top if top.requires_grad else top.detach().requires_grad_(True)
+            return _RefuseGradient.apply(source, message)
+    return top
 
 
 class _ZeroFirstElement(torch.autograd.Function):
@@ -355,9 +369,10 @@ class Net(nn.Module):
 
     @property
     def backward_flags(self):
-        """Caffe's own backward flags for this net (backward.analyse with the loss tops deciding,
-        and fed inputs needing no diff unless force_backward), per layer of `records`."""
-        return backward.analyse(self.records, self.force_backward, losses_decide=True)
+        """Caffe's own backward flags for this net (backward.analyse, exact: the loss tops decide
+        what contributes, fed inputs need no diff unless force_backward), per layer of
+        `records`: what Caffe logs as "needs backward computation"."""
+        return backward.analyse(self.records, self.force_backward, exact=True)
 
     # ------------------------------------------------------------------ running
     @property
@@ -401,18 +416,16 @@ class Net(nn.Module):
                     node.meta.update(record=index, blob=group.conv_top)
                     env[group.conv_top] = aliases[f"{group.conv_top}@{r.name}"] = node
                 continue
-            args = []
-            for i, b in enumerate(r.bottoms):
-                arg = env[b]
-                if edges[index][i] == backward.DETACH:
-                    arg = helper(torch.detach, (arg,), b)
-                elif edges[index][i] == backward.REFUSE:
-                    arg = helper(refuse_gradient, (arg, refusal_message(r, i)), b)
-                args.append(arg)
+            args = [helper(torch.detach, (env[b],), b) if edges[index][i] == backward.DETACH
+                    else env[b] for i, b in enumerate(r.bottoms)]
+            refusals = tuple((args[i], refusal_message(r, i)) for i in range(len(args))
+                             if edges[index][i] == backward.REFUSE)
             node = graph.call_module(f"layers.{r.key}", tuple(args))
             node.meta.update(record=index, blob=r.tops[0] if len(r.tops) == 1 else None)
             for i, t in enumerate(r.tops):
                 env[t] = node if len(r.tops) == 1 else helper(operator.getitem, (node, i), t)
+                if refusals:
+                    env[t] = helper(refuse_gradient, (env[t], refusals), t)
                 if (index, i) in self._zeroed:
                     env[t] = helper(zero_first_element, (env[t],), t)
                 if self.force_backward and not r.bottoms:

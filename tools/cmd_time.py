@@ -86,19 +86,18 @@ class LayerTimer(fx.Interpreter):
         start = self._now()
         for record, leaves, sources, tops in reversed(self._steps):
             live = [(t, grads.pop(id(t))) for t in tops if id(t) in grads and t.requires_grad]
-            params = [p for p in record.module.caffe_blobs() if p.requires_grad] if record else []
-            wrt = [x for x in leaves if x.requires_grad] + params
-            if not live or not wrt:
+            if not live:
                 continue
             t0 = self._now()
-            diffs = torch.autograd.grad([t for t, _ in live], wrt, [g for _, g in live],
-                                        allow_unused=True)
+            # the node's whole backward (its inputs are leaves, so it stops there): diffs land in
+            # the leaves' .grad and accumulate in the parameters' .grad, as Caffe's Backward
+            torch.autograd.backward([t for t, _ in live], [g for _, g in live])
             if record is not None:
                 self.backward_ms[id(record)] += (self._now() - t0) * 1e3
-            for x, source, diff in zip(leaves, sources, diffs):
-                if diff is not None and x.requires_grad:
+            for x, source in zip(leaves, sources):
+                if x.grad is not None:
                     key = id(source)
-                    grads[key] = diff if key not in grads else grads[key] + diff
+                    grads[key] = x.grad if key not in grads else grads[key] + x.grad
         return forward, (self._now() - start) * 1e3
 
 

@@ -212,3 +212,62 @@ def test_export_keeps_the_zeroed_element_0_of_unwritten_outputs():
     assert got["xr"].tolist() == [0.0, 2.0, 3.0, 4.0]
     got["xr"].sum().backward()
     assert x.grad.tolist() == [[1.0, 1.0, 1.0, 1.0]]
+
+
+HOSTILE = '''
+name: "evil\\"\\"\\"\\nimport os; BOOM = 1\\n\\"\\"\\"'\\\\"
+input: "x\\n = 1; BOOM = 2 #" input_shape { dim: 1 dim: 2 }
+layer { name: "class" type: "Power" bottom: "x\\n = 1; BOOM = 2 #" top: "y\\"\\"\\"; BOOM = 3"
+        power_param { scale: 2 } }
+layer { name: "lambda\\n    BOOM = 4" type: "InnerProduct" bottom: "y\\"\\"\\"; BOOM = 3" top: "z')]; BOOM = 5 #"
+        inner_product_param { num_output: 2 weight_filler { type: "gaussian" } } }
+layer { name: "w\\"\\"\\"" type: "MatWrite" bottom: "y\\"\\"\\"; BOOM = 3"
+        mat_write_param { prefix: "out/\\"\\"\\"; BOOM = 6; \\"\\"\\"" } }
+'''
+
+
+def test_names_and_strings_from_the_file_never_become_code(tmp_path):
+    """Net, layer and blob names and parameter strings with quotes, triple quotes and newlines
+    reach the source only as identifiers or repr()'d literals: the module compiles, defines no
+    BOOM, and computes what the net computes."""
+    from segaware_caffe.converters.python_export import load_source
+    (tmp_path / "out").mkdir()
+    net = build_net(caffe_proto.read_net(HOSTILE.replace("out/", f"{tmp_path}/out/")))
+    export = python_source(net)
+    compile(export.source, "hostile.py", "exec")
+    module = load_source(export.source)
+    import builtins
+    assert not hasattr(module, "BOOM") and not hasattr(builtins, "BOOM")
+    model = instantiate(export, net)
+    x = torch.randn(1, 2)
+    got = model(x)
+    # a layer without tops still runs (MatWrite writes its file)
+    written = list((tmp_path / "out").iterdir())
+    assert len(written) == 1
+    written[0].unlink()
+    ref = net.forward(**{net.input_names[0]: x})
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    assert set(ref) == {"z')]; BOOM = 5 #"}
+    assert "# class (Power)" in export.source and "self.lambda_____BOOM___4 = nn.Linear" in export.source
+
+
+
+def test_refused_gradients_carry_into_the_export():
+    text = """
+    name: "t"
+    input: "x" input_shape { dim: 4 }
+    layer { name: "w" type: "Scale" bottom: "x" top: "xw" scale_param { axis: 0 num_axes: 0 } }
+    layer { name: "r" type: "Reshape" bottom: "xw" top: "xw4"
+            reshape_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }
+    layer { name: "parity" type: "Im2parity" bottom: "xw4" top: "par"
+            convolution_param { kernel_size: 1 } }
+    """
+    net = build_net(caffe_proto.read_net(text))
+    export = python_source(net)
+    assert "par = refuse_gradient(" in export.source
+    model = instantiate(export, net).train()
+    out = model(torch.ones(4))["par"]
+    with pytest.raises(RuntimeError, match=r"parity \(Im2parity\) has no backward"):
+        out.sum().backward()
