@@ -20,9 +20,17 @@ NET_GRAD_MAXREL = 1e-3
 NET_DIFF_L2 = 1e-2
 
 
+def as_array(x):
+    """float64 numpy array of an array, number or tensor (detached, on the CPU)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
 def assert_close(got, ref, what, exact=False, rel=REL, absfrac=ABSFRAC, floor=0.0):
-    got = np.atleast_1d(np.asarray(got, dtype=np.float64))
-    ref = np.atleast_1d(np.asarray(ref, dtype=np.float64))
+    """The golden tolerance (module docstring), elementwise; returns max|got - ref| / max|ref|."""
+    got = np.atleast_1d(as_array(got))
+    ref = np.atleast_1d(as_array(ref))
     assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
     big = ref == np.float64(BIG)
     if big.any():
@@ -49,8 +57,7 @@ def assert_close(got, ref, what, exact=False, rel=REL, absfrac=ABSFRAC, floor=0.
 
 
 def assert_close_l2(got, ref, what, limit=NET_DIFF_L2):
-    got = np.asarray(got, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
+    got, ref = as_array(got), as_array(ref)
     assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
     norm = np.linalg.norm(ref)
     err = np.linalg.norm(got - ref) / norm if norm else np.linalg.norm(got)

@@ -73,6 +73,7 @@ def test_golden_layer_nets(meta_path):
 DEPLOY = [("embs", 65), ("vgg", 65), ("res", 65)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, size", DEPLOY, ids=[d[0] for d in DEPLOY])
 def test_deploy_exports_match_net(reference, tmp_path, name, size):
     """The released deploy nets (resized) with filler weights: export with the caffemodel, import the
@@ -115,6 +116,7 @@ def test_source_reads_like_the_net(reference, tmp_path):
     compile(source, "lenet.py", "exec")
 
 
+@pytest.mark.slow
 @JIT_WARNINGS
 def test_jit_trace_and_compile(reference):
     net = build_net(reference / "bvlc/mnist_lenet.prototxt", input_shapes={"data": (2, 1, 28, 28)})

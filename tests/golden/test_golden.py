@@ -54,7 +54,12 @@ def load_case(meta_path, workdir=None):
     return meta, net, data
 
 
-@pytest.mark.parametrize("meta_path", LAYER_CASES, ids=case_id)
+def _params(paths):
+    """Whole-net cases (nets/) are marked slow."""
+    return [pytest.param(p, marks=pytest.mark.slow) if p.parts[-3] == "nets" else p for p in paths]
+
+
+@pytest.mark.parametrize("meta_path", _params(LAYER_CASES), ids=case_id)
 def test_golden_case(meta_path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     meta, net, data = load_case(meta_path, workdir=tmp_path / "case")

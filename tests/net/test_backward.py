@@ -181,3 +181,34 @@ def test_backward_flags_leave_out_layers_that_reach_no_loss():
     need = dict(zip([r.name for r in net.records], flags.layer_need))
     assert need["ip"] and need["loss"] and need["s_ip_0_split"]
     assert not need["acc"] and not need["input"]
+
+
+PROPAGATE_DOWN = """
+name: "t"
+force_backward: {force}
+input: "a" input_shape {{ dim: 2 dim: 1 }}
+input: "b" input_shape {{ dim: 2 dim: 1 }}
+layer {{ name: "l" type: "EuclideanLoss" bottom: "a" bottom: "b" top: "l"
+        propagate_down: true propagate_down: false }}
+"""
+
+
+def test_propagate_down_false_gives_that_bottom_no_diff():
+    net = sc.Net(PROPAGATE_DOWN.format(force="false"), phase="train")
+    a = torch.ones(2, 1, requires_grad=True)
+    b = torch.zeros(2, 1, requires_grad=True)
+    net.loss(net.forward(a=a, b=b)).backward()
+    torch.testing.assert_close(a.grad, torch.full((2, 1), 0.5))
+    assert b.grad is None
+    # force_backward overrides propagate_down (Caffe ORs in AllowForceBackward)
+    net = sc.Net(PROPAGATE_DOWN.format(force="true"), phase="train")
+    a = torch.ones(2, 1, requires_grad=True)
+    b = torch.zeros(2, 1, requires_grad=True)
+    net.loss(net.forward(a=a, b=b)).backward()
+    torch.testing.assert_close(b.grad, torch.full((2, 1), -0.5))
+
+
+def test_propagate_down_needs_one_entry_per_bottom():
+    text = PROPAGATE_DOWN.format(force="false").replace("propagate_down: true ", "")
+    with pytest.raises(sc.NetBuildError, match=r"l \(EuclideanLoss\): propagate_down must be given"):
+        sc.Net(text, phase="train")

@@ -13,6 +13,8 @@ import segaware_caffe as sc
 from segaware_caffe.resize import resize_deploy
 from tests.conftest import REFERENCE, reference_files
 
+pytestmark = pytest.mark.slow   # every test here builds a released whole net
+
 CONFIG = REFERENCE / "segaware" / "config"
 NETS = reference_files(sorted(p for p in CONFIG.glob("*/*.prototxt") if "solver" not in p.name))
 

@@ -8,6 +8,7 @@ import segaware_caffe as sc
 from segaware_caffe import caffe_proto
 from segaware_caffe.converters import caffemodel as cm
 from segaware_caffe.weights import WeightsFile, match_weights
+from tests.net.toy_net import NET
 
 TWO_IP = """
 name: "t"
@@ -114,3 +115,64 @@ def test_the_solver_reads_its_weights_once_for_all_its_nets(tmp_path, monkeypatc
     monkeypatch.setattr(caffe_proto, "read_weights", lambda *a, **k: reads.append(a) or real_read(*a, **k))
     solver = Solver(tmp_path / "solver.prototxt", weights=tmp_path / "init.caffemodel")
     assert len(solver.test_nets) == 2 and len(reads) == 1
+
+
+def test_weights_round_trip_and_reports(tmp_path):
+    net = sc.Net(NET)
+    with torch.no_grad():
+        net.params["a"][0].copy_(torch.tensor([1.0, -2.0, 3.0]))
+    path = tmp_path / "tiny.caffemodel"
+    net.save_weights(path)
+    other = sc.Net(NET)
+    report = other.load_weights(path)
+    torch.testing.assert_close(other.params["a"][0], torch.tensor([1.0, -2.0, 3.0]))
+    assert report.loaded == ["a", "b"]
+    # a weights file with a layer the net lacks: reported, not silently dropped
+    proto = net.to_weights_proto()
+    extra = proto.layer.add()
+    extra.name, extra.type = "ghost", "TestMulWeight"
+    extra.blobs.add().CopyFrom(proto.layer[0].blobs[0])
+    with pytest.warns(UserWarning, match="ghost"):
+        sc.Net(NET, weights=proto)
+
+
+def test_weights_with_wrong_shape_name_the_layer():
+    net = sc.Net(NET)
+    proto = net.to_weights_proto()
+    blob = proto.layer[0].blobs[0]
+    del blob.data[:]
+    blob.data.extend([1.0, 2.0])
+    blob.shape.dim[:] = [2]
+    with pytest.raises(sc.NetBuildError, match=r"layer a \(TestMulWeight\) blob 0 \(weight\) has shape \(2,\) in the weights file, the net expects \(3,\)"):
+        net.load_weights(proto)
+
+
+def test_legacy_4d_blob_shape_fits_a_1d_param():
+    net = sc.Net(NET)
+    proto = net.to_weights_proto()
+    blob = proto.layer[0].blobs[0]
+    blob.ClearField("shape")
+    blob.num, blob.channels, blob.height, blob.width = 1, 1, 1, 3
+    net.load_weights(proto)
+
+
+def test_weights_go_to_the_first_layer_of_a_name_and_the_report_says_so():
+    from segaware_caffe import caffe_proto
+    text = """
+    name: "t"
+    input: "x" input_shape { dim: 1 dim: 2 }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "a" inner_product_param { num_output: 2 } }
+    layer { name: "ip" type: "InnerProduct" bottom: "a" top: "b" inner_product_param { num_output: 2 } }
+    """
+    source = sc.Net(text)
+    with torch.no_grad():
+        source.params["ip"][0].fill_(1.0)
+    weights = source.to_weights_proto()
+    # the file's second "ip" (read later) overwrites the first, as in Caffe
+    weights.layer[1].blobs[0].CopyFrom(caffe_proto.array_to_blob(np.full((2, 2), 4.0, np.float32)))
+    net = sc.Net(text)
+    report = net.load_weights(weights)
+    assert report.loaded == ["ip"] and report.not_in_weights == ["ip"]
+    first, second = (r.module.caffe_blobs()[0] for r in net.records if r.name == "ip")
+    assert torch.equal(first, torch.full((2, 2), 4.0))
+    assert not torch.equal(second, torch.full((2, 2), 4.0))
