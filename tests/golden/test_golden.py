@@ -21,7 +21,6 @@ the layers below. Intermediate blob diffs of nets are therefore compared in rela
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +28,8 @@ import torch
 
 import segaware_caffe as sc
 from tests.conftest import GOLDEN
-from tests.tolerances import BIG, assert_close, assert_close_l2, is_integer_valued  # noqa: F401
+from tests.tolerances import (NET_GRAD_FLOOR, NET_GRAD_MAXREL, assert_close, assert_close_l2,
+                              is_integer_valued)
 
 CASES = sorted(GOLDEN.glob("*/*/meta.json"))
 LAYER_CASES = [p for p in CASES if p.parts[-3] in ("layers", "nets")]
@@ -112,7 +112,8 @@ def test_golden_case(meta_path, tmp_path, monkeypatch):
         whole_net = meta_path.parts[-3] == "nets"
         grad_scale = max((np.abs(data[k]).max() for k in keys
                           if k.startswith(("diff/", "paramdiff/")) and data[k].size), default=0.0)
-        net_tol = dict(rel=0.0, absfrac=1e-3, floor=1e-5 * grad_scale) if whole_net else {}
+        net_tol = (dict(rel=0.0, absfrac=NET_GRAD_MAXREL, floor=NET_GRAD_FLOOR * grad_scale)
+                   if whole_net else {})
         for k in keys:
             if k.startswith("diff/"):
                 name = k[5:]

@@ -2,6 +2,7 @@
 with a one-thread grid, so every grid-stride loop walks all its indices. Patched in place of
 kernels._cuda.launch, it checks the CUDA kernels' index maths against the CPU path on machines
 without a GPU."""
+import atexit
 import ctypes
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ _LIBRARIES = {}   # kernel source -> compiled library, once per test session
 def _library_for(source, compiler):
     if source not in _LIBRARIES:
         workdir = Path(tempfile.mkdtemp(prefix="segaware-cuda-emulation-"))
+        atexit.register(shutil.rmtree, workdir, True)    # nothing is left behind in /tmp
         cpp, shared_object = workdir / "kernels.cpp", workdir / "kernels.so"
         cpp.write_text(_PRELUDE + source)
         subprocess.run([compiler, "-O1", "-shared", "-fPIC", str(cpp), "-o", str(shared_object)],
