@@ -4,7 +4,7 @@
     solver.step(1, inputs={"data": x, "label": y})     # nets with Input layers
     solver.solve()                                     # nets with data layers: run to max_iter
 
-What one iteration does is Caffe's `Solver::Step` (BVLC fe0f44112, SEMANTICS §12): clear the
+What one iteration does is Caffe's `Solver::Step` (BVLC fe0f44112, unchanged by the fork): clear the
 parameter diffs (`param.grad`), run `iter_size` forward/backward passes (diffs accumulate),
 all-reduce the diffs across processes (torchrun), then `ApplyUpdate`: learning rate for the
 current iteration, gradient clipping on the summed raw diffs, and per learnable blob the division

@@ -1,4 +1,4 @@
-"""DistLoss (SEMANTICS §3): the segaware embedding hinge loss over Im2dist / Im2parity outputs."""
+"""DistLoss: the segaware embedding hinge loss over Im2dist / Im2parity outputs."""
 from segaware_caffe.kernels.dist_loss import dist_loss
 
 from ..layer import CaffeLayer, register_layer

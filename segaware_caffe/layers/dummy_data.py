@@ -1,4 +1,4 @@
-"""DummyData: tops of fixed shapes filled by fillers, incl. the fork's "xy" filler (SEMANTICS §7)."""
+"""DummyData: tops of fixed shapes filled by fillers, incl. the fork's "xy" filler."""
 from dataclasses import dataclass
 
 import torch

@@ -1,4 +1,4 @@
-"""Im2dist (SEMANTICS §2.1): per-tap centre-to-neighbour distances, (N, C, H, W) -> (N, K, Ho, Wo);
+"""Im2dist: per-tap centre-to-neighbour distances, (N, C, H, W) -> (N, K, Ho, Wo);
 also the convolution_param geometry reading shared by the segaware patch layers."""
 from segaware_caffe.kernels.im2dist import im2dist
 

@@ -1,4 +1,4 @@
-"""Im2parity (SEMANTICS §2.2): per-tap label agreement, (N, C, H, W) labels -> (N, K, Ho, Wo)."""
+"""Im2parity: per-tap label agreement, (N, C, H, W) labels -> (N, K, Ho, Wo)."""
 from segaware_caffe.kernels.im2parity import im2parity
 
 from ..layer import CaffeLayer, register_layer

@@ -1,4 +1,4 @@
-"""NormConvMeanfield: the segmentation-aware CRF (SEMANTICS §4.2).
+"""NormConvMeanfield: the segmentation-aware CRF.
 
 Bottoms (4): unary U, initial X0 (both (N, C, H, W), log domain), bilateral features (entry 0 of
 the repeated fields), spatial features (entry 1). Top: X_T, not normalised.

@@ -1,4 +1,4 @@
-"""Pooling MAX / AVE with Caffe's ceil rule and border divisors (SEMANTICS §9.1).
+"""Pooling MAX / AVE with Caffe's ceil rule and border divisors.
 
 Caffe's output size is computed here and the input is padded (or cropped) to exactly the extent the
 windows cover, so torch's own ceil_mode rule never decides a size.

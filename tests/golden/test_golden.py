@@ -2,7 +2,7 @@
 
 Forward: every stored blob. Backward: loss nets are seeded with their loss weights, others with the
 stored top diffs; input, intermediate and parameter gradients are compared.
-Tolerance (golden/README.md): |got - ref| <= 1e-4 |ref| + 1e-5 max|ref| elementwise, FLT_MAX/100
+Tolerance (tests/tolerances.py): |got - ref| <= 1e-4 |ref| + 1e-5 max|ref| elementwise, FLT_MAX/100
 entries exact and left out of max|ref|; integer-valued outputs exact. Plus an absolute 1e-7: the
 bias gradient of a convolution feeding an L1 Im2dist (the distloss cases) is exactly zero in
 theory (each tap adds +g at the centre and -g at the neighbour) and ~1e-8 float32 noise in both

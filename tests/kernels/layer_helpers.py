@@ -1,5 +1,5 @@
 """Helpers shared by the segmentation-aware op tests: build one layer from prototxt text, compare
-with golden numbers at the golden/README tolerance."""
+with golden numbers at the golden tolerance (tests/tolerances.py)."""
 import itertools
 
 

@@ -1,6 +1,6 @@
-"""kernels.dist_loss and the DistLoss layer: reference from SEMANTICS §3 with decision 3 (every
-image, ignored elements give nothing, divide by the full count, gradient m/count ignoring
-loss_weight), the golden distloss_* cases (Im2dist -> DistLoss chain), CUDA vs CPU, bad inputs."""
+"""kernels.dist_loss and the DistLoss layer: reference from the layer's definition, with the
+project's repair of the original (both of whose paths are broken there): every image, ignored
+elements give nothing, divide by the full count, gradient m/count ignoring loss_weight; the golden distloss_* cases (Im2dist -> DistLoss chain), CUDA vs CPU, bad inputs."""
 import sys
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""kernels.im2dist and the Im2dist layer: a pure-Python reference written from SEMANTICS §2.1,
+"""kernels.im2dist and the Im2dist layer: a pure-Python reference written from its definition,
 the original's golden numbers, float64 gradcheck (L2), CUDA vs CPU, bad inputs."""
 import sys
 
@@ -105,7 +105,7 @@ def test_forward_backward_match_reference(device, dtype, contiguous, geometry_ca
 
 
 def test_l1_gradient_follows_gpu_rule_on_constant_input():
-    """SEMANTICS §2.1: the CPU original gives [[-5,-3,-5],[-3,0,-3],[-5,-3,-5]] here (sign(0) =
+    """The CPU original gives [[-5,-3,-5],[-3,0,-3],[-5,-3,-5]] here (sign(0) =
     -1); the GPU path the released models used, and we, give no gradient at all."""
     x = torch.ones(1, 1, 3, 3, requires_grad=True)
     im2dist(x, 3, pad=1, norm="L1").sum().backward()

@@ -1,5 +1,6 @@
-"""kernels.im2parity and the Im2parity layer: a pure-Python reference written from SEMANTICS
-§2.2 (with decision 3 for centres outside the image), golden numbers, CUDA vs CPU, bad inputs."""
+"""kernels.im2parity and the Im2parity layer: a pure-Python reference written from the layer's
+definition (a patch whose centre is outside the image gives ignore_label, 0 if unset, where both
+original paths are broken), golden numbers, CUDA vs CPU, bad inputs."""
 import sys
 
 import numpy as np

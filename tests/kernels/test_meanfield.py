@@ -1,4 +1,4 @@
-"""NormConvMeanfield: kernels/meanfield.py and the NormConvMeanfield layer (SEMANTICS §4.2)."""
+"""NormConvMeanfield: kernels/meanfield.py and the NormConvMeanfield layer."""
 import dataclasses
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""NormConv: kernels/norm_conv.py and the NormConv layer (SEMANTICS §4.1)."""
+"""NormConv: kernels/norm_conv.py and the NormConv layer."""
 import ctypes
 import shutil
 import subprocess

@@ -50,7 +50,7 @@ def test_batch_norm_batch_mode_persistent_divisor_quirk():
     x = randn(2, 2, 3, 3, dtype=torch.float32).requires_grad_(True)
     centred = x - x.mean(dim=(0, 2, 3), keepdim=True)
     expected = 0.0
-    for _ in range(4):           # 0.00316, 0.0563, 0.237, 0.487 (SEMANTICS Appendix B)
+    for _ in range(4):           # 0.00316, 0.0563, 0.237, 0.487 (the original's numbers)
         expected = math.sqrt(expected + 1e-5)
         y = layer(x)
         divisor = (centred / y).detach()

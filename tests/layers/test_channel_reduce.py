@@ -26,7 +26,7 @@ def test_channel_reduce_blocks_and_gradcheck(operation):
 def test_channel_reduce_defaults_identity_and_errors():
     x = randn(1, 4, 2, 2)
     torch.testing.assert_close(channel_reduce("", x.shape)(x), x.max(1, keepdim=True).values)
-    assert torch.equal(channel_reduce("num_channels: 4 operation: SUM", x.shape)(x), x)   # decision 3
+    assert torch.equal(channel_reduce("num_channels: 4 operation: SUM", x.shape)(x), x)   # the original's check rejects this
     with pytest.raises(LayerSetupError, match=r"cr \(ChannelReduce\): channel_reduce_param.num_channels must "
                                               r"divide the bottom's 4 channels into equal blocks, got num_channels 3"):
         channel_reduce("num_channels: 3", x.shape)

@@ -26,7 +26,7 @@ def test_dummy_data_random_refills_and_xy():
     assert first.shape == (3, 4) and not torch.equal(first, second)
     columns = torch.arange(4.).expand(3, 4)
     rows = torch.arange(3.)[:, None].expand(3, 4)
-    for image in range(2):           # every image gets (x, y) (SEMANTICS decision 3)
+    for image in range(2):           # every image gets (x, y) (the original: only image 0)
         assert torch.equal(xy[image, 0], columns) and torch.equal(xy[image, 1], rows)
     default = build('name: "d" type: "DummyData" top: "z" dummy_data_param { shape { dim: 2 } }', [])
     assert default().tolist() == [0., 0.]

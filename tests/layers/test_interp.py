@@ -13,7 +13,7 @@ from tests.tolerances import assert_close
 
 
 def interp_reference(x, out_h, out_w, pad_beg, pad_end):
-    """Align-corners bilinear on the crop, float32 coefficients (SEMANTICS §6), and the
+    """Align-corners bilinear on the crop, float32 coefficients, and the
     gradient for a top gradient of ones."""
     in_h, in_w = x.shape[2] + pad_beg + pad_end, x.shape[3] + pad_beg + pad_end
     off = -pad_beg

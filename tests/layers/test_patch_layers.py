@@ -13,7 +13,8 @@ from tests.tolerances import assert_close
 
 def im2dist_reference(x, grad_top, kernel, pad, stride, dilation, norm, remove_center,
                       remove_bounds):
-    """Forward by §2.1; backward by the GPU rule (L1 sign(0) = 0) chosen in Decisions 2."""
+    """Forward from Im2dist's definition; backward by the original's GPU rule (L1 takes
+    sign(0) = 0), which the project follows where the CPU and GPU paths differ."""
     batch, _, height, width = x.shape
     top = grad = None
     for k, oh, ow, is_centre, (ch, cw), (nh, nw), centre_in, neigh_in, out in patch_positions(

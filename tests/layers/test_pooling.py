@@ -18,7 +18,9 @@ FLT_MAX = np.float32(3.4028234663852886e38)
 
 
 def pooling_reference(x, kernel, stride, pad, method):
-    """(top, bottom gradient for a top gradient of ones) by SEMANTICS §9.1."""
+    """(top, bottom gradient for a top gradient of ones) by Caffe's pooling loops: ceil rule, the
+    last window dropped when it starts past the padded end (if the layer pads at all), windows
+    clipped to the image, AVE dividing by the window size clipped to the padded image."""
     _, _, height, width = x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
     out_h = int(math.ceil((height + 2 * ph - kh) / sh)) + 1
@@ -97,7 +99,7 @@ def test_pooling_ceil_and_border_rules(method, size, kernel, stride, pad):
 
 
 def test_pooling_ceil_rule_vs_torch_ceil_mode():
-    # With padding, torch's ceil_mode output equals Caffe's (SEMANTICS §9.1) ...
+    # With padding, torch's ceil_mode output equals Caffe's ...
     for size, k, s, p in itertools.product(range(3, 14), (2, 3, 4), (1, 2, 3), (1,)):
         if p < k and size + 2 * p >= k:
             x = torch.zeros(1, 1, size, size)
@@ -111,7 +113,7 @@ def test_pooling_ceil_rule_vs_torch_ceil_mode():
 @pytest.mark.parametrize("geometry", [g for g in POOL_GEOMETRIES if any(g[4]) and all(
     2 * p <= k for p, k in zip(g[4], g[2]))], ids=str)
 def test_pooling_with_padding_equals_torch_ceil_mode(geometry):
-    # SEMANTICS §9.1's equivalence holds whenever the layer pads (the pad correction is then
+    # That equivalence holds whenever the layer pads (the pad correction is then
     # torch's) and pad <= kernel/2 (torch refuses larger pads, which Caffe allows up to kernel-1).
     h, w, kernel, stride, pad = geometry
     x = randn(2, 3, h, w, dtype=torch.float32)

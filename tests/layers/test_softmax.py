@@ -39,7 +39,7 @@ def softmax_loss_reference(scores, labels, ignore, normalizer):
     ("", 4),
 ])
 def test_softmax_loss_normalizations(loss_param, normalizer):
-    # SEMANTICS Appendix B: 3 valid of 4 positions, N = 2
+    # measured on the original: 3 valid of 4 positions, N = 2
     scores = randn(2, 3, 1, 2, seed=3).float().requires_grad_(True)
     labels = torch.tensor([[[[0.0, 2.7]]], [[[255.0, 1.0]]]])    # 2.7 truncates to 2
     if not loss_param:

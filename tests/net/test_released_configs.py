@@ -1,4 +1,4 @@
-"""Acceptance for issue #3 item 2: every released config builds in the phase it declares; the deploy
+"""Every released config builds in the phase it declares; the deploy
 nets run forward on random inputs with filler weights at their declared size and a smaller one."""
 import re
 from pathlib import Path

@@ -1,5 +1,5 @@
 """Solver machinery on a toy net against an independent float64 reference of Caffe's maths
-(SEMANTICS §12): every solver type, lr_mult/decay_mult, L1/L2, iter_size, clipping, policies,
+(BVLC fe0f44112's solvers, which the fork did not change): every solver type, lr_mult/decay_mult, L1/L2, iter_size, clipping, policies,
 history order, snapshots and restore."""
 import math
 
