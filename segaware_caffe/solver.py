@@ -567,7 +567,7 @@ class Solver:
         return model_file, state_file
 
     def _add_diffs(self, weights):
-        by_name = {r.name: r for r in reversed(self.net.records)}
+        by_name = first_records_by_name(self.net)
         for layer in weights.layer:
             record = by_name.get(layer.name)
             blobs = record.module.caffe_blobs() if record is not None else []
