@@ -10,8 +10,9 @@ runs), one emitter per kind of node, so the module computes what sc.Net computes
   from the layer's constructor configuration (`layer.config`);
 * a fused segmentation-aware convolution is one `masked_conv2d` call;
 * the net's helper nodes keep their rules: `.detach()` (no diff computed there),
-  `refuse_gradient` (the original cannot backpropagate there), `zero_first_element` (Net::Forward's
-  zeroing of outputs no layer writes), `track_grad` (force_backward diffs of data layers);
+  `refuse_gradient` (the original cannot backpropagate there) and `track_grad` (force_backward
+  diffs of data layers), both imported from segaware_caffe.net, and `zero_first_element`
+  (Net::Forward's zeroing of outputs no layer writes), written out in plain torch;
 * `getitem` nodes are the names a multi-top line unpacks into.
 
 Attribute names are the Net's layer keys, so the tensors of `segaware-caffe convert` load by name.
@@ -271,7 +272,7 @@ def _emit_detach(writer, node):
 
 
 def _emit_refuse(writer, node):
-    writer.helpers["refuse_gradient"] = _REFUSE_GRADIENT
+    writer.imports.add("from segaware_caffe.net import refuse_gradient")
     top, refusals = node.args
     pairs = "".join(f"({writer.value[bottom]}, {message!r}), " for bottom, message in refusals)
     name = writer.names(node.meta["blob"])
@@ -288,7 +289,7 @@ def _emit_zero(writer, node):
 
 
 def _emit_track(writer, node):
-    writer.helpers["track_grad"] = _TRACK_GRAD
+    writer.imports.add("from segaware_caffe.net import track_grad")
     name = writer.names(node.meta["blob"])
     writer.line(f"{name} = track_grad({writer.value[node.args[0]]})", "force_backward")
     writer.value[node] = name
@@ -318,42 +319,14 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None,
     return PythonExport(source, class_name, writer.layers, list(net.input_names), list(net.outputs))
 
 
-# Plain-torch twins of the graph helpers of segaware_caffe.net for exported modules
+# Plain-torch twin of segaware_caffe.net.zero_first_element (ONNX traces torch.where, not the
+# library's autograd.Function); refuse_gradient and track_grad are imported from segaware_caffe
 _ZERO_FIRST_ELEMENT = '''def zero_first_element(x):
     """The original's Net::Forward sets element 0 of every net output to 0 before the layers run;
     no layer writes this one, so the 0 stays (the gradient passes unchanged)."""
     first = torch.zeros_like(x, dtype=torch.bool)
     first.view(-1)[0] = True
     return torch.where(first, x - x.detach(), x)'''
-
-_REFUSE_GRADIENT = '''class _RefuseGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, message):
-        ctx.message = message
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError(ctx.message)
-
-
-def refuse_gradient(top, refusals):
-    """`top` of a layer that refuses the gradient of some bottoms ((bottom, message) pairs): once
-    one of them requires grad, a backward through `top` raises, as the original Caffe aborts."""
-    if not (torch.is_grad_enabled() and top.is_floating_point()):
-        return top
-    for bottom, message in refusals:
-        if bottom.requires_grad:
-            source = top if top.requires_grad else top.detach().requires_grad_(True)
-            return _RefuseGradient.apply(source, message)
-    return top'''
-
-_TRACK_GRAD = '''def track_grad(x):
-    """A data layer's top as a leaf that records its gradient (the net sets force_backward)."""
-    if torch.is_grad_enabled() and x.is_floating_point() and not x.requires_grad:
-        x = x.detach().requires_grad_(True)
-    return x'''
-
 
 def _render(net, class_name, writer, source_note, default_weights):
     imports = writer.imports

@@ -19,14 +19,20 @@ from .errors import LayerSetupError, NetBuildError
 _REGISTRY = {}
 
 
+def add_to_registry(table, names, value, what):
+    """table[name] = value for each name, refusing a name already registered (`what` names the
+    kind of entry in the message)."""
+    for name in names:
+        if name in table:
+            raise ValueError(f"{what} {name!r} is already registered by "
+                             f"{getattr(table[name], '__qualname__', table[name])}")
+        table[name] = value
+
+
 def register_layer(*type_names):
     """Class decorator: register a CaffeLayer subclass under one or more Caffe type strings."""
     def wrap(cls):
-        for type_name in type_names:
-            if type_name in _REGISTRY:
-                raise ValueError(f"layer type {type_name!r} is already registered "
-                                 f"by {_REGISTRY[type_name].__qualname__}")
-            _REGISTRY[type_name] = cls
+        add_to_registry(_REGISTRY, type_names, cls, "layer type")
         if not getattr(cls, "TYPE", None):
             cls.TYPE = type_names[0]
         return cls

@@ -37,6 +37,7 @@ from . import backward, layers as _layers  # noqa: F401  (importing layers regis
 from .canonical import FROM_PROTOTXT, canonical_net
 from .errors import NetBuildError, NoBackwardError
 from .layer import BuildContext, CaffeLayer, layer_class
+from .layers.input import Input  # noqa: F401  (where it lived before: segaware_caffe.net.Input)
 from .weights import WeightsReport, copy_weights, first_records_by_name, net_layers_proto, \
     parameter_blobs
 

@@ -13,11 +13,8 @@ import time
 import torch
 from torch import fx
 
-from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import glog_to
-from segaware_caffe.tools.common import parse_variables
-from segaware_caffe.tools.cmd_test import add_net_run_arguments, feed_from_args
-from segaware_caffe.tools.cmd_train import device_from_gpu
+from segaware_caffe.tools.cmd_test import add_net_run_arguments, feed_from_args, net_from_args
 
 log = logging.getLogger("segaware_caffe.cli")
 
@@ -109,13 +106,8 @@ def _tensors(value):
 
 
 def run(args):
-    if args.iterations <= 0:
-        raise ValueError(f"--iterations must be > 0, got {args.iterations}")
-    variables = parse_variables(args.set, args.vars)
-    device = torch.device(device_from_gpu(args.gpu) or "cpu")
     with glog_to(sys.stderr):
-        net = Net(args.model, weights=args.weights, phase=args.phase, variables=variables,
-                  device=device, stages=tuple(args.stage), level=args.level, fuse=False)
+        net, device = net_from_args(args, fuse=False)
         feed = feed_from_args(net, args.input, device, zeros_for_missing=True)
         timer = LayerTimer(net, device)
         log.info("Performing Forward")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from segaware_caffe.layer import add_to_registry
+
 _EMITTERS = {}
 
 
@@ -51,11 +53,7 @@ class Emission:
 def register_emitter(*type_names):
     """Decorator: register `fn(spec) -> Emission | None` for one or more Caffe types."""
     def wrap(fn):
-        for type_name in type_names:
-            if type_name in _EMITTERS:
-                raise ValueError(f"an emitter for layer type {type_name!r} is already registered "
-                                 f"({_EMITTERS[type_name].__name__})")
-            _EMITTERS[type_name] = fn
+        add_to_registry(_EMITTERS, type_names, fn, "an emitter for layer type")
         return fn
     return wrap
 

@@ -174,34 +174,25 @@ def test_propagate_down_false_carries_into_the_export():
 
 def test_export_keeps_the_zeroed_element_0_of_unwritten_outputs():
     # see segaware_caffe.net.zero_first_element: vgg deploy's `label` input is a net output
-    text = """
-    name: "t"
-    input: "x" input_shape { dim: 1 dim: 4 }
-    input: "label" input_shape { dim: 1 dim: 4 }
-    input: "w" input_shape { dim: 1 dim: 4 }
-    layer { name: "r" type: "Reshape" bottom: "x" top: "xr" reshape_param { shape { dim: 4 } } }
-    layer { name: "p" type: "Power" bottom: "w" top: "p" power_param { scale: 2 } }
-    layer { name: "dd" type: "DummyData" top: "c"
-            dummy_data_param { shape { dim: 3 } data_filler { type: "constant" value: 1 } } }
-    """
-    net = build_net(caffe_proto.read_net(text))
+    from tests.net.test_zeroing import ZEROED_NET
+    net = build_net(caffe_proto.read_net(ZEROED_NET))
     export = python_source(net)
     for line in ("x = zero_first_element(x)", "label = zero_first_element(label)",
                  "c = zero_first_element(c)"):
         assert line in export.source, line
-    assert "w = zero_first_element(w)" not in export.source    # its Power writes p
+    assert "z = zero_first_element(" not in export.source    # read through a Split
     model = instantiate(export, net)
-    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]], requires_grad=True)
-    label = torch.tensor([[7.0, 8.0, 9.0, 10.0]])
-    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    got, ref = model(x, label, w), net.forward(x=x, label=label, w=w)
-    assert set(got) == set(ref) == {"c", "label", "p", "xr"}
+    inputs = {"x": torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], requires_grad=True),
+              "label": torch.tensor([[7.0, 8.0, 9.0, 10.0]]),
+              "y": torch.ones(1, 4), "z": torch.ones(1, 4)}
+    got, ref = model(*inputs.values()), net.forward(**inputs)
+    assert set(got) == set(ref)
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
     assert got["label"].tolist() == [[0.0, 8.0, 9.0, 10.0]]
     assert got["xr"].tolist() == [0.0, 2.0, 3.0, 4.0]
     got["xr"].sum().backward()
-    assert x.grad.tolist() == [[1.0, 1.0, 1.0, 1.0]]
+    assert inputs["x"].grad.flatten().tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
 HOSTILE = '''
@@ -245,19 +236,12 @@ def test_names_and_strings_from_the_file_never_become_code(tmp_path):
 
 
 def test_refused_gradients_carry_into_the_export():
-    text = """
-    name: "t"
-    input: "x" input_shape { dim: 4 }
-    layer { name: "w" type: "Scale" bottom: "x" top: "xw" scale_param { axis: 0 num_axes: 0 } }
-    layer { name: "r" type: "Reshape" bottom: "xw" top: "xw4"
-            reshape_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }
-    layer { name: "parity" type: "Im2parity" bottom: "xw4" top: "par"
-            convolution_param { kernel_size: 1 } }
-    """
+    from tests.net.toy_net import REFUSING_NET
+    text = REFUSING_NET
     net = build_net(caffe_proto.read_net(text))
     export = python_source(net)
     assert "par = refuse_gradient(" in export.source
     model = instantiate(export, net).train()
     out = model(torch.ones(4))["par"]
-    with pytest.raises(RuntimeError, match=r"parity \(Im2parity\) has no backward"):
+    with pytest.raises(sc.errors.NoBackwardError, match=r"parity \(Im2parity\) has no backward"):
         out.sum().backward()

@@ -53,3 +53,13 @@ def patch_positions(height, width, kernel, pad, stride, dilation):
         yield (i * kernel + j, oh, ow, (i, j) == (kernel // 2,) * 2, (ch, cw), (nh, nw),
                0 <= ch < height and 0 <= cw < width, 0 <= nh < height and 0 <= nw < width,
                (out_h, out_w))
+
+
+def check_top_and_gradient(layer, x, ref_top, ref_grad):
+    """The layer's top and the bottom gradient of a top gradient of ones, against references."""
+    from tests.tolerances import assert_close
+    xt = torch.tensor(x, requires_grad=True)
+    top = layer(xt)
+    top.backward(torch.ones_like(top))
+    assert_close(top, ref_top, "top")
+    assert_close(xt.grad, ref_grad, "bottom diff")

@@ -8,7 +8,7 @@ import torch
 
 from segaware_caffe.caffe_proto import read_net
 
-from tests.layers.helpers import build, randn
+from tests.layers.helpers import build, check_top_and_gradient, randn
 from tests.tolerances import assert_close
 
 
@@ -71,11 +71,7 @@ def test_interp_crop_with_size_rules(params, size):
                   [x.shape])
     pad_beg, pad_end = layer.pad_beg, layer.pad_end
     ref_top, ref_grad = interp_reference(x, *size, pad_beg, pad_end)
-    xt = torch.tensor(x, requires_grad=True)
-    top = layer(xt)
-    top.backward(torch.ones_like(top))
-    assert_close(top, ref_top, "top")
-    assert_close(xt.grad, ref_grad, "bottom diff")
+    check_top_and_gradient(layer, x, ref_top, ref_grad)
 
 
 def test_interp_backward_is_the_transpose():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from segaware_caffe.layers.pooling import pooled_size
 
-from tests.layers.helpers import build, randn
+from tests.layers.helpers import build, check_top_and_gradient, randn
 from tests.tolerances import assert_close
 
 
@@ -91,11 +91,7 @@ def test_pooling_ceil_and_border_rules(method, size, kernel, stride, pad):
                   f'kernel_h: {kernel[0]} kernel_w: {kernel[1]} stride_h: {stride[0]} '
                   f'stride_w: {stride[1]} pad_h: {pad[0]} pad_w: {pad[1]} }}', [x.shape])
     ref_top, ref_grad = pooling_reference(x, kernel, stride, pad, method)
-    xt = torch.tensor(x, requires_grad=True)
-    top = layer(xt)
-    top.backward(torch.ones_like(top))
-    assert_close(top, ref_top, "top")
-    assert_close(xt.grad, ref_grad, "bottom diff")
+    check_top_and_gradient(layer, x, ref_top, ref_grad)
 
 
 def test_pooling_ceil_rule_vs_torch_ceil_mode():

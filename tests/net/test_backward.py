@@ -7,33 +7,7 @@ import torch
 import segaware_caffe as sc
 from segaware_caffe.backward import DETACH, KEEP, REFUSE
 from segaware_caffe.errors import NoBackwardError
-from segaware_caffe.layer import CaffeLayer, register_layer
-
-
-@register_layer("TestTakeFirst")
-class TakeFirst(CaffeLayer):
-    """y = a; refuses a gradient into its second bottom (an index, say)."""
-    BOTTOMS = (2, 2)
-    NO_GRAD_BOTTOMS = (1,)
-
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        return cls()
-
-    def forward(self, a, index):
-        return a * (1 + 0 * index)
-
-
-@register_layer("TestNoBackward")
-class NoBackward(CaffeLayer):
-    HAS_BACKWARD = False
-
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        return cls()
-
-    def forward(self, x):
-        return 2 * x
+from tests.net import toy_net  # noqa: F401  (registers TestTakeFirst, TestNoBackward)
 
 
 def flags_of(net, name):

@@ -12,32 +12,37 @@ from segaware_caffe.canonical import (FROM_LEGACY_INPUTS, FROM_PROTOTXT, FROM_SP
                                       insert_splits, read_net_source)
 
 
+DATA = 'layer { name: "data" type: "DummyData" top: "data" top: "label" }\n'
+
+
 def layers(param):
     """(name, type, bottoms, tops, loss weights) per layer."""
     return [(lp.name, lp.type, list(lp.bottom), list(lp.top), list(lp.loss_weight))
             for lp in param.layer]
 
 
+def split(body):
+    """insert_splits of a net made of the DummyData layer DATA and `body`: (param, origins)."""
+    return insert_splits(read_net(DATA + body))
+
+
 def test_no_split_for_single_readers_and_in_place_chains():
-    param = read_net("""
-    layer { name: "data" type: "DummyData" top: "data" top: "label" }
+    body = """
     layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" }
     layer { name: "relu" type: "ReLU" bottom: "ip" top: "ip" }
     layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "label" }
-    """)
-    out, origins = insert_splits(param)
-    assert layers(out) == layers(param)
+    """
+    out, origins = split(body)
+    assert layers(out) == layers(read_net(DATA + body))
     assert origins == [None] * 4
 
 
 def test_a_blob_read_twice_gets_a_split_right_after_its_producer():
-    param = read_net("""
-    layer { name: "data" type: "DummyData" top: "data" top: "label" }
+    out, origins = split("""
     layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1" }
     layer { name: "ip2" type: "InnerProduct" bottom: "data" top: "ip2" }
     layer { name: "loss" type: "EuclideanLoss" bottom: "ip1" bottom: "ip2" }
     """)
-    out, origins = insert_splits(param)
     assert layers(out) == [
         ("data", "DummyData", [], ["data", "label"], []),
         ("data_data_0_split", "Split", ["data"], ["data_data_0_split_0", "data_data_0_split_1"],
@@ -52,15 +57,13 @@ def test_a_blob_read_twice_gets_a_split_right_after_its_producer():
 def test_in_place_chains_split_after_the_last_rewrite():
     # BVLC's TestWithInPlace layout: the ReLU rewrites innerprod1, whose two readers then share a
     # Split named after the ReLU; the data blob's two readers get one after the data layer
-    param = read_net("""
-    layer { name: "data" type: "DummyData" top: "data" top: "label" }
+    out, _ = split("""
     layer { name: "innerprod1" type: "InnerProduct" bottom: "data" top: "innerprod1" }
     layer { name: "relu1" type: "ReLU" bottom: "innerprod1" top: "innerprod1" }
     layer { name: "innerprod2" type: "InnerProduct" bottom: "innerprod1" top: "innerprod2" }
     layer { name: "loss1" type: "EuclideanLoss" bottom: "innerprod1" bottom: "label" }
     layer { name: "loss2" type: "EuclideanLoss" bottom: "innerprod2" bottom: "data" }
     """)
-    out, _ = insert_splits(param)
     assert [(n, b, t) for n, _, b, t, _ in layers(out)] == [
         ("data", [], ["data", "label"]),
         ("data_data_0_split", ["data"], ["data_data_0_split_0", "data_data_0_split_1"]),
@@ -75,13 +78,11 @@ def test_in_place_chains_split_after_the_last_rewrite():
 
 
 def test_a_loss_weight_counts_as_a_reader_and_moves_to_split_0():
-    param = read_net("""
-    layer { name: "data" type: "DummyData" top: "data" }
+    out, _ = split("""
     layer { name: "p" type: "Power" bottom: "data" top: "p" loss_weight: 3 }
     layer { name: "q" type: "Power" bottom: "p" top: "q" }
     layer { name: "r" type: "Power" bottom: "p" top: "r" }
     """)
-    out, _ = insert_splits(param)
     assert layers(out)[1] == ("p", "Power", ["data"], ["p"], [])      # its own list is cleared
     assert layers(out)[2] == ("p_p_0_split", "Split", ["p"],
                               ["p_p_0_split_0", "p_p_0_split_1", "p_p_0_split_2"], [3.0, 0.0, 0.0])
@@ -89,12 +90,10 @@ def test_a_loss_weight_counts_as_a_reader_and_moves_to_split_0():
 
 
 def test_a_zero_loss_weight_is_no_reader():
-    param = read_net("""
-    layer { name: "data" type: "DummyData" top: "data" }
+    out, _ = split("""
     layer { name: "p" type: "Power" bottom: "data" top: "p" loss_weight: 0 }
     layer { name: "q" type: "Power" bottom: "p" top: "q" }
     """)
-    out, _ = insert_splits(param)
     assert [lp.type for lp in out.layer] == ["DummyData", "Power", "Power"]
 
 

@@ -3,13 +3,8 @@ import torch
 
 import segaware_caffe as sc
 
-
-def test_net_forward_zeroes_element_0_of_outputs_no_layer_writes():
-    # the fork's Net::Forward sets element 0 of every net output to 0 before the layers run: a
-    # fed input that is an output (vgg deploy's `label`), a Reshape of an input (Reshape shares
-    # its bottom's memory from set-up on, so every reader of the input sees the 0), a constant
-    # DummyData top (an in-place layer then computes f(0) there) keep it; written outputs do not
-    text = """
+# inputs, Reshapes and a constant DummyData top that are net outputs, and one input read twice
+ZEROED_NET = """
     name: "t"
     input: "x" input_shape { dim: 1 dim: 2 dim: 2 }
     input: "label" input_shape { dim: 1 dim: 4 }
@@ -23,7 +18,14 @@ def test_net_forward_zeroes_element_0_of_outputs_no_layer_writes():
     layer { name: "rz" type: "Reshape" bottom: "z" top: "zr" reshape_param { shape { dim: 4 } } }
     layer { name: "pz" type: "Power" bottom: "z" top: "pz" power_param { scale: 2 } }
     """
-    net = sc.Net(text)
+
+
+def test_net_forward_zeroes_element_0_of_outputs_no_layer_writes():
+    # the fork's Net::Forward sets element 0 of every net output to 0 before the layers run: a
+    # fed input that is an output (vgg deploy's `label`), a Reshape of an input (Reshape shares
+    # its bottom's memory from set-up on, so every reader of the input sees the 0), a constant
+    # DummyData top (an in-place layer then computes f(0) there) keep it; written outputs do not
+    net = sc.Net(ZEROED_NET)
     assert net.outputs == ["c", "label", "pz", "q", "xr", "zr"]
     x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], requires_grad=True)
     label = torch.tensor([[7.0, 8.0, 9.0, 10.0]])

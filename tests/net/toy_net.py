@@ -22,30 +22,40 @@ class MulWeight(CaffeLayer):
         return x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
 
 
-@register_layer("TestAdd")
-class Add(CaffeLayer):
-    BOTTOMS = (2, 2)
-
-    @classmethod
+def simple_layer(type_name, function, check=None, **facts):
+    """Register a parameter-less layer type computing `function(*bottoms)`, with the given class
+    facts; `check(ctx)` may raise ctx.error at set-up."""
     def from_proto(cls, layer_param, ctx):
-        if ctx.bottom_shapes[0] != ctx.bottom_shapes[1]:
-            raise ctx.error(f"bottoms must have equal shapes, got {ctx.bottom_shapes}")
+        if check is not None:
+            check(ctx)
         return cls()
+    attributes = dict(facts, from_proto=classmethod(from_proto),
+                      forward=lambda self, *bottoms: function(*bottoms))
+    return register_layer(type_name)(type(type_name, (CaffeLayer,), attributes))
 
-    def forward(self, a, b):
-        return a + b
+
+def _equal_shapes(ctx):
+    if ctx.bottom_shapes[0] != ctx.bottom_shapes[1]:
+        raise ctx.error(f"bottoms must have equal shapes, got {ctx.bottom_shapes}")
 
 
-@register_layer("TestSumLoss")
-class SumLoss(CaffeLayer):
-    IS_LOSS = True
+Add = simple_layer("TestAdd", lambda a, b: a + b, _equal_shapes, BOTTOMS=(2, 2))
+SumLoss = simple_layer("TestSumLoss", lambda x: x.sum(), IS_LOSS=True)
+# y = a, refusing a gradient into the second bottom (an index, say)
+TakeFirst = simple_layer("TestTakeFirst", lambda a, index: a * (1 + 0 * index), BOTTOMS=(2, 2),
+                         NO_GRAD_BOTTOMS=(1,))
+NoBackward = simple_layer("TestNoBackward", lambda x: 2 * x, HAS_BACKWARD=False)
 
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        return cls()
-
-    def forward(self, x):
-        return x.sum()
+# Im2parity (no backward) behind a learnable Scale: a gradient reaching it is refused
+REFUSING_NET = """
+name: "t"
+input: "x" input_shape { dim: 4 }
+layer { name: "w" type: "Scale" bottom: "x" top: "xw" scale_param { axis: 0 num_axes: 0 } }
+layer { name: "r" type: "Reshape" bottom: "xw" top: "xw4"
+        reshape_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }
+layer { name: "parity" type: "Im2parity" bottom: "xw4" top: "par"
+        convolution_param { kernel_size: 1 } }
+"""
 
 
 NET = """

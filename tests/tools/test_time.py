@@ -9,6 +9,7 @@ from segaware_caffe.errors import NoBackwardError
 from segaware_caffe.tools.cli import main
 from segaware_caffe.tools.cmd_time import LayerTimer
 from tests.net.test_loss_weights import LOSS_THEN_IN_PLACE
+from tests.net.toy_net import REFUSING_NET
 
 NET = """
 name: "t"
@@ -41,16 +42,7 @@ def test_the_timer_follows_propagate_down_and_the_splits():
 
 
 def test_the_timer_keeps_the_element_0_zeroing_and_refusals():
-    text = """
-    name: "t"
-    input: "x" input_shape { dim: 4 }
-    layer { name: "w" type: "Scale" bottom: "x" top: "xw" scale_param { axis: 0 num_axes: 0 } }
-    layer { name: "r" type: "Reshape" bottom: "xw" top: "xw4"
-            reshape_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }
-    layer { name: "parity" type: "Im2parity" bottom: "xw4" top: "par"
-            convolution_param { kernel_size: 1 } }
-    layer { name: "loss" type: "Power" bottom: "par" top: "loss" loss_weight: 1 }
-    """
+    text = REFUSING_NET + 'layer { name: "loss" type: "Power" bottom: "par" top: "loss" loss_weight: 1 }'
     net = sc.Net(text, phase="train")
     timer = LayerTimer(net, torch.device("cpu"))
     with pytest.raises(NoBackwardError, match=r"parity \(Im2parity\) has no backward"):
