@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segaware_caffe import caffe_proto  # noqa: E402
 import segaware_caffe as sc  # noqa: E402
 from segaware_caffe.resize import resize_deploy  # noqa: E402
+from tests.tolerances import ABSFRAC, REL  # noqa: E402  (the golden tolerance)
 
 CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "segaware" / "config"
 DEFAULT_SIZE = {"embs": 321, "vgg": 161, "res": 129}
@@ -70,7 +71,7 @@ def main(argv=None):
             x, y = got[blob].double(), ref[blob]
             scale = y.abs().max().item()
             err = (x - y).abs()
-            outside = int((err > 1e-4 * y.abs() + 1e-5 * scale).sum())
+            outside = int((err > REL * y.abs() + ABSFRAC * scale).sum())
             relative = err.max().item() / scale if scale else err.max().item()
             print(f"{name:6s} {blob:20s} {str(tuple(y.shape)):20s} {scale:10.3g}   {relative:10.2e}"
                   f"        {outside}/{err.numel()}")

@@ -28,8 +28,11 @@ import torch
 
 from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
+from segaware_caffe.caffe_proto.text import load_text
+from segaware_caffe.canonical import NetSource
 from segaware_caffe.errors import NetBuildError
-from segaware_caffe.net import first_records_by_name
+from segaware_caffe.weights import (blob_attributes, first_records_by_name,
+                                    match_weights, net_layers_proto, shape_fits)
 
 FORMAT = "segaware-caffe-weights"
 VERSION = 1
@@ -39,21 +42,20 @@ DTYPES = {"float32": (np.float32, torch.float32), "float64": (np.float64, torch.
 
 
 def prototxt_sha256(model):
-    """sha256 of the prototxt as given (file bytes, or the text itself)."""
+    """sha256 of the prototxt as given (file bytes, or the text itself; a NetParameter: its
+    serialisation). Path or text is decided by the prototxt reader's rule."""
     if isinstance(model, caffe_pb2.NetParameter):
         return hashlib.sha256(model.SerializeToString()).hexdigest()
-    if isinstance(model, os.PathLike) or (isinstance(model, str) and "\n" not in model
-                                          and os.path.exists(model)):
-        with open(model, "rb") as f:
+    if isinstance(model, NetSource):
+        model = model.path if model.path else model.param
+        return prototxt_sha256(model)
+    if isinstance(model, (bytes, bytearray)):
+        return hashlib.sha256(bytes(model)).hexdigest()
+    _, _, path = load_text(model)
+    if path is not None:
+        with open(path, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()
-    data = model.encode() if isinstance(model, str) else bytes(model)
-    return hashlib.sha256(data).hexdigest()
-
-
-def blob_attribute_names(module):
-    """Attribute names of the blobs a layer module stores in a caffemodel, Caffe order (CAFFE_BLOBS
-    minus the ones this instance does not have, e.g. `bias` with bias_term: false)."""
-    return [n for n in module.CAFFE_BLOBS if getattr(module, n, None) is not None]
+    return hashlib.sha256(model.encode()).hexdigest()
 
 
 def _shape_fields(blob):
@@ -81,54 +83,23 @@ def _declared_shape(entry, fallback):
     return tuple(fallback)
 
 
-def _fits(declared, want, legacy):
-    if declared == want:
-        return True
-    # a legacy num/channels/height/width blob matches after right-aligning the shape into 4-D
-    return legacy and len(want) <= 4 and declared == (1,) * (4 - len(want)) + want
-
-
 def caffemodel_to_tensors(net, weights, *, prototxt=None, variables=None, phase=None,
                           stages=(), level=0):
-    """Named tensors and metadata from a .caffemodel (path, bytes or NetParameter) for `net`.
-
-    Blob counts and shapes are checked against the net's layers (by layer name, first layer of a
-    name, like Caffe). Returns (tensors, metadata, ignored) with `ignored` the names of caffemodel
-    layers that have blobs but no layer in the net (Caffe skips them too).
-    """
-    source = weights if isinstance(weights, caffe_pb2.NetParameter) else caffe_proto.read_weights(weights)
-    where = os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "weights"
-    targets = first_records_by_name(net)
-    tensors, layers, ignored, done = OrderedDict(), [], [], set()
-    for src in list(source.layer) + list(source.layers):
-        if not len(src.blobs):
-            continue
-        record = targets.get(src.name)
-        if record is None:
-            ignored.append(src.name)
-            continue
-        if src.name in done:
-            continue  # a later layer of the same name in the file: Caffe's loader sees it again
-        done.add(src.name)
-        names = blob_attribute_names(record.module)
-        if len(src.blobs) != len(names):
-            raise NetBuildError(f"{where}: layer {src.name} ({record.type}) has {len(src.blobs)} "
-                                f"blob(s) in the weights file, the net expects {len(names)} "
-                                f"({', '.join(names) or 'none'})")
+    """Named tensors and metadata from a .caffemodel (path, bytes, NetParameter or WeightsFile)
+    for `net`, matched as Caffe loads weights (segaware_caffe.weights.match_weights). Returns
+    (tensors, metadata, ignored) with `ignored` the names of caffemodel layers that have blobs but
+    no layer in the net (Caffe skips them too)."""
+    match = match_weights(net, weights)
+    tensors = match.tensors()
+    layers = []
+    for layer in match.layers.values():
         entries = []
-        for index, (blob, attr) in enumerate(zip(src.blobs, names)):
-            array = caffe_proto.blob_to_array(blob, f"{where}: layer {src.name!r} blob {index}")
-            fields = _shape_fields(blob)
-            want = tuple(getattr(record.module, attr).shape)
-            if not _fits(tuple(array.shape), want, "legacy" in fields):
-                raise NetBuildError(f"{where}: layer {src.name} ({record.type}) blob {index} "
-                                    f"({attr}) has shape {tuple(array.shape)} in the weights file, "
-                                    f"the net expects {want}")
-            tensor_name = f"{record.key}.{attr}"
-            # a copy, not ascontiguousarray: that turns a 0-axis blob into shape (1,)
-            tensors[tensor_name] = torch.from_numpy(array.reshape(want).copy())
-            entries.append({"tensor": tensor_name, "dtype": str(array.dtype), **fields})
-        layers.append({"name": src.name, "key": record.key, "type": record.type, "blobs": entries})
+        for i, (blob, attr) in enumerate(zip(layer.blobs(match.weights), layer.attributes)):
+            array = match.weights.array(layer.layer_index, i)
+            entries.append({"tensor": f"{layer.record.key}.{attr}", "dtype": str(array.dtype),
+                            **_shape_fields(blob)})
+        layers.append({"name": layer.name, "key": layer.record.key, "type": layer.record.type,
+                       "blobs": entries})
     metadata = {
         "format": FORMAT, "version": VERSION,
         "net": {"name": net.name, "prototxt_sha256": prototxt_sha256(prototxt) if prototxt is not None else None,
@@ -136,7 +107,7 @@ def caffemodel_to_tensors(net, weights, *, prototxt=None, variables=None, phase=
                 "phase": (phase or net.phase).lower(), "stages": list(stages), "level": level},
         "layers": layers,
     }
-    return tensors, metadata, ignored
+    return tensors, metadata, match.not_in_net
 
 
 def net_tensors(net, tensors):
@@ -145,7 +116,7 @@ def net_tensors(net, tensors):
     (tensors, unused names)."""
     firsts = first_records_by_name(net)
     expected = {f"{r.key}.{a}": (r, tuple(getattr(r.module, a).shape))
-                for r in firsts.values() for a in blob_attribute_names(r.module)}
+                for r in firsts.values() for a in blob_attributes(r.module)}
     if expected and not any(n in tensors for n in expected) and any(k.startswith("layers.") for k in tensors):
         tensors = OrderedDict((k[len("layers."):], v) for k, v in tensors.items() if k.startswith("layers."))
     missing = [n for n in expected if n not in tensors]
@@ -174,15 +145,12 @@ def tensors_to_caffemodel(net, tensors, metadata=None):
                 by_tensor[entry["tensor"]] = entry
     firsts = first_records_by_name(net)
     tensors, unused = net_tensors(net, tensors)
-    out = caffe_pb2.NetParameter()
-    out.name = net.name
-    for record in net.records:
-        layer = out.layer.add()
-        layer.CopyFrom(record.param)
-        del layer.blobs[:]
+
+    def blobs_of(record):
         if firsts[record.name] is not record:
-            continue  # Caffe loads a name's blobs into its first layer only
-        for attr in blob_attribute_names(record.module):
+            return []   # Caffe loads a name's blobs into its first layer only
+        blobs = []
+        for attr in blob_attributes(record.module):
             name = f"{record.key}.{attr}"
             tensor = tensors[name]
             want = tuple(tensor.shape)
@@ -190,13 +158,15 @@ def tensors_to_caffemodel(net, tensors, metadata=None):
             np_dtype, torch_dtype = DTYPES[entry.get("dtype", "float32")]
             array = tensor.detach().to("cpu", torch_dtype).contiguous().numpy()
             declared = _declared_shape(entry, want)
-            if entry and not _fits(declared, want, "legacy" in entry):
+            if entry and not shape_fits(declared, want, "legacy" in entry):
                 raise NetBuildError(f"{record.name} ({record.type}): metadata shape {declared} of "
                                     f"{name} does not fit the net's {want}")
             blob = caffe_proto.array_to_blob(array, double=np_dtype is np.float64)
             blob.ClearField("shape")
             _set_shape_fields(blob, entry, want)
-            layer.blobs.append(blob)
+            blobs.append(blob)
+        return blobs
+    out = net_layers_proto(net, blobs_of)
     return out, unused
 
 
@@ -261,10 +231,12 @@ def load_tensors(path):
                      f"file, got {type(content).__name__}")
 
 
-def build_net(prototxt, *, variables=None, phase="test", stages=(), level=0):
-    """The Net whose layers define names and shapes (no fusion, filler weights)."""
+def build_net(prototxt, *, variables=None, phase="test", stages=(), level=0, input_shapes=None):
+    """The Net whose layers define tensor names and shapes (filler weights), as convert and export
+    build it."""
     from segaware_caffe import Net
-    return Net(prototxt, phase=phase, variables=variables, stages=stages, level=level, fuse=False)
+    return Net(prototxt, phase=phase, variables=variables, stages=stages, level=level,
+               input_shapes=input_shapes)
 
 
 def convert_caffemodel(prototxt, weights, output, *, variables=None, phase="test", stages=(),

@@ -1,17 +1,28 @@
 """Write a Caffe net as a standalone, readable PyTorch module (and, from it, ONNX).
 
-The generated file defines one nn.Module class: one attribute per layer that has parameters or a
-stock torch module (attribute name = the Net's layer key, so the tensors of `segaware-caffe
-convert` load by name), and a forward that reads like the prototxt, one line per layer, with plain
-torch expressions or `kernels` functionals. The code for each layer comes from the emitter
-registered for its type (converters.emitters); a layer without one, or a variant its emitter does
-not express, becomes an instance of its segaware_caffe layer module built from the same plain
-constructor arguments the net used, so every net exports.
+The source is generated from the net's fx graph (`Net.graph_module`, the interpreter Net.forward
+runs), one emitter per kind of node, so the module computes what sc.Net computes:
+
+* a placeholder is a forward argument;
+* a layer's `call_module` is the code its type's emitter writes (converters.emitters: plain torch
+  expressions, stock torch modules or `kernels` functionals), or, for a layer without an emitter
+  or a variant its emitter does not express, an instance of its segaware_caffe layer class built
+  from the layer's constructor configuration (`layer.config`);
+* a fused segmentation-aware convolution is one `masked_conv2d` call;
+* the net's helper nodes keep their rules: `.detach()` (no diff computed there),
+  `refuse_gradient` (the original cannot backpropagate there) and `track_grad` (force_backward
+  diffs of data layers), both imported from segaware_caffe.net, and `zero_first_element`
+  (Net::Forward's zeroing of outputs no layer writes), written out in plain torch;
+* `getitem` nodes are the names a multi-top line unpacks into.
+
+Attribute names are the Net's layer keys, so the tensors of `segaware-caffe convert` load by name.
+Everything taken from the files (net, layer and blob names, strings in parameters) reaches the
+source only as a sanitised identifier or a repr()'d literal, never as code.
 """
 import builtins
-import contextlib
 import dataclasses
 import keyword
+import operator
 import os
 import re
 import types
@@ -20,94 +31,41 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from segaware_caffe import caffe_proto
-from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.errors import NetBuildError
 from segaware_caffe.layer import layer_class, registered_types
-from segaware_caffe.fusion import find_masked_conv_groups
-from segaware_caffe.net import WRITES_BOTTOM_DIFFS_ALWAYS
+from segaware_caffe.net import refuse_gradient, track_grad, zero_first_element
+from segaware_caffe.weights import blob_attributes
 
-from .caffemodel import blob_attribute_names
+from .caffemodel import build_net  # noqa: F401  (the net export builds, re-exported)
 from .emitters import Emission, LayerSpec, emitter_for
-from .emitters.registry import pair_or_int
+from .emitters.registry import attribute_expression, pair_or_int
 
-# Layer types computed by segmentation-aware kernels (CuPy on CUDA): no ONNX equivalent.
-SEGAWARE_TYPES = frozenset({"Im2dist", "Im2parity", "DistLoss", "NormConv", "NormConvMeanfield",
-                            "NospConvMeanfield"})
-_RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"self", "torch", "nn", "F",
-                                                                    "im2dist", "outputs"}
-
-
-# ---------------------------------------------------------------------------- building the net
-@contextlib.contextmanager
-def recording_constructor_arguments():
-    """While active, every registered layer class keeps the keyword arguments its constructor was
-    called with in `module.constructor_kwargs` (from_proto's reading of the prototxt, as plain
-    values)."""
-    classes = {layer_class(t) for t in registered_types()}
-    patched = []
-
-    def wrap(cls, original):
-        def __init__(self, *args, **kwargs):
-            if "constructor_kwargs" not in self.__dict__:   # the outermost call: the real class
-                self.__dict__["constructor_kwargs"] = dict(kwargs) if not args else None
-            original(self, *args, **kwargs)
-        return __init__
-
-    for cls in classes:
-        own = cls.__dict__.get("__init__")
-        patched.append((cls, own))
-        cls.__init__ = wrap(cls, cls.__init__)
-    try:
-        yield
-    finally:
-        for cls, own in patched:
-            if own is None:
-                del cls.__init__
-            else:
-                cls.__init__ = own
+_HELPER_NAMES = ("zero_first_element", "refuse_gradient", "track_grad", "masked_conv2d",
+                 "im2dist", "load", "load_weights", "DEFAULT_WEIGHTS")
+_RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {
+    "self", "torch", "nn", "F", "os", "outputs"} | frozenset(_HELPER_NAMES)
 
 
-def override_input_shapes(net_param, shapes):
-    """A copy of `net_param` with the declared shapes of the given inputs replaced."""
-    net_param = caffe_pb2.NetParameter.FromString(net_param.SerializeToString())
-    remaining = dict(shapes)
-    for i, name in enumerate(net_param.input):
-        if name in remaining:
-            dims = list(remaining.pop(name))
-            if len(net_param.input_shape):
-                del net_param.input_shape[i].dim[:]
-                net_param.input_shape[i].dim.extend(dims)
-            else:
-                net_param.input_dim[4 * i:4 * i + 4] = dims
-    for layer in net_param.layer:
-        if layer.type != "Input":
-            continue
-        for j, top in enumerate(layer.top):
-            if top in remaining:
-                dims = list(remaining.pop(top))
-                if len(layer.input_param.shape) == 1 and len(layer.top) > 1:
-                    raise NetBuildError(f"{layer.name} (Input): its tops share one shape; give "
-                                        f"every top a shape to override {top!r}")
-                del layer.input_param.shape[j].dim[:]
-                layer.input_param.shape[j].dim.extend(dims)
-    if remaining:
-        raise NetBuildError(f"net {net_param.name!r} has no input named {', '.join(remaining)}")
-    return net_param
+# ---------------------------------------------------------------------------- safe text
+def python_identifier(text, fallback="blob"):
+    """An ASCII Python identifier made from `text` (other characters become `_`)."""
+    name = re.sub(r"[^0-9A-Za-z_]", "_", text) or fallback
+    return "_" + name if name[0].isdigit() else name
 
 
-def build_net(prototxt, *, variables=None, phase="test", stages=(), level=0, input_shapes=None):
-    """The Net to export (no fusion), with every layer's constructor arguments recorded."""
-    from segaware_caffe import Net
-    net_param = prototxt if isinstance(prototxt, caffe_pb2.NetParameter) else \
-        caffe_proto.read_net(prototxt, variables=variables)
-    if input_shapes:
-        net_param = override_input_shapes(net_param, input_shapes)
-    with recording_constructor_arguments():
-        return Net(net_param, phase=phase, stages=stages, level=level, fuse=False)
+def comment(text):
+    """`text` safe for the rest of a `#` line: no line breaks, control characters escaped."""
+    return repr(str(text))[1:-1]
 
 
-# ---------------------------------------------------------------------------- code generation
+def docstring_text(text):
+    """`text` safe inside a triple-quoted docstring (that ends on a line of its own): backslashes
+    escaped, a double quote escaped wherever another follows it (so no run of three remains),
+    control characters other than newlines written as escapes."""
+    text = re.sub(r'"(?=")', r'\\"', str(text).replace("\\", "\\\\"))
+    return "".join(c if c == "\n" or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _Names:
     """Python identifiers for blob names: stable, unique, never a keyword or a reserved name."""
 
@@ -118,9 +76,9 @@ class _Names:
 
     def __call__(self, blob):
         if blob not in self.by_blob:
-            name = re.sub(r"\W", "_", blob) or "blob"
-            if name[0].isdigit() or name in self.reserved:
-                name = "_" + name if name[0].isdigit() else name + "_"
+            name = python_identifier(blob)
+            if name in self.reserved:
+                name += "_"
             base, i = name, 1
             while name in self.taken:
                 i += 1
@@ -163,12 +121,13 @@ def value_source(value, imports, where):
                         f"written as Python source")
 
 
+
 def _state_shapes(module):
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def fallback_emission(spec):
-    """`self.<key> = LayerClass(**constructor arguments)`, checked to rebuild the same state."""
+    """`self.<key> = LayerClass(**configuration)`, checked to rebuild the same state."""
     where = f"{spec.name} ({spec.type})"
     cls = type(spec.module)
     if spec.kwargs is None:
@@ -181,8 +140,8 @@ def fallback_emission(spec):
         raise NetBuildError(f"{where}: {cls.__name__}(**constructor arguments) does not rebuild the "
                             f"layer's parameters and buffers (got {_state_shapes(rebuilt)}, the "
                             f"net's layer has {_state_shapes(spec.module)})")
-    return Emission(f"self.{spec.key}({', '.join(spec.bottoms)})", module=f"{cls.__name__}({arguments})",
-                    imports=tuple(sorted(imports)), plain_torch=spec.type not in SEGAWARE_TYPES)
+    return Emission(f"{spec.attr}({', '.join(spec.bottoms)})", module=f"{cls.__name__}({arguments})",
+                    imports=tuple(sorted(imports)), plain_torch=not cls.USES_SEGAWARE_KERNELS)
 
 
 @dataclass
@@ -207,89 +166,161 @@ class PythonExport:
         return [layer for layer in self.layers if not layer.plain_torch]
 
 
+# ---------------------------------------------------------------------------- node emitters
+class _Writer:
+    """Walks the graph once; `value[node]` is the Python expression of a node's value."""
+
+    def __init__(self, net, names):
+        self.net, self.names = net, names
+        self.value = {}
+        self.init_lines, self.forward_lines = [], []
+        self.imports = {"import os", "import torch", "from torch import nn"}
+        self.helpers = {}          # function name -> source of its plain-torch twin
+        self.layers = []
+        self.arguments = []
+
+    def line(self, text, note=""):
+        self.forward_lines.append(text + (f"  # {comment(note)}" if note else ""))
+
+    def placeholder(self, node):
+        self.value[node] = self.names(node.meta["blob"])
+        self.arguments.append(self.value[node])
+
+    def call_function(self, node):
+        emit = FUNCTION_EMITTERS.get(node.target)
+        if emit is None:
+            raise NetBuildError(f"net {self.net.name!r}: no exporter for graph function "
+                                f"{getattr(node.target, '__name__', node.target)!r}")
+        emit(self, node)
+
+    def call_module(self, node):
+        record = self.net.records[node.meta["record"]]
+        bottoms = [self.value[a] for a in node.args]
+        if node.target.startswith("fused."):
+            group = next(g for g in self.net.fused_groups if f"fused.{g.key}" == node.target)
+            emission = self._fused(group, self.net.fused[group.key], record)
+            how = "fused"
+            for r in self.net.records:
+                if r.key in group.record_keys and r is not record:
+                    self.layers.append(ExportedLayer(r.name, r.type, r.key, "fused", False))
+        else:
+            spec = LayerSpec(name=record.name, type=record.type, key=record.key,
+                             kwargs=record.module.config, module=record.module, bottoms=bottoms,
+                             bottom_shapes=[self.net.blob_shapes[b] for b in record.bottoms],
+                             num_tops=len(record.tops), phase=self.net.phase)
+            emitter = emitter_for(record.type)
+            emission = emitter(spec) if emitter is not None and spec.kwargs is not None else None
+            how = "emitter"
+            if emission is None:
+                emission, how = fallback_emission(spec), "module"
+            elif emission.module is None and blob_attributes(record.module):
+                raise NetBuildError(f"{record.name} ({record.type}): the emitter wrote inline code "
+                                    f"for a layer with parameters")
+        self.imports.update(emission.imports)
+        if emission.module is not None:
+            target = attribute_expression(record.key)
+            self.init_lines.append(f"{target} = {emission.module}" if target.startswith("self.")
+                                   else f"self.add_module({record.key!r}, {emission.module})")
+        tops = [self.names(t) for t in (record.tops if not node.target.startswith("fused.")
+                                        else [node.meta["blob"]])]
+        note = f"{record.name} ({record.type})" + (f": {emission.note}" if emission.note else "")
+        if not emission.expression:
+            self.line(f"# {comment(note)}")
+        elif not tops:              # a layer without tops runs for its effects (file writers)
+            self.line(emission.expression, note)
+        else:
+            self.line(f"{', '.join(tops)} = {emission.expression}",
+                      note if emission.module is None or emission.note else "")
+        self.value[node] = tops[0] if len(tops) == 1 else tuple(tops)
+        self.layers.append(ExportedLayer(record.name, record.type, record.key, how,
+                                         emission.plain_torch))
+
+    def _fused(self, group, op, record):
+        """The convolution's module stays (its parameters keep their names); its forward line
+        reads the im2col input and the mask directly through kernels.masked_conv2d."""
+        spec = LayerSpec(name=record.name, type=record.type, key=record.key,
+                         kwargs=record.module.config, module=record.module, bottoms=[],
+                         bottom_shapes=[], num_tops=1, phase=self.net.phase)
+        emitter = emitter_for(record.type)
+        conv = (emitter(spec) if emitter is not None and spec.kwargs is not None else None) \
+            or fallback_emission(spec)
+        weight, bias = (blob_attributes(record.module) + [None])[:2]
+        arguments = [self.value_of_blob(group.x_blob), f"{spec.attr}.{weight}",
+                     f"{spec.attr}.{bias}" if bias else "None",
+                     f"mask={self.value_of_blob(group.mask_blob)}",
+                     f"kernel_size={pair_or_int(op.kernel_size)}", f"pad={pair_or_int(op.pad)}",
+                     f"stride={pair_or_int(op.stride)}", f"dilation={pair_or_int(op.dilation)}",
+                     f"group={op.group}"]
+        return Emission(f"masked_conv2d({', '.join(arguments)})", module=conv.module,
+                        imports=tuple(conv.imports) + ("from segaware_caffe.kernels import masked_conv2d",),
+                        plain_torch=False, note="fused with its Im2col, Tile and PROD layers")
+
+    def value_of_blob(self, blob):
+        return self.names(blob)
+
+    def output(self, node):
+        self.returned = ", ".join(f"{name!r}: {self.value[n]}" for name, n in node.args[0].items())
+
+
+def _emit_getitem(writer, node):
+    source, index = node.args
+    writer.value[node] = writer.value[source][index]
+
+
+def _emit_detach(writer, node):
+    writer.value[node] = f"{writer.value[node.args[0]]}.detach()"
+
+
+def _emit_refuse(writer, node):
+    writer.imports.add("from segaware_caffe.net import refuse_gradient")
+    top, refusals = node.args
+    pairs = "".join(f"({writer.value[bottom]}, {message!r}), " for bottom, message in refusals)
+    name = writer.names(node.meta["blob"])
+    writer.line(f"{name} = refuse_gradient({writer.value[top]}, ({pairs.rstrip()}))",
+                "the original cannot backpropagate there")
+    writer.value[node] = name
+
+
+def _emit_zero(writer, node):
+    writer.helpers["zero_first_element"] = _ZERO_FIRST_ELEMENT
+    name = writer.names(node.meta["blob"])
+    writer.line(f"{name} = zero_first_element({writer.value[node.args[0]]})", "Caffe's Net::Forward")
+    writer.value[node] = name
+
+
+def _emit_track(writer, node):
+    writer.imports.add("from segaware_caffe.net import track_grad")
+    name = writer.names(node.meta["blob"])
+    writer.line(f"{name} = track_grad({writer.value[node.args[0]]})", "force_backward")
+    writer.value[node] = name
+
+
+FUNCTION_EMITTERS = {operator.getitem: _emit_getitem, torch.detach: _emit_detach,
+                     refuse_gradient: _emit_refuse, zero_first_element: _emit_zero,
+                     track_grad: _emit_track}
+
+
 def python_source(net, *, class_name=None, source_note="", default_weights=None, fuse=True):
-    """Generate the module source for a Net built by `build_net`. Returns a PythonExport.
+    """Generate the module source of a Net from its graph. Returns a PythonExport.
     fuse: write each segmentation-aware convolution chain (Im2col, Tile, PROD, Convolution with
     bottom_is_im2col) as one kernels.masked_conv2d call, as sc.Net runs it."""
     used_classes = {layer_class(t).__name__ for t in registered_types()}
-    class_name = class_name or class_name_for(net.name)
+    if not (class_name and class_name.isidentifier() and class_name.isascii()
+            and not keyword.iskeyword(class_name)):
+        class_name = class_name_for(class_name or net.name)
     if class_name in used_classes:  # a net named like a layer class ("reshape") must not shadow it
         class_name += "Net"
-    names = _Names(_RESERVED | used_classes | {class_name, "load", "load_weights", "zero_first_element"})
-    imports = {"import os", "import torch", "from torch import nn"}
-    init_lines, forward_lines, layers = [], [], []
-    arguments = [names(b) for b in net.input_names]
-    zeroed = net._zeroed_by_forward          # see segaware_caffe.net.zero_first_element
-    forward_lines += [f"{names(b)} = zero_first_element({names(b)})  # Caffe's Net::Forward"
-                      for b in net.input_names if b in zeroed]
-    fused = {g.anchor: (g, op) for g, op in find_masked_conv_groups(net)} if fuse else {}
-    folded = {k for g, _ in fused.values() for k in g.record_keys} - {g.key for g, _ in fused.values()}
-    for record in net.records:
-        if record.type == "Input":
-            continue
-        if record.key in folded:   # written by the fused call at its convolution
-            layers.append(ExportedLayer(record.name, record.type, record.key, "fused", False))
-            continue
-        if "constructor_kwargs" not in record.module.__dict__:
-            raise NetBuildError(f"{record.name} ({record.type}): the net was not built by "
-                                f"converters.python_export.build_net (no constructor arguments)")
-        kwargs = record.module.__dict__["constructor_kwargs"]
-        bottoms = [names(b) for b in record.bottoms]
-        if not net.force_backward and record.type not in WRITES_BOTTOM_DIFFS_ALWAYS:
-            # propagate_down: false, as sc.Net does it: that bottom gets no gradient
-            keep = list(record.param.propagate_down) or [True] * len(bottoms)
-            bottoms = [b if k else f"{b}.detach()" for b, k in zip(bottoms, keep)]
-        spec = LayerSpec(name=record.name, type=record.type, key=record.key, kwargs=kwargs,
-                         module=record.module, bottoms=bottoms,
-                         bottom_shapes=[net.blob_shapes[b] for b in record.bottoms],
-                         num_tops=len(record.tops), phase=net.phase)
-        emitter = emitter_for(record.type)
-        emission = emitter(spec) if emitter is not None and kwargs is not None else None
-        how = "emitter"
-        if emission is None:
-            emission, how = fallback_emission(spec), "module"
-        elif emission.module is None and blob_attribute_names(record.module):
-            raise NetBuildError(f"{record.name} ({record.type}): the emitter wrote inline code for "
-                                f"a layer with parameters")
-        if record.name in fused:
-            emission, how = _fused_emission(*fused[record.name], record, emission, names), "fused"
-        imports.update(emission.imports)
-        if emission.module is not None:
-            init_lines.append(f"self.{record.key} = {emission.module}")
-        tops = [names(t) for t in record.tops]
-        comment = f"  # {record.name} ({record.type})" if emission.module is None else ""
-        if emission.note:
-            comment = f"  # {record.name} ({record.type}): {emission.note}"
-        if not tops or not emission.expression:
-            forward_lines.append(comment.strip() or f"# {record.name} ({record.type})")
-        else:
-            forward_lines.append(f"{', '.join(tops)} = {emission.expression}{comment}")
-        forward_lines += [f"{tops[i]} = zero_first_element({tops[i]})  # Caffe's Net::Forward"
-                          for i in range(len(tops)) if (record.name, i) in zeroed]
-        layers.append(ExportedLayer(record.name, record.type, record.key, how, emission.plain_torch))
-    outputs = list(net.outputs)
-    returned = ", ".join(f"{o!r}: {names(o)}" for o in outputs)
-    helpers = [_ZERO_FIRST_ELEMENT] if zeroed else []
-    source = _render(net, class_name, imports, init_lines, forward_lines, arguments, returned,
-                     source_note, default_weights, helpers)
-    return PythonExport(source, class_name, layers, list(net.input_names), outputs)
+    names = _Names(_RESERVED | used_classes | {class_name})
+    writer = _Writer(net, names)
+    graph = net.graph_module(fuse=fuse).graph
+    for node in graph.nodes:
+        getattr(writer, node.op)(node)
+    source = _render(net, class_name, writer, source_note, default_weights)
+    return PythonExport(source, class_name, writer.layers, list(net.input_names), list(net.outputs))
 
 
-def _fused_emission(group, op, record, conv_emission, names):
-    """The convolution's module stays (its parameters keep their names); its forward line reads
-    the im2col input and the mask directly through kernels.masked_conv2d."""
-    weight, bias = (blob_attribute_names(record.module) + [None])[:2]
-    arguments = [names(group.x_blob), f"self.{record.key}.{weight}",
-                 f"self.{record.key}.{bias}" if bias else "None", f"mask={names(group.mask_blob)}",
-                 f"kernel_size={pair_or_int(op.kernel_size)}", f"pad={pair_or_int(op.pad)}",
-                 f"stride={pair_or_int(op.stride)}", f"dilation={pair_or_int(op.dilation)}",
-                 f"group={op.group}"]
-    return Emission(f"masked_conv2d({', '.join(arguments)})", module=conv_emission.module,
-                    imports=tuple(conv_emission.imports) + ("from segaware_caffe.kernels import masked_conv2d",),
-                    plain_torch=False, note="fused with its Im2col, Tile and PROD layers")
-
-
-# Plain-torch twin of segaware_caffe.net.zero_first_element for exported modules
+# Plain-torch twin of segaware_caffe.net.zero_first_element (ONNX traces torch.where, not the
+# library's autograd.Function); refuse_gradient and track_grad are imported from segaware_caffe
 _ZERO_FIRST_ELEMENT = '''def zero_first_element(x):
     """The original's Net::Forward sets element 0 of every net output to 0 before the layers run;
     no layer writes this one, so the 0 stays (the gradient passes unchanged)."""
@@ -297,33 +328,31 @@ _ZERO_FIRST_ELEMENT = '''def zero_first_element(x):
     first.view(-1)[0] = True
     return torch.where(first, x - x.detach(), x)'''
 
-
-def _render(net, class_name, imports, init_lines, forward_lines, arguments, returned, source_note,
-            default_weights, helpers=()):
+def _render(net, class_name, writer, source_note, default_weights):
+    imports = writer.imports
+    ours = sorted(i for i in imports if i.startswith("from segaware_caffe"))
     plain = sorted(i for i in imports if i.startswith("import "))
-    froms = sorted(i for i in imports if i.startswith("from ") and not i.startswith(("from segaware_caffe.kernels",
-                                                                                      "from segaware_caffe")))
-    ours = sorted(i for i in imports if i.startswith(("from segaware_caffe.kernels", "from segaware_caffe")))
-    shapes = ", ".join(f"{name} {tuple(shape)}" for name, shape in net.input_shapes.items())
-    doc = [f'"""PyTorch module for the Caffe net {net.name!r}, written by `segaware-caffe export`.', ""]
+    froms = sorted(i for i in imports if i.startswith("from ") and i not in ours)
+    shapes = ", ".join(f"{name!r} {tuple(shape)}" for name, shape in net.input_shapes.items())
+    doc = [f"PyTorch module for the Caffe net {net.name!r}, written by `segaware-caffe export`.", ""]
     if source_note:
         doc.append(source_note)
     doc += [f"Phase {net.phase}. Inputs (as built): {shapes or 'none'}.",
-            f"forward() returns {{blob name: tensor}} for {', '.join(net.outputs)}.",
+            f"forward() returns {{blob name: tensor}} for {', '.join(map(repr, net.outputs))}.",
             "Weights: load(\"model.safetensors\") or load_weights(model, path), with the tensors of",
-            "`segaware-caffe convert NET.prototxt WEIGHTS.caffemodel -o model.safetensors`.",
-            '"""']
-    init_body = ["super().__init__()"] + init_lines
-    out = doc + [""] + plain + froms + ([""] + ours if ours else []) + ["", ""]
-    for helper in helpers:
-        out += helper.splitlines() + ["", ""]
+            "`segaware-caffe convert NET.prototxt WEIGHTS.caffemodel -o model.safetensors`."]
+    out = ['"""' + docstring_text("\n".join(doc)) + '\n"""', ""]
+    out += plain + froms + ([""] + ours if ours else []) + ["", ""]
+    for name in sorted(writer.helpers):
+        out += writer.helpers[name].splitlines() + ["", ""]
     out.append(f"class {class_name}(nn.Module):")
     out.append("    def __init__(self):")
-    out += [f"        {line}" for line in init_body]
+    out += [f"        {line}" for line in ["super().__init__()"] + writer.init_lines]
     out.append("")
-    out.append(f"    def forward(self, {', '.join(arguments)}):" if arguments else "    def forward(self):")
-    out += [f"        {line}" for line in forward_lines]
-    out.append(f"        return {{{returned}}}")
+    out.append(f"    def forward(self, {', '.join(writer.arguments)}):" if writer.arguments
+               else "    def forward(self):")
+    out += [f"        {line}" for line in writer.forward_lines]
+    out.append(f"        return {{{writer.returned}}}")
     out += ["", ""]
     if default_weights is None or os.path.isabs(default_weights):
         weights_default = repr(default_weights and str(default_weights))

@@ -28,7 +28,7 @@ _API = {
     "LayerSetupError": "errors",
     "NetBuildError": "errors",
     "Net": "net",
-    "WeightsReport": "net",
+    "WeightsReport": "weights",
     "Solver": "solver",
 }
 __all__ = sorted(_API)

@@ -73,7 +73,8 @@ def fill(filler, shape, ctx=None, default_type="constant", default_value=0.0, ge
 
 def xy_fill(shape, ctx=None):
     """The fork's "xy" filler: channel 0 = column index, channel 1 = row index, for every image
-    (SEMANTICS decision 3: the original's N>1 bug is not reproduced)."""
+    (the original offsets image n by n*c*H*W with the loop's channel c, so only image 0 of a
+    batch gets the map; here every image does, as intended)."""
     if len(shape) != 4 or shape[1] != 2:
         raise _err(ctx, f"the xy filler needs a (N, 2, H, W) blob, got shape {tuple(shape)}")
     n, _, h, w = shape

@@ -1,4 +1,4 @@
-"""Run the released segmentation-aware convolution pattern as one fused op (issue #4).
+"""Run the released segmentation-aware convolution pattern as one fused op.
 
 config/vgg writes each segmentation-aware convolution as
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .params import conv_geometry
+from .backward import KEEP
+from .params import ConvGeometry
 
 
 @dataclass
@@ -54,92 +55,79 @@ class FusedMaskedConv(nn.Module):
                 f"dilation={self.dilation}, group={self.group}")
 
 
-def _consumers(records):
-    count = {}
-    for r in records:
-        for b in r.bottoms:
-            count[b] = count.get(b, 0) + 1
-    return count
-
-
 def find_masked_conv_groups(net):
-    """Chains of `net.records` that match the pattern, checked field by field."""
+    """Chains of `net.records` whose built modules match the pattern, checked field by field."""
+    from .layers.convolution import Convolution
+    from .layers.eltwise import Eltwise
+    from .layers.im2col import Im2col
+    from .layers.tile import Tile
     records = net.records
-    index = {id(r): i for i, r in enumerate(records)}
-    producer = {}
-    for r in records:
+    producer, consumers, written = {}, {}, {}
+    for index, r in enumerate(records):
+        for b in r.bottoms:
+            consumers[b] = consumers.get(b, 0) + 1
         for t in r.tops:
-            producer[t] = r          # last producer; in-place rewrites are rejected below
-    consumers = _consumers(records)
-    written = {}
-    for r in records:
-        for t in r.tops:
+            producer[t] = index      # the last writer; in-place rewrites are rejected below
             written[t] = written.get(t, 0) + 1
+    edges = net.backward_plan.edges
     groups = []
-    for conv in records:
-        if conv.type != "Convolution" or len(conv.bottoms) != 1:
+    for at, conv in enumerate(records):
+        module = conv.module
+        if not isinstance(module, Convolution) or len(conv.bottoms) != 1 \
+                or not module.bottom_is_im2col or module.channel_axis != 1:
             continue
-        cp = conv.param.convolution_param
-        if not cp.bottom_is_im2col or len(conv.module.caffe_blobs()) == 0:
+        prod_at = producer.get(conv.bottoms[0])
+        prod = records[prod_at] if prod_at is not None else None
+        if prod is None or not isinstance(prod.module, Eltwise) or len(prod.bottoms) != 2 \
+                or prod.module.operation != "PROD" or not prod.module.stable_prod_grad:
             continue
-        prod = producer.get(conv.bottoms[0])
-        if prod is None or prod.type != "Eltwise" or len(prod.bottoms) != 2:
+        by_kind = {}
+        for b in prod.bottoms:
+            source = producer.get(b)
+            if source is not None:
+                by_kind[type(records[source].module)] = source
+        if set(by_kind) != {Im2col, Tile}:
             continue
-        ep = prod.param.eltwise_param
-        if ep.operation != ep.PROD or len(ep.coeff):
-            continue
-        by_type = {producer.get(b).type if producer.get(b) else None: b for b in prod.bottoms}
-        if set(by_type) != {"Im2col", "Tile"}:
-            continue
-        im2col, tile = producer[by_type["Im2col"]], producer[by_type["Tile"]]
-        tp = tile.param.tile_param
+        im2col_at, tile_at = by_kind[Im2col], by_kind[Tile]
+        im2col, tile = records[im2col_at], records[tile_at]
         x_blob, mask_blob = im2col.bottoms[0], tile.bottoms[0]
         x_shape, mask_shape = net.blob_shapes.get(x_blob), net.blob_shapes.get(mask_blob)
         if x_shape is None or mask_shape is None or len(x_shape) != 4 or len(mask_shape) != 4:
             continue
-        if tp.axis not in (1, -3) or tp.tiles != x_shape[1]:
+        if tile.module.axis != 1 or tile.module.tiles != x_shape[1]:
             continue
-        geometry = conv_geometry(im2col.param.convolution_param, _NoCtx(im2col))
+        cols = im2col.module
+        geometry = ConvGeometry(cols.kernel, cols.pad, cols.stride, cols.dilation)
         if mask_shape[1] != geometry.taps:
             continue
         if tuple(mask_shape[2:]) != geometry.output_size(*x_shape[2:]):
             continue
-        weight = conv.module.caffe_blobs()[0]
+        weight = module.weight
         if weight.dim() != 4 or tuple(weight.shape[2:]) != geometry.kernel:
             continue
-        group = int(cp.group)
-        if weight.shape[1] * group != x_shape[1]:
+        if weight.shape[1] * module.group != x_shape[1]:
             continue
-        if not all(all(r.param.propagate_down) for r in (im2col, tile, prod, conv)):
-            continue   # the fused op cannot cut the gradient of one of its inputs
+        chain = (im2col_at, tile_at, prod_at, at)
+        if any(edge != KEEP for k in chain for edge in edges[k]):
+            continue   # the fused op cannot cut or refuse the gradient of one of its inputs
         inner = [im2col.tops[0], tile.tops[0], prod.tops[0]]
         # every intermediate is read once, written once, and is no loss top or net output
         if any(consumers.get(b, 0) != 1 or written.get(b, 0) != 1 or b in net.loss_weights
-               or any(producer[b].param.loss_weight) for b in inner):
+               or b in net.outputs for b in inner):
             continue
         # x and the mask must keep the value their reader saw until the conv runs (no in-place
         # layer may rewrite them in between), since the fused call reads them at the conv
-        conv_at = index[id(conv)]
-        if any(x_blob in r.tops for r in records[index[id(im2col)] + 1:conv_at]) or \
-                any(mask_blob in r.tops for r in records[index[id(tile)] + 1:conv_at]):
+        if any(x_blob in r.tops for r in records[im2col_at + 1:at]) or \
+                any(mask_blob in r.tops for r in records[tile_at + 1:at]):
             continue
         groups.append((FusedGroup(key=conv.key, anchor=conv.name,
-                                  record_keys=frozenset({im2col.key, tile.key, prod.key, conv.key}),
+                                  record_keys=frozenset(records[k].key for k in chain),
                                   intermediates=frozenset(inner), x_blob=x_blob, mask_blob=mask_blob,
                                   conv_top=conv.tops[0]),
-                       FusedMaskedConv(conv.module, kernel_size=geometry.kernel, pad=geometry.pad,
-                                       stride=geometry.stride, dilation=geometry.dilation, group=group)))
+                       FusedMaskedConv(module, kernel_size=geometry.kernel, pad=geometry.pad,
+                                       stride=geometry.stride, dilation=geometry.dilation,
+                                       group=module.group)))
     return groups
-
-
-class _NoCtx:
-    """conv_geometry wants a context for its errors; the layer already validated its params."""
-
-    def __init__(self, record):
-        self.record = record
-
-    def error(self, message):
-        return ValueError(f"{self.record.name} ({self.record.type}): {message}")
 
 
 def fuse_segaware_convs(net):

@@ -19,6 +19,16 @@ from .errors import LayerSetupError, NetBuildError, NoBackwardError
 _REGISTRY = {}
 
 
+def add_to_registry(table, names, value, what):
+    """table[name] = value for each name, refusing a name already registered (`what` names the
+    kind of entry in the message)."""
+    for name in names:
+        if name in table:
+            raise ValueError(f"{what} {name!r} is already registered by "
+                             f"{getattr(table[name], '__qualname__', table[name])}")
+        table[name] = value
+
+
 def register_layer(*type_names, params=None):
     """Class decorator: register a CaffeLayer subclass under one or more Caffe type strings.
 
@@ -35,11 +45,7 @@ def register_layer(*type_names, params=None):
         declared = tuple(extensions.declare(params, owner=f"layer type {type_names[0]!r}"))
 
     def wrap(cls):
-        for type_name in type_names:
-            if type_name in _REGISTRY:
-                raise ValueError(f"layer type {type_name!r} is already registered "
-                                 f"by {_REGISTRY[type_name].__qualname__}")
-            _REGISTRY[type_name] = cls
+        add_to_registry(_REGISTRY, type_names, cls, "layer type")
         if not getattr(cls, "TYPE", None):
             cls.TYPE = type_names[0]
         if declared:
@@ -182,7 +188,12 @@ def _fake_mode():
 
 class CaffeLayer(nn.Module):
     """A Caffe layer as a torch module. Subclasses set the class attributes and implement
-    ``from_proto`` and ``forward``."""
+    ``from_proto`` and ``forward``.
+
+    The class attributes are facts the builder reads; their defaults fit an ordinary layer, so a
+    new layer type sets only those that differ. Every instance keeps the keyword arguments it was
+    constructed with (``layer.config``): ``type(layer)(**layer.config)`` builds it again, which
+    is what `export --python` writes for layers it has no plain-torch emitter for."""
     TYPE: ClassVar[str] = ""
     BOTTOMS: ClassVar[tuple] = (1, 1)      # (min, max); max None = any number
     TOPS: ClassVar[tuple] = (1, 1)
@@ -213,6 +224,36 @@ class CaffeLayer(nn.Module):
             return values, extensions.given(layer_param, cls.USER_PARAMS)
         return values
 
+    # bottoms that force_backward does not force a gradient into (Caffe's AllowForceBackward
+    # false). None: bottom 1 of a loss layer (its label, as Caffe's LossLayer), no bottom otherwise
+    NO_FORCE_BACKWARD: ClassVar[tuple] = None
+    # bottoms whose diff the original's backward writes whatever propagate_down says (the builder
+    # then lets that diff reach a producer that runs its own backward)
+    IGNORES_PROPAGATE_DOWN: ClassVar[tuple] = ()
+    # every top is bottom 0's memory from set-up on (Caffe's Reshape() calls ShareData, as in
+    # Reshape): Net::Forward's element-0 zeroing of a net output then reaches the bottom's memory.
+    # Split and Flatten share only in their Forward, after that zeroing, and do not declare it
+    SHARES_BOTTOM_DATA: ClassVar[bool] = False
+    # the tops are fed by the caller (Input): the builder makes them graph inputs
+    NET_INPUT: ClassVar[bool] = False
+    # computed by a segmentation-aware kernel of segaware_caffe.kernels (CuPy on CUDA), which
+    # ONNX has no operator for
+    USES_SEGAWARE_KERNELS: ClassVar[bool] = False
+
+    def __new__(cls, *args, **kwargs):
+        # the constructor's keyword arguments, as the caller gave them (before __init__ runs);
+        # positional arguments are not a configuration export can write back
+        self = super().__new__(cls)
+        self.__dict__["_caffe_config"] = None if args else dict(kwargs)
+        return self
+
+    @property
+    def config(self):
+        """The keyword arguments this layer was constructed with (a copy), or None when it was
+        given positional arguments."""
+        config = self.__dict__.get("_caffe_config")
+        return None if config is None else dict(config)
+
     @classmethod
     def refuses_gradient(cls, bottom_index, num_bottoms):
         """Whether the original aborts when a gradient reaches bottom `bottom_index`."""
@@ -221,6 +262,23 @@ class CaffeLayer(nn.Module):
         # a negative index counts from the end; an index past this layer's bottoms (an optional
         # bottom left out) refuses nothing
         return any((i + num_bottoms if i < 0 else i) == bottom_index for i in cls.NO_GRAD_BOTTOMS)
+
+    @classmethod
+    def allow_force_backward(cls, bottom_index, num_bottoms):
+        """Caffe's AllowForceBackward: whether force_backward makes this bottom need a diff."""
+        refused = cls.NO_FORCE_BACKWARD if cls.NO_FORCE_BACKWARD is not None else \
+            ((1,) if cls.IS_LOSS else ())
+        return not any(i % num_bottoms == bottom_index for i in refused) if num_bottoms else True
+
+    def top_shares_bottom(self, top_index, num_bottoms):
+        """Whether top `top_index` is bottom 0's memory (SHARES_BOTTOM_DATA, refined by layers
+        that share only in some configurations)."""
+        return self.SHARES_BOTTOM_DATA
+
+    def constant_top(self, top_index):
+        """Whether forward leaves top `top_index`'s memory as set-up wrote it (a DummyData top with
+        a constant filler): the net's element-0 zeroing of outputs then stays in it."""
+        return False
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

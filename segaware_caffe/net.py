@@ -1,14 +1,27 @@
-"""Build a torch module from a Caffe NetParameter, the way Caffe's Net::Init does.
+"""Build a torch module from a Caffe net, the way Caffe's Net::Init does, and run it as an fx graph.
 
-Order of work (SEMANTICS §11): read and upgrade the prototxt, filter layers by phase/stage/level,
-declare the inputs (legacy net-level inputs and Input layers), then for each layer in order:
-check its bottoms exist and its blob counts, build its module (`from_proto`), attach
-parameter specs (lr/decay multipliers, sharing by name), and infer its top shapes. The result runs
-as a `torch.fx.GraphModule` per requested output set: one placeholder per input blob, one
-`call_module` per layer, in-place tops renamed to fresh graph values.
+Building (`Net.__init__`): `canonical.canonical_net` turns what the caller gave into the
+NetParameter Caffe builds (upgraded, legacy inputs as an Input layer, filtered by the NetState,
+Split layers inserted); then for each of its layers in order: check its blob counts and that its
+bottoms exist, add anonymous tops where the type creates them (Caffe's AutoTopBlobs), build its
+module (`from_proto`, the only reader of its `*_param`), attach parameter specs (lr/decay
+multipliers, sharing by name) and infer its top shapes. After the last layer: the net outputs
+(Caffe's available-blob walk), which diffs Caffe computes (`backward.analyse`) and where the
+fork's element-0 zeroing of net outputs survives.
+
+Running (`Net.graph_module`): one `torch.fx.GraphModule` per requested output set, the only
+interpreter of a net: `forward` calls it, `export --python` writes its nodes out as source and
+`segaware-caffe time` runs it node by node. Its nodes: one placeholder per input blob; one
+`call_module` per layer (Split layers included: each of their tops is a view of its own, so each
+top's gradient is its reader's share, Caffe's split diff); `getitem` for layers with several tops;
+and the helper functions below, each a rule of the original: `zero_first_element`,
+`torch.detach` (no diff computed there), `refuse_gradient` (on the tops of a layer whose
+Backward would be asked a diff it refuses), `track_grad` (force_backward gives data layers' tops
+a diff); a fused segmentation-aware
+convolution (see fusion.py) is one `call_module` of `fused.<key>`.
 """
+import keyword
 import operator
-import os
 import re
 import warnings
 from collections import OrderedDict
@@ -18,137 +31,43 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
 
+from . import backward, layers as _layers  # noqa: F401  (importing layers registers every type)
+from .canonical import FROM_PROTOTXT, canonical_net
 from .errors import NetBuildError, NoBackwardError
-from .layer import BuildContext, CaffeLayer, layer_class, register_layer
+from .layer import BuildContext, CaffeLayer, layer_class
+from .layers.input import Input  # noqa: F401  (where it lived before: segaware_caffe.net.Input)
+from .weights import WeightsReport, copy_weights, first_records_by_name, net_layers_proto, \
+    parameter_blobs
 
-PHASES = {"train": caffe_pb2.TRAIN, "test": caffe_pb2.TEST}
-# layers whose backward writes every bottom diff whatever propagate_down says (SEMANTICS §2.1,
-# §4.2): an upstream layer that needs backward still reads those diffs, so they are not cut
-WRITES_BOTTOM_DIFFS_ALWAYS = frozenset({"Im2dist", "NormConvMeanfield"})
-
-
-@register_layer("Input")
-class Input(CaffeLayer):
-    """BVLC's Input layer: tops are fed by the caller. The builder turns its tops into graph
-    inputs; the module only records the declared (default) shapes."""
-    BOTTOMS = (0, 0)
-    TOPS = (1, None)
-
-    def __init__(self, *, shapes):
-        super().__init__()
-        self.shapes = [tuple(s) for s in shapes]
-
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        declared = [tuple(int(d) for d in s.dim) for s in layer_param.input_param.shape]
-        tops = len(ctx.top_names)
-        if len(declared) not in (1, tops):
-            raise ctx.error(f"input_param has {len(declared)} shapes for {tops} tops "
-                            f"(expected 1 shared shape or one per top)")
-        if len(declared) == 1:
-            declared = declared * tops
-        return cls(shapes=declared)
-
-    def output_shapes(self, bottom_shapes):
-        return list(self.shapes)
-
-    def forward(self):  # never called: the builder wires Input tops to graph placeholders
-        raise RuntimeError("Input layers are fed through Net.forward(**inputs)")
+__all__ = ["LayerRecord", "Net", "WeightsReport", "first_records_by_name", "refuse_gradient",
+           "track_grad", "zero_first_element"]
 
 
 @dataclass
 class LayerRecord:
-    """One layer of the built net (after filtering), in Caffe order."""
+    """One layer of the built net, in Caffe order (Split layers and the Input layer of legacy
+    inputs included; `origin` says where a layer comes from, see canonical.py)."""
     name: str
     type: str
     key: str                 # attribute name of the module under Net.layers
     bottoms: list
-    tops: list
+    tops: list               # the prototxt's tops, then any anonymous (automatic) ones
     module: CaffeLayer
-    param: caffe_pb2.LayerParameter
+    param: caffe_pb2.LayerParameter     # the layer as Caffe builds it (canonical NetParameter)
     loss_weights: list = field(default_factory=list)
+    origin: str = FROM_PROTOTXT
 
 
-@dataclass
-class WeightsReport:
-    """What `load_weights` did: layers copied, net layers left at their fillers, and source layers
-    that have no layer of that name in the net (Caffe ignores those silently; we report them)."""
-    loaded: list
-    not_in_weights: list
-    not_in_net: list
-
-    def __str__(self):
-        lines = [f"loaded {len(self.loaded)} layer(s)"]
-        if self.not_in_net:
-            lines.append(f"ignored {len(self.not_in_net)} layer(s) of the weights file that the net "
-                         f"does not have: {', '.join(self.not_in_net)}")
-        if self.not_in_weights:
-            lines.append(f"{len(self.not_in_weights)} net layer(s) with parameters kept their "
-                         f"filler values: {', '.join(self.not_in_weights)}")
-        return "; ".join(lines)
-
-
-def _state_meets_rule(state, rule):
-    if rule.HasField("phase") and rule.phase != state["phase"]:
-        return False
-    if rule.HasField("min_level") and state["level"] < rule.min_level:
-        return False
-    if rule.HasField("max_level") and state["level"] > rule.max_level:
-        return False
-    if any(s not in state["stages"] for s in rule.stage):
-        return False
-    if any(s in state["stages"] for s in rule.not_stage):
-        return False
-    return True
-
-
-def filter_layers(net_param, phase, level=None, stages=()):
-    """The layers Caffe keeps for this NetState (Net::FilterNet). The prototxt's own `state`
-    counts, as in Caffe's Net(param_file, phase, level, stages): the given stages add to its
-    stages, a given level replaces its level."""
-    level = net_param.state.level if level is None else level
-    state = {"phase": phase, "level": level, "stages": set(net_param.state.stage) | set(stages)}
-    kept = []
-    for lp in net_param.layer:
-        if len(lp.include) and len(lp.exclude):
-            raise NetBuildError(f"{lp.name} ({lp.type}): specify either include or exclude rules, not both")
-        if len(lp.include):
-            keep = any(_state_meets_rule(state, r) for r in lp.include)
-        else:
-            keep = not any(_state_meets_rule(state, r) for r in lp.exclude)
-        if keep:
-            kept.append(lp)
-    return kept
-
-
-def _legacy_inputs(net_param, where):
-    names = list(net_param.input)
-    if len(net_param.input_shape) and len(net_param.input_dim):
-        raise NetBuildError(f"{where}: give net inputs either as input_shape or as input_dim, not both")
-    if len(net_param.input_shape):
-        if len(net_param.input_shape) != len(names):
-            raise NetBuildError(f"{where}: {len(names)} inputs but {len(net_param.input_shape)} input_shape entries")
-        shapes = [tuple(int(d) for d in s.dim) for s in net_param.input_shape]
-    elif len(net_param.input_dim):
-        if len(net_param.input_dim) != 4 * len(names):
-            raise NetBuildError(f"{where}: {len(names)} inputs need {4 * len(names)} input_dim values, "
-                                f"got {len(net_param.input_dim)}")
-        dims = [int(d) for d in net_param.input_dim]
-        shapes = [tuple(dims[4 * i:4 * i + 4]) for i in range(len(names))]
-    else:
-        if names:
-            raise NetBuildError(f"{where}: net inputs {names} have no input_shape or input_dim")
-        shapes = []
-    return list(zip(names, shapes))
-
-
-def _module_key(name, taken):
+def _identifier(name, taken):
+    """A unique Python identifier from a Caffe name (fx writes module attributes and
+    placeholders into generated code): other characters become `_`, a keyword gets a `_`."""
     key = re.sub(r"\W", "_", name) or "layer"
     if key[0].isdigit():
         key = "_" + key
+    if keyword.iskeyword(key):
+        key += "_"
     base, i = key, 1
     while key in taken:
         i += 1
@@ -157,37 +76,9 @@ def _module_key(name, taken):
     return key
 
 
-def _count_consumers(records_spec, input_names):
-    """For Caffe's split naming: how many bottoms read each produced blob version."""
-    producer = {name: ("input", i) for i, name in enumerate(input_names)}
-    consumers = {}
-    for lname, bottoms, tops, loss_weights in records_spec:
-        for b in bottoms:
-            key = (b, producer.get(b))
-            consumers[key] = consumers.get(key, 0) + 1
-        for i, t in enumerate(tops):
-            producer[t] = (lname, i)
-            if i < len(loss_weights) and loss_weights[i] != 0:
-                consumers[(t, producer[t])] = consumers.get((t, producer[t]), 0) + 1
-    return consumers
-
-
-def first_records_by_name(net):
-    """Caffe copies or shares a layer's blobs into the first layer of that name
-    (CopyTrainedLayersFrom, ShareTrainedLayersWith): {name: that LayerRecord}, net order."""
-    records = OrderedDict()
-    for record in net.records:
-        records.setdefault(record.name, record)
-    return records
-
-
-def _split_top(x):
-    """One top of Caffe's Split: the same values, its own node in the autograd graph."""
-    return x.view_as(x)
-
-
-def _track_grad(x):
-    """Make a data layer's top a leaf that records its gradient (for force_backward nets)."""
+# ---------------------------------------------------------------------------- graph helpers
+def track_grad(x):
+    """A data layer's top as a leaf that records its gradient (force_backward nets)."""
     if torch.is_grad_enabled() and x.is_floating_point() and not x.requires_grad:
         x = x.detach().requires_grad_(True)
     return x
@@ -206,11 +97,19 @@ class _RefuseGradient(torch.autograd.Function):
         raise NoBackwardError(ctx.message)
 
 
-def refuse_gradient(x, message):
-    """x unchanged; a gradient flowing back into it raises NoBackwardError(message)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _RefuseGradient.apply(x, message)
-    return x
+def refuse_gradient(top, refusals):
+    """A top of a layer that refuses some bottoms' gradients, `refusals` = ((bottom, message),
+    ...). When a refused bottom requires grad, Caffe's Backward of the layer would be asked for
+    its diff and abort: the top then carries a node whose backward raises NoBackwardError(that
+    bottom's message) -- also when the layer's forward gives the top no autograd history (an
+    index or comparison), since Caffe calls the layer's Backward all the same."""
+    if not (torch.is_grad_enabled() and top.is_floating_point()):
+        return top
+    for bottom, message in refusals:
+        if isinstance(bottom, torch.Tensor) and bottom.requires_grad:
+            source = top if top.requires_grad else top.detach().requires_grad_(True)
+            return _RefuseGradient.apply(source, message)
+    return top
 
 
 class _ZeroFirstElement(torch.autograd.Function):
@@ -229,10 +128,25 @@ class _ZeroFirstElement(torch.autograd.Function):
 
 
 def zero_first_element(x):
-    """The fork's Net::Forward sets element 0 of every net output to 0 before the layers run
-    (SEMANTICS §11.6). Producers overwrite it; where no layer writes that memory (a fed input, a
-    constant DummyData top, a Reshape of either) the 0 stays and every reader sees it."""
+    """The fork's Net::Forward sets element 0 of every net output to 0 before the layers run.
+    Producers overwrite it; where no layer writes that memory (a fed input, a constant DummyData
+    top, a Reshape of either) the 0 stays and every reader of the memory sees it.
+
+    What the builder reproduces is Caffe's first pass. Split and Flatten tops take their bottom's
+    memory only when their Forward runs, after the zeroing, so on the first pass the 0 lands in
+    memory they then drop; on later passes Caffe's outputs that share an input's memory through
+    them would show the 0 too (a Net keeps no state between passes)."""
     return _ZeroFirstElement.apply(x)
+
+
+def refusal_message(record, index):
+    cls = type(record.module)
+    what = ("has no backward in the original Caffe" if not cls.HAS_BACKWARD else
+            f"cannot backpropagate into bottom {index} ({record.bottoms[index]!r}) in the "
+            f"original Caffe")
+    return (f"{record.name} ({record.type}) {what}, but a gradient was asked of "
+            f"{record.bottoms[index]!r}; set propagate_down: false for that bottom, or keep "
+            f"learnable layers from feeding it")
 
 
 class Net(nn.Module):
@@ -244,26 +158,23 @@ class Net(nn.Module):
     out = net.forward(outputs=["conv1@conv1"], data=x)
         # conv1 as layer conv1 wrote it, before an in-place ReLU rewrote it: its gradient is
         # what Caffe keeps as conv1's diff
+    Net("deploy.prototxt", input_shapes={"data": (1, 3, 513, 513)})   # other declared shapes
+
+    model: a .prototxt path, prototxt text, a NetParameter, or a canonical.NetSource.
     """
 
     def __init__(self, model, weights=None, *, phase="test", variables=None, device="cpu",
-                 stages=(), level=None, fuse=True, dtype=torch.float32, overwrite=False):
+                 stages=(), level=None, fuse=True, dtype=torch.float32, overwrite=False,
+                 input_shapes=None):
         super().__init__()
-        if isinstance(model, caffe_pb2.NetParameter):
-            net_param, where, base_dir = model, f"net {model.name or '<NetParameter>'}", "."
-        else:
-            net_param = caffe_proto.read_net(model, variables=variables)
-            is_path = isinstance(model, os.PathLike) or (isinstance(model, str) and "\n" not in model
-                                                         and os.path.exists(model))
-            where = os.fspath(model) if is_path else f"net {net_param.name or '<text>'}"
-            base_dir = os.path.dirname(os.path.abspath(os.fspath(model))) if is_path else "."
-        phase_key = str(phase).lower()
-        if phase_key not in PHASES:
-            raise NetBuildError(f"{where}: phase must be 'train' or 'test', got {phase!r}")
-        self.name = net_param.name
-        self.phase = phase_key.upper()
-        self.force_backward = net_param.force_backward
-        self.net_param = net_param
+        canonical = canonical_net(model, variables=variables, phase=phase, level=level,
+                                  stages=stages, input_shapes=input_shapes)
+        param = canonical.param
+        self.name = param.name
+        self.where = canonical.where
+        self.phase = canonical.phase
+        self.force_backward = param.force_backward
+        self.net_param = param
         self.layers = nn.ModuleDict()
         self.records = []
         self.input_names = []
@@ -275,7 +186,7 @@ class Net(nn.Module):
         self._graph_cache = {}
         self.fused = nn.ModuleDict()          # fused segaware convolutions (no params of their own)
         self.fused_groups = []
-        self._build(net_param, where, base_dir, PHASES[phase_key], level, stages, overwrite)
+        self._build(canonical, overwrite)
         self.to(device=device, dtype=dtype)
         if fuse:
             from .fusion import fuse_segaware_convs
@@ -286,29 +197,26 @@ class Net(nn.Module):
                 warnings.warn(str(report), stacklevel=2)
 
     # ------------------------------------------------------------------ building
-    def _build(self, net_param, where, base_dir, phase, level, stages, overwrite):
-        layer_params = filter_layers(net_param, phase, level, stages)
+    def _build(self, canonical, overwrite):
+        param, where = canonical.param, canonical.where
         shapes = OrderedDict()                 # current shape of every blob name
-        for name, shape in _legacy_inputs(net_param, where):
-            self._declare_input(name, shape, shapes, where)
-        spec = [(lp.name, list(lp.bottom), list(lp.top), list(lp.loss_weight)) for lp in layer_params]
-        self._consumers = _count_consumers(spec, list(self.input_names))
-        self.loss_splits = {}                  # (layer, top index) -> name of its loss Split top
         self._auto_tops = set()                # anonymous tops: never net outputs (Caffe)
-        owners = {}                            # shared param name -> (Parameter, explicit lr, explicit decay)
-        taken = set()
-        phase_name = caffe_pb2.Phase.Name(phase)
-        for lp in layer_params:
+        owners = {}                            # shared param name -> (Parameter, lr, decay, layer)
+        # attribute keys: the prototxt's layers first, so inserted layers never take their names
+        taken, keys = set(), {}
+        for first in (True, False):
+            for index, (lp, origin) in enumerate(zip(param.layer, canonical.origins)):
+                if (origin == FROM_PROTOTXT) == first:
+                    keys[index] = _identifier(lp.name, taken)
+        for index, (lp, origin) in enumerate(zip(param.layer, canonical.origins)):
             lname, ltype = lp.name, lp.type
             cls = layer_class(ltype, lname)
-            if (cls.AUTO_TOPS or cls.IS_LOSS) and len(lp.top) < cls.TOPS[0]:
-                named = lp
-                lp = caffe_pb2.LayerParameter()
-                lp.CopyFrom(named)
-                auto = [f"(automatic) {lname} top {i}" for i in range(len(lp.top), cls.TOPS[0])]
-                lp.top.extend(auto)
+            tops = list(lp.top)
+            if (cls.AUTO_TOPS or cls.IS_LOSS) and len(tops) < cls.TOPS[0]:
+                auto = [f"(automatic) {lname} top {i}" for i in range(len(tops), cls.TOPS[0])]
+                tops += auto
                 self._auto_tops.update(auto)
-            self._check_counts(cls, lp)
+            self._check_counts(cls, lp, len(tops))
             if len(lp.propagate_down) and len(lp.propagate_down) != len(lp.bottom):
                 raise NetBuildError(f"{lname} ({ltype}): propagate_down must be given for every "
                                     f"bottom or none ({len(lp.propagate_down)} given, "
@@ -318,99 +226,90 @@ class Net(nn.Module):
                 raise NetBuildError(
                     f"{lname} ({ltype}): bottom blob {missing[0]!r} is not produced by any earlier "
                     f"layer or net input (known blobs: {', '.join(shapes) or 'none'})")
-            layer_phase = caffe_pb2.Phase.Name(lp.phase) if lp.HasField("phase") else phase_name
-            ctx = BuildContext(name=lname, type=ltype, phase=layer_phase,
+            ctx = BuildContext(name=lname, type=ltype, phase=caffe_pb2.Phase.Name(lp.phase),
                                bottom_shapes=[shapes[b] for b in lp.bottom],
-                               bottom_names=list(lp.bottom), top_names=list(lp.top),
-                               base_dir=base_dir, overwrite=overwrite)
+                               bottom_names=list(lp.bottom), top_names=tops,
+                               base_dir=canonical.source.base_dir, overwrite=overwrite)
             module = cls.from_proto(lp, ctx)
             if not isinstance(module, CaffeLayer):
                 raise NetBuildError(f"{lname} ({ltype}): from_proto returned {type(module).__name__}, "
                                     f"expected a CaffeLayer")
-            key = _module_key(lname, taken)
-            self.layers[key] = module
+            self.layers[keys[index]] = module
             self._attach_params(lp, module, owners)
-            loss_weights = self._loss_weights(lp, cls)
-            # Caffe's InsertSplits: a top with an explicit loss_weight that another layer also
-            # reads gets a Split whose first top carries the loss (so the loss sees the value before
-            # any in-place rewrite), and the layer's own loss_weight list is cleared (defaults)
-            split_weights = {i: w for i, (t, w) in enumerate(zip(lp.top, lp.loss_weight))
-                             if w != 0 and self._consumers.get((t, (lname, i)), 0) > 1}
-            if split_weights:
-                loss_weights = [1.0 if (cls.IS_LOSS and i == 0) else 0.0 for i in range(len(lp.top))]
-            record = LayerRecord(lname, ltype, key, list(lp.bottom), list(lp.top), module, lp, loss_weights)
-            self.records.append(record)
-            if ltype == "Input":
-                for top, shape in zip(lp.top, module.shapes):
-                    self._declare_input(top, shape, shapes, where)
-                continue
-            try:
-                top_shapes = module.output_shapes(ctx.bottom_shapes)
-            except NetBuildError:
-                raise
-            except Exception as e:  # shape errors surface here, at build time
-                raise NetBuildError(f"{lname} ({ltype}): cannot compute its outputs for bottom shapes "
-                                    f"{[tuple(s) for s in ctx.bottom_shapes]}: {e}") from None
-            if len(top_shapes) != len(lp.top):
+            loss_weights = self._loss_weights(lp, cls, len(tops))
+            self.records.append(LayerRecord(lname, ltype, keys[index], list(lp.bottom), tops,
+                                            module, lp, loss_weights, origin))
+            if cls.NET_INPUT:
+                top_shapes = module.output_shapes([])
+                for top, shape in zip(tops, top_shapes):
+                    if top in shapes:
+                        raise NetBuildError(f"{where}: input blob {top!r} is declared twice")
+                    self.input_names.append(top)
+                    self.input_shapes[top] = tuple(shape)
+            else:
+                top_shapes = self._top_shapes(module, ctx, lname, ltype)
+            if len(top_shapes) != len(tops):
                 raise NetBuildError(f"{lname} ({ltype}): produced {len(top_shapes)} tops, "
-                                    f"the prototxt names {len(lp.top)}")
-            for top, shape, w in zip(lp.top, top_shapes, loss_weights):
+                                    f"the prototxt names {len(tops)}")
+            for top, shape, w in zip(tops, top_shapes, loss_weights):
                 shapes[top] = tuple(shape)
                 self.blob_shapes[top] = tuple(shape)
                 if w != 0:
                     self.loss_weights[top] = w
-            for i, w in split_weights.items():
-                split_top = f"{lp.top[i]}_{lname}_{i}_split_0"
-                self.loss_splits[(lname, i)] = split_top
-                self.blob_shapes[split_top] = tuple(top_shapes[i])
-                self.loss_weights[split_top] = float(w)
         # after every layer: a sharer may have set its owner's lr_mult
         for p in self.learnable_params:
             p.requires_grad_(self.force_backward or p.lr_mult != 0)
         self.outputs = self._net_outputs()
-        self._zeroed_by_forward = self._unwritten_outputs()
-
-    def _unwritten_outputs(self):
-        """Where Caffe's element-0 zeroing of net outputs survives (see zero_first_element): the
-        inputs and constant-DummyData tops (as (layer, top index)) whose memory a net output is,
-        following in-place layers and Reshape (which shares its bottom's memory from setup)."""
-        memory = {name: name for name in self.input_names}
-        unwritten = set(self.input_names)
-        for r in self.records:
-            if r.type == "Input":
-                continue
-            for i, t in enumerate(r.tops):
-                if r.type == "Reshape":
-                    memory[t] = memory[r.bottoms[0]]
-                elif not (i < len(r.bottoms) and r.bottoms[i] == t):   # in place: same memory
-                    memory[t] = (r.name, i)
-                    if r.type == "DummyData" and r.module.fillers[i].type == "constant":
-                        unwritten.add((r.name, i))
-        return {memory[o] for o in self.outputs if o in memory} & unwritten
-
-    def _declare_input(self, name, shape, shapes, where):
-        if name in shapes:
-            raise NetBuildError(f"{where}: input blob {name!r} is declared twice")
-        self.input_names.append(name)
-        self.input_shapes[name] = tuple(shape)
-        self.blob_shapes[name] = tuple(shape)
-        shapes[name] = tuple(shape)
+        self.backward_plan = backward.analyse(self.records, self.force_backward)
+        self._zeroed = self._unwritten_outputs()
 
     @staticmethod
-    def _check_counts(cls, lp):
-        for what, have, (lo, hi) in (("bottom", len(lp.bottom), cls.BOTTOMS), ("top", len(lp.top), cls.TOPS)):
+    def _top_shapes(module, ctx, lname, ltype):
+        try:
+            return module.output_shapes(ctx.bottom_shapes)
+        except NetBuildError:
+            raise
+        except Exception as e:  # shape errors surface here, at build time
+            raise NetBuildError(f"{lname} ({ltype}): cannot compute its outputs for bottom shapes "
+                                f"{[tuple(s) for s in ctx.bottom_shapes]}: {e}") from None
+
+    def _unwritten_outputs(self):
+        """Where the element-0 zeroing of net outputs survives (see zero_first_element): the
+        memories no layer writes (fed inputs by name, constant tops as (record index, top
+        index)) that some net output is when Net::Forward starts. A top is new memory, except in
+        place (its bottom's) or where the layer shares its bottom's memory from set-up on
+        (SHARES_BOTTOM_DATA)."""
+        memory, unwritten = {}, set()
+        for index, r in enumerate(self.records):
+            for i, t in enumerate(r.tops):
+                if r.module.NET_INPUT:
+                    memory[t] = t
+                    unwritten.add(t)
+                elif r.bottoms and r.module.top_shares_bottom(i, len(r.bottoms)):
+                    memory[t] = memory[r.bottoms[0]]
+                elif not (i < len(r.bottoms) and r.bottoms[i] == t):   # in place: same memory
+                    memory[t] = (index, i)
+                    if r.module.constant_top(i):
+                        unwritten.add((index, i))
+        return {memory[o] for o in self.outputs if o in memory} & unwritten
+
+    @staticmethod
+    def _check_counts(cls, lp, num_tops):
+        for what, have, (lo, hi) in (("bottom", len(lp.bottom), cls.BOTTOMS), ("top", num_tops, cls.TOPS)):
             if have < lo or (hi is not None and have > hi):
                 want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
                 raise NetBuildError(f"{lp.name} ({lp.type}): takes {want} {what} blob(s), got {have}")
 
     @staticmethod
-    def _loss_weights(lp, cls):
+    def _loss_weights(lp, cls, num_tops):
+        """Caffe's Layer::SetLossWeights: the layer's loss_weight list (one per top, or none);
+        by default 1 on a loss layer's first top and 0 elsewhere."""
         if len(lp.loss_weight):
-            if len(lp.loss_weight) != len(lp.top):
+            if len(lp.loss_weight) != num_tops:
                 raise NetBuildError(f"{lp.name} ({lp.type}): loss_weight must be given for every top "
-                                    f"or none ({len(lp.loss_weight)} given, {len(lp.top)} tops)")
+                                    f"or none ({len(lp.loss_weight)} given, {num_tops} tops)")
             return [float(w) for w in lp.loss_weight]
-        weights = [0.0] * len(lp.top)
+        weights = [0.0] * num_tops
         if cls.IS_LOSS and weights:
             weights[0] = 1.0
         return weights
@@ -463,87 +362,77 @@ class Net(nn.Module):
         """Blobs no later layer consumes (Caffe's available-blob walk: each layer removes its
         bottoms, then adds its tops, so an in-place last layer's blob is an output), sorted;
         anonymous (automatic) tops are left out, as Caffe does."""
-        available = set(self.input_names)
+        available = set()
         for r in self.records:
             available.difference_update(r.bottoms)
             available.update(r.tops)
-            available.update(self.loss_splits.get((r.name, i)) for i in range(len(r.tops))
-                             if (r.name, i) in self.loss_splits)
         return sorted(available - self._auto_tops)
+
+    @property
+    def backward_flags(self):
+        """Caffe's own backward flags for this net (backward.analyse, exact: the loss tops decide
+        what contributes, fed inputs need no diff unless force_backward), per layer of
+        `records`: what Caffe logs as "needs backward computation"."""
+        return backward.analyse(self.records, self.force_backward, exact=True)
 
     # ------------------------------------------------------------------ running
     @property
     def blob_names(self):
         return list(self.blob_shapes)
 
-    def graph_module(self, outputs=None):
-        """The fx.GraphModule computing `outputs` (default: the net outputs) from the inputs."""
+    def graph_module(self, outputs=None, *, fuse=True):
+        """The fx.GraphModule computing `outputs` (default: the net outputs) from the inputs, as
+        {name: tensor}. fuse=False runs the segmentation-aware convolutions layer by layer."""
         outputs = tuple(self.outputs if outputs is None else outputs)
-        cached = self._graph_cache.get(outputs)
+        cached = self._graph_cache.get((outputs, fuse))
         if cached is not None:
             return cached
         graph = fx.Graph()
-        env = {}
+        env, aliases, taken = {}, {}, set()
+
+        def helper(function, args, blob):
+            node = graph.call_function(function, args)
+            node.meta["blob"] = blob
+            return node
+
         for name in self.input_names:
-            env[name] = graph.placeholder(re.sub(r"\W", "_", name))
-            if name in self._zeroed_by_forward:
-                env[name] = graph.call_function(zero_first_element, (env[name],))
-        aliases = {}
-        producer = {name: ("input", i) for i, name in enumerate(self.input_names)}
-        seen = {}
+            env[name] = graph.placeholder(_identifier(name, taken))
+            env[name].meta["blob"] = name
+            if name in self._zeroed:
+                env[name] = helper(zero_first_element, (env[name],), name)
         # a fused group runs unfused when one of its intermediate blobs is asked for
         requested = {name.rsplit("@", 1)[0] for name in outputs}
-        active = [g for g in self.fused_groups if not g.intermediates & requested]
-        skipped = {k for g in active for k in g.record_keys}
+        active = [g for g in self.fused_groups if fuse and not g.intermediates & requested]
+        folded = {k for g in active for k in g.record_keys}
         anchors = {g.key: g for g in active}
-        for r in self.records:
-            if r.type == "Input":
-                for i, t in enumerate(r.tops):
-                    producer[t] = (r.name, i)
+        edges = self.backward_plan.edges
+        for index, r in enumerate(self.records):
+            if r.module.NET_INPUT:
                 continue
-            args = []
-            for b in r.bottoms:
-                key = (b, producer.get(b))
-                arg = env.get(b)
-                if b in env and self._consumers.get(key, 0) > 1:   # Caffe inserts a Split here
-                    src_layer, idx = producer[b]
-                    k = seen.get(key, 0)
-                    seen[key] = k + 1
-                    # a view per consumer: its gradient is that consumer's share, Caffe's split diff
-                    arg = graph.call_function(_split_top, (env[b],))
-                    aliases[f"{b}_{src_layer}_{idx}_split_{k}"] = arg
-                args.append(arg)
-            if r.key in skipped:
+            if r.key in folded:
                 group = anchors.get(r.key)
                 if group is not None:
-                    env[group.conv_top] = graph.call_module(
-                        f"fused.{group.key}", (env[group.x_blob], env[group.mask_blob]))
-                    producer[group.conv_top] = (r.name, 0)
-                    aliases[f"{group.conv_top}@{r.name}"] = env[group.conv_top]
-                    self._alias_loss_split(graph, r, 0, env, aliases, seen)
+                    node = graph.call_module(f"fused.{group.key}",
+                                             (env[group.x_blob], env[group.mask_blob]))
+                    node.meta.update(record=index, blob=group.conv_top)
+                    env[group.conv_top] = aliases[f"{group.conv_top}@{r.name}"] = node
                 continue
-            if not self.force_backward and r.type not in WRITES_BOTTOM_DIFFS_ALWAYS:
-                # propagate_down: false gives that bottom no diff (force_backward overrides it)
-                args = [a if keep else graph.call_function(torch.detach, (a,))
-                        for a, keep in zip(args, list(r.param.propagate_down) or [True] * len(args))]
-            args = [self._refusing(graph, r, i, a) for i, a in enumerate(args)]
+            args = [helper(torch.detach, (env[b],), b) if edges[index][i] == backward.DETACH
+                    else env[b] for i, b in enumerate(r.bottoms)]
+            refusals = tuple((args[i], refusal_message(r, i)) for i in range(len(args))
+                             if edges[index][i] == backward.REFUSE)
             node = graph.call_module(f"layers.{r.key}", tuple(args))
-            if len(r.tops) == 1:
-                env[r.tops[0]] = node
-            else:
-                for i, t in enumerate(r.tops):
-                    env[t] = graph.call_function(operator.getitem, (node, i))
+            node.meta.update(record=index, blob=r.tops[0] if len(r.tops) == 1 else None)
             for i, t in enumerate(r.tops):
-                if (r.name, i) in self._zeroed_by_forward:
-                    env[t] = graph.call_function(zero_first_element, (env[t],))
-            if self.force_backward and not r.bottoms:
-                # force_backward: every blob gets a diff, also those of data layers (DummyData)
-                for t in r.tops:
-                    env[t] = graph.call_function(_track_grad, (env[t],))
-            for i, t in enumerate(r.tops):
-                producer[t] = (r.name, i)
+                env[t] = node if len(r.tops) == 1 else helper(operator.getitem, (node, i), t)
+                if refusals:
+                    env[t] = helper(refuse_gradient, (env[t], refusals), t)
+                if (index, i) in self._zeroed:
+                    env[t] = helper(zero_first_element, (env[t],), t)
+                if self.force_backward and not r.bottoms:
+                    # force_backward: every blob gets a diff, also those of data layers (DummyData)
+                    env[t] = helper(track_grad, (env[t],), t)
                 aliases[f"{t}@{r.name}"] = env[t]   # this version, before in-place rewrites
-                self._alias_loss_split(graph, r, i, env, aliases, seen)
         result = {}
         for name in outputs:
             if name in env:
@@ -556,38 +445,12 @@ class Net(nn.Module):
         graph.output(result)
         graph.lint()
         gm = fx.GraphModule(self, graph, class_name=re.sub(r"\W", "_", self.name or "CaffeNet"))
-        self._graph_cache[outputs] = gm
+        self._graph_cache[(outputs, fuse)] = gm
         return gm
 
-    def _refusing(self, graph, record, index, arg):
-        """A bottom the original cannot backpropagate into gets a node that raises if a gradient
-        reaches it (propagate_down: false has already detached it where the prototxt says so)."""
-        cls = type(record.module)
-        if not cls.refuses_gradient(index, len(record.bottoms)):
-            return arg
-        pd = list(record.param.propagate_down)
-        if pd and not pd[index] and not self.force_backward:
-            return arg
-        if self.force_backward and record.bottoms[index] in self.input_names:
-            # a fed input only needs a gradient because of force_backward, which Caffe does not
-            # force into the bottoms a layer refuses (LossLayer::AllowForceBackward)
-            return graph.call_function(torch.detach, (arg,))
-        what = ("has no backward in the original Caffe" if not cls.HAS_BACKWARD else
-                f"cannot backpropagate into bottom {index} ({record.bottoms[index]!r}) in the "
-                f"original Caffe")
-        message = (f"{record.name} ({record.type}) {what}, but a gradient was asked of "
-                   f"{record.bottoms[index]!r}; set propagate_down: false for that bottom, or keep "
-                   f"learnable layers from feeding it")
-        return graph.call_function(refuse_gradient, (arg, message))
-
-    def _alias_loss_split(self, graph, record, index, env, aliases, seen):
-        """The loss Split of a top (if any) holds the value just produced; readers get split 1.."""
-        split_top = self.loss_splits.get((record.name, index))
-        if split_top is not None:
-            aliases[split_top] = graph.call_function(_split_top, (env[record.tops[index]],))
-            seen[(record.tops[index], (record.name, index))] = 1
-
-    def forward(self, outputs=None, **inputs):
+    def feed(self, inputs):
+        """The input tensors in graph order, checked by name, moved to the net's device and (for
+        floating point) dtype."""
         unknown = [k for k in inputs if k not in self.input_names]
         if unknown:
             raise KeyError(f"net {self.name or ''}: {unknown[0]!r} is not an input of this net "
@@ -605,7 +468,10 @@ class Net(nn.Module):
             if param is not None and x.is_floating_point():
                 x = x.to(device=param.device, dtype=param.dtype)
             args.append(x)
-        return self.graph_module(outputs)(*args)
+        return args
+
+    def forward(self, outputs=None, **inputs):
+        return self.graph_module(outputs)(*self.feed(inputs))
 
     def loss(self, outputs):
         """Caffe's net loss: sum over loss tops of weight * sum(top)."""
@@ -623,59 +489,18 @@ class Net(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights):
-        """Copy blobs from a .caffemodel (path, bytes or NetParameter) into layers of the same
-        name (the first one, like Caffe). Shapes must match exactly, or after right-aligning into
-        4-D for legacy num/channels/height/width blobs. Returns a WeightsReport."""
-        source = weights if isinstance(weights, caffe_pb2.NetParameter) else caffe_proto.read_weights(weights)
-        where = weights if isinstance(weights, (str, os.PathLike)) else "weights"
-        by_name = first_records_by_name(self)
-        loaded, not_in_net = [], []
-        for src in list(source.layer) + list(source.layers):
-            target = by_name.get(src.name)
-            if target is None:
-                if len(src.blobs):
-                    not_in_net.append(src.name)
-                continue
-            params = target.module.caffe_blobs()
-            if len(src.blobs) == 0 and not params:
-                continue
-            if len(src.blobs) != len(params):
-                raise NetBuildError(f"{where}: layer {src.name} ({target.type}) has {len(src.blobs)} "
-                                    f"blob(s) in the weights file, the net expects {len(params)}")
-            for i, (blob, p) in enumerate(zip(src.blobs, params)):
-                arr = caffe_proto.blob_to_array(blob)
-                legacy = not blob.HasField("shape")
-                want = tuple(p.shape)
-                if arr.shape != want:
-                    padded = (1,) * (4 - len(want)) + want if len(want) <= 4 else want
-                    if not (legacy and arr.shape == padded):
-                        raise NetBuildError(
-                            f"{where}: layer {src.name} ({target.type}) blob {i} has shape "
-                            f"{arr.shape} in the weights file, the net expects {want}")
-                with torch.no_grad():
-                    p.copy_(torch.from_numpy(arr.reshape(want)))
-            if src.name not in loaded:   # a repeated name in the file overwrites, as in Caffe
-                loaded.append(src.name)
-        # only the first net layer of a name is loaded (Caffe); later namesakes keep their fillers
-        not_in_weights = [r.name for r in self.records
-                          if r.module.caffe_blobs() and (r.name not in loaded or by_name[r.name] is not r)]
-        return WeightsReport(loaded, not_in_weights, not_in_net)
+        """Copy blobs from a .caffemodel (path, bytes, NetParameter or weights.WeightsFile) into
+        the first layer of each name, as Caffe does (see segaware_caffe.weights). Returns a
+        WeightsReport."""
+        return copy_weights(self, weights)
 
     def to_weights_proto(self):
         """A NetParameter like Caffe's Net::ToProto: every layer (with its definition) and its
         blobs in Caffe order."""
-        out = caffe_pb2.NetParameter()
-        out.name = self.name
-        for r in self.records:
-            lp = out.layer.add()
-            lp.CopyFrom(r.param)
-            del lp.blobs[:]
-            for p in r.module.caffe_blobs():
-                arr = p.detach().to("cpu", torch.float32).numpy()
-                lp.blobs.add().CopyFrom(caffe_proto.array_to_blob(arr))
-        return out
+        return net_layers_proto(self, parameter_blobs)
 
     def save_weights(self, path, overwrite=False):
+        from segaware_caffe import caffe_proto
         caffe_proto.write_weights(self.to_weights_proto(), path, overwrite=overwrite)
 
     def extra_repr(self):

@@ -8,6 +8,8 @@ which it is not (e.g. embs' 13x13 position input) are independent of the input s
 """
 from segaware_caffe.caffe_proto import caffe_pb2
 
+from .canonical import declared_inputs, legacy_inputs_as_layer
+
 
 def _mapper(declared, size):
     def new(v):
@@ -19,39 +21,34 @@ def _mapper(declared, size):
 
 
 def main_input_size(net_param):
-    """Spatial size of the first 4-D input (legacy inputs or the first Input layer)."""
-    if len(net_param.input_shape):
-        dims = list(net_param.input_shape[0].dim)
-    elif len(net_param.input_dim):
-        dims = list(net_param.input_dim[:4])
-    else:
-        layer = next((lp for lp in net_param.layer if lp.type == "Input"), None)
-        if layer is None or not len(layer.input_param.shape):
-            raise ValueError(f"net {net_param.name!r} declares no input shape to resize")
-        dims = list(layer.input_param.shape[0].dim)
+    """Spatial size of the first 4-D input (legacy net-level inputs or the first Input layer)."""
+    param = caffe_pb2.NetParameter()
+    param.CopyFrom(net_param)
+    legacy_inputs_as_layer(param, f"net {net_param.name!r}")
+    declared = list(declared_inputs(param).values())
+    if not declared:
+        raise ValueError(f"net {net_param.name!r} declares no input shape to resize")
+    dims = list(declared[0])
     if len(dims) != 4 or dims[2] != dims[3]:
         raise ValueError(f"net {net_param.name!r}: resizing needs a square 4-D first input, got {dims}")
     return int(dims[2])
 
 
 def resize_deploy(net_param, size):
-    """A copy of `net_param` whose size-tied constants follow a square input of `size`."""
+    """A copy of `net_param` whose size-tied constants follow a square input of `size` (legacy
+    net-level inputs become an Input layer, as every builder reads them)."""
     declared = main_input_size(net_param)
     if declared <= 1:
         raise ValueError(f"net {net_param.name!r}: declared input size {declared} cannot be resized")
     new = _mapper(declared, size)
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net_param)
+    legacy_inputs_as_layer(out, f"net {net_param.name!r}")
 
     def resize_shape(shape):
         for i in range(2, len(shape.dim)):
             shape.dim[i] = new(shape.dim[i])
 
-    for shape in out.input_shape:
-        resize_shape(shape)
-    for i in range(len(out.input_dim)):
-        if i % 4 >= 2:
-            out.input_dim[i] = new(out.input_dim[i])
     for lp in out.layer:
         if lp.type == "Input":
             for shape in lp.input_param.shape:

@@ -4,7 +4,7 @@
     solver.step(1, inputs={"data": x, "label": y})     # nets with Input layers
     solver.solve()                                     # nets with data layers: run to max_iter
 
-What one iteration does is Caffe's `Solver::Step` (BVLC fe0f44112, SEMANTICS §12): clear the
+What one iteration does is Caffe's `Solver::Step` (BVLC fe0f44112, unchanged by the fork): clear the
 parameter diffs (`param.grad`), run `iter_size` forward/backward passes (diffs accumulate),
 all-reduce the diffs across processes (torchrun), then `ApplyUpdate`: learning rate for the
 current iteration, gradient clipping on the summed raw diffs, and per learnable blob the division
@@ -37,8 +37,11 @@ import torch
 
 from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
+from segaware_caffe.caffe_proto.text import load_text
 
-from .net import Net, first_records_by_name
+from .canonical import read_net_source
+from .net import Net
+from .weights import WeightsFile, first_records_by_name, history_fits
 from .solvers.glog import ProgressBar, fmt, loss_note
 from .solvers.rules import check_policy, learning_rate, make_rule, regularize
 
@@ -52,13 +55,17 @@ class SolverError(ValueError):
 
 
 def _where_of(source):
+    """(name for messages, directory of the solver file or None); path or text is decided by the
+    prototxt reader's rule."""
     if isinstance(source, caffe_pb2.SolverParameter):
         return "<SolverParameter>", None
-    if isinstance(source, os.PathLike) or ("\n" not in str(source) and os.path.exists(str(source))):
-        return os.fspath(source), os.path.dirname(os.path.abspath(os.fspath(source)))
-    if "\n" not in str(source) and str(source).endswith(".prototxt"):
-        raise SolverError(f"{source}: solver file not found")
-    return "<solver text>", None
+    try:
+        _, _, path = load_text(source)
+    except caffe_proto.CaffeFormatError as e:
+        raise SolverError(f"{os.fspath(source)}: solver file not found ({e})") from None
+    if path is None:
+        return "<solver text>", None
+    return path, os.path.dirname(os.path.abspath(path))
 
 
 def atomic_write(path, data):
@@ -225,17 +232,16 @@ class Solver:
         raise SolverError(f"{self.where}: {field}: net file {name!r} not found (looked in "
                           f"{' and '.join(repr(os.path.abspath(c)) for c in candidates)})")
 
-    def _make_net(self, model, state):
+    def _make_net(self, source, state):
         phase = "train" if state.phase == caffe_pb2.TRAIN else "test"
-        return Net(model, phase=phase, variables=self.variables, device=self.device,
+        return Net(source, phase=phase, variables=self.variables, device=self.device,
                    stages=tuple(state.stage), level=state.level)
 
     def _net_source(self, field, value):
-        """(model for Net, its NetParameter.state) for a file name or an inline NetParameter."""
+        """The NetSource of a net file name (looked up like Caffe) or an inline NetParameter."""
         if isinstance(value, caffe_pb2.NetParameter):
-            return value, value.state
-        path = self._resolve(field, value)
-        return path, caffe_proto.read_net(path, self.variables).state
+            return read_net_source(value)
+        return read_net_source(self._resolve(field, value), self.variables)
 
     def _build_train_net(self, train_net):
         p = self.param
@@ -245,14 +251,7 @@ class Solver:
                                   f"got phase {train_net.phase}")
             return train_net.to(self.device)
         if train_net is not None:
-            if isinstance(train_net, caffe_pb2.NetParameter):
-                model, net_state = train_net, train_net.state
-            elif isinstance(train_net, os.PathLike) or os.path.isfile(str(train_net)):
-                model = os.fspath(train_net)
-                net_state = caffe_proto.read_net(model, self.variables).state
-            else:  # prototxt text
-                model = caffe_proto.read_net(train_net, self.variables)
-                net_state = model.state
+            source = read_net_source(train_net, self.variables)
         else:
             given = [f for f in TRAIN_NET_FIELDS if p.HasField(f)]
             if not given:
@@ -262,10 +261,10 @@ class Solver:
                 raise SolverError(f"{self.where}: more than one train net given ({', '.join(given)}); "
                                   f"keep exactly one of {', '.join(TRAIN_NET_FIELDS)}")
             field = given[0]
-            model, net_state = self._net_source(field, getattr(p, field))
-        state = _net_state(caffe_pb2.TRAIN, net_state, p.train_state)
-        log.info(f"Creating training net from {_describe(model)}")
-        return self._make_net(model, state)
+            source = self._net_source(field, getattr(p, field))
+        state = _net_state(caffe_pb2.TRAIN, source.param.state, p.train_state)
+        log.info(f"Creating training net from {source.where}")
+        return self._make_net(source, state)
 
     def _build_test_nets(self):
         p = self.param
@@ -293,15 +292,17 @@ class Solver:
                               f"{generic[0]} but test_interval is {p.test_interval} (must be > 0)")
         nets = []
         for i, (field, value) in enumerate(sources):
-            model, net_state = self._net_source(field, value)
-            states = [net_state] + ([p.test_state[i]] if len(p.test_state) else [])
+            source = self._net_source(field, value)
+            states = [source.param.state] + ([p.test_state[i]] if len(p.test_state) else [])
             log.info(f"Creating test net (#{i}) specified by {field}")
-            nets.append(self._make_net(model, _net_state(caffe_pb2.TEST, *states)))
+            nets.append(self._make_net(source, _net_state(caffe_pb2.TEST, *states)))
         return nets
 
     def load_weights(self, weights):
-        """Copy a .caffemodel into the train net and every test net (Caffe's CopyLayers)."""
+        """Copy a .caffemodel into the train net and every test net (Caffe's CopyLayers); the
+        file is read once."""
         log.info(f"Finetuning from {weights}")
+        weights = WeightsFile.of(weights)
         for net in [self.net] + self.test_nets:
             report = net.load_weights(weights)
             for name in report.not_in_net:
@@ -566,7 +567,7 @@ class Solver:
         return model_file, state_file
 
     def _add_diffs(self, weights):
-        by_name = {r.name: r for r in reversed(self.net.records)}
+        by_name = first_records_by_name(self.net)
         for layer in weights.layer:
             record = by_name.get(layer.name)
             blobs = record.module.caffe_blobs() if record is not None else []
@@ -624,10 +625,7 @@ class Solver:
         for k, (blob, h) in enumerate(zip(state.history, self.history)):
             array = caffe_proto.blob_to_array(blob)
             want = tuple(h.shape)
-            legacy = not blob.HasField("shape")
-            fits = array.shape == want or (legacy and len(want) <= 4
-                                          and array.shape == (1,) * (4 - len(want)) + want)
-            if not fits:
+            if not history_fits(blob, want):
                 raise SolverError(
                     f"{where}: history blob {k} ({self._labels[k % count]}) has shape "
                     f"{array.shape}, the net's blob has {want}; is it a snapshot of another net?")
@@ -648,7 +646,3 @@ class _Offset:
 def _value(tensor):
     tensor = tensor.detach()
     return float(tensor) if tensor.numel() == 1 else tensor.cpu().numpy()
-
-
-def _describe(model):
-    return model if isinstance(model, str) else f"net {getattr(model, 'name', '') or '<NetParameter>'}"

@@ -10,6 +10,7 @@ import os
 
 from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
+from segaware_caffe.canonical import FROM_PROTOTXT, net_state, phase_of, read_net_source, selected
 from segaware_caffe.tools.common import add_variable_arguments, parse_variables
 
 
@@ -51,14 +52,14 @@ def _number(value):
     return f"{value:g}"
 
 
-def _build_net(net_param, args):
+def _build_net(source, args):
     """segaware_caffe.Net for the shapes, or (None, reason) when it cannot be built here."""
     try:
         from segaware_caffe import Net
     except Exception as e:  # the net builder is optional for this tool
         return None, f"net builder unavailable ({type(e).__name__}: {e})"
     try:
-        net = Net(net_param, phase=args.phase, stages=tuple(args.stage), level=args.level,
+        net = Net(source, phase=args.phase, stages=tuple(args.stage), level=args.level,
                   fuse=False)
     except Exception as e:  # e.g. a data layer whose list file is not on this machine
         reason = str(e).split(". ")[0]
@@ -67,12 +68,9 @@ def _build_net(net_param, args):
 
 
 def _filter(net_param, args):
-    try:
-        from segaware_caffe.net import filter_layers
-    except Exception:
-        return list(net_param.layer)
-    phase = caffe_pb2.TRAIN if args.phase == "train" else caffe_pb2.TEST
-    return list(filter_layers(net_param, phase, args.level, tuple(args.stage)))
+    """The prototxt's layers the NetState selects (what Net would build, before splits)."""
+    state = net_state(net_param, phase_of(args.phase, "inspect"), args.level, tuple(args.stage))
+    return [layer for layer in net_param.layer if selected(layer, state)]
 
 
 def _supported_types():
@@ -97,8 +95,11 @@ def _type_name(layer):
     return layer.type if isinstance(layer.type, str) else str(layer.type)
 
 
-def inspect_rows(net_param, args, weights=None):
-    """(rows, notes): one dict per listed layer, and lines to print under the table."""
+def inspect_rows(source, args, weights=None):
+    """(rows, notes): one dict per listed layer of the prototxt, and lines to print under the
+    table. `source`: a canonical.NetSource (or anything Net takes)."""
+    source = read_net_source(source)
+    net_param = source.param
     notes = []
     listed = list(net_param.layer) if args.all_phases else _filter(net_param, args)
     unsupported = unsupported_layers(listed)
@@ -114,7 +115,7 @@ def inspect_rows(net_param, args, weights=None):
     elif unsupported:
         net, reason = None, f"not built: {len(unsupported)} layer(s) of unsupported types"
     else:
-        net, reason = _build_net(net_param, args)
+        net, reason = _build_net(source, args)
     if reason:
         notes.append(f"shapes from the prototxt/weights only: {reason}")
     weight_shapes = {}
@@ -126,14 +127,19 @@ def inspect_rows(net_param, args, weights=None):
             notes.append(f"weights: {report}")
     rows = []
     if net is not None:
+        # the rules as the prototxt writes them (the built layers carry the phase they run in)
+        written = iter(_filter(net_param, args))
         for record in net.records:
+            if record.origin != FROM_PROTOTXT:
+                continue    # Split layers and the legacy inputs' Input layer: Caffe's additions
+            layer = next(written)
             params = net.params.get(record.name, []) if record.module.caffe_blobs() else []
             rows.append(dict(
                 name=record.name, type=record.type,
                 flow=_flow(record.bottoms, record.tops, net.blob_shapes),
                 params=[tuple(p.shape) for p in params],
                 mults=[(getattr(p, "lr_mult", 1.0), getattr(p, "decay_mult", 1.0)) for p in params],
-                rule=rule_text(record.param), ids=[id(p) for p in params]))
+                rule=rule_text(layer), ids=[id(p) for p in params]))
         return rows, notes
     marked = {name for name, _ in unsupported}
     for layer in listed:
@@ -190,9 +196,10 @@ def format_table(rows, title):
 
 def run(args):
     variables = parse_variables(args.set, args.vars)
-    net_param = caffe_proto.read_net(args.prototxt, variables=variables or None)
+    source = read_net_source(args.prototxt, variables=variables or None)
+    net_param = source.param
     weights = caffe_proto.read_weights(args.weights) if args.weights else None
-    rows, notes = inspect_rows(net_param, args, weights)
+    rows, notes = inspect_rows(source, args, weights)
     phase = "all phases" if args.all_phases else f"phase {args.phase.upper()}"
     title = f"{net_param.name or os.path.basename(os.fspath(args.prototxt))} ({phase})"
     print(format_table(rows, title))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segaware_caffe import caffe_proto
+from segaware_caffe.canonical import canonical_net, read_net_source
 from segaware_caffe.tools.common import add_variable_arguments, parse_assignments, parse_variables
 
 DEFAULT_MEAN = "104.008,116.669,122.675"
@@ -97,54 +97,6 @@ def load_input(path, mean):
     return np.ascontiguousarray(data.transpose(2, 0, 1)[None]), True
 
 
-def declared_input_shapes(net_param):
-    """{input blob: declared shape} for legacy net inputs and Input layers."""
-    shapes = {}
-    legacy = list(net_param.input)
-    if len(net_param.input_shape):
-        for name, shape in zip(legacy, net_param.input_shape):
-            shapes[name] = tuple(int(d) for d in shape.dim)
-    elif len(net_param.input_dim):
-        dims = [int(d) for d in net_param.input_dim]
-        for i, name in enumerate(legacy):
-            shapes[name] = tuple(dims[4 * i:4 * i + 4])
-    for layer in net_param.layer:
-        if layer.type == "Input":
-            declared = [tuple(int(d) for d in s.dim) for s in layer.input_param.shape]
-            for i, top in enumerate(layer.top):
-                if declared:
-                    shapes[top] = declared[i] if len(declared) > 1 else declared[0]
-    return shapes
-
-
-def set_input_shapes(net_param, shapes):
-    """Replace the declared shapes of the inputs in `shapes` (in place)."""
-    legacy = list(net_param.input)
-    if len(net_param.input_dim):
-        dims = list(net_param.input_dim)
-        for i, name in enumerate(legacy):
-            if name in shapes:
-                if len(shapes[name]) != 4:
-                    raise ValueError(f"input {name!r} is declared with input_dim (4-D); the fed "
-                                     f"array has shape {shapes[name]}")
-                dims[4 * i:4 * i + 4] = shapes[name]
-        del net_param.input_dim[:]
-        net_param.input_dim.extend(dims)
-    for name, shape in zip(legacy, net_param.input_shape):
-        if name in shapes:
-            del shape.dim[:]
-            shape.dim.extend(shapes[name])
-    for layer in net_param.layer:
-        if layer.type != "Input" or not any(t in shapes for t in layer.top):
-            continue
-        declared = [list(s.dim) for s in layer.input_param.shape]
-        if len(declared) == 1:
-            declared = declared * len(layer.top)
-        del layer.input_param.shape[:]
-        for top, dims in zip(layer.top, declared):
-            layer.input_param.shape.add().dim.extend(shapes.get(top, dims))
-
-
 def zeros_like_declared(name, declared, feeds, arrays):
     """Zeros for an input the user did not give (e.g. the unused `label` input of the vgg
     deploy net): its declared shape, with the spatial size of the first fed input when both
@@ -192,8 +144,8 @@ def run(args):
     variables = parse_variables(args.set, args.vars)
     feeds = parse_assignments(args.input, "--input")
     mean = parse_mean(args.mean)
-    net_param = caffe_proto.read_net(args.model, variables=variables or None)
-    declared = declared_input_shapes(net_param)
+    source = read_net_source(args.model, variables=variables or None)
+    declared = canonical_net(source, phase=args.phase).inputs()
     unknown = [name for name in feeds if name not in declared]
     if unknown:
         raise ValueError(f"{args.model}: {unknown[0]!r} is not an input of the net (inputs: "
@@ -211,11 +163,10 @@ def run(args):
             arrays[name] = zeros_like_declared(name, declared, feeds, arrays)
             print(f"note: no --input for {name!r}; fed zeros of shape {arrays[name].shape}",
                   file=sys.stderr)
-    if not args.pad:
-        set_input_shapes(net_param, {name: a.shape for name, a in arrays.items()})
-
+    shapes = None if args.pad else {name: a.shape for name, a in arrays.items()}
     try:
-        net = Net(net_param, weights=args.weights, phase=args.phase, device=args.device)
+        net = Net(source, weights=args.weights, phase=args.phase, device=args.device,
+                  input_shapes=shapes)
     except NetBuildError as e:
         if args.pad:
             raise

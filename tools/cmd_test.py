@@ -62,14 +62,20 @@ def feed_from_args(net, items, device, zeros_for_missing=False):
     return feed
 
 
-def run(args):
+def net_from_args(args, *, fuse=True):
+    """(Net, device) for the options of add_net_run_arguments."""
     if args.iterations <= 0:
         raise ValueError(f"--iterations must be > 0, got {args.iterations}")
-    variables = parse_variables(args.set, args.vars)
     device = torch.device(device_from_gpu(args.gpu) or "cpu")
+    net = Net(args.model, weights=args.weights, phase=args.phase,
+              variables=parse_variables(args.set, args.vars), device=device,
+              stages=tuple(args.stage), level=args.level, fuse=fuse)
+    return net, device
+
+
+def run(args):
     with glog_to(sys.stderr):
-        net = Net(args.model, weights=args.weights, phase=args.phase, variables=variables,
-                  device=device, stages=tuple(args.stage), level=args.level)
+        net, device = net_from_args(args)
         feed = feed_from_args(net, args.input, device)
         outputs = sorted(set(net.outputs) | set(net.loss_weights))
         log.info(f"Running for {args.iterations} iterations.")

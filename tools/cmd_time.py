@@ -11,12 +11,10 @@ import sys
 import time
 
 import torch
+from torch import fx
 
-from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import glog_to
-from segaware_caffe.tools.common import parse_variables
-from segaware_caffe.tools.cmd_test import add_net_run_arguments, feed_from_args
-from segaware_caffe.tools.cmd_train import device_from_gpu
+from segaware_caffe.tools.cmd_test import add_net_run_arguments, feed_from_args, net_from_args
 
 log = logging.getLogger("segaware_caffe.cli")
 
@@ -27,70 +25,89 @@ def add_arguments(parser):
                                      "shape)")
 
 
-class LayerTimer:
-    """Runs a Net one Caffe layer at a time, timing each layer's forward and backward."""
+class LayerTimer(fx.Interpreter):
+    """Runs a Net's graph (unfused) node by node, timing each layer's forward and backward.
+
+    Every node gets its inputs as fresh autograd leaves, so one node's backward can be timed on
+    its own; the graph's helper nodes (propagate_down cuts, refusals, the element-0 zeroing, split
+    tops) run as in Net.forward, untimed, so the gradients are those the net computes."""
 
     def __init__(self, net, device):
         self.net, self.device = net, device
-        self.records = [r for r in net.records if r.type != "Input"]
-        self.forward_ms = {r.name: 0.0 for r in self.records}
-        self.backward_ms = {r.name: 0.0 for r in self.records}
+        outputs = sorted(set(net.outputs) | set(net.loss_weights))
+        super().__init__(net.graph_module(outputs, fuse=False))
+        self.records = [r for r in net.records if not r.module.NET_INPUT]
+        self.forward_ms = {id(r): 0.0 for r in self.records}
+        self.backward_ms = {id(r): 0.0 for r in self.records}
+        self._steps = []
 
     def _now(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def run_node(self, node):
+        if node.op in ("placeholder", "output", "get_attr"):
+            return super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        sources, leaves = [], []
+
+        def leaf(value):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                sources.append(value)
+                leaves.append(value.detach().requires_grad_(value.requires_grad))
+                return leaves[-1]
+            return value
+        args = fx.node.map_aggregate(args, leaf)
+        record = self._record(node)
+        start = self._now()
+        result = getattr(self, node.op)(node.target, args, kwargs)
+        if record is not None:
+            self.forward_ms[id(record)] += (self._now() - start) * 1e3
+        self._steps.append((record, leaves, sources, list(_tensors(result))))
+        return result
+
+    def _record(self, node):
+        index = node.meta.get("record")
+        return self.net.records[index] if node.op == "call_module" and index is not None else None
+
     def forward_backward(self, feed):
         """One pass; returns (forward ms, backward ms)."""
-        blobs = dict(feed)
-        steps = []        # (record, leaf bottoms, their source tensors, tops)
+        self._steps = []
         start = self._now()
-        for r in self.records:
-            sources = [blobs[b] for b in r.bottoms]
-            # a bottom gets a diff only when it depends on learnable blobs (as Caffe decides)
-            leaves = [s.detach().requires_grad_(s.requires_grad) for s in sources]
-            t0 = self._now()
-            tops = r.module(*leaves)
-            self.forward_ms[r.name] += (self._now() - t0) * 1e3
-            tops = (tops,) if isinstance(tops, torch.Tensor) else tuple(tops)
-            for i, (name, top) in enumerate(zip(r.tops, tops)):
-                blobs[name] = top
-                split = self.net.loss_splits.get((r.name, i))
-                if split is not None:   # the loss Split of a top other layers also read
-                    blobs[split] = top
-            steps.append((r, leaves, sources, tops))
+        out = self.run(*self.net.feed(feed))
         forward = (self._now() - start) * 1e3
         grads = {}        # id(tensor) -> accumulated diff
         for name, weight in self.net.loss_weights.items():
-            top = blobs[name]
-            grads[id(top)] = torch.full_like(top, weight)
+            grads[id(out[name])] = torch.full_like(out[name], weight)
         start = self._now()
-        for r, leaves, sources, tops in reversed(steps):
+        for record, leaves, sources, tops in reversed(self._steps):
             live = [(t, grads.pop(id(t))) for t in tops if id(t) in grads and t.requires_grad]
-            wrt = [x for x in leaves if x.requires_grad] + \
-                  [p for p in r.module.caffe_blobs() if p.requires_grad]
-            if not live or not wrt:
+            if not live:
                 continue
             t0 = self._now()
-            diffs = torch.autograd.grad([t for t, _ in live], wrt, [g for _, g in live],
-                                        allow_unused=True)
-            self.backward_ms[r.name] += (self._now() - t0) * 1e3
-            for leaf, source, diff in zip(leaves, sources, diffs):
-                if diff is not None and leaf.requires_grad:
+            # the node's whole backward (its inputs are leaves, so it stops there): diffs land in
+            # the leaves' .grad and accumulate in the parameters' .grad, as Caffe's Backward
+            torch.autograd.backward([t for t, _ in live], [g for _, g in live])
+            if record is not None:
+                self.backward_ms[id(record)] += (self._now() - t0) * 1e3
+            for x, source in zip(leaves, sources):
+                if x.grad is not None:
                     key = id(source)
-                    grads[key] = diff if key not in grads else grads[key] + diff
+                    grads[key] = x.grad if key not in grads else grads[key] + x.grad
         return forward, (self._now() - start) * 1e3
 
 
+def _tensors(value):
+    """The tensors in a node's (possibly nested) arguments or result, in order."""
+    found = []
+    fx.node.map_aggregate(value, lambda v: found.append(v) if isinstance(v, torch.Tensor) else v)
+    return found
+
+
 def run(args):
-    if args.iterations <= 0:
-        raise ValueError(f"--iterations must be > 0, got {args.iterations}")
-    variables = parse_variables(args.set, args.vars)
-    device = torch.device(device_from_gpu(args.gpu) or "cpu")
     with glog_to(sys.stderr):
-        net = Net(args.model, weights=args.weights, phase=args.phase, variables=variables,
-                  device=device, stages=tuple(args.stage), level=args.level, fuse=False)
+        net, device = net_from_args(args, fuse=False)
         feed = feed_from_args(net, args.input, device, zeros_for_missing=True)
         timer = LayerTimer(net, device)
         log.info("Performing Forward")
@@ -108,8 +125,8 @@ def run(args):
         log.info("Average time per layer: ")
         width = max((len(r.name) for r in timer.records), default=0)
         for r in timer.records:
-            log.info(f"{r.name:>{width}}\tforward: {timer.forward_ms[r.name] / args.iterations:.5g} ms.")
-            log.info(f"{r.name:>{width}}\tbackward: {timer.backward_ms[r.name] / args.iterations:.5g} ms.")
+            log.info(f"{r.name:>{width}}\tforward: {timer.forward_ms[id(r)] / args.iterations:.5g} ms.")
+            log.info(f"{r.name:>{width}}\tbackward: {timer.backward_ms[id(r)] / args.iterations:.5g} ms.")
         n = args.iterations
         log.info(f"Average Forward pass: {forward_total / n:.5g} ms.")
         log.info(f"Average Backward pass: {backward_total / n:.5g} ms.")

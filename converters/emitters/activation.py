@@ -11,17 +11,17 @@ __all__ = ["emit_abs_val", "emit_dropout", "emit_exp", "emit_power", "emit_relu"
 def emit_relu(spec):
     slope = spec.kwargs.get("negative_slope", 0.0)
     module = "nn.ReLU()" if slope == 0 else f"nn.LeakyReLU({literal(slope)})"
-    return Emission(f"self.{spec.key}({spec.bottoms[0]})", module=module)
+    return Emission(f"{spec.attr}({spec.bottoms[0]})", module=module)
 
 
 @register_emitter("Sigmoid")
 def emit_sigmoid(spec):
-    return Emission(f"self.{spec.key}({spec.bottoms[0]})", module="nn.Sigmoid()")
+    return Emission(f"{spec.attr}({spec.bottoms[0]})", module="nn.Sigmoid()")
 
 
 @register_emitter("TanH")
 def emit_tanh(spec):
-    return Emission(f"self.{spec.key}({spec.bottoms[0]})", module="nn.Tanh()")
+    return Emission(f"{spec.attr}({spec.bottoms[0]})", module="nn.Tanh()")
 
 
 @register_emitter("AbsVal")
@@ -60,11 +60,11 @@ def emit_exp(spec):
 def emit_dropout(spec):
     # nn.Dropout is the identity in eval mode (Caffe's TEST phase) and scales by 1/(1-p) in
     # training, like Caffe's TRAIN phase
-    return Emission(f"self.{spec.key}({spec.bottoms[0]})",
+    return Emission(f"{spec.attr}({spec.bottoms[0]})",
                     module=f"nn.Dropout(p={literal(spec.kwargs.get('dropout_ratio', 0.5))})")
 
 
 @register_emitter("Softmax")
 def emit_softmax(spec):
-    return Emission(f"self.{spec.key}({spec.bottoms[0]})",
+    return Emission(f"{spec.attr}({spec.bottoms[0]})",
                     module=f"nn.Softmax(dim={spec.kwargs.get('axis', 1)})")

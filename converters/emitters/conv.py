@@ -33,7 +33,7 @@ def emit_convolution(spec):
         return None
     out_channels, per_group = kw["weight_shape"][:2]
     args = _conv_arguments(kw, per_group * kw.get("group", 1), out_channels)
-    return Emission(f"self.{spec.key}({spec.bottoms[0]})", module=f"nn.Conv2d({args})")
+    return Emission(f"{spec.attr}({spec.bottoms[0]})", module=f"nn.Conv2d({args})")
 
 
 @register_emitter("Deconvolution")
@@ -43,7 +43,7 @@ def emit_deconvolution(spec):
         return None
     in_channels, per_group = kw["weight_shape"][:2]
     args = _conv_arguments(kw, in_channels, per_group * kw.get("group", 1))
-    return Emission(f"self.{spec.key}({spec.bottoms[0]})", module=f"nn.ConvTranspose2d({args})")
+    return Emission(f"{spec.attr}({spec.bottoms[0]})", module=f"nn.ConvTranspose2d({args})")
 
 
 @register_emitter("InnerProduct")
@@ -54,5 +54,5 @@ def emit_inner_product(spec):
     bias = "" if kw.get("bias_term", True) else ", bias=False"
     x = spec.bottoms[0]
     flat = x if len(spec.bottom_shapes[0]) == 2 else f"{x}.flatten(1)"
-    return Emission(f"self.{spec.key}({flat})",
+    return Emission(f"{spec.attr}({flat})",
                     module=f"nn.Linear({kw['input_size']}, {kw['num_output']}{bias})")

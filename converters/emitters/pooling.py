@@ -29,5 +29,5 @@ def emit_pooling(spec):
     if ceil:
         args.append("ceil_mode=True")
     cls = "nn.MaxPool2d" if method == "MAX" else "nn.AvgPool2d"
-    return Emission(f"self.{spec.key}({x})", module=f"{cls}({', '.join(args)})")
+    return Emission(f"{spec.attr}({x})", module=f"{cls}({', '.join(args)})")
 

@@ -5,10 +5,13 @@ its bottoms) and returns an `Emission` -- the attribute to create in `__init__` 
 expression that computes the tops in `forward` -- or None when this instance uses a variant plain
 torch cannot express; the exporter then instantiates the segaware_caffe layer module itself.
 """
+import keyword
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from segaware_caffe.layer import add_to_registry
 
 _EMITTERS = {}
 
@@ -25,6 +28,18 @@ class LayerSpec:
     num_tops: int
     phase: str                # "TRAIN" or "TEST"
 
+    @property
+    def attr(self):
+        """How generated code reads the layer's module attribute."""
+        return attribute_expression(self.key)
+
+
+def attribute_expression(key):
+    """`self.<key>`, or `getattr(self, '<key>')` for a key that is no plain ASCII name (a Caffe
+    layer named `class`)."""
+    plain = key.isidentifier() and key.isascii() and not keyword.iskeyword(key)
+    return f"self.{key}" if plain else f"getattr(self, {key!r})"
+
 
 @dataclass
 class Emission:
@@ -38,11 +53,7 @@ class Emission:
 def register_emitter(*type_names):
     """Decorator: register `fn(spec) -> Emission | None` for one or more Caffe types."""
     def wrap(fn):
-        for type_name in type_names:
-            if type_name in _EMITTERS:
-                raise ValueError(f"an emitter for layer type {type_name!r} is already registered "
-                                 f"({_EMITTERS[type_name].__name__})")
-            _EMITTERS[type_name] = fn
+        add_to_registry(_EMITTERS, type_names, fn, "an emitter for layer type")
         return fn
     return wrap
 

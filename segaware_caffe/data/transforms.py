@@ -1,4 +1,4 @@
-"""Caffe's DataTransformer, as the image data layers use it (SEMANTICS §8.5, §8.6).
+"""Caffe's DataTransformer, as the image data layers use it.
 
 Two variants:
 - `JointTransform`: DeepLab v2's image + label transform (ImageSegData, and TwoImageData by the

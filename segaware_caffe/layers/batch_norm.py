@@ -1,4 +1,5 @@
-"""BatchNorm as modified by the fork, following its GPU path (SEMANTICS §9.2, Decisions 2)."""
+"""BatchNorm as modified by the fork. Where the fork's CPU and GPU code differ this follows the
+GPU path, the one the released models were trained and evaluated with."""
 import torch
 from torch import nn
 

@@ -1,4 +1,4 @@
-"""Bias: broadcast add of a learned blob or of a second bottom (SEMANTICS §9.3)."""
+"""Bias: broadcast add of a learned blob or of a second bottom."""
 import torch
 from torch import nn
 

@@ -36,6 +36,9 @@ class Concat(CaffeLayer):
                                 f"has {shapes[0]}")
         return cls(axis=axis)
 
+    def top_shares_bottom(self, top_index, num_bottoms):
+        return num_bottoms == 1      # Caffe's Concat hands a single bottom's memory to the top
+
     def forward(self, *bottoms):
         if len(bottoms) == 1:
             return bottoms[0]

@@ -54,6 +54,7 @@ class ContrastiveLoss(CaffeLayer):
     BOTTOMS = (3, 3)
     IS_LOSS = True
     NO_GRAD_BOTTOMS = (2,)
+    NO_FORCE_BACKWARD = (2,)     # force_backward leaves the similarity bottom alone
 
     def __init__(self, *, margin=1.0, legacy_version=False, where="ContrastiveLoss"):
         super().__init__()

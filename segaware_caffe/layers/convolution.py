@@ -1,5 +1,4 @@
-"""Convolution and Deconvolution (Caffe engine), with the fork's `bottom_is_im2col` (SEMANTICS §5,
-§9.11).
+"""Convolution and Deconvolution (Caffe engine), with the fork's `bottom_is_im2col`.
 
 Both take one or more bottoms of the same shape and give one top per bottom, all computed with the
 same weights. The channel axis is `convolution_param.axis` (default 1); the axes before it are

@@ -1,4 +1,4 @@
-"""DistLoss (SEMANTICS §3): the segaware embedding hinge loss over Im2dist / Im2parity outputs."""
+"""DistLoss: the segaware embedding hinge loss over Im2dist / Im2parity outputs."""
 from segaware_caffe.kernels.dist_loss import dist_loss
 
 from ..layer import CaffeLayer, no_gradient_into, register_layer
@@ -10,6 +10,8 @@ class DistLoss(CaffeLayer):
     """loss = sum(m) / count(D) with m = max(D - alpha, 0) where the parity is non-zero (same
     label), max(beta - D, 0) where it is 0, and 0 where it equals ignore_label. The gradient to
     D is the original's signed m / count, unscaled by loss_weight; the parity gets none."""
+    USES_SEGAWARE_KERNELS = True
+    IGNORES_PROPAGATE_DOWN = (0,)   # the distance always gets its diff, the parity never
     BOTTOMS = (2, 2)
     IS_LOSS = True
     # the original's backward writes only the distances' diff

@@ -1,4 +1,4 @@
-"""DummyData: tops of fixed shapes filled by fillers, incl. the fork's "xy" filler (SEMANTICS §7)."""
+"""DummyData: tops of fixed shapes filled by fillers, incl. the fork's "xy" filler."""
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +80,10 @@ class DummyData(CaffeLayer):
         for spec, shape in zip(specs, shapes):
             fill(spec, shape, ctx)  # a bad filler (type, xy shape) fails now, not in forward
         return cls(shapes=shapes, fillers=specs)
+
+    def constant_top(self, top_index):
+        # Caffe fills a constant top once, at set-up, and its Forward never writes it again
+        return self.fillers[top_index].type == "constant"
 
     def output_shapes(self, bottom_shapes):
         return list(self.shapes)

@@ -1,4 +1,4 @@
-"""Im2col as a layer (SEMANTICS §5): (N, C, H, W) -> (N, C*K, Ho, Wo), channel c*K + i*kw + j."""
+"""Im2col as a layer: (N, C, H, W) -> (N, C*K, Ho, Wo), channel c*K + i*kw + j."""
 import torch.nn.functional as F
 
 from ..layer import CaffeLayer, register_layer

@@ -1,4 +1,4 @@
-"""Im2dist (SEMANTICS §2.1): per-tap centre-to-neighbour distances, (N, C, H, W) -> (N, K, Ho, Wo);
+"""Im2dist: per-tap centre-to-neighbour distances, (N, C, H, W) -> (N, K, Ho, Wo);
 also the convolution_param geometry reading shared by the segaware patch layers."""
 from segaware_caffe.kernels.im2dist import im2dist
 
@@ -45,6 +45,8 @@ class Im2dist(CaffeLayer):
     0.5 d² (L2, the default). Out-of-image neighbours give 0 (BIG = FLT_MAX/100 with
     remove_bounds), the centre tap gives BIG with remove_center, and a patch whose centre is
     outside the image gives 0 on every tap. L1 backward uses sign(0) = 0 (the original's GPU)."""
+    IGNORES_PROPAGATE_DOWN = (0,)
+    USES_SEGAWARE_KERNELS = True
 
     def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), norm="L2",
                  remove_center=False, remove_bounds=False):

@@ -1,4 +1,4 @@
-"""Im2parity (SEMANTICS §2.2): per-tap label agreement, (N, C, H, W) labels -> (N, K, Ho, Wo)."""
+"""Im2parity: per-tap label agreement, (N, C, H, W) labels -> (N, K, Ho, Wo)."""
 from segaware_caffe.kernels.im2parity import im2parity
 
 from ..layer import CaffeLayer, no_gradient_into, register_layer
@@ -11,7 +11,8 @@ class Im2parity(CaffeLayer):
     count as label 0; with ignore_label, taps touching it output ignore_label. A patch whose
     centre is outside the image outputs ignore_label (0 if unset). Forward only: the output
     carries no gradient (the original has no backward)."""
-    HAS_BACKWARD = False
+    HAS_BACKWARD = False        # its Backward aborts (NOT_IMPLEMENTED)
+    USES_SEGAWARE_KERNELS = True
 
     def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), ignore_label=None,
                  where="Im2parity"):

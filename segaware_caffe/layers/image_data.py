@@ -1,5 +1,4 @@
-"""ImageData (BVLC): list lines `path int_label`; tops data (N,C,Hc,Wc) and label (N,)
-(SEMANTICS §8.6)."""
+"""ImageData (BVLC): list lines `path int_label`; tops data (N,C,Hc,Wc) and label (N,)."""
 import numpy as np
 
 from segaware_caffe import caffe_proto

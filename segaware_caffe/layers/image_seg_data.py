@@ -1,5 +1,4 @@
-"""ImageSegData (DeepLab v2): image + label image (or constant label) + data_dim, with pad-to-crop
-(SEMANTICS §8.5)."""
+"""ImageSegData (DeepLab v2): image + label image (or constant label) + data_dim, with pad-to-crop."""
 import re
 
 from segaware_caffe.caffe_proto import caffe_pb2

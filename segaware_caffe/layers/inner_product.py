@@ -1,4 +1,4 @@
-"""InnerProduct: fully connected over all axes from `axis` on (SEMANTICS §9.11)."""
+"""InnerProduct: fully connected over all axes from `axis` on."""
 import math
 
 import torch

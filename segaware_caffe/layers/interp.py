@@ -1,4 +1,4 @@
-"""Interp (DeepLab v2): bilinear resize with align-corners sampling (SEMANTICS §6)."""
+"""Interp (DeepLab v2): bilinear resize with align-corners sampling."""
 import torch.nn.functional as F
 
 from ..layer import CaffeLayer, register_layer
@@ -10,7 +10,7 @@ class Interp(CaffeLayer):
     interpolation; backward is the transpose (scatter of the four weights).
 
     Output size: the first matching rule of shrink only, zoom only, height and width, shrink then
-    zoom (SEMANTICS §6 order). The crop offset is -pad_beg for both rows and columns.
+    zoom, in that order. The crop offset is -pad_beg for both rows and columns.
     """
 
     def __init__(self, *, zoom_factor=None, shrink_factor=None, height=None, width=None,

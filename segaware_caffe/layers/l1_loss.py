@@ -69,6 +69,7 @@ class L1Loss(CaffeLayer):
     followed here, which also writes the NaN-zeroed d back into a single bottom's data."""
     BOTTOMS = (1, 2)
     IS_LOSS = True
+    NO_FORCE_BACKWARD = ()       # unlike other losses, force_backward reaches both bottoms
 
     def __init__(self, *, l2_per_location=False, l2_prescale_by_channels=False,
                  normalize_by_num_entries=False, epsilon=0.01, plateau=0.0):

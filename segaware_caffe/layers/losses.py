@@ -9,6 +9,7 @@ class EuclideanLoss(CaffeLayer):
     """loss = sum((a - b)^2) / N / 2 (N = first dim); gradients +-(a - b) * dloss / N to both."""
     BOTTOMS = (2, 2)
     IS_LOSS = True
+    NO_FORCE_BACKWARD = ()     # both bottoms are data: force_backward reaches both (Caffe)
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

@@ -1,4 +1,4 @@
-"""LRN: local response normalisation across or within channels (SEMANTICS §9.11)."""
+"""LRN: local response normalisation across or within channels."""
 import torch.nn.functional as F
 
 from ..layer import CaffeLayer, register_layer

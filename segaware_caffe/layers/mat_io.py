@@ -1,4 +1,4 @@
-"""MatWrite / MatRead (DeepLab v2, matio): blobs to and from MATLAB .mat files (SEMANTICS §8.3).
+"""MatWrite / MatRead (DeepLab v2, matio): blobs to and from MATLAB .mat files.
 
 File names are ``prefix + name + "_blob_" + i + ".mat"`` for bottom/top i, where name is the
 k-th entry of `source` (first token of each non-blank line, minus its last `strip` characters)

@@ -1,10 +1,10 @@
-"""NormConv: convolution with per-pixel softmax attention over embedding distances (SEMANTICS §4.1).
+"""NormConv: convolution with per-pixel softmax attention over embedding distances.
 
 Bottoms: 0 = x (N, C, H, W), 1 = embedding (N, E, H, W) of the same batch and spatial size.
 Blobs, Caffe order: weight (O, C/group, kh, kw), bias (O) if bias_term, scale (1) if scale_term.
 
 Deviation: the original leaves the gradient of bottom 0 unwritten for 1x1 stride-1 pad-0 layers
-(decision 3: both of its paths are broken there); we give the exact gradient. bottom_is_im2col is
+(both its CPU and its GPU path are broken there); we give the exact gradient. bottom_is_im2col is
 refused at build time (no released net uses it with NormConv).
 """
 import torch
@@ -25,6 +25,7 @@ def _optional_filler(message, field):
 
 @register_layer("NormConv")
 class NormConv(CaffeLayer):
+    USES_SEGAWARE_KERNELS = True
     BOTTOMS = (2, 2)
     TOPS = (1, 1)
     CAFFE_BLOBS = ("weight", "bias", "scale")

@@ -1,4 +1,4 @@
-"""NormConvMeanfield: the segmentation-aware CRF (SEMANTICS §4.2).
+"""NormConvMeanfield: the segmentation-aware CRF.
 
 Bottoms (4): unary U, initial X0 (both (N, C, H, W), log domain), bilateral features (entry 0 of
 the repeated fields), spatial features (entry 1). Top: X_T, not normalised.
@@ -32,6 +32,8 @@ def _two_or_default(param, field, default, ctx):
 
 @register_layer("NormConvMeanfield")
 class NormConvMeanfield(CaffeLayer):
+    IGNORES_PROPAGATE_DOWN = (0, 1, 2, 3)   # all four bottoms get a diff
+    USES_SEGAWARE_KERNELS = True
     BOTTOMS = (4, 4)
     TOPS = (1, 1)
     CAFFE_BLOBS = ("spatial_weight", "bilateral_weight", "compatibility")

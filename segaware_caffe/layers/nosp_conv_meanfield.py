@@ -40,6 +40,7 @@ class NospConvMeanfield(CaffeLayer):
     BOTTOMS = (3, 3)
     CAFFE_BLOBS = ("bilateral_weight", "compatibility")
     HAS_BACKWARD = False
+    USES_SEGAWARE_KERNELS = True
 
     def __init__(self, *, channels, num_iterations, bilateral, where="NospConvMeanfield"):
         super().__init__()

@@ -45,6 +45,7 @@ def reshape_top_shape(bottom_shape, dims, axis, num_axes):
 @register_layer("Reshape")
 class Reshape(CaffeLayer):
     """y = x viewed with the shape from reshape_param (shape dims, axis 0, num_axes -1)."""
+    SHARES_BOTTOM_DATA = True
 
     def __init__(self, *, dims, axis=0, num_axes=-1):
         super().__init__()

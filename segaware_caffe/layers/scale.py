@@ -1,4 +1,4 @@
-"""Scale: broadcast multiply by a learned blob or a second bottom, optional bias (SEMANTICS §9.3)."""
+"""Scale: broadcast multiply by a learned blob or a second bottom, optional bias."""
 import torch
 from torch import nn
 

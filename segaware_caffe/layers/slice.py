@@ -49,6 +49,9 @@ class Slice(CaffeLayer):
                             f"{axis} is not divisible by {num_tops} tops")
         return cls(axis=axis, slice_points=points, num_tops=num_tops)
 
+    def top_shares_bottom(self, top_index, num_bottoms):
+        return self.num_tops == 1      # Caffe's Slice hands a single top the bottom's memory
+
     def forward(self, x):
         if self.num_tops == 1:
             return x

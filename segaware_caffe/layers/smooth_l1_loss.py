@@ -45,6 +45,7 @@ class SmoothL1Loss(CaffeLayer):
     BOTTOMS = (2, 3)
     IS_LOSS = True
     NO_GRAD_BOTTOMS = (2,)
+    NO_FORCE_BACKWARD = ()       # force_backward is allowed into every bottom (then refused at 2)
 
     def __init__(self, *, sigma=1.0, where="SmoothL1Loss"):
         super().__init__()

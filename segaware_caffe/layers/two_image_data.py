@@ -1,5 +1,5 @@
 """TwoImageData: the image/label-image reader the released embs and vgg configs name but the fork
-never had (SEMANTICS §8.7, Decisions 4). Implemented like ImageSegData with label_type PIXEL: the
+never had, so it is implemented the way those configs use it: like ImageSegData with label_type PIXEL, the
 same random scale, crop and mirror for both images, the image padded with the mean and the label
 with ignore_label (255)."""
 from ..data.base import ListDataLayer, read_list_settings, warn_if_palette

@@ -1,4 +1,5 @@
-"""Caffe's learning-rate policies and per-blob update rules (BVLC fe0f44112, SEMANTICS §12).
+"""Caffe's learning-rate policies and per-blob update rules (BVLC fe0f44112, which the
+fork did not change).
 
 Everything runs on float32 tensors in place, in the order Caffe's CPU code runs its BLAS calls, so
 trajectories match the original to float32 rounding. Scalars are rounded to float32 where Caffe

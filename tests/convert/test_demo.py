@@ -3,6 +3,7 @@ smooths the photo yet keeps the object boundaries that a box blur of the same wi
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from segaware_caffe.tools.cli import main
@@ -29,6 +30,7 @@ def contrasts(image, labels):
     return across, inside
 
 
+@pytest.mark.slow
 def test_demo_pictures(tmp_path, capsys):
     start = time.time()
     assert main(["demo", "--size", str(SIZE), "--out", str(tmp_path)]) == 0

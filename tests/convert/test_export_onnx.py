@@ -24,6 +24,7 @@ def batch_one(net):
     return {name: (1, *shape[1:]) for name, shape in net.input_shapes.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prototxt", BVLC, ids=lambda p: p.stem if p else "reference")
 def test_bvlc_nets_run_in_onnxruntime(prototxt, tmp_path):
     ort = onnxruntime_or_skip()

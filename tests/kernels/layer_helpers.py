@@ -1,14 +1,12 @@
 """Helpers shared by the segmentation-aware op tests: build one layer from prototxt text, compare
-with golden numbers at the golden/README tolerance."""
+with golden numbers at the golden tolerance (tests/tolerances.py)."""
 import itertools
 
-import numpy as np
-import torch
 
 from segaware_caffe.caffe_proto import read_net
-from segaware_caffe.kernels import BIG
 from segaware_caffe import BuildContext
 from segaware_caffe.layer import layer_class
+from tests.tolerances import assert_close
 
 
 def build_layer(text_or_param, bottom_shapes, phase="TEST"):
@@ -21,20 +19,7 @@ def build_layer(text_or_param, bottom_shapes, phase="TEST"):
     return layer_class(layer_param.type, layer_param.name).from_proto(layer_param, ctx)
 
 
-def assert_golden_close(got, ref, what):
-    """|got - ref| <= 1e-4 |ref| + 1e-5 max|ref| elementwise; removed taps (FLT_MAX/100) must
-    match exactly and are left out of max|ref|. Returns the max error relative to max|ref|."""
-    got = got.detach().double().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
-    ref = np.asarray(ref, dtype=np.float64)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
-    big = ref == np.float64(np.float32(BIG))
-    assert np.array_equal(got[big], ref[big]), f"{what}: removed taps (FLT_MAX/100) differ"
-    kept = np.where(big, 0.0, ref)
-    scale = np.abs(kept).max() if kept.size else 0.0
-    err = np.where(big, 0.0, np.abs(got - ref))
-    assert (err <= 1e-4 * np.abs(kept) + 1e-5 * scale).all(), \
-        f"{what}: max abs error {err.max():.3g}, max|ref| {scale:.3g}"
-    return err.max() / scale if scale else err.max()
+assert_golden_close = assert_close    # the golden tolerance of tests/tolerances.py
 
 
 def window_taps(shape, geometry):

@@ -17,19 +17,10 @@ from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda
 
 meanfield_module = importlib.import_module("segaware_caffe.kernels.meanfield")
+from tests.tolerances import assert_close
 
 
-def assert_golden(got, ref, what):
-    """golden/README tolerance: |got - ref| <= 1e-4 |ref| + 1e-5 max|ref|. Returns the max error
-    relative to max|ref|."""
-    got = got.detach().cpu().double().numpy()
-    ref = np.asarray(ref, dtype=np.float64)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape}, expected {ref.shape}"
-    scale = np.abs(ref).max()
-    err = np.abs(got - ref)
-    bad = err > 1e-4 * np.abs(ref) + 1e-5 * scale
-    assert not bad.any(), f"{what}: {int(bad.sum())} entries off, max abs error {err.max():.3g}"
-    return err.max() / scale
+assert_golden = assert_close    # the golden tolerance of tests/tolerances.py
 
 
 def layer_text(param):

@@ -1,78 +1,26 @@
-"""Net-level rules (SEMANTICS §11) with small layer types registered here, independent of the
-library's layers: filtering, inputs, in-place tops, split naming, sharing, weights, errors."""
-import warnings
-
+"""Net-level rules with small layer types registered here, independent of the library's layers:
+filtering, inputs, in-place tops and BLOB@LAYER versions, split naming, sharing, errors."""
 import pytest
 import torch
 
 import segaware_caffe as sc
-from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.layer import CaffeLayer, register_layer
+from tests.net.toy_net import NET
 
 
-@register_layer("TestMulWeight")
-class MulWeight(CaffeLayer):
-    """y = x * w (w of shape (C,)), used to exercise parameters."""
-    CAFFE_BLOBS = ("weight",)
-
-    def __init__(self, *, channels, value):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.full((channels,), float(value)))
-
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        return cls(channels=ctx.bottom_shapes[0][1], value=2.0)
-
-    def forward(self, x):
-        return x * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
-
-
-@register_layer("TestAdd")
-class Add(CaffeLayer):
-    BOTTOMS = (2, 2)
-
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        if ctx.bottom_shapes[0] != ctx.bottom_shapes[1]:
-            raise ctx.error(f"bottoms must have equal shapes, got {ctx.bottom_shapes}")
-        return cls()
-
-    def forward(self, a, b):
-        return a + b
-
-
-@register_layer("TestSumLoss")
-class SumLoss(CaffeLayer):
-    IS_LOSS = True
-
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        return cls()
-
-    def forward(self, x):
-        return x.sum()
-
-
-NET = """
-name: "tiny"
-input: "data"
-input_shape { dim: 2 dim: 3 dim: 4 dim: 5 }
-layer { name: "a" type: "TestMulWeight" bottom: "data" top: "a" param { lr_mult: 2 decay_mult: 0 name: "shared_w" } }
-layer { name: "relu" type: "ReLU" bottom: "a" top: "a" }
-layer { name: "b" type: "TestMulWeight" bottom: "a" top: "b" param { name: "shared_w" } }
-layer { name: "c" type: "TestAdd" bottom: "a" bottom: "b" top: "c" }
-layer { name: "train_only" type: "TestSumLoss" bottom: "c" top: "loss" include { phase: TRAIN } }
-layer { name: "staged" type: "ReLU" bottom: "c" top: "staged" include { stage: "extra" } }
-layer { name: "leveled" type: "ReLU" bottom: "c" top: "leveled" exclude { min_level: 1 } }
-"""
+def prototxt_layers(net):
+    return [r.name for r in net.records if r.origin == "prototxt"]
 
 
 def test_phase_stage_level_filtering():
     test_net = sc.Net(NET, phase="test")
-    names = [r.name for r in test_net.records]
-    assert names == ["a", "relu", "b", "c", "leveled"]
+    assert prototxt_layers(test_net) == ["a", "relu", "b", "c", "leveled"]
+    # as Caffe builds it: the legacy inputs' Input layer, and a Split where a blob has two readers
+    assert [r.name for r in test_net.records] == ["input", "a", "relu", "a_relu_0_split", "b", "c",
+                                                  "leveled"]
     train_net = sc.Net(NET, phase="train", stages=["extra"], level=1)
-    assert [r.name for r in train_net.records] == ["a", "relu", "b", "c", "train_only", "staged"]
+    assert prototxt_layers(train_net) == ["a", "relu", "b", "c", "train_only", "staged"]
+    assert "c_c_0_split" in [r.name for r in train_net.records]
     assert train_net.loss_weights == {"loss": 1.0}
     assert train_net.outputs == ["loss", "staged"]   # blobs nobody consumes, alphabetical
 
@@ -119,45 +67,6 @@ def test_gradients_flow_through_shared_params_and_splits():
     a = torch.relu(x * w2.view(1, -1, 1, 1))
     (a + a * w2.view(1, -1, 1, 1)).sum().backward()
     torch.testing.assert_close(w.grad, w2.grad)
-
-
-def test_weights_round_trip_and_reports(tmp_path):
-    net = sc.Net(NET)
-    with torch.no_grad():
-        net.params["a"][0].copy_(torch.tensor([1.0, -2.0, 3.0]))
-    path = tmp_path / "tiny.caffemodel"
-    net.save_weights(path)
-    other = sc.Net(NET)
-    report = other.load_weights(path)
-    torch.testing.assert_close(other.params["a"][0], torch.tensor([1.0, -2.0, 3.0]))
-    assert report.loaded == ["a", "b"]
-    # a weights file with a layer the net lacks: reported, not silently dropped
-    proto = net.to_weights_proto()
-    extra = proto.layer.add()
-    extra.name, extra.type = "ghost", "TestMulWeight"
-    extra.blobs.add().CopyFrom(proto.layer[0].blobs[0])
-    with pytest.warns(UserWarning, match="ghost"):
-        sc.Net(NET, weights=proto)
-
-
-def test_weights_with_wrong_shape_name_the_layer():
-    net = sc.Net(NET)
-    proto = net.to_weights_proto()
-    blob = proto.layer[0].blobs[0]
-    del blob.data[:]
-    blob.data.extend([1.0, 2.0])
-    blob.shape.dim[:] = [2]
-    with pytest.raises(sc.NetBuildError, match=r"layer a \(TestMulWeight\) blob 0 has shape \(2,\) in the weights file, the net expects \(3,\)"):
-        net.load_weights(proto)
-
-
-def test_legacy_4d_blob_shape_fits_a_1d_param():
-    net = sc.Net(NET)
-    proto = net.to_weights_proto()
-    blob = proto.layer[0].blobs[0]
-    blob.ClearField("shape")
-    blob.num, blob.channels, blob.height, blob.width = 1, 1, 1, 3
-    net.load_weights(proto)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -227,3 +136,40 @@ def test_lr_mult_zero_freezes_unless_force_backward():
     assert not sc.Net(frozen).learnable_params[0].requires_grad
     forced = "force_backward: true\n" + frozen
     assert sc.Net(forced).learnable_params[0].requires_grad
+
+
+def test_the_prototxt_state_selects_layers():
+    text = """
+    name: "t"
+    state { stage: "deploy" level: 2 }
+    input: "data" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }
+    layer { name: "a" type: "ReLU" bottom: "data" top: "a" include { stage: "deploy" } }
+    layer { name: "b" type: "ReLU" bottom: "data" top: "b" include { min_level: 1 } }
+    layer { name: "c" type: "ReLU" bottom: "data" top: "c" include { stage: "extra" } }
+    """
+    def layers(net):
+        return [r.name for r in net.records if r.origin == "prototxt"]
+    assert layers(sc.Net(text)) == ["a", "b"]
+    # given stages add to the file's, a given level replaces the file's
+    assert layers(sc.Net(text, stages=("extra",), level=0)) == ["a", "c"]
+
+
+def test_blob_at_layer_names_a_version_before_in_place_rewrites():
+    text = """
+    name: "t"
+    input: "x" input_shape { dim: 1 dim: 4 }
+    layer { name: "p" type: "Power" bottom: "x" top: "y" power_param { shift: -2 } }
+    layer { name: "r" type: "ReLU" bottom: "y" top: "y" }
+    layer { name: "s" type: "Power" bottom: "y" top: "y" power_param { scale: 3 } }
+    """
+    net = sc.Net(text)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]], requires_grad=True)
+    out = net.forward(outputs=["y", "y@p", "y@r", "y@s"], x=x)
+    assert out["y@p"].tolist() == [[-1.0, 0.0, 1.0, 2.0]]
+    assert out["y@r"].tolist() == [[0.0, 0.0, 1.0, 2.0]]
+    assert torch.equal(out["y@s"], out["y"])
+    out["y@p"].retain_grad()
+    out["y"].sum().backward()
+    assert out["y@p"].grad.tolist() == [[0.0, 0.0, 3.0, 3.0]]    # Caffe's diff of y
+    with pytest.raises(KeyError, match="BLOB@LAYER"):
+        net.forward(outputs=["y@nope"], x=x)

@@ -1,4 +1,4 @@
-"""Acceptance for issue #3 item 2: every released config builds in the phase it declares; the deploy
+"""Every released config builds in the phase it declares; the deploy
 nets run forward on random inputs with filler weights at their declared size and a smaller one."""
 import re
 from pathlib import Path
@@ -12,6 +12,8 @@ from segaware_caffe import caffe_proto
 import segaware_caffe as sc
 from segaware_caffe.resize import resize_deploy
 from tests.conftest import REFERENCE, reference_files
+
+pytestmark = pytest.mark.slow   # every test here builds a released whole net
 
 CONFIG = REFERENCE / "segaware" / "config"
 NETS = reference_files(sorted(p for p in CONFIG.glob("*/*.prototxt") if "solver" not in p.name))

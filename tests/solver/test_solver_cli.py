@@ -206,6 +206,7 @@ def make_vgg_experiment(root, reference):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_train_verb_released_vgg_config(tmp_path, reference, capsys):
     solver_file, vars_file = make_vgg_experiment(tmp_path, reference)
     code = main(["train", "--solver", str(solver_file), "--vars", str(vars_file)])
@@ -249,6 +250,7 @@ def _rank_main(rank, port, tmp_path, feeds, result_queue):
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_average_gradients_like_caffe(tmp_path):
     """2 ranks with batches of 4 = one process with the 8-sample batch (the toy loss is a mean
     over the batch): Caffe's P2PSync sums the diffs and divides by the number of solvers."""

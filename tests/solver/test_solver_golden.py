@@ -26,7 +26,7 @@ def feed(data, k):
 
 
 def tolerance(solver):
-    # golden/README: 1e-4 |ref| + 1e-5 max|ref| for the SGD family, about 10x for adaptive rules
+    # tests/tolerances.py: 1e-4 |ref| + 1e-5 max|ref| for the SGD family, about 10x for adaptive rules
     return (1e-3, 1e-4) if solver.param.type in ADAPTIVE else (1e-4, 1e-5)
 
 

@@ -1,5 +1,5 @@
 """Solver machinery on a toy net against an independent float64 reference of Caffe's maths
-(SEMANTICS §12): every solver type, lr_mult/decay_mult, L1/L2, iter_size, clipping, policies,
+(BVLC fe0f44112's solvers, which the fork did not change): every solver type, lr_mult/decay_mult, L1/L2, iter_size, clipping, policies,
 history order, snapshots and restore."""
 import math
 
@@ -11,6 +11,7 @@ from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.solver import Solver
 from segaware_caffe.solvers.rules import learning_rate
 from tests.solver.toy_layers import TOY_NET
+from tests.tolerances import SOLVER_HISTORY_ABSFRAC, assert_close
 
 STEPS = 5
 
@@ -131,7 +132,8 @@ def test_toy_trajectory_matches_reference(tmp_path, name):
         for k in range(4):
             got = solver.history[s * 4 + k].numpy()
             ref = history[s][k]
-            assert np.allclose(got, ref, rtol=1e-4, atol=1e-6 * max(np.abs(ref).max(), 1e-3)), (s, k)
+            assert_close(got, ref, f"history set {s} blob {k}", absfrac=SOLVER_HISTORY_ABSFRAC,
+                         floor=SOLVER_HISTORY_ABSFRAC * 1e-3)
 
 
 def test_iter_size_equals_summed_passes(tmp_path):
