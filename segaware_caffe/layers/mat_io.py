@@ -13,6 +13,7 @@ import scipy.io
 import torch
 
 from ..data.images import DataError
+from ..errors import SegawareError
 from ..data.listfile import read_lines, resolve_file
 from ..layer import CaffeLayer, register_layer
 
@@ -120,7 +121,7 @@ class MatWrite(CaffeLayer):
         return f"prefix={self.prefix!r}, names={source}, period={self.period}"
 
 
-class MatFileError(ValueError):
+class MatFileError(SegawareError, ValueError):
     """A .mat file that does not hold what MatRead expects (the message names the file)."""
 
 
