@@ -14,9 +14,8 @@ import torch
 
 from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import glog_to
-from segaware_caffe.tools.common import parse_variables
+from segaware_caffe.tools.common import UsageError, device_from_args, parse_variables
 from segaware_caffe.tools.cmd_test import add_net_run_arguments, feed_from_args
-from segaware_caffe.tools.cmd_train import device_from_gpu
 
 log = logging.getLogger("segaware_caffe.cli")
 
@@ -85,9 +84,9 @@ class LayerTimer:
 
 def run(args):
     if args.iterations <= 0:
-        raise ValueError(f"--iterations must be > 0, got {args.iterations}")
+        raise UsageError(f"--iterations must be > 0, got {args.iterations}")
     variables = parse_variables(args.set, args.vars)
-    device = torch.device(device_from_gpu(args.gpu) or "cpu")
+    device = torch.device(device_from_args(args) or "cpu")
     with glog_to(sys.stderr):
         net = Net(args.model, weights=args.weights, phase=args.phase, variables=variables,
                   device=device, stages=tuple(args.stage), level=args.level, fuse=False)
