@@ -102,6 +102,15 @@ def prepare_output_folder(path, *, overwrite=False, hint=API_HINT):
     return path
 
 
+OUTPUT_DIR_ENV = "SEGAWARE_OUTPUT_DIR"
+
+
+def output_folder():
+    """The folder that paths named inside a net (MatWrite's prefix) may write to:
+    $SEGAWARE_OUTPUT_DIR when set, else the working directory (where Caffe resolves them)."""
+    return os.path.abspath(os.environ.get(OUTPUT_DIR_ENV) or os.getcwd())
+
+
 class OutsideFolderError(SegawareError, ValueError):
     """A path read from an input file that would write outside the folder it must stay in."""
 
