@@ -32,3 +32,8 @@ class OutputExistsError(SegawareError, FileExistsError):
 class TensorFileError(SegawareError, ValueError):
     """A .safetensors or .pt file that cannot be read safely: a header that lies about lengths,
     offsets, dtypes or shapes, a pickle that is not plain tensors. Names the file and the tensor."""
+
+
+class UnsupportedError(SegawareError, NotImplementedError):
+    """A valid Caffe feature this project does not run (a layer variant, a file format); says
+    which and, where there is one, the way around it."""

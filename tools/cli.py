@@ -4,7 +4,7 @@ Each verb lives in ``tools/cmd_<verb>.py`` with ``add_arguments(parser)`` and ``
 
 Every failure ends in one or two lines on stderr and a non-zero exit status, never a traceback:
 1 for a reported problem (a file that cannot be read, a net that cannot be built, a bad option
-value, a missing or existing file), 2 for options argparse rejects, 3 for an internal error (a bug:
+value, a missing or existing file, a feature that is not supported), 2 for options argparse rejects, 3 for an internal error (a bug:
 the line says where; `--debug` or SEGAWARE_DEBUG=1 prints the traceback), 130 when interrupted.
 """
 import argparse
@@ -101,6 +101,9 @@ def report(error, label, debug):
         if names and not any(os.fspath(n) in text for n in names):
             text = f"{' -> '.join(map(os.fspath, names))}: {text}"
         return EXIT_ERROR, f"{label}: error: {_text(text)}"
+    if isinstance(error, NotImplementedError) and str(error).strip():
+        # raised on purpose, with a message, for valid input this project does not support
+        return EXIT_ERROR, f"{label}: error: {_text(error)}"
     if isinstance(error, MemoryError):
         return EXIT_ERROR, (f"{label}: error: not enough memory ({_text(error, True) or 'MemoryError'}); "
                             f"a size in the input is too large for this machine")
