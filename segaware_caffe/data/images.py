@@ -61,6 +61,20 @@ FORMATS = ("PNG", "JPEG", "JPEG2000", "BMP", "DIB", "PPM", "PFM", "TIFF", "WEBP"
 _PIL_LIMIT_LOCK = threading.RLock()
 
 
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"RIFF", "WEBP"))
+
+
+def _signature(head):
+    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
+
+
+def _registered_formats():
+    # FORMATS this Pillow has a decoder for (PFM arrived in Pillow 10, for one)
+    Image.init()
+    return [f for f in FORMATS if f in Image.OPEN]
+
+
 def max_image_pixels():
     """The pixel limit: $SEGAWARE_MAX_IMAGE_PIXELS when set, else DEFAULT_MAX_PIXELS."""
     value = os.environ.get(MAX_PIXELS_ENV, "").strip()
@@ -115,8 +129,13 @@ def open_image(source, *, max_pixels=None, load=True, name=None):
     with stream:
         try:
             with _pil_limit_lifted(True):
-                image = Image.open(stream, formats=FORMATS)
+                image = Image.open(stream, formats=_registered_formats())
         except Image.UnidentifiedImageError:
+            stream.seek(0)
+            kind = _signature(stream.read(16))
+            if kind:   # the start says what it is, but no decoder accepts the header
+                raise ImageReadError(where, f"broken {kind} image header (Pillow's {kind} decoder "
+                                            f"rejects it)") from None
             raise ImageReadError(where, f"not an image file of a supported format "
                                         f"({', '.join(FORMATS)})") from None
         except MemoryError:
