@@ -37,3 +37,7 @@ class TensorFileError(SegawareError, ValueError):
 class UnsupportedError(SegawareError, NotImplementedError):
     """A valid Caffe feature this project does not run (a layer variant, a file format); says
     which and, where there is one, the way around it."""
+
+
+class SolverError(SegawareError, ValueError):
+    """A solver file, solver state or snapshot that cannot be used; names the file."""

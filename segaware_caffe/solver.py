@@ -37,7 +37,7 @@ import torch
 from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
 
-from .errors import SegawareError
+from .errors import SolverError
 from .files import atomic_write
 from .net import Net, first_records_by_name
 from .solvers.glog import ProgressBar, fmt, loss_note
@@ -46,10 +46,6 @@ from .solvers.rules import check_policy, learning_rate, make_rule, regularize
 log = logging.getLogger("segaware_caffe.solver")
 
 TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
-
-
-class SolverError(SegawareError, ValueError):
-    """A solver file, solver state or snapshot that cannot be used; names the file."""
 
 
 def _where_of(source):

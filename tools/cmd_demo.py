@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from segaware_caffe.data.images import convert_image, open_image
 from segaware_caffe.tools.common import UsageError, add_force_argument, prepare_output_dir
 
+MAX_SIZE = 512   # the demo nets hold kernel^2 channels per pixel: about 1 GB in all at this width
 PHOTO = "demo_photo.png"
 SEGMENTS = "demo_segments.png"
 # (row, column) as fractions of the image: points near object boundaries, as in Fig. 3
@@ -305,8 +306,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    if args.size < 16:
-        raise UsageError(f"--size must be at least 16 pixels, got {args.size}")
+    if not 16 <= args.size <= MAX_SIZE:
+        raise UsageError(f"--size must be 16..{MAX_SIZE} pixels, got {args.size}")
     result = run_demo(args.out, size=args.size, lam=args.lam, config=args.config,
                       overwrite=args.force)
     print("(a) local attention masks exp(-lambda * Im2dist_L1(RGB+xy)) at 4 pixels:")

@@ -25,7 +25,9 @@ def _header(f, where):
             raise DataError(f"{where}: .npy format version {version[0]}.{version[1]} is not supported")
     try:
         return reader(f)
-    except (ValueError, SyntaxError, TypeError, EOFError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # numpy parses the header as a Python literal: any error type
         raise DataError(f"{where}: broken .npy header ({type(e).__name__}: {e})") from None
 
 
