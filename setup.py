@@ -33,7 +33,8 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda13x>=14"],
-        "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17",
+                 "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["segaware-caffe=segaware_caffe.tools.cli:main"]},
 )
