@@ -85,9 +85,10 @@ def evaluate(pred_dir, gt_dir, ids, *, num_classes=21, ignore_label=255):
         raise DataError(f"{pred_dir}: no prediction for {len(missing)} of {len(ids)} ids "
                                 f"(first: {missing[0]}.png)")
     for image_id in ids:
-        gt = read_label_png(os.path.join(gt_dir, f"{image_id}.png"))
+        gt_path = os.path.join(gt_dir, f"{image_id}.png")
+        gt = read_label_png(gt_path)
         pred = read_label_png(os.path.join(pred_dir, f"{image_id}.png"))
-        confusion += confusion_matrix(gt, pred, num_classes, ignore_label, where=f"{image_id}.png")
+        confusion += confusion_matrix(gt, pred, num_classes, ignore_label, where=gt_path)
     tp = np.diag(confusion).astype(np.float64)
     union = confusion.sum(0) + confusion.sum(1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):

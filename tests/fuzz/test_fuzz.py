@@ -62,6 +62,8 @@ def test_engine_classifies():
     assert engine.classify(None).outcome == "ok"
     assert engine.classify(NetBuildError("conv1 (Convolution): bad")).outcome == "reported"
     assert engine.classify(NetBuildError("bad"), names=("x.prototxt",)).outcome == "unnamed"
+    odd_type = NetBuildError("exp (__import__('os')): unknown layer type")
+    assert engine.classify(odd_type).outcome == "reported"
     assert engine.classify(KeyError("k")).outcome == "escaped"
     assert engine.classify(MemoryError()).outcome == "big-allocation"
     assert engine.classify(RuntimeError("DefaultCPUAllocator: can't allocate memory")).outcome \

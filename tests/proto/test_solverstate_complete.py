@@ -38,3 +38,12 @@ def test_solverstate_cut_before_its_last_field(tmp_path):
 def test_solverstate_with_step_zero_is_complete():
     state = caffe_proto.read_solverstate(_state_bytes(iter=0, learned_net="", current_step=0))
     assert state.HasField("current_step") and state.current_step == 0
+
+
+def test_learned_net_that_is_not_text(tmp_path):
+    data = caffe_pb2.SolverState(iter=1, learned_net="ab", current_step=0).SerializeToString()
+    path = tmp_path / "bad.solverstate"
+    path.write_bytes(data.replace(b"ab", b"\xff\xfe"))
+    with pytest.raises(CaffeFormatError, match=r"bad\.solverstate: learned_net b'\\xff\\xfe' is not "
+                                               r"UTF-8 text"):
+        caffe_proto.read_solverstate(path)
