@@ -260,7 +260,10 @@ def convert_to_caffemodel(prototxt, tensor_file, output, *, variables=None, phas
     if digest and digest != prototxt_sha256(prototxt):
         notes.append(f"{prototxt} differs from the prototxt the tensors were converted with "
                      f"(sha256 {digest[:12]}...); layers are matched by name")
-    net_param, unused = tensors_to_caffemodel(net, tensors, metadata)
+    try:
+        net_param, unused = tensors_to_caffemodel(net, tensors, metadata)
+    except NetBuildError as e:   # say which file the tensors came from
+        raise NetBuildError(f"{os.fspath(tensor_file)}: {e}") from None
     if unused:
         notes.append(f"{len(unused)} tensor(s) match no layer blob of the net and were left out: "
                      f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")

@@ -6,6 +6,7 @@ next to it as <model>.safetensors, which the module's load() reads by default (a
 import os
 
 from segaware_caffe.converters import caffemodel as cm
+from segaware_caffe.errors import NetBuildError
 from segaware_caffe.converters.python_export import build_net, export_onnx, python_source
 from segaware_caffe.tools.cmd_convert import add_net_arguments
 from segaware_caffe.files import CLI_HINT, write_new
@@ -66,7 +67,10 @@ def run(args):
                 target = os.path.join(os.path.dirname(os.path.abspath(args.python)), default_weights)
                 cm.save_tensors(target, tensors, metadata, overwrite=args.force)
                 print(f"wrote {target}")
-        tensors, _ = cm.net_tensors(net, tensors)
+        try:
+            tensors, _ = cm.net_tensors(net, tensors)
+        except NetBuildError as e:   # say which file the tensors came from
+            raise NetBuildError(f"{args.weights}: {e}") from None
         net.load_state_dict({f"layers.{k}": v for k, v in tensors.items()}, strict=False)
     note = f"Source: {os.path.basename(args.prototxt)} (sha256 {cm.prototxt_sha256(args.prototxt)[:16]})"
     if variables:

@@ -226,3 +226,12 @@ def test_convert_to_caffemodel_cli_names_the_file(golden, tmp_path, capsys):
     assert err.startswith(f"segaware-caffe convert: error: {bad}: tensor 'ip.weight': shape [7, 61] "
                           f"of F32 needs 1,708 bytes") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "back.caffemodel").exists()
+
+
+def test_missing_tensor_names_the_file(golden, tmp_path):
+    case = golden / "layers/innerproduct"
+    path = tmp_path / "partial.safetensors"
+    write_tensor_file(path, {"ip.weight": torch.zeros(7, 60)}, None)
+    with pytest.raises(ValueError, match=rf"^{path}: the tensors have no entry for 1 blob\(s\) of "
+                                         rf"the net: ip.bias"):
+        cm.convert_to_caffemodel(case / "net.prototxt", path, tmp_path / "back.caffemodel")

@@ -553,7 +553,7 @@ def _project_place(tb):
 ALLOCATION = re.compile(r"can't allocate memory|not enough memory|DefaultCPUAllocator|"
                         r"out of memory|Cannot allocate memory|std::bad_alloc|"
                         r"Unable to allocate|array is too big", re.I)
-_LAYER_LABEL = re.compile(r"(^|: )\S+ \(.*?\): |\bnet '[^']*'|\blayer '[^']*'", re.M)
+_LAYER_LABEL = re.compile(r"(^|: )\S+ \(.*?\): |\bnet '[^']*'|\bnet [^\s:]+: |\blayer '[^']*'", re.M)
 
 
 def names_the_input(message, names):
