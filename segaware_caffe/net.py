@@ -391,6 +391,9 @@ class Net(nn.Module):
     def _declare_input(self, name, shape, shapes, where):
         if name in shapes:
             raise NetBuildError(f"{where}: input blob {name!r} is declared twice")
+        if any(int(d) < 0 for d in shape):
+            raise NetBuildError(f"{where}: input blob {name!r} is declared with a negative "
+                                f"dimension, shape {tuple(shape)}")
         self.input_names.append(name)
         self.input_shapes[name] = tuple(shape)
         self.blob_shapes[name] = tuple(shape)
