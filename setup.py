@@ -43,7 +43,8 @@ setup(
         # opencv: the SSD tests compare with OpenCV's Caffe importer, and data tests check
         # OpenCV-equivalent resizing bit for bit
         "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17",
-                 "h5py>=3", "lmdb>=1", "plyvel>=1.3", "opencv-python-headless<5"],
+                 "h5py>=3", "lmdb>=1", "plyvel>=1.3", "opencv-python-headless<5",
+                 "hypothesis>=6"],
         "bench": ["opencv-python-headless<5"],
     },
     entry_points={"console_scripts": ["segaware-caffe=segaware_caffe.tools.cli:main"]},

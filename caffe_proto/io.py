@@ -14,6 +14,7 @@ from .dialects import READ_ORDER, DialectError, from_dialect, to_dialect
 from .errors import CaffeFormatError
 from .text import load_text, parse_text, read_variables, substitute
 from .upgrade import upgrade_net, upgrade_net_input, upgrade_solver
+from ..files import write_new
 from .wire import WireError
 
 __all__ = [
@@ -182,9 +183,31 @@ def read_solverstate(path_or_bytes):
     data, where = read_bytes(path_or_bytes)
     state, _, _ = parse_binary(data, caffe_pb2.SolverState(), where, ".solverstate (SolverState)")
     check_recognised(state, where, ".solverstate (SolverState)")
+    check_solverstate_complete(state, where)
     for index, blob in enumerate(state.history):
         check_blob(blob, f"{where}: history blob {index}")
     return state
+
+
+# Caffe's SnapshotSolverState sets iter, learned_net and current_step (and adds one history blob
+# per learnable blob); protobuf writes fields in number order, so current_step comes last
+SOLVERSTATE_FIELDS = ("iter", "learned_net", "current_step")
+
+
+def check_solverstate_complete(state, where):
+    """A state without one of the fields Caffe always writes was cut short (or was never a whole
+    snapshot): restoring it would silently start from step 0 or without weights."""
+    missing = [name for name in SOLVERSTATE_FIELDS if not state.HasField(name)]
+    if not isinstance(state.learned_net, str):   # protobuf hands back bytes that are not UTF-8
+        raise CaffeFormatError(f"{where}: learned_net {state.learned_net[:80]!r} is not UTF-8 text "
+                               f"(a corrupt .solverstate)")
+    if missing:
+        numbers = caffe_pb2.SolverState.DESCRIPTOR.fields_by_name
+        listed = ", ".join(f"{name} (field {numbers[name].number})" for name in missing)
+        raise CaffeFormatError(
+            f"{where}: incomplete .solverstate: no {listed}; Caffe writes iter, learned_net, "
+            f"the history blobs ({len(state.history)} here) and current_step, in that order, so "
+            f"the file is truncated or was not written by a Caffe solver")
 
 
 def write_solverstate(state, path, *, overwrite=False):
@@ -194,10 +217,4 @@ def write_solverstate(state, path, *, overwrite=False):
 
 
 def _write_bytes(path, data, overwrite):
-    path = os.fspath(path)
-    try:
-        with open(path, "wb" if overwrite else "xb") as f:
-            f.write(data)
-    except FileExistsError:
-        raise FileExistsError(
-            f"{path}: file exists; pass overwrite=True to replace it") from None
+    write_new(path, data, overwrite=overwrite)

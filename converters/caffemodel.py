@@ -19,7 +19,6 @@ A JSON metadata block travels with the tensors (safetensors header key "caffe"; 
 reproduces each BlobProto byte for byte.
 """
 import hashlib
-import json
 import os
 from collections import OrderedDict
 
@@ -31,13 +30,13 @@ from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.caffe_proto.text import load_text
 from segaware_caffe.canonical import NetSource
 from segaware_caffe.errors import NetBuildError
+from segaware_caffe.files import refuse_existing
 from segaware_caffe.weights import (blob_attributes, first_records_by_name,
                                     match_weights, net_layers_proto, shape_fits)
 
-FORMAT = "segaware-caffe-weights"
-VERSION = 1
-METADATA_KEY = "caffe"
-LEGACY_FIELDS = ("num", "channels", "height", "width")
+from . import tensor_files
+from .tensor_files import FORMAT, LEGACY_FIELDS, METADATA_KEY, VERSION  # noqa: F401 (public names)
+
 DTYPES = {"float32": (np.float32, torch.float32), "float64": (np.float64, torch.float64)}
 
 
@@ -171,64 +170,28 @@ def tensors_to_caffemodel(net, tensors, metadata=None):
 
 
 def check_metadata(metadata):
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(f"not segaware-caffe weights metadata (format {metadata.get('format') if isinstance(metadata, dict) else None!r}, "
-                         f"expected {FORMAT!r})")
-    if metadata.get("version") != VERSION:
-        raise ValueError(f"weights metadata version {metadata.get('version')!r} is not supported "
-                         f"(this build reads version {VERSION})")
+    tensor_files.check_metadata(metadata)
 
 
 # ---------------------------------------------------------------------------- files
 def _open_new(path, overwrite):
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path}: file exists; pass --force (overwrite=True) to replace it")
-    return path
+    return refuse_existing(path, overwrite, "pass --force (overwrite=True) to replace it")
 
 
-def tensor_format(path):
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix in (".pt", ".pth"):
-        return "pt"
-    raise ValueError(f"{path}: unknown tensor file type {suffix!r}; use .safetensors or .pt/.pth")
+tensor_format = tensor_files.tensor_format
 
 
 def save_tensors(path, tensors, metadata, *, overwrite=False):
     """Write named tensors with their metadata as .safetensors or .pt (by file suffix)."""
-    kind = tensor_format(path)
-    path = _open_new(path, overwrite)
-    tensors = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in tensors.items())
-    if kind == "safetensors":
-        from safetensors.torch import save_file
-        save_file(tensors, path, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    else:
-        torch.save({"state_dict": tensors, "caffe_metadata": metadata}, path)
+    tensor_files.write_tensor_file(path, tensors, metadata, overwrite=overwrite,
+                                   hint="pass --force (overwrite=True) to replace it")
 
 
 def load_tensors(path):
     """(tensors, metadata or None) from .safetensors, or from a .pt file holding either what
-    save_tensors writes or a plain state_dict."""
-    kind = tensor_format(path)
-    path = os.fspath(path)
-    if kind == "safetensors":
-        from safetensors import safe_open
-        tensors = OrderedDict()
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-        metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
-        return tensors, metadata
-    content = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(content, dict) and "state_dict" in content:
-        return OrderedDict(content["state_dict"]), content.get("caffe_metadata")
-    if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
-        return OrderedDict(content), None
-    raise ValueError(f"{path}: expected a state_dict (name -> tensor) or a segaware-caffe weights "
-                     f"file, got {type(content).__name__}")
+    save_tensors writes or a plain state_dict; the file is validated before anything is
+    allocated (see converters.tensor_files)."""
+    return tensor_files.read_tensor_file(path)
 
 
 def build_net(prototxt, *, variables=None, phase="test", stages=(), level=0, input_shapes=None):
@@ -269,7 +232,10 @@ def convert_to_caffemodel(prototxt, tensor_file, output, *, variables=None, phas
     if digest and digest != prototxt_sha256(prototxt):
         notes.append(f"{prototxt} differs from the prototxt the tensors were converted with "
                      f"(sha256 {digest[:12]}...); layers are matched by name")
-    net_param, unused = tensors_to_caffemodel(net, tensors, metadata)
+    try:
+        net_param, unused = tensors_to_caffemodel(net, tensors, metadata)
+    except NetBuildError as e:   # say which file the tensors came from
+        raise NetBuildError(f"{os.fspath(tensor_file)}: {e}") from None
     if unused:
         notes.append(f"{len(unused)} tensor(s) match no layer blob of the net and were left out: "
                      f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")

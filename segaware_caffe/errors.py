@@ -1,7 +1,15 @@
-"""Errors raised while building or running a net. Messages carry the Caffe layer name and type."""
+"""Errors the project raises on purpose. Each message names the file (and line, layer, field or
+blob) and what was expected; every class derives from `SegawareError`, so a caller (the command
+line, a fuzz test) can tell a reported problem from a bug."""
 
 
-class NetBuildError(ValueError):
+class SegawareError(Exception):
+    """Base of every error this project raises on purpose about its inputs. Subclasses also derive
+    from the builtin class that fits (ValueError, OSError, RuntimeError), so existing `except
+    ValueError` code keeps working."""
+
+
+class NetBuildError(SegawareError, ValueError):
     """The prototxt (or weights) cannot become a net; says which layer and what was expected."""
 
 
@@ -11,11 +19,30 @@ class LayerSetupError(NetBuildError):
         super().__init__(f"{layer_name} ({layer_type}): {message}")
 
 
-class NoBackwardError(RuntimeError):
+class NoBackwardError(SegawareError, RuntimeError):
     """A gradient was asked of a layer (or a bottom of it) that the original Caffe cannot
     backpropagate through; raised during backward, naming the layer, the bottom and the way out."""
 
 
-class PythonLayerError(RuntimeError):
+class OutputExistsError(SegawareError, FileExistsError):
+    """A writer was asked to create a file (or fill a folder) that already exists and was not
+    told to replace it."""
+
+
+class TensorFileError(SegawareError, ValueError):
+    """A .safetensors or .pt file that cannot be read safely: a header that lies about lengths,
+    offsets, dtypes or shapes, a pickle that is not plain tensors. Names the file and the tensor."""
+
+
+class UnsupportedError(SegawareError, NotImplementedError):
+    """A valid Caffe feature this project does not run (a layer variant, a file format); says
+    which and, where there is one, the way around it."""
+
+
+class SolverError(SegawareError, ValueError):
+    """A solver file, solver state or snapshot that cannot be used; names the file."""
+
+
+class PythonLayerError(SegawareError, RuntimeError):
     """A user's Python layer raised while it ran; names the layer and the user's file and line
     (the original exception is chained)."""

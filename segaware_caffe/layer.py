@@ -5,8 +5,10 @@ One small class per Caffe type, registered with ``@register_layer("Type")``. The
 ``from_proto(layer_param, ctx)`` once (the only place that reads the ``*_param`` message), then
 only calls ``forward(*bottoms)``, which returns one tensor or a tuple in top order.
 """
+import contextlib
 import difflib
 import functools
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -178,6 +180,19 @@ class BuildContext:
         warnings.warn(f"{self.name} ({self.type}): {message}", stacklevel=3)
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """FakeTensorMode logs a traceback at ERROR level for every operator whose shape check fails
+    before it re-raises; the builder reports that failure itself, naming the layer."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @functools.lru_cache(maxsize=None)
 def _fake_mode():
     """One FakeTensorMode for all shape inference: making a new one per layer costs ~10 ms,
@@ -296,7 +311,7 @@ class CaffeLayer(nn.Module):
     def output_shapes(self, bottom_shapes):
         """Top shapes for the given bottom shapes. Default: run forward on fake tensors (no data,
         no compute). Layers whose forward depends on data values override this."""
-        with _fake_mode(), torch.no_grad():
+        with _fake_mode(), torch.no_grad(), _quiet_fake_tensor_log():
             bottoms = [torch.empty(s) for s in bottom_shapes]
             tops = self.forward(*bottoms)
         if isinstance(tops, torch.Tensor):

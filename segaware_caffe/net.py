@@ -244,6 +244,9 @@ class Net(nn.Module):
                 for top, shape in zip(tops, top_shapes):
                     if top in shapes:
                         raise NetBuildError(f"{where}: input blob {top!r} is declared twice")
+                    if any(int(d) < 0 for d in shape):
+                        raise NetBuildError(f"{where}: input blob {top!r} is declared with a "
+                                            f"negative dimension, shape {tuple(shape)}")
                     self.input_names.append(top)
                     self.input_shapes[top] = tuple(shape)
             else:

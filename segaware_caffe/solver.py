@@ -30,7 +30,6 @@ differ through the seed).
 """
 import logging
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -42,16 +41,14 @@ from segaware_caffe.caffe_proto.text import load_text
 from .canonical import read_net_source
 from .net import Net
 from .weights import WeightsFile, first_records_by_name, history_fits
+from .errors import SolverError
+from .files import atomic_write
 from .solvers.glog import ProgressBar, fmt, loss_note
 from .solvers.rules import check_policy, learning_rate, make_rule, regularize
 
 log = logging.getLogger("segaware_caffe.solver")
 
 TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
-
-
-class SolverError(ValueError):
-    """A solver file, solver state or snapshot that cannot be used; names the file."""
 
 
 def _where_of(source):
@@ -66,26 +63,6 @@ def _where_of(source):
     if path is None:
         return "<solver text>", None
     return path, os.path.dirname(os.path.abspath(path))
-
-
-def atomic_write(path, data):
-    """Write `data` to `path` through a temporary file in the same directory and os.replace, so a
-    crash or kill mid-write leaves any previous file of that name untouched."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
 
 
 def _net_state(phase, *states):
@@ -561,10 +538,16 @@ class Solver:
         weights = self.net.to_weights_proto()
         if self.param.snapshot_diff:
             self._add_diffs(weights)
-        atomic_write(model_file, weights.SerializeToString())
+        self._replace(model_file, weights.SerializeToString())
         log.info(f"Snapshotting solver state to binary proto file {state_file}")
-        atomic_write(state_file, self.solver_state(model_file).SerializeToString())
+        self._replace(state_file, self.solver_state(model_file).SerializeToString())
         return model_file, state_file
+
+    @staticmethod
+    def _replace(path, data):
+        # Caffe replaces a snapshot of the same name (a rerun, a resumed run); we do too, but say so
+        if atomic_write(path, data, overwrite=True):
+            log.warning(f"Replaced the existing file {path}")
 
     def _add_diffs(self, weights):
         by_name = first_records_by_name(self.net)

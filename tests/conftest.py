@@ -55,6 +55,12 @@ def _cuda_ok():
     return True
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
+                     help="examples per target of the fuzz suite in tests/fuzz (default "
+                          "$SEGAWARE_FUZZ_EXAMPLES or 40); bench/fuzz_campaign.py runs thousands")
+
+
 def pytest_collection_modifyitems(config, items):
     if _cuda_ok():
         return

@@ -1,10 +1,18 @@
 """`segaware-caffe VERB ...`: the caffe binary's verbs and our own.
 
 Each verb lives in ``tools/cmd_<verb>.py`` with ``add_arguments(parser)`` and ``run(args) -> int``.
+
+Every failure ends in one or two lines on stderr and a non-zero exit status, never a traceback:
+1 for a reported problem (a file that cannot be read, a net that cannot be built, a bad option
+value, a missing or existing file, a feature that is not supported), 2 for options argparse rejects, 3 for an internal error (a bug:
+the line says where; `--debug` or SEGAWARE_DEBUG=1 prints the traceback), 130 when interrupted.
 """
 import argparse
 import importlib
+import os
 import sys
+import traceback
+import warnings
 
 VERBS = {  # verb -> one-line help
     "inspect": "table of a net's layers, blobs and parameters",
@@ -17,11 +25,35 @@ VERBS = {  # verb -> one-line help
     "demo": "local attention masks and segmentation-aware filtering on a bundled photo",
     "eval": "mean IoU of predicted PNGs against ground truth",
 }
+PROG = "segaware-caffe"
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
+DEBUG_ENV = "SEGAWARE_DEBUG"
+MESSAGE_LIMIT = 2000   # characters of an error message shown (a message can quote a whole file)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="segaware-caffe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a two-line error (the problem, then where to look) instead of the usage
+    block, which runs to a dozen lines for the verbs with many options."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def _debug_parent():
+    # --debug is accepted after the verb too; SUPPRESS keeps the subparser from resetting it
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of an error")
+    return parent
+
+
+def build_parser():
+    """(parser, {verb: module}) with every verb whose module imports."""
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="print the traceback of an error")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=ArgumentParser)
+    parent = _debug_parent()
     modules = {}
     for verb, help_text in VERBS.items():
         try:
@@ -31,17 +63,98 @@ def main(argv=None):
                 raise
             continue  # verb not available in this build
         modules[verb] = module
-        module.add_arguments(sub.add_parser(verb, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
-    if args.verb is None:
-        parser.print_help()
-        return 2
+        module.add_arguments(sub.add_parser(verb, help=help_text, description=help_text,
+                                            parents=[parent]))
+    return parser, modules
+
+
+def _text(error, single_line=False):
+    """An error's message, shortened past MESSAGE_LIMIT characters (a message may quote a file);
+    our messages keep their lines (a prototxt error shows the line and a caret)."""
+    text = str(error).strip()
+    if single_line:
+        text = " ".join(text.split())
+    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + " [...]"
+
+
+def _place(error):
+    """file:line of the innermost frame of an exception (where a bug surfaced)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return "?"
+    frame = frames[-1]
+    return f"{os.path.basename(frame.filename)}:{frame.lineno} ({frame.name})"
+
+
+def report(error, label, debug):
+    """(exit status, message) for an exception raised by a verb."""
+    from segaware_caffe.errors import SegawareError
+
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, f"{label}: interrupted"
+    if isinstance(error, SegawareError):
+        return EXIT_ERROR, f"{label}: error: {_text(error)}"
+    if isinstance(error, OSError):
+        # open() and friends: name the file when the message does not
+        text = error.strerror or str(error)
+        names = [n for n in (error.filename, error.filename2) if n is not None]
+        if names and not any(os.fspath(n) in text for n in names):
+            text = f"{' -> '.join(map(os.fspath, names))}: {text}"
+        return EXIT_ERROR, f"{label}: error: {_text(text)}"
+    if isinstance(error, NotImplementedError) and str(error).strip():
+        # raised on purpose, with a message, for valid input this project does not support
+        return EXIT_ERROR, f"{label}: error: {_text(error)}"
+    if isinstance(error, MemoryError):
+        return EXIT_ERROR, (f"{label}: error: not enough memory ({_text(error, True) or 'MemoryError'}); "
+                            f"a size in the input is too large for this machine")
+    hint = "" if debug else " (run with --debug for the traceback)"
+    return EXIT_INTERNAL, (f"{label}: internal error: {type(error).__name__}: "
+                           f"{_text(error, True)} at {_place(error)}{hint}")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # warnings of the library are messages for the user, not a pointer into our source
+    print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    label = PROG
     try:
-        return modules[args.verb].run(args) or 0
-    except (ValueError, OSError, NotImplementedError) as e:
-        # our errors (CaffeFormatError, NetBuildError, ...) carry file/layer context already
-        print(f"segaware-caffe {args.verb}: error: {e}", file=sys.stderr)
-        return 1
+        parser, modules = build_parser()
+        args = parser.parse_args(argv)
+        debug = debug or getattr(args, "debug", False)
+        label = f"{PROG} {args.verb}" if args.verb else PROG
+        if args.verb is None:
+            parser.print_help()
+            return EXIT_USAGE
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _show_warning
+            return modules[args.verb].run(args) or 0
+    except SystemExit:
+        raise   # argparse's own exit (--help, or an option it rejected): already printed
+    except BrokenPipeError:
+        # the reader of our output went away (`| head`): stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_ERROR
+    except BaseException as error:   # noqa: B902 - every failure ends in a message, see above
+        if not isinstance(error, Exception) and not isinstance(error, KeyboardInterrupt):
+            raise
+        status, message = report(error, label, debug)
+        if debug:
+            traceback.print_exc()
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        print(message, file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

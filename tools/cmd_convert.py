@@ -1,7 +1,7 @@
 """segaware-caffe convert NET.prototxt WEIGHTS.caffemodel -o model.safetensors (or .pt)
 segaware-caffe convert NET.prototxt model.safetensors --to-caffemodel -o back.caffemodel"""
 from segaware_caffe.converters import convert_caffemodel, convert_to_caffemodel
-from segaware_caffe.tools.common import add_variable_arguments, variables_from
+from segaware_caffe.tools.common import UsageError, add_variable_arguments, variables_from
 
 
 def add_net_arguments(parser):
@@ -35,7 +35,7 @@ def run(args):
         print(f"wrote {args.output}")
         return 0
     if args.weights.lower().endswith((".safetensors", ".pt", ".pth")):
-        raise ValueError(f"{args.weights} holds named tensors; add --to-caffemodel to write a .caffemodel")
+        raise UsageError(f"{args.weights} holds named tensors; add --to-caffemodel to write a .caffemodel")
     metadata, ignored = convert_caffemodel(
         args.prototxt, args.weights, args.output, variables=variables, phase=args.phase or "test",
         stages=tuple(args.stage or ()), level=args.level or 0, overwrite=args.force)

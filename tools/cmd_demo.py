@@ -22,6 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from segaware_caffe.data.images import convert_image, open_image
+from segaware_caffe.tools.common import UsageError, add_force_argument, prepare_output_dir
+
+MAX_SIZE = 512   # the demo nets hold kernel^2 channels per pixel: about 1 GB in all at this width
 PHOTO = "demo_photo.png"
 SEGMENTS = "demo_segments.png"
 # (row, column) as fractions of the image: points near object boundaries, as in Fig. 3
@@ -84,13 +88,14 @@ def load_photo(size=None):
     to `size` pixels wide (keeping the aspect) when given."""
     assets = resources.files("segaware_caffe") / "assets"
     with resources.as_file(assets / PHOTO) as photo_path, resources.as_file(assets / SEGMENTS) as seg_path:
-        photo, segments = Image.open(photo_path).convert("RGB"), Image.open(seg_path)
-        if size is not None and size != photo.width:
-            height = max(8, round(photo.height * size / photo.width))
-            photo = photo.resize((size, height), Image.BILINEAR)
-            segments = segments.resize((size, height), Image.NEAREST)
-        image = np.asarray(photo, np.float32) / 255
-        labels = np.asarray(segments, np.int64)
+        with open_image(photo_path) as photo, open_image(seg_path) as segments:
+            photo = convert_image(photo, "RGB", photo_path)
+            if size is not None and size != photo.width:
+                height = max(8, round(photo.height * size / photo.width))
+                photo = photo.resize((size, height), Image.BILINEAR)
+                segments = segments.resize((size, height), Image.NEAREST)
+            image = np.asarray(photo, np.float32) / 255
+            labels = np.asarray(segments, np.int64)
     return torch.from_numpy(image.transpose(2, 0, 1).copy())[None], labels
 
 
@@ -250,10 +255,12 @@ def weights_round_trip(workdir, config=None):
     return compared
 
 
-def run_demo(out_dir, size=192, kernel=9, lam=6.0, mask_kernel=15, mask_dilation=2, config=None):
+def run_demo(out_dir, size=192, kernel=9, lam=6.0, mask_kernel=15, mask_dilation=2, config=None,
+             overwrite=False):
+    """Writes the pictures into `out_dir`, which must be new or empty unless `overwrite`."""
     from segaware_caffe import Net
     start = time.time()
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_output_dir(out_dir, overwrite)
     image, _ = load_photo(size)
     height, width = image.shape[2:]
     files = {}
@@ -295,12 +302,14 @@ def add_arguments(parser):
     parser.add_argument("--config", metavar="DEPLOY.prototxt",
                         help="net for the weights round trip, e.g. the released config/embs/deploy.prototxt "
                              "(default: a reduced embedding trunk written by the demo)")
+    add_force_argument(parser, "the files of a non-empty --out folder")
 
 
 def run(args):
-    if args.size < 16:
-        raise ValueError(f"--size must be at least 16 pixels, got {args.size}")
-    result = run_demo(args.out, size=args.size, lam=args.lam, config=args.config)
+    if not 16 <= args.size <= MAX_SIZE:
+        raise UsageError(f"--size must be 16..{MAX_SIZE} pixels, got {args.size}")
+    result = run_demo(args.out, size=args.size, lam=args.lam, config=args.config,
+                      overwrite=args.force)
     print("(a) local attention masks exp(-lambda * Im2dist_L1(RGB+xy)) at 4 pixels:")
     print(f"    {result.files['masks']}")
     print("(b) segmentation-aware filtering (Eq. 4, a prototxt run by segaware_caffe.Net) vs box blur:")

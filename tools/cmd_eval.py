@@ -10,8 +10,11 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
+from segaware_caffe.data.images import DataError, ImageReadError, open_image
+from segaware_caffe.tools.common import UsageError
+
+MAX_CLASSES = 4096   # a 4096 x 4096 confusion matrix of int64 counts is 128 MiB
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor")
@@ -38,35 +41,39 @@ def read_ids(list_file):
     """Image ids from a list file: one id per line (voc_val_id.txt), or `image label` lines whose
     first path's file stem is the id (voc_val.txt)."""
     ids = []
-    with open(list_file) as f:
-        for line in f:
-            fields = line.split()
-            if fields:
-                ids.append(os.path.splitext(os.path.basename(fields[0]))[0])
+    try:
+        with open(list_file, encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if fields:
+                    ids.append(os.path.splitext(os.path.basename(fields[0]))[0])
+    except UnicodeDecodeError as e:
+        raise DataError(f"{list_file}: not a text list of image ids (byte {e.start} is not "
+                        f"UTF-8)") from None
     if not ids:
-        raise ValueError(f"{list_file}: no image ids")
+        raise DataError(f"{list_file}: no image ids")
     return ids
 
 
 def read_label_png(path):
     """Class indices of a label PNG: palette indices (VOC style) or grey values."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         if image.mode not in ("P", "L", "I", "I;16"):
-            raise ValueError(f"{path}: expected a palette or greyscale PNG of class indices, "
-                             f"got mode {image.mode}")
+            raise ImageReadError(path, f"expected a palette or greyscale PNG of class indices, "
+                                       f"got mode {image.mode}")
         return np.asarray(image, dtype=np.int64)
 
 
 def confusion_matrix(gt, pred, num_classes, ignore_label, where="image"):
     if gt.shape != pred.shape:
-        raise ValueError(f"{where}: prediction is {pred.shape[1]}x{pred.shape[0]}, ground truth "
+        raise DataError(f"{where}: prediction is {pred.shape[1]}x{pred.shape[0]}, ground truth "
                          f"{gt.shape[1]}x{gt.shape[0]}")
     valid = gt != ignore_label if ignore_label is not None else np.ones(gt.shape, bool)
     gt, pred = gt[valid], pred[valid]
     for what, values in (("ground truth", gt), ("prediction", pred)):
         bad = (values < 0) | (values >= num_classes)
         if bad.any():
-            raise ValueError(f"{where}: {what} has label {int(values[bad][0])} outside 0..{num_classes - 1}"
+            raise DataError(f"{where}: {what} has label {int(values[bad][0])} outside 0..{num_classes - 1}"
                              + (f" (ignore label {ignore_label})" if ignore_label is not None else ""))
     return np.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
@@ -75,12 +82,13 @@ def evaluate(pred_dir, gt_dir, ids, *, num_classes=21, ignore_label=255):
     confusion = np.zeros((num_classes, num_classes), np.int64)
     missing = [i for i in ids if not os.path.exists(os.path.join(pred_dir, f"{i}.png"))]
     if missing:
-        raise FileNotFoundError(f"{pred_dir}: no prediction for {len(missing)} of {len(ids)} ids "
+        raise DataError(f"{pred_dir}: no prediction for {len(missing)} of {len(ids)} ids "
                                 f"(first: {missing[0]}.png)")
     for image_id in ids:
-        gt = read_label_png(os.path.join(gt_dir, f"{image_id}.png"))
+        gt_path = os.path.join(gt_dir, f"{image_id}.png")
+        gt = read_label_png(gt_path)
         pred = read_label_png(os.path.join(pred_dir, f"{image_id}.png"))
-        confusion += confusion_matrix(gt, pred, num_classes, ignore_label, where=f"{image_id}.png")
+        confusion += confusion_matrix(gt, pred, num_classes, ignore_label, where=gt_path)
     tp = np.diag(confusion).astype(np.float64)
     union = confusion.sum(0) + confusion.sum(1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -110,8 +118,9 @@ def add_arguments(parser):
 
 
 def run(args):
-    if args.num_classes < 1:
-        raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if not 1 <= args.num_classes <= MAX_CLASSES:
+        raise UsageError(f"--num-classes must be in 1..{MAX_CLASSES} (the confusion matrix holds "
+                         f"classes x classes counts), got {args.num_classes}")
     result = evaluate(args.pred, args.gt, read_ids(args.list), num_classes=args.num_classes,
                       ignore_label=args.ignore)
     print(format_table(result, list(VOC_CLASSES) if args.num_classes == len(VOC_CLASSES) else None))

@@ -6,9 +6,11 @@ next to it as <model>.safetensors, which the module's load() reads by default (a
 import os
 
 from segaware_caffe.converters import caffemodel as cm
+from segaware_caffe.errors import NetBuildError
 from segaware_caffe.converters.python_export import build_net, export_onnx, python_source
 from segaware_caffe.tools.cmd_convert import add_net_arguments
-from segaware_caffe.tools.common import variables_from
+from segaware_caffe.files import CLI_HINT, write_new
+from segaware_caffe.tools.common import UsageError, check_new_file, variables_from
 
 
 def add_arguments(parser):
@@ -33,18 +35,18 @@ def parse_input_shapes(items):
         except ValueError:
             sep = ""
         if not sep or not name:
-            raise ValueError(f"--input-shape expects NAME=N,C,H,W, got {item!r}")
+            raise UsageError(f"--input-shape expects NAME=N,C,H,W, got {item!r}")
     return shapes
 
 
 def _check_new(path, force):
-    if path and os.path.exists(path) and not force:
-        raise FileExistsError(f"{path}: file exists; pass --force to replace it")
+    if path:
+        check_new_file(path, force)
 
 
 def run(args):
     if not args.python and not args.onnx:
-        raise ValueError("nothing to write: give --python FILE and/or --onnx FILE")
+        raise UsageError("nothing to write: give --python FILE and/or --onnx FILE")
     for path in (args.python, args.onnx):
         _check_new(path, args.force)
     variables = variables_from(args)
@@ -65,7 +67,10 @@ def run(args):
                 target = os.path.join(os.path.dirname(os.path.abspath(args.python)), default_weights)
                 cm.save_tensors(target, tensors, metadata, overwrite=args.force)
                 print(f"wrote {target}")
-        tensors, _ = cm.net_tensors(net, tensors)
+        try:
+            tensors, _ = cm.net_tensors(net, tensors)
+        except NetBuildError as e:   # say which file the tensors came from
+            raise NetBuildError(f"{args.weights}: {e}") from None
         net.load_state_dict({f"layers.{k}": v for k, v in tensors.items()}, strict=False)
     note = f"Source: {os.path.basename(args.prototxt)} (sha256 {cm.prototxt_sha256(args.prototxt)[:16]})"
     if variables:
@@ -73,8 +78,7 @@ def run(args):
     export = python_source(net, class_name=args.class_name, source_note=note + ".",
                            default_weights=default_weights)
     if args.python:
-        with open(args.python, "w") as f:
-            f.write(export.source)
+        write_new(args.python, export.source, overwrite=args.force, hint=CLI_HINT)
         modules = [layer for layer in export.layers if layer.how == "module"]
         print(f"wrote {args.python}: class {export.class_name}, {len(export.layers)} layer(s), "
               f"{len(modules)} as segaware_caffe modules")

@@ -16,7 +16,10 @@ import torch
 from PIL import Image
 
 from segaware_caffe.canonical import canonical_net, read_net_source
-from segaware_caffe.tools.common import add_variable_arguments, parse_assignments, parse_variables
+from segaware_caffe.files import CLI_HINT, open_new
+from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_force_argument,
+                                         add_variable_arguments, check_new_file, device_from_args,
+                                         parse_assignments, parse_variables)
 
 DEFAULT_MEAN = "104.008,116.669,122.675"
 
@@ -39,7 +42,11 @@ def add_arguments(parser):
                         help="pad images (bottom/right, with the mean) to the declared input size "
                              "instead of resizing the net's inputs")
     parser.add_argument("--phase", choices=("test", "train"), default="test")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_device_arguments(parser, default="cpu")
+    add_force_argument(parser, "existing --save files")
+    parser.add_argument("--max-image-pixels", type=int, metavar="N",
+                        help="largest image (width x height) read, a guard against decompression "
+                             "bombs (default $SEGAWARE_MAX_IMAGE_PIXELS or 67108864)")
 
 
 def voc_palette(count=256):
@@ -56,44 +63,45 @@ def voc_palette(count=256):
     return palette
 
 
-def save_label_png(labels, path):
-    """An H x W integer array (0..255) as a palette PNG with the VOC colours."""
+def save_label_png(labels, path, overwrite=False):
+    """An H x W integer array (0..255) as a palette PNG with the VOC colours (an existing file
+    is replaced only with `overwrite`)."""
     labels = np.asarray(labels)
     if labels.min() < 0 or labels.max() > 255:
-        raise ValueError(f"{path}: labels span {labels.min()}..{labels.max()}, a palette PNG holds "
+        raise UsageError(f"{path}: labels span {labels.min()}..{labels.max()}, a palette PNG holds "
                          f"0..255")
     labels = np.ascontiguousarray(labels, dtype=np.uint8)
     image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
     image.putpalette(voc_palette().ravel().tolist())
-    image.save(path)
+    with open_new(path, overwrite=overwrite, hint=CLI_HINT) as f:
+        image.save(f, format="PNG")
 
 
 def parse_mean(text):
     try:
         mean = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--mean must be comma-separated numbers (B,G,R), got {text!r}") from None
+        raise UsageError(f"--mean must be comma-separated numbers (B,G,R), got {text!r}") from None
     if len(mean) not in (1, 3):
-        raise ValueError(f"--mean takes 1 or 3 values (B,G,R), got {len(mean)}")
+        raise UsageError(f"--mean takes 1 or 3 values (B,G,R), got {len(mean)}")
     return mean
 
 
-def load_input(path, mean):
+def load_input(path, mean, max_pixels=None):
     """A float32 N x C x H x W array from a .npy file (3-D gets a batch axis) or an image (BGR,
     minus `mean`). Returns (array, is_image)."""
+    from segaware_caffe.data import DataError, read_image
+    from segaware_caffe.data.arrays import read_npy
+
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"input file {path} does not exist")
+        raise DataError(f"input file {path} does not exist")
     if path.lower().endswith(".npy"):
-        array = np.load(path)
+        array = read_npy(path)
         if array.ndim == 3:
             array = array[None]
         return np.asarray(array, np.float32), False
-    from segaware_caffe.data import read_image
-    try:
-        bgr = read_image(path, color=True).astype(np.float64)
-    except OSError as e:
-        raise OSError(f"cannot read image {path}: {e}") from None
-    data = (bgr - np.broadcast_to(mean, (3,))).astype(np.float32)
+    bgr = read_image(path, color=True, max_pixels=max_pixels).astype(np.float32)
+    data = bgr - np.asarray(np.broadcast_to(mean, (3,)), np.float32)
     return np.ascontiguousarray(data.transpose(2, 0, 1)[None]), True
 
 
@@ -114,28 +122,29 @@ def pad_to(array, shape, name):
     """Pad an image array (already mean-subtracted, so the mean pads as 0) bottom/right."""
     height, width = array.shape[2:]
     if len(shape) != 4 or shape[2] < height or shape[3] < width:
-        raise ValueError(f"--pad: input {name!r} is declared as {shape}, smaller than the "
+        raise UsageError(f"--pad: input {name!r} is declared as {shape}, smaller than the "
                          f"{height}x{width} image")
     padded = np.zeros(array.shape[:2] + tuple(shape[2:]), np.float32)
     padded[:, :, :height, :width] = array
     return padded
 
 
-def save_output(name, array, path, crop=None):
+def save_output(name, array, path, crop=None, overwrite=False):
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
-        np.save(path, array)
+        with open_new(path, overwrite=overwrite, hint=CLI_HINT) as f:
+            np.save(f, array)
     elif ext == ".png":
         if array.ndim != 4:
-            raise ValueError(f"{path}: a .png needs a 4-D N x C x H x W blob; {name!r} has shape "
+            raise UsageError(f"{path}: a .png needs a 4-D N x C x H x W blob; {name!r} has shape "
                              f"{array.shape} (save it as .npy)")
         scores = array[0]
         labels = scores.argmax(axis=0) if scores.shape[0] > 1 else np.rint(scores[0]).astype(np.int64)
         if crop is not None:
             labels = labels[:crop[0], :crop[1]]
-        save_label_png(labels, path)
+        save_label_png(labels, path, overwrite=overwrite)
     else:
-        raise ValueError(f"{path}: unknown output format {ext or '(none)'}; use .npy or .png")
+        raise UsageError(f"{path}: unknown output format {ext or '(none)'}; use .npy or .png")
 
 
 def run(args):
@@ -144,15 +153,20 @@ def run(args):
     variables = parse_variables(args.set, args.vars)
     feeds = parse_assignments(args.input, "--input")
     mean = parse_mean(args.mean)
+    device = device_from_args(args) or "cpu"
+    if args.max_image_pixels is not None and args.max_image_pixels <= 0:
+        raise UsageError(f"--max-image-pixels must be > 0, got {args.max_image_pixels}")
+    for path in args.save:   # before any work: an existing file stays as it is without --force
+        check_new_file(path, args.force)
     source = read_net_source(args.model, variables=variables or None)
     declared = canonical_net(source, phase=args.phase).inputs()
     unknown = [name for name in feeds if name not in declared]
     if unknown:
-        raise ValueError(f"{args.model}: {unknown[0]!r} is not an input of the net (inputs: "
+        raise UsageError(f"{args.model}: {unknown[0]!r} is not an input of the net (inputs: "
                          f"{', '.join(declared) or 'none'})")
     arrays, crops = {}, {}   # crops: padded input size -> image size, for .png outputs
     for name, path in feeds.items():
-        array, is_image = load_input(path, mean)
+        array, is_image = load_input(path, mean, args.max_image_pixels)
         if is_image and args.pad:
             image_size = array.shape[2:]
             array = pad_to(array, declared[name], name)
@@ -165,7 +179,7 @@ def run(args):
                   file=sys.stderr)
     shapes = None if args.pad else {name: a.shape for name, a in arrays.items()}
     try:
-        net = Net(source, weights=args.weights, phase=args.phase, device=args.device,
+        net = Net(source, weights=args.weights, phase=args.phase, device=device,
                   input_shapes=shapes)
     except NetBuildError as e:
         if args.pad:
@@ -177,11 +191,11 @@ def run(args):
     # default: the net outputs, less inputs that nothing consumes (vgg deploy's `label`)
     outputs = args.output or [o for o in net.outputs if o not in net.input_names]
     if args.save and len(args.save) != len(outputs):
-        raise ValueError(f"{len(args.save)} --save file(s) for {len(outputs)} output(s) "
+        raise UsageError(f"{len(args.save)} --save file(s) for {len(outputs)} output(s) "
                          f"({', '.join(outputs)}); give one --output per --save")
     unknown = [o for o in outputs if o not in net.blob_shapes]
     if unknown:
-        raise ValueError(f"{args.model}: no blob named {unknown[0]!r}")
+        raise UsageError(f"{args.model}: no blob named {unknown[0]!r}")
     with torch.no_grad():
         result = net.forward(outputs=outputs, **{k: torch.from_numpy(v) for k, v in arrays.items()})
     for i, name in enumerate(outputs):
@@ -189,7 +203,7 @@ def run(args):
         if args.save:
             # outputs at the padded input resolution are cropped back to the image
             crop = crops.get(array.shape[2:]) if array.ndim == 4 else None
-            save_output(name, array, args.save[i], crop=crop)
+            save_output(name, array, args.save[i], crop=crop, overwrite=args.force)
             print(f"{name} {tuple(array.shape)} -> {args.save[i]}")
         else:
             stats = (f"min {array.min():.6g} max {array.max():.6g} mean {array.mean():.6g}"

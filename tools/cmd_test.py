@@ -13,8 +13,9 @@ import torch
 
 from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import fmt, glog_to, loss_note
-from segaware_caffe.tools.common import add_variable_arguments, parse_variables
-from segaware_caffe.tools.cmd_train import device_from_gpu
+from segaware_caffe.data.arrays import read_npy
+from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_variable_arguments,
+                                         device_from_args, parse_variables)
 
 log = logging.getLogger("segaware_caffe.cli")
 
@@ -32,7 +33,7 @@ def add_net_run_arguments(parser, *, phase, iterations_help, input_help):
     parser.add_argument("--input", action="append", default=[], metavar="BLOB=FILE.npy",
                         help=input_help)
     add_variable_arguments(parser)
-    parser.add_argument("--gpu", metavar="ID", help="CUDA device index")
+    add_device_arguments(parser)
 
 
 def add_arguments(parser):
@@ -48,15 +49,15 @@ def feed_from_args(net, items, device, zeros_for_missing=False):
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--input expects BLOB=FILE.npy, got {item!r}")
+            raise UsageError(f"--input expects BLOB=FILE.npy, got {item!r}")
         if name not in net.input_names:
-            raise ValueError(f"--input {name}: the net has no input {name!r} "
+            raise UsageError(f"--input {name}: the net has no input {name!r} "
                              f"(inputs: {', '.join(net.input_names) or 'none'})")
-        feed[name] = torch.from_numpy(np.load(path)).to(device)
+        feed[name] = torch.from_numpy(read_npy(path)).to(device)
     for name in net.input_names:
         if name not in feed:
             if not zeros_for_missing:
-                raise ValueError(f"the net has input {name!r}: give it with --input {name}=FILE.npy "
+                raise UsageError(f"the net has input {name!r}: give it with --input {name}=FILE.npy "
                                  f"(inputs: {', '.join(net.input_names)})")
             feed[name] = torch.zeros(net.input_shapes[name], device=device)
     return feed
@@ -65,8 +66,8 @@ def feed_from_args(net, items, device, zeros_for_missing=False):
 def net_from_args(args, *, fuse=True):
     """(Net, device) for the options of add_net_run_arguments."""
     if args.iterations <= 0:
-        raise ValueError(f"--iterations must be > 0, got {args.iterations}")
-    device = torch.device(device_from_gpu(args.gpu) or "cpu")
+        raise UsageError(f"--iterations must be > 0, got {args.iterations}")
+    device = torch.device(device_from_args(args) or "cpu")
     net = Net(args.model, weights=args.weights, phase=args.phase,
               variables=parse_variables(args.set, args.vars), device=device,
               stages=tuple(args.stage), level=args.level, fuse=fuse)

@@ -9,7 +9,6 @@ solver_mode decides (GPU when CUDA is available). Several GPUs or processes:
 """
 import contextlib
 import logging
-import os
 import signal
 import sys
 
@@ -17,7 +16,8 @@ import torch
 
 from segaware_caffe.solver import Solver
 from segaware_caffe.solvers.glog import glog_to
-from segaware_caffe.tools.common import add_variable_arguments, parse_variables
+from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_variable_arguments,
+                                         device_from_args, parse_variables)
 
 log = logging.getLogger("segaware_caffe.cli")
 EFFECTS = ("stop", "snapshot", "none")
@@ -30,8 +30,7 @@ def add_arguments(parser):
                        help=".caffemodel to fine-tune from (repeatable, or comma-separated)")
     start.add_argument("--snapshot", metavar="S", help=".solverstate to resume training from")
     add_variable_arguments(parser)
-    parser.add_argument("--gpu", metavar="ID",
-                        help="CUDA device index (under torchrun: 'all' = one device per rank)")
+    add_device_arguments(parser)
     parser.add_argument("--iterations", type=int, metavar="N",
                         help="stop after iteration N instead of max_iter (the learning-rate "
                              "schedule still uses max_iter)")
@@ -39,23 +38,6 @@ def add_arguments(parser):
                         help="draw a progress bar (only on a terminal)")
     parser.add_argument("--sigint-effect", choices=EFFECTS, default="stop")
     parser.add_argument("--sighup-effect", choices=EFFECTS, default="snapshot")
-
-
-def device_from_gpu(gpu):
-    """torch device for caffe's --gpu value (None: let the solver decide)."""
-    if gpu is None:
-        return None
-    if not torch.cuda.is_available():
-        raise ValueError(f"--gpu {gpu}: no CUDA device is available")
-    if gpu == "all":
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    ids = gpu.split(",")
-    if len(ids) > 1:
-        raise ValueError(f"--gpu {gpu}: one device per process; run several with torchrun "
-                         f"--nproc_per_node {len(ids)} and --gpu all")
-    if not ids[0].isdigit():
-        raise ValueError(f"--gpu expects a device index or 'all', got {gpu!r}")
-    return f"cuda:{ids[0]}"
 
 
 @contextlib.contextmanager
@@ -93,12 +75,12 @@ def signal_requests(solver, sigint_effect, sighup_effect):
 
 def run(args):
     if args.iterations is not None and args.iterations < 0:
-        raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
+        raise UsageError(f"--iterations must be >= 0, got {args.iterations}")
     variables = parse_variables(args.set, args.vars)
     weights = [w for item in args.weights for w in item.split(",") if w]
     with glog_to(sys.stderr):
         solver = Solver(args.solver, weights=weights or None, variables=variables,
-                        device=device_from_gpu(args.gpu), progress=args.progress)
+                        device=device_from_args(args), progress=args.progress)
         log.info("Starting Optimization")
         with signal_requests(solver, args.sigint_effect, args.sighup_effect):
             solver.solve(resume_file=args.snapshot, stop_iter=args.iterations)

@@ -1,5 +1,15 @@
-"""Options shared by the verbs: template variables."""
+"""Options shared by the verbs: template variables, the device, output files, and the error
+class for bad option values."""
+import os
+
 from segaware_caffe import caffe_proto
+from segaware_caffe.errors import SegawareError
+from segaware_caffe.files import CLI_HINT, prepare_output_folder, refuse_existing
+
+
+class UsageError(SegawareError, ValueError):
+    """An option value that cannot work (a malformed NAME=VALUE, a device this machine lacks);
+    the message names the option."""
 
 
 def add_variable_arguments(parser):
@@ -16,7 +26,7 @@ def parse_assignments(values, what):
     for value in values:
         name, sep, rest = value.partition("=")
         if not sep or not name:
-            raise ValueError(f"{what} must look like NAME=VALUE, got {value!r}")
+            raise UsageError(f"{what} must look like NAME=VALUE, got {value!r}")
         result[name] = rest
     return result
 
@@ -31,3 +41,90 @@ def parse_variables(assignments, vars_file=None):
 def variables_from(args):
     """The template variables given on the command line, or None."""
     return parse_variables(args.set, args.vars) or None
+
+
+# ---------------------------------------------------------------------------- devices
+def parse_device(text, option="--device", shown=None):
+    """torch.device for an option value, checked against this machine: an unknown name, a CUDA
+    device without CUDA, or an index past the last GPU is a UsageError naming the option (and the
+    value as the user wrote it, `shown`, when it was translated)."""
+    import torch
+
+    value = str(text).strip()
+    text = text if shown is None else shown
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"{option} {text!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UsageError(f"{option} {text}: device type {device.type!r} is not supported; "
+                         f"expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+        raise UsageError(f"{option} {text}: no CUDA device is available on this machine (torch "
+                         f"{torch.__version__} built with {built}); "
+                         + ("use --device cpu" if option == "--device" else
+                            f"leave out {option} to run on the CPU"))
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"{option} {text}: this machine has {count} CUDA device(s), "
+                         f"cuda:0..cuda:{count - 1}")
+    return device
+
+
+def device_from_gpu(gpu):
+    """torch device string for caffe's --gpu value (None: let the caller decide)."""
+    if gpu is None:
+        return None
+    if gpu == "all":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        parse_device(device, "--gpu", shown=gpu)
+        return device
+    ids = gpu.split(",")
+    if len(ids) > 1:
+        raise UsageError(f"--gpu {gpu}: one device per process; run several with torchrun "
+                         f"--nproc_per_node {len(ids)} and --gpu all")
+    if not ids[0].strip().isdigit():
+        raise UsageError(f"--gpu expects a device index or 'all', got {gpu!r}")
+    device = f"cuda:{int(ids[0])}"
+    parse_device(device, "--gpu", shown=gpu)
+    return device
+
+
+def add_device_arguments(parser, *, gpu=True, default=None):
+    """--device DEV (and caffe's --gpu ID when `gpu`), one of the two."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--device", default=default, metavar="DEV",
+                       help="torch device: cpu, cuda or cuda:N"
+                            + (f" (default {default})" if default else ""))
+    if gpu:
+        group.add_argument("--gpu", metavar="ID",
+                           help="CUDA device index, like caffe's --gpu (under torchrun: 'all' = "
+                                "one device per rank)")
+
+
+def device_from_args(args):
+    """The torch device string the options ask for, checked; None when neither was given."""
+    gpu = getattr(args, "gpu", None)
+    if gpu is not None:
+        return device_from_gpu(gpu)
+    if getattr(args, "device", None) is not None:
+        return str(parse_device(args.device))
+    return None
+
+
+# ---------------------------------------------------------------------------- output files
+def add_force_argument(parser, what="existing output files"):
+    parser.add_argument("--force", action="store_true", help=f"replace {what}")
+
+
+def check_new_file(path, force):
+    """Refuse an existing output file unless --force."""
+    return refuse_existing(path, force, CLI_HINT)
+
+
+def prepare_output_dir(path, force):
+    """Create an output folder, refusing an existing non-empty one unless --force."""
+    return prepare_output_folder(path, overwrite=force, hint="pass --force to write into it")

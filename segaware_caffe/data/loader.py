@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import SegawareError
 from .images import DataError
 
 WORKERS_ENV = "SEGAWARE_DATA_WORKERS"
@@ -55,8 +56,25 @@ class EndlessSampler(Sampler):
             start = 0
 
 
+class ItemFailure:
+    """A reader's or collate's error, carried out of a DataLoader worker as a value: raised there,
+    torch would re-raise it in the main process with the worker's whole traceback in its message.
+    BatchStream raises it again, message as written."""
+
+    def __init__(self, error):
+        self.error_type, self.message = type(error), str(error)
+
+    def reraise(self):
+        try:
+            error = self.error_type(self.message)
+        except Exception:
+            error = DataError(self.message)
+        raise error from None
+
+
 class ListDataset(Dataset):
-    """dataset[(index, seed)] = reader(index, torch.Generator seeded with seed)."""
+    """dataset[(index, seed)] = reader(index, torch.Generator seeded with seed), or an
+    ItemFailure for an item the reader reports as unreadable."""
 
     def __init__(self, reader, count):
         self.reader, self.count = reader, count
@@ -66,7 +84,10 @@ class ListDataset(Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        return self.reader(index, torch.Generator().manual_seed(seed))
+        try:
+            return self.reader(index, torch.Generator().manual_seed(seed))
+        except SegawareError as e:
+            return ItemFailure(e)
 
 
 class StackBatch:
@@ -77,6 +98,15 @@ class StackBatch:
         self.layer_label = layer_label
 
     def __call__(self, items):
+        failures = [item for item in items if isinstance(item, ItemFailure)]
+        if failures:
+            return failures[0]
+        try:
+            return self._stack(items)
+        except SegawareError as e:
+            return ItemFailure(e)
+
+    def _stack(self, items):
         tops = []
         for top_index, arrays in enumerate(zip(*items)):
             shapes = {a.shape for a in arrays}
@@ -102,7 +132,10 @@ class BatchStream:
     def next(self):
         if self._iterator is None:
             self._iterator = iter(self.loader)
-        return next(self._iterator)
+        batch = next(self._iterator)
+        if isinstance(batch, ItemFailure):
+            batch.reraise()
+        return batch
 
     def close(self):
         """Stop the worker processes (a later `next` starts again from the first batch)."""

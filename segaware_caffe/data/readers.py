@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .images import DataError, read_image, resize_bilinear, resize_nearest
+from .images import DataError, ImageReadError, read_image, resize_bilinear, resize_nearest
 from .transforms import ImageTransformError
 
 
@@ -26,8 +26,9 @@ def _where(layer_label, source, line):
 def _read(path, color, what, layer_label, source, line):
     try:
         return read_image(path, color)
-    except OSError as e:
-        raise DataError(f"{_where(layer_label, source, line)}: cannot read {what} {path!r}: {e}") from None
+    except ImageReadError as e:
+        raise DataError(f"{_where(layer_label, source, line)}: cannot read {what} {e.path!r}: "
+                        f"{e.reason}") from None
 
 
 @dataclass(frozen=True)

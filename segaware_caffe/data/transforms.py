@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import SegawareError
 from .images import resize_bilinear, resize_nearest
 
 
@@ -93,7 +94,7 @@ class JointTransform:
                 data_dim)
 
 
-class ImageTransformError(ValueError):
+class ImageTransformError(SegawareError, ValueError):
     """The image does not fit the transform (smaller than the crop, or not the mean file's size)."""
 
 

@@ -13,6 +13,8 @@ import scipy.io
 import torch
 
 from ..data.images import DataError
+from ..errors import OutputExistsError, SegawareError
+from ..files import OUTPUT_DIR_ENV, OutsideFolderError, check_inside, open_new, output_folder
 from ..data.listfile import read_lines, resolve_file
 from ..layer import CaffeLayer, register_layer
 
@@ -49,11 +51,30 @@ def matlab_to_blob(array):
     return np.ascontiguousarray(array.reshape(shape).transpose(3, 2, 1, 0), dtype=np.float32)
 
 
+def _check_destination(prefix, names, ctx):
+    """Refuse a prefix (or a name of `source`) that climbs with `..` or points outside the output
+    folder: a prototxt from elsewhere must not write files wherever it likes."""
+    folder = output_folder()
+    where = f"the output folder {folder} (the working directory, or ${OUTPUT_DIR_ENV})"
+    checks = [(f"mat_write_param.prefix {prefix!r}", prefix)]
+    checks += [(f"mat_write_param.source name {name!r}", prefix + name) for name in names or ()]
+    for what, path in checks:
+        if ".." in path.replace("\\", "/").split("/"):
+            raise ctx.error(f"{what} contains '..'; .mat files are written only inside {where}")
+        try:
+            check_inside(path, folder, what)
+        except OutsideFolderError:
+            raise ctx.error(f"{what} puts files at {path + '*.mat'!r}, outside {where}; set "
+                            f"${OUTPUT_DIR_ENV} to the folder the .mat files belong in") from None
+
+
 @register_layer("MatWrite")
 class MatWrite(CaffeLayer):
     """Writes every bottom to a .mat file each `period`-th forward (counting from the first).
     An existing file is an error unless the net was built with overwrite=True (Caffe silently
-    kept the old file); without `source` files are named iter_<k> (Caffe crashed)."""
+    kept the old file); without `source` files are named iter_<k> (Caffe crashed). The files must
+    land inside the output folder (the working directory, or $SEGAWARE_OUTPUT_DIR): a prefix or a
+    source name with `..`, or one pointing elsewhere, is refused when the net is built."""
     BOTTOMS = (1, None)
     TOPS = (0, 0)
     HAS_SIDE_EFFECTS = True
@@ -77,6 +98,7 @@ class MatWrite(CaffeLayer):
                 raise ctx.error(f"bottom {name!r} has {len(shape)} axes {tuple(shape)}; .mat "
                                 f"output supports at most 4 (N, C, H, W)")
         names = _read_names(param, ctx, "mat_write_param")
+        _check_destination(param.prefix, names, ctx)
         first = os.path.dirname(param.prefix + (names[0] if names else "iter_0"))
         if first and not os.path.isdir(first):
             # Caffe fails only when it writes; building (to inspect, to train) must not need it
@@ -106,13 +128,14 @@ class MatWrite(CaffeLayer):
             if folder and not os.path.isdir(folder):
                 raise DataError(f"{self.label}: cannot write {path}: directory {folder!r} does "
                                 f"not exist")
-            if not self.overwrite and os.path.exists(path):
-                raise FileExistsError(f"{self.label}: {path} already exists; remove it or build "
-                                      f"the net with overwrite=True")
+            if not self.overwrite and os.path.lexists(path):
+                raise OutputExistsError(f"{self.label}: {path} already exists; remove it or build "
+                                        f"the net with overwrite=True")
         for path, blob in zip(paths, bottoms):
             array = blob.detach().to("cpu", torch.float32).numpy()
-            scipy.io.savemat(path, {"data": blob_to_matlab(array)}, format="5",
-                             do_compression=False, oned_as="column")
+            with open_new(path, overwrite=self.overwrite) as f:
+                scipy.io.savemat(f, {"data": blob_to_matlab(array)}, format="5",
+                                 do_compression=False, oned_as="column")
         return ()
 
     def extra_repr(self):
@@ -120,7 +143,7 @@ class MatWrite(CaffeLayer):
         return f"prefix={self.prefix!r}, names={source}, period={self.period}"
 
 
-class MatFileError(ValueError):
+class MatFileError(SegawareError, ValueError):
     """A .mat file that does not hold what MatRead expects (the message names the file)."""
 
 

@@ -17,6 +17,9 @@ class Split(CaffeLayer):
         return cls(num_tops=len(ctx.top_names))
 
     def forward(self, x):
+        # one top is one tensor: the builder wires a single-top layer's result to its top as is
+        if self.num_tops == 1:
+            return x.view_as(x)
         return tuple(x.view_as(x) for _ in range(self.num_tops))
 
     def extra_repr(self):

@@ -10,6 +10,8 @@ import math
 import numpy as np
 import torch
 
+from ..errors import SolverError
+
 POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 
 
@@ -19,16 +21,16 @@ def f32(value):
 
 
 def check_policy(param, where):
-    """Raise ValueError for a policy Caffe would reject (or divide by zero on) at its first update."""
+    """Raise SolverError (a ValueError) for a policy Caffe would reject (or divide by zero on) at its first update."""
     policy = param.lr_policy
     if not param.HasField("lr_policy"):
-        raise ValueError(f"{where}: lr_policy is not set (one of {', '.join(POLICIES)})")
+        raise SolverError(f"{where}: lr_policy is not set (one of {', '.join(POLICIES)})")
     if policy not in POLICIES:
-        raise ValueError(f"{where}: unknown lr_policy {policy!r} (one of {', '.join(POLICIES)})")
+        raise SolverError(f"{where}: unknown lr_policy {policy!r} (one of {', '.join(POLICIES)})")
     if policy == "step" and param.stepsize <= 0:
-        raise ValueError(f"{where}: lr_policy \"step\" needs stepsize > 0, got {param.stepsize}")
+        raise SolverError(f"{where}: lr_policy \"step\" needs stepsize > 0, got {param.stepsize}")
     if policy == "poly" and param.max_iter <= 0:
-        raise ValueError(f"{where}: lr_policy \"poly\" needs max_iter > 0, got {param.max_iter}")
+        raise SolverError(f"{where}: lr_policy \"poly\" needs max_iter > 0, got {param.max_iter}")
 
 
 def learning_rate(param, iteration, current_step):
@@ -61,7 +63,7 @@ def learning_rate(param, iteration, current_step):
         z = -gamma * (np.float32(iteration) - np.float32(param.stepsize))
         rate = base_lr * (np.float32(1) / (np.float32(1) + np.exp(z)))
     else:
-        raise ValueError(f"unknown lr_policy {policy!r} (one of {', '.join(POLICIES)})")
+        raise SolverError(f"unknown lr_policy {policy!r} (one of {', '.join(POLICIES)})")
     return f32(rate), current_step
 
 
@@ -108,7 +110,7 @@ class AdaGrad(UpdateRule):
     def __init__(self, param, where):
         super().__init__(param, where)
         if self.momentum != 0:
-            raise ValueError(f"{where}: momentum cannot be used with AdaGrad (got {self.momentum})")
+            raise SolverError(f"{where}: momentum cannot be used with AdaGrad (got {self.momentum})")
 
     def update(self, g, history, local_rate, iteration):
         (h,) = history
@@ -124,10 +126,10 @@ class RMSProp(UpdateRule):
     def __init__(self, param, where):
         super().__init__(param, where)
         if self.momentum != 0:
-            raise ValueError(f"{where}: momentum cannot be used with RMSProp (got {self.momentum})")
+            raise SolverError(f"{where}: momentum cannot be used with RMSProp (got {self.momentum})")
         self.rms_decay = f32(param.rms_decay)   # proto has no default: 0 when unset
         if not 0 <= self.rms_decay <= 1:
-            raise ValueError(f"{where}: rms_decay must be in [0, 1], got {self.rms_decay}")
+            raise SolverError(f"{where}: rms_decay must be in [0, 1], got {self.rms_decay}")
 
     def update(self, g, history, local_rate, iteration):
         (h,) = history
@@ -183,7 +185,7 @@ def make_rule(param, where):
     """The UpdateRule for `param.type` (the legacy solver_type enum is upgraded by read_solver)."""
     cls = RULES.get(param.type)
     if cls is None:
-        raise ValueError(f"{where}: unknown solver type {param.type!r} "
+        raise SolverError(f"{where}: unknown solver type {param.type!r} "
                          f"(known types: {', '.join(sorted(RULES))})")
     return cls(param, where)
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segaware_caffe.data import DataError
 from segaware_caffe.tools.cli import main
 from segaware_caffe.tools.cmd_eval import evaluate, read_ids
 
@@ -62,7 +63,7 @@ def test_cli_prints_the_table(dataset, capsys):
 
 def test_ignore_label_is_configurable(dataset):
     # with no ignore label, gt 255 is outside 0..3 and is reported
-    with pytest.raises(ValueError, match=r"a.png: ground truth has label 255 outside 0..3"):
+    with pytest.raises(DataError, match=r"a.png: ground truth has label 255 outside 0..3"):
         evaluate(dataset / "pred", dataset / "gt", ["a"], num_classes=4, ignore_label=None)
 
 
@@ -72,5 +73,5 @@ def test_errors_name_the_image(dataset, capsys):
                  "--list", str(dataset / "ids.txt"), "--num-classes", "4"]) == 1
     assert "b.png: prediction is 2x2, ground truth 3x2" in capsys.readouterr().err
     (dataset / "pred" / "e.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"no prediction for 1 of 5 ids \(first: e.png\)"):
+    with pytest.raises(DataError, match=r"no prediction for 1 of 5 ids \(first: e.png\)"):
         evaluate(dataset / "pred", dataset / "gt", list(IMAGES), num_classes=4)

@@ -1,4 +1,6 @@
 """MatWrite / MatRead: .mat layout (MATLAB dims W,H,C,N), file naming, period, no-overwrite."""
+import os
+
 import numpy as np
 import pytest
 import scipy.io
@@ -26,6 +28,13 @@ def mat_write(prefix, source="", strip=0, period=1, bottoms=("fc8",), shapes=((2
     return build(f'''layer {{ name: "fc8_mat" type: "MatWrite" {bottom_text}
         mat_write_param {{ prefix: "{prefix}" {source_text} strip: {strip} period: {period} }} }}''',
                  bottom_shapes=shapes, overwrite=overwrite)
+
+
+@pytest.fixture(autouse=True)
+def output_folder(tmp_path, monkeypatch):
+    """MatWrite writes only inside the working directory (or $SEGAWARE_OUTPUT_DIR)."""
+    monkeypatch.delenv("SEGAWARE_OUTPUT_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -170,3 +179,51 @@ def test_matwrite_in_a_net(tmp_path):
     Net(text, overwrite=True).forward(x=x + 1)
     saved = scipy.io.loadmat(tmp_path / "a_blob_0.mat")["data"]
     np.testing.assert_array_equal(saved, (x + 1).numpy().transpose(3, 2, 1, 0))
+
+
+# -- where MatWrite may write ---------------------------------------------------------------------
+@pytest.mark.parametrize("prefix", ["../x_", "out/../../x_", "out/..", "a\\..\\..\\b"])
+def test_prefix_with_dotdot_is_refused(tmp_path, prefix):
+    with pytest.raises(NetBuildError, match=r"fc8_mat \(MatWrite\): mat_write_param\.prefix "
+                                            r".* contains '\.\.'; \.mat files are written only "
+                                            r"inside the output folder"):
+        mat_write(prefix)
+
+
+def test_absolute_prefix_outside_the_output_folder_is_refused(tmp_path, monkeypatch):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(NetBuildError, match=rf"mat_write_param\.prefix '{outside}/fc8_' puts files "
+                                            rf"at '{outside}/fc8_\*\.mat', outside the output "
+                                            rf"folder {tmp_path}/work"):
+        mat_write(f"{outside}/fc8_")
+    monkeypatch.setenv("SEGAWARE_OUTPUT_DIR", str(outside))   # asked for: allowed
+    layer = mat_write(f"{outside}/fc8_")
+    layer(torch.zeros(2, 3, 4, 5))
+    assert (outside / "fc8_iter_0_blob_0.mat").is_file()
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "work_link")
+    os.chdir(tmp_path / "elsewhere")   # the working directory is the output folder...
+    (tmp_path / "elsewhere" / "sub").mkdir()
+    os.chdir(tmp_path / "elsewhere" / "sub")
+    with pytest.raises(NetBuildError, match=r"outside the output folder"):
+        mat_write(f"{tmp_path}/work_link/x_")       # ...and the link resolves above it
+
+
+def test_source_name_escaping_is_refused(tmp_path):
+    (tmp_path / "ids.txt").write_text("2008_000006\n../../etc/evil\n")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(NetBuildError, match=r"mat_write_param\.source name '\.\./\.\./etc/evil' "
+                                            r"contains '\.\.'"):
+        mat_write("out/", source=tmp_path / "ids.txt")
+
+
+def test_relative_prefix_inside_is_fine(tmp_path, ids):
+    layer = mat_write("out/", source=ids, strip=4)
+    layer(torch.zeros(2, 3, 4, 5))
+    assert (tmp_path / "out" / "2008_000006_blob_0.mat").is_file()

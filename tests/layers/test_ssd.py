@@ -12,7 +12,7 @@ from segaware_caffe.caffe_proto import caffe_pb2, read_net
 from segaware_caffe.errors import LayerSetupError, NoBackwardError
 from segaware_caffe.layer import BuildContext, layer_class
 from segaware_caffe.layers.detection_output import nms
-from tests.layers.test_layers_a import assert_close
+from tests.tolerances import assert_close
 
 
 def build(text, bottom_shapes, names=None):
