@@ -154,6 +154,9 @@ def net_state(param, phase, level=None, stages=()):
     state.CopyFrom(param.state)
     state.phase = phase
     if level is not None:
+        if not -2**31 <= int(level) < 2**31:
+            raise NetBuildError(f"the net's level must be a 32-bit integer (NetState.level), "
+                                f"got {level}")
         state.level = int(level)
     state.stage.extend(s for s in stages if s not in state.stage)
     return state

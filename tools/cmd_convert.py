@@ -1,7 +1,7 @@
 """segaware-caffe convert NET.prototxt WEIGHTS.caffemodel -o model.safetensors (or .pt)
 segaware-caffe convert NET.prototxt model.safetensors --to-caffemodel -o back.caffemodel"""
 from segaware_caffe.converters import convert_caffemodel, convert_to_caffemodel
-from segaware_caffe.tools.common import UsageError, add_variable_arguments, variables_from
+from segaware_caffe.tools.common import UsageError, add_variable_arguments, int32, variables_from
 
 
 def add_net_arguments(parser):
@@ -10,7 +10,7 @@ def add_net_arguments(parser):
     parser.add_argument("--phase", choices=("train", "test"), default=None,
                         help="net phase used to filter layers (default: test)")
     parser.add_argument("--stage", action="append", default=None, help="net stage (repeatable)")
-    parser.add_argument("--level", type=int, default=None, help="net level")
+    parser.add_argument("--level", type=int32, default=None, help="net level")
 
 
 def add_arguments(parser):

@@ -11,7 +11,7 @@ import os
 from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.canonical import FROM_PROTOTXT, net_state, phase_of, read_net_source, selected
-from segaware_caffe.tools.common import add_variable_arguments, parse_variables
+from segaware_caffe.tools.common import add_variable_arguments, int32, parse_variables
 
 
 def add_arguments(parser):
@@ -21,7 +21,7 @@ def add_arguments(parser):
     parser.add_argument("--phase", choices=("train", "test"), default="test",
                         help="phase whose layers are listed (default: test)")
     parser.add_argument("--stage", action="append", default=[], help="net stage (repeatable)")
-    parser.add_argument("--level", type=int, default=0, help="net level (default 0)")
+    parser.add_argument("--level", type=int32, default=0, help="net level (default 0)")
     parser.add_argument("--all-phases", action="store_true",
                         help="list every layer, whatever its include/exclude rules")
 

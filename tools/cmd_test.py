@@ -15,7 +15,7 @@ from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import fmt, glog_to, loss_note
 from segaware_caffe.data.arrays import read_npy
 from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_variable_arguments,
-                                         device_from_args, parse_variables)
+                                         device_from_args, int32, parse_variables)
 
 log = logging.getLogger("segaware_caffe.cli")
 
@@ -29,7 +29,7 @@ def add_net_run_arguments(parser, *, phase, iterations_help, input_help):
     parser.add_argument("--phase", choices=("train", "test"), default=phase,
                         help=f"net phase (default {phase}, like caffe)")
     parser.add_argument("--stage", action="append", default=[], help="net stage (repeatable)")
-    parser.add_argument("--level", type=int, default=0, help="net level")
+    parser.add_argument("--level", type=int32, default=0, help="net level")
     parser.add_argument("--input", action="append", default=[], metavar="BLOB=FILE.npy",
                         help=input_help)
     add_variable_arguments(parser)

@@ -93,6 +93,18 @@ def device_from_gpu(gpu):
     return device
 
 
+def int32(text):
+    """argparse type: an integer that fits Caffe's int32 fields (NetState.level, ...)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -2**31 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"expected a 32-bit integer, got {value}")
+    return value
+
+
 def add_device_arguments(parser, *, gpu=True, default=None):
     """--device DEV (and caffe's --gpu ID when `gpu`), one of the two."""
     group = parser.add_mutually_exclusive_group()

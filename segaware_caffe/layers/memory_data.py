@@ -4,6 +4,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..data.images import DataError
 from ..errors import NetBuildError
 from ..layer import CaffeLayer, register_layer
 
@@ -93,7 +94,7 @@ class MemoryData(CaffeLayer):
 
     def forward(self):
         if self._data is None:
-            raise RuntimeError(f"{self.label}: no arrays were handed in; call "
+            raise DataError(f"{self.label}: no arrays were handed in; call "
                                f"net.set_input_arrays(data, labels) (or this layer's "
                                f"set_input_arrays) before forward")
         start, stop = self._position, self._position + self.batch_size

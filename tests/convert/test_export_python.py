@@ -232,13 +232,14 @@ layer { name: "w\\"\\"\\"" type: "MatWrite" bottom: "y\\"\\"\\"; BOOM = 3"
 '''
 
 
-def test_names_and_strings_from_the_file_never_become_code(tmp_path):
+def test_names_and_strings_from_the_file_never_become_code(tmp_path, monkeypatch):
     """Net, layer and blob names and parameter strings with quotes, triple quotes and newlines
     reach the source only as identifiers or repr()'d literals: the module compiles, defines no
     BOOM, and computes what the net computes."""
     from segaware_caffe.converters.python_export import load_source
     (tmp_path / "out").mkdir()
-    net = build_net(caffe_proto.read_net(HOSTILE.replace("out/", f"{tmp_path}/out/")))
+    monkeypatch.chdir(tmp_path)     # MatWrite writes only inside the working directory
+    net = build_net(caffe_proto.read_net(HOSTILE))
     export = python_source(net)
     compile(export.source, "hostile.py", "exec")
     module = load_source(export.source)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import segaware_caffe as sc
+from segaware_caffe.data.images import DataError
 
 NET = '''name: "mem"
 layer {{ name: "mem" type: "MemoryData" top: "data" top: "label" {transform}
@@ -86,7 +87,7 @@ def test_transform_param_is_ignored_with_a_warning():
 
 
 def test_forward_before_hand_in_says_what_to_call():
-    with pytest.raises(RuntimeError, match=r"mem \(MemoryData\): no arrays.*set_input_arrays"):
+    with pytest.raises(DataError, match=r"mem \(MemoryData\): no arrays.*set_input_arrays"):
         make().forward()
 
 
