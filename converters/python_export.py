@@ -186,6 +186,12 @@ class _Writer:
         self.value[node] = self.names(node.meta["blob"])
         self.arguments.append(self.value[node])
 
+    def get_attr(self, node):
+        # a learnable blob, read by refuse_gradient: the exported module keeps the Net's layer
+        # keys and blob attribute names
+        key, attribute = node.target.removeprefix("layers.").rsplit(".", 1)
+        self.value[node] = f"{attribute_expression(key)}.{attribute}"
+
     def call_function(self, node):
         emit = FUNCTION_EMITTERS.get(node.target)
         if emit is None:

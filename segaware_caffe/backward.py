@@ -121,7 +121,7 @@ def _edges(index, record, sources, flags, records):
         read = type(records[producer].module).NET_INPUT or flags.layer_need[producer]
         if not (computed and read):
             out.append(DETACH)
-        elif cls.refuses_gradient(i, len(sources)):
+        elif record.module.refuses_gradient(i, len(sources)):
             out.append(REFUSE)
         else:
             out.append(KEEP)

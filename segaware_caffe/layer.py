@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .errors import LayerSetupError, NetBuildError, NoBackwardError
+from .errors import LayerSetupError, NetBuildError
 
 _REGISTRY = {}
 
@@ -89,78 +89,6 @@ def layer_class(type_name, layer_name="?"):
             f"Register your own with @segaware_caffe.register_layer({type_name!r}).") from None
 
 
-class _NoGradientInto(torch.autograd.Function):
-    """`top` unchanged, linked to `guarded` tensors: its backward raises when one of them needs
-    a gradient (and passes the top's gradient on to `top` otherwise)."""
-
-    @staticmethod
-    def forward(ctx, message, top, *guarded):
-        ctx.message = message
-        ctx.num_guarded = len(guarded)
-        return top.view_as(top)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if any(ctx.needs_input_grad[2:]):
-            raise NoBackwardError(ctx.message)
-        return (None, grad if ctx.needs_input_grad[1] else None) + (None,) * ctx.num_guarded
-
-
-def depends_on_trained_parameter(tensor):
-    """Whether `tensor`'s autograd history reaches a parameter that trains (lr_mult != 0; a
-    parameter without lr_mult counts as training): Caffe's test of whether a blob needs a
-    gradient. Data tops, fed inputs and frozen (lr_mult 0) parameters do not make it need one,
-    even where force_backward gives them gradients."""
-    if not tensor.requires_grad:
-        return False
-    if tensor.grad_fn is None:
-        return isinstance(tensor, nn.Parameter) and getattr(tensor, "lr_mult", 1) != 0
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)     # AccumulateGrad: a leaf
-        if variable is not None:
-            if isinstance(variable, nn.Parameter) and getattr(variable, "lr_mult", 1) != 0:
-                return True
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
-
-
-def no_gradient_into(tops, guarded, where, what=None):
-    """Make asking a gradient of `guarded` through `tops` an error, as in the original Caffe,
-    whose Backward aborts (or is missing) there. `tops`: a tensor or a tuple.
-
-    what=None: a forward-only layer (pass all its bottoms); any of them that requires a gradient
-    makes a backward through the tops raise. Otherwise `guarded` are the bottoms the layer refuses
-    (labels, indices, selectors; `what` names them, "its label bottom (1)"), and, as in Caffe,
-    they need a gradient only when they depend on a parameter that trains: a label from a data
-    layer or a fed input gets none and raises nothing, also under force_backward.
-
-    A top computed without autograd (argmax, a comparison) would otherwise just carry no gradient,
-    and a loss whose gradient skips its label would silently give the label none; the link raises
-    NoBackwardError during backward instead, naming the layer. propagate_down: false (the bottom
-    arrives detached) leaves the tops as they are."""
-    if not torch.is_grad_enabled():
-        return tops
-    if what is None:
-        guarded = [g for g in guarded if isinstance(g, torch.Tensor) and g.requires_grad]
-    else:
-        guarded = [g for g in guarded if isinstance(g, torch.Tensor) and depends_on_trained_parameter(g)]
-    if not guarded:
-        return tops
-    problem = ("has no backward in the original Caffe" if what is None else
-               f"cannot backpropagate into {what} in the original Caffe (its Backward aborts)")
-    message = (f"{where} {problem}, but a gradient was asked through it; set propagate_down: "
-               f"false for that bottom, or keep learnable layers from feeding it")
-    if isinstance(tops, torch.Tensor):
-        return _NoGradientInto.apply(message, tops, *guarded)
-    return tuple(_NoGradientInto.apply(message, t, *guarded) for t in tops)
-
-
 @dataclass
 class BuildContext:
     """What a layer may know while it is set up: its name, phase and the shapes it receives."""
@@ -220,7 +148,9 @@ class CaffeLayer(nn.Module):
     # True for layers with effects beyond their tops (file writers, accumulators)
     HAS_SIDE_EFFECTS: ClassVar[bool] = False
     # False where the original has no backward at all (its Backward is empty, or aborts): asking
-    # a gradient through the layer is an error, unless propagate_down: false cuts it off
+    # a gradient through the layer (of a bottom or of a learnable blob) is an error, unless
+    # propagate_down: false or lr_mult: 0 cuts it off. The builder enforces it on the layer's
+    # tops; forward may compute them under torch.no_grad
     HAS_BACKWARD: ClassVar[bool] = True
     # bottoms (indices; negative counts from the end) the original refuses to backpropagate into,
     # such as labels, indices and selectors: a gradient asked there is an error
@@ -269,14 +199,21 @@ class CaffeLayer(nn.Module):
         config = self.__dict__.get("_caffe_config")
         return None if config is None else dict(config)
 
-    @classmethod
-    def refuses_gradient(cls, bottom_index, num_bottoms):
-        """Whether the original aborts when a gradient reaches bottom `bottom_index`."""
-        if not cls.HAS_BACKWARD:
+    def has_backward(self):
+        """Whether the original has a Backward for this layer as configured: HAS_BACKWARD, which
+        a layer whose Backward exists only in some configurations refines."""
+        return self.HAS_BACKWARD
+
+    def refuses_gradient(self, bottom_index, num_bottoms):
+        """Whether the original aborts when a gradient reaches bottom `bottom_index`: every bottom
+        of a layer without a backward, and the NO_GRAD_BOTTOMS of the others. The builder reads
+        this once per bottom while it decides where gradients flow; a layer's forward does
+        nothing about it."""
+        if not self.has_backward():
             return True
         # a negative index counts from the end; an index past this layer's bottoms (an optional
         # bottom left out) refuses nothing
-        return any((i + num_bottoms if i < 0 else i) == bottom_index for i in cls.NO_GRAD_BOTTOMS)
+        return any((i + num_bottoms if i < 0 else i) == bottom_index for i in self.NO_GRAD_BOTTOMS)
 
     @classmethod
     def allow_force_backward(cls, bottom_index, num_bottoms):
@@ -318,34 +255,3 @@ class CaffeLayer(nn.Module):
             tops = (tops,)
         return [tuple(t.shape) for t in tops]
 
-
-class _ForwardOnly(torch.autograd.Function):
-    """Runs `fn` without recording it, but keeps its tensor arguments in the graph, so that a
-    gradient asked through a forward-only layer is not a silent zero: the bottoms get none here,
-    which the builder's refusal nodes in front of them turn into a NoBackwardError (honouring
-    propagate_down), and a learnable blob asked for one raises directly."""
-
-    @staticmethod
-    def forward(ctx, fn, num_bottoms, message, *tensors):
-        ctx.num_bottoms, ctx.message = num_bottoms, message
-        tops = fn(*tensors)
-        single = isinstance(tops, torch.Tensor)
-        tops = (tops,) if single else tuple(tops)
-        ctx.mark_non_differentiable(*[t for t in tops if not t.is_floating_point()])
-        return tops[0] if single else tops
-
-    @staticmethod
-    def backward(ctx, *grads):
-        if any(ctx.needs_input_grad[3 + ctx.num_bottoms:]):
-            from .errors import NoBackwardError
-            raise NoBackwardError(ctx.message)
-        return (None,) * len(ctx.needs_input_grad)
-
-
-def forward_only(fn, bottoms, blobs=(), where="this layer"):
-    """fn(*bottoms, *blobs) for a layer whose original has no backward (HAS_BACKWARD = False):
-    the result carries no gradient, and asking one raises NoBackwardError instead of stopping
-    silently (see _ForwardOnly)."""
-    message = (f"{where} has no backward in the original Caffe, but a gradient was asked of its "
-               f"learnable blobs; set their lr_mult to 0 or keep the loss from depending on it")
-    return _ForwardOnly.apply(fn, len(bottoms), message, *bottoms, *blobs)

@@ -38,8 +38,8 @@ from .canonical import FROM_PROTOTXT, canonical_net
 from .errors import NetBuildError, NoBackwardError
 from .layer import BuildContext, CaffeLayer, layer_class
 from .layers.input import Input  # noqa: F401  (where it lived before: segaware_caffe.net.Input)
-from .weights import WeightsReport, copy_weights, first_records_by_name, net_layers_proto, \
-    parameter_blobs
+from .weights import WeightsReport, blob_attributes, copy_weights, first_records_by_name, \
+    net_layers_proto, parameter_blobs
 
 __all__ = ["LayerRecord", "Net", "WeightsReport", "first_records_by_name", "refuse_gradient",
            "track_grad", "zero_first_element"]
@@ -140,13 +140,29 @@ def zero_first_element(x):
 
 
 def refusal_message(record, index):
-    cls = type(record.module)
-    what = ("has no backward in the original Caffe" if not cls.HAS_BACKWARD else
-            f"cannot backpropagate into bottom {index} ({record.bottoms[index]!r}) in the "
-            f"original Caffe")
+    """What refuse_gradient says when bottom `index` of `record` would be asked for a diff."""
+    module = record.module
+    if module.has_backward():
+        what = (f"cannot backpropagate into bottom {index} ({record.bottoms[index]!r}) in the "
+                f"original Caffe")
+    else:
+        what = _no_backward(module)
     return (f"{record.name} ({record.type}) {what}, but a gradient was asked of "
             f"{record.bottoms[index]!r}; set propagate_down: false for that bottom, or keep "
             f"learnable layers from feeding it")
+
+
+def blob_refusal_message(record):
+    """What refuse_gradient says when a learnable blob of a layer without backward trains."""
+    return (f"{record.name} ({record.type}) {_no_backward(record.module)}, but a gradient was "
+            f"asked of its learnable blobs; set their lr_mult to 0, or keep the loss from "
+            f"depending on the layer")
+
+
+def _no_backward(module):
+    if module.HAS_BACKWARD:          # the type has a backward, this configuration has none
+        return f"has no backward in the original Caffe as configured ({module.extra_repr()})"
+    return "has no backward in the original Caffe"
 
 
 class Net(nn.Module):
@@ -426,6 +442,13 @@ class Net(nn.Module):
                              if edges[index][i] == backward.REFUSE)
             node = graph.call_module(f"layers.{r.key}", tuple(args))
             node.meta.update(record=index, blob=r.tops[0] if len(r.tops) == 1 else None)
+            if not r.module.has_backward():
+                # Caffe runs the Backward of a layer whose blobs train (lr_mult != 0, or
+                # force_backward), and this one has none: a gradient asked of them is refused
+                # like one asked of a bottom (whether they train is read when the graph runs)
+                message = blob_refusal_message(r)
+                refusals += tuple((graph.get_attr(f"layers.{r.key}.{name}"), message)
+                                  for name in blob_attributes(r.module))
             for i, t in enumerate(r.tops):
                 env[t] = node if len(r.tops) == 1 else helper(operator.getitem, (node, i), t)
                 if refusals:

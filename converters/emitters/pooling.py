@@ -12,6 +12,10 @@ def emit_pooling(spec):
         return None
     x = spec.bottoms[0]
     method = kw.get("method", "MAX")
+    if method not in ("MAX", "AVE"):
+        # STOCHASTIC (TEST: sum(x^2) / sum(x) per window; TRAIN: a sampled value) has no stock
+        # torch module: the layer class runs it
+        return None
     if kw.get("global_pooling"):
         reduce = "amax" if method == "MAX" else "mean"
         return Emission(f"{x}.{reduce}(dim=(2, 3), keepdim=True)", note="global pooling")

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 from ..params import canonical_axis
 from .softmax_loss import check_labels
 
@@ -41,11 +41,8 @@ class Accuracy(CaffeLayer):
                    ignore_label=int(p.ignore_label) if p.HasField("ignore_label") else None,
                    per_class=len(ctx.top_names) == 2, where=f"{ctx.name} ({ctx.type})")
 
+    @torch.no_grad()        # the original has no backward: keep no graph
     def forward(self, scores, labels):
-        return no_gradient_into(self._accuracy(scores, labels), [scores, labels], self.where)
-
-    @torch.no_grad()
-    def _accuracy(self, scores, labels):
         shape = scores.shape
         outer, channels = math.prod(shape[:self.axis]), shape[self.axis]
         scores3 = scores.reshape(outer, channels, -1)

@@ -3,7 +3,7 @@ image until each wins a target portion of the pixels."""
 import numpy as np
 import torch
 
-from ..layer import CaffeLayer, forward_only, register_layer
+from ..layer import CaffeLayer, register_layer
 
 
 class GlibcRand:
@@ -118,7 +118,8 @@ class AdaptiveBiasChannel(CaffeLayer):
         return sorted(present)
 
     def forward(self, scores, labels):
-        return forward_only(self._adapt, (scores, labels), where=self.where)
+        with torch.no_grad():       # the original has no backward: keep no graph
+            return self._adapt(scores, labels)
 
     def _adapt(self, scores, labels):
         n, channels = scores.shape[:2]

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 from ..params import canonical_axis
 
 
@@ -26,10 +26,9 @@ class ArgMax(CaffeLayer):
     has no backward)."""
     HAS_BACKWARD = False
 
-    def __init__(self, *, top_k=1, axis=None, out_max_val=False, where="ArgMax"):
+    def __init__(self, *, top_k=1, axis=None, out_max_val=False):
         super().__init__()
         self.top_k, self.axis, self.out_max_val = top_k, axis, out_max_val
-        self.where = where
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -46,14 +45,10 @@ class ArgMax(CaffeLayer):
         elif p.top_k > math.prod(shape[1:]):
             raise ctx.error(f"argmax_param.top_k {p.top_k} exceeds the {math.prod(shape[1:])} "
                             f"values per item of a {shape} bottom")
-        return cls(top_k=int(p.top_k), axis=axis, out_max_val=bool(p.out_max_val),
-                   where=f"{ctx.name} ({ctx.type})")
+        return cls(top_k=int(p.top_k), axis=axis, out_max_val=bool(p.out_max_val))
 
+    @torch.no_grad()        # the original has no backward: keep no graph
     def forward(self, x):
-        return no_gradient_into(self._argmax(x), [x], self.where)
-
-    @torch.no_grad()
-    def _argmax(self, x):
         if self.axis is not None:
             values, index = _top_k_desc(x, self.top_k, self.axis)
             return values if self.out_max_val else index.to(x.dtype)

@@ -100,6 +100,7 @@ class Augmentation(CaffeLayer):
         t = (low + u * (high - low)).astype(np.float32)
         return [translation_shift(v, width) for v in t]
 
+    @torch.no_grad()        # the original has no backward: keep no graph
     def forward(self, img0, img1, flow):
         n, _, height, width = img0.shape
         if self.num_transformations <= 0:

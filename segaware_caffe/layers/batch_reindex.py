@@ -1,7 +1,7 @@
 """BatchReindex: gather items of the batch by an index vector."""
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 
 
 @register_layer("BatchReindex")
@@ -31,8 +31,7 @@ class BatchReindex(CaffeLayer):
         if bool(bad.any()):
             raise ValueError(f"{self.where}: index {values[bad][0].item():g} is outside [0, "
                              f"{x.shape[0]}) (the data bottom's batch size)")
-        y = x.index_select(0, values.to(torch.int64))
-        return no_gradient_into(y, [idx], self.where, "its index bottom (1)")
+        return x.index_select(0, values.to(torch.int64))
 
     def output_shapes(self, bottom_shapes):
         x, idx = bottom_shapes

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 from ..params import legacy_shape
 
 # the original divides by (distance + 1e-4) in the gradient of the non-legacy dissimilar term
@@ -56,10 +56,9 @@ class ContrastiveLoss(CaffeLayer):
     NO_GRAD_BOTTOMS = (2,)
     NO_FORCE_BACKWARD = (2,)     # force_backward leaves the similarity bottom alone
 
-    def __init__(self, *, margin=1.0, legacy_version=False, where="ContrastiveLoss"):
+    def __init__(self, *, margin=1.0, legacy_version=False):
         super().__init__()
         self.margin, self.legacy_version = margin, legacy_version
-        self.where = where
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -74,13 +73,11 @@ class ContrastiveLoss(CaffeLayer):
             raise ctx.error(f"the similarity bottom must have shape ({a[0]}, 1, 1, 1), one value "
                             f"per pair, got {ctx.bottom_shapes[2]}")
         p = layer_param.contrastive_loss_param
-        return cls(margin=float(np.float32(p.margin)), legacy_version=bool(p.legacy_version),
-                   where=f"{ctx.name} ({ctx.type})")
+        return cls(margin=float(np.float32(p.margin)), legacy_version=bool(p.legacy_version))
 
     def forward(self, a, b, sim):
         similar = sim.detach().reshape(-1).to(torch.int64) != 0
-        loss = _ContrastiveFunction.apply(a, b, similar, self.margin, self.legacy_version)
-        return no_gradient_into(loss, [sim], self.where, "its similarity bottom (2)")
+        return _ContrastiveFunction.apply(a, b, similar, self.margin, self.legacy_version)
 
     def output_shapes(self, bottom_shapes):
         return [()]

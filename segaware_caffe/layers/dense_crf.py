@@ -6,7 +6,7 @@ import torch
 from segaware_caffe.kernels.dense_crf import (FLT_MIN, PottsKernel, dense_crf_inference,
                                               pixel_features)
 
-from ..layer import CaffeLayer, forward_only, register_layer
+from ..layer import CaffeLayer, register_layer
 
 
 @register_layer("DenseCRF")
@@ -83,7 +83,8 @@ class DenseCRF(CaffeLayer):
         return rows, cols
 
     def forward(self, *bottoms):
-        return forward_only(self._infer, bottoms, where=self.where)
+        with torch.no_grad():       # the original has no backward: keep no graph
+            return self._infer(*bottoms)
 
     def _infer(self, scores, dims, image=None):
         n, channels, height, width = scores.shape

@@ -162,9 +162,8 @@ class DetectionOutput(CaffeLayer):
     def output_shapes(self, bottom_shapes):
         return [(1, 1, 1, 7)]     # the real row count depends on the data
 
+    @torch.no_grad()        # SSD has no backward for it: keep no graph
     def forward(self, loc, conf, prior, *_):
-        # the top stays connected to loc and conf, so that a gradient asked through it reaches
-        # the net's refusal (SSD has no backward) rather than vanishing
         num = loc.shape[0]
         priors = prior.shape[2] // 4
         loc_classes = 1 if self.share_location else self.num_classes

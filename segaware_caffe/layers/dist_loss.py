@@ -1,7 +1,7 @@
 """DistLoss: the segaware embedding hinge loss over Im2dist / Im2parity outputs."""
 from segaware_caffe.kernels.dist_loss import dist_loss
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 from ..params import conv_geometry
 
 
@@ -17,9 +17,8 @@ class DistLoss(CaffeLayer):
     # the original's backward writes only the distances' diff
     NO_GRAD_BOTTOMS = (1,)
 
-    def __init__(self, *, alpha, beta, ignore_label=None, where="DistLoss"):
+    def __init__(self, *, alpha, beta, ignore_label=None):
         super().__init__()
-        self.where = where
         self.alpha = alpha
         self.beta = beta
         self.ignore_label = ignore_label
@@ -50,12 +49,10 @@ class DistLoss(CaffeLayer):
                 raise ctx.error(f"the parity bottom must have as many elements as the distance "
                                 f"bottom {dist_shape}, got {parity_shape}")
         return cls(alpha=alpha, beta=beta,
-                   ignore_label=dp.ignore_label if dp.HasField("ignore_label") else None,
-                   where=f"{ctx.name} ({ctx.type})")
+                   ignore_label=dp.ignore_label if dp.HasField("ignore_label") else None)
 
     def forward(self, dist, parity):
-        loss = dist_loss(dist, parity, self.alpha, self.beta, ignore_label=self.ignore_label)
-        return no_gradient_into(loss, [parity], self.where, "its parity bottom (1)")
+        return dist_loss(dist, parity, self.alpha, self.beta, ignore_label=self.ignore_label)
 
     def extra_repr(self):
         extra = f", ignore_label={self.ignore_label}" if self.ignore_label is not None else ""

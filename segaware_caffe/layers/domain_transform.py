@@ -2,9 +2,11 @@
 of a feature map guided by a reference gradient, over each image's valid region."""
 import math
 
+import torch
+
 from segaware_caffe.kernels.domain_transform import domain_transform
 
-from ..layer import CaffeLayer, forward_only, register_layer
+from ..layer import CaffeLayer, register_layer
 
 
 @register_layer("DomainTransform")
@@ -18,10 +20,8 @@ class DomainTransform(CaffeLayer):
     BOTTOMS = (3, 3)
     NO_GRAD_BOTTOMS = (2,)
 
-    def __init__(self, *, num_iter=3, spatial_sigma=50.0, range_sigma=5.0, min_weight=0.0,
-                 where="DomainTransform"):
+    def __init__(self, *, num_iter=3, spatial_sigma=50.0, range_sigma=5.0, min_weight=0.0):
         super().__init__()
-        self.where = where
         self.num_iter = num_iter
         self.spatial_sigma, self.range_sigma = float(spatial_sigma), float(range_sigma)
         self.min_weight = float(min_weight)
@@ -46,7 +46,7 @@ class DomainTransform(CaffeLayer):
             raise ctx.error(f"bottom 2 (the valid sizes) must hold (h, w) per image, (N, 2, 1, 1) "
                             f"with N = {x[0]}, got {dims}")
         return cls(num_iter=int(p.num_iter), spatial_sigma=p.spatial_sigma,
-                   range_sigma=p.range_sigma, min_weight=p.min_weight, where=f"{ctx.name} ({ctx.type})")
+                   range_sigma=p.range_sigma, min_weight=p.min_weight)
 
     def forward(self, x, g, dims):
         return domain_transform(x, g, dims, num_iter=self.num_iter, spatial_sigma=self.spatial_sigma,
@@ -68,5 +68,6 @@ class DomainTransformForwardOnly(DomainTransform):
     NO_GRAD_BOTTOMS = ()
 
     def forward(self, x, g, dims):
-        return forward_only(super().forward, (x, g, dims), where=self.where)
+        with torch.no_grad():       # the original has no backward: keep no graph
+            return super().forward(x, g, dims)
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ..fillers import fill
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 from .convolution import optional_filler
 
 
@@ -46,7 +46,7 @@ class Embed(CaffeLayer):
         y = nn.functional.embedding(index, self.weight)
         if self.bias is not None:
             y = y + self.bias
-        return no_gradient_into(y, [indices], self.where, "its index bottom (0)")
+        return y
 
     def output_shapes(self, bottom_shapes):
         return [tuple(bottom_shapes[0]) + (self.weight.shape[1],)]

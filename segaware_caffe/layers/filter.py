@@ -1,7 +1,7 @@
 """Filter: keep the items whose selector is non-zero."""
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 
 
 @register_layer("Filter")
@@ -15,9 +15,8 @@ class Filter(CaffeLayer):
     TOPS = (1, None)
     NO_GRAD_BOTTOMS = (-1,)
 
-    def __init__(self, *, where="Filter"):
+    def __init__(self):
         super().__init__()
-        self.where = where
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -32,13 +31,12 @@ class Filter(CaffeLayer):
             if not shape or shape[0] != selector[0]:
                 raise ctx.error(f"bottom {i} {shape} must have as many items as the selector "
                                 f"{selector} (first dimension)")
-        return cls(where=f"{ctx.name} ({ctx.type})")
+        return cls()
 
     def forward(self, *bottoms):
         *data, selector = bottoms
         keep = torch.nonzero(selector.detach().reshape(selector.shape[0]) != 0).squeeze(1)
         tops = tuple(x.index_select(0, keep) for x in data)
-        tops = no_gradient_into(tops, [selector], self.where, "its selector (last bottom)")
         return tops[0] if len(tops) == 1 else tops
 
     def output_shapes(self, bottom_shapes):

@@ -1,7 +1,9 @@
 """Im2parity: per-tap label agreement, (N, C, H, W) labels -> (N, K, Ho, Wo)."""
+import torch
+
 from segaware_caffe.kernels.im2parity import im2parity
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 from .im2dist import patch_geometry_from_proto, patch_layer_repr
 
 
@@ -14,10 +16,8 @@ class Im2parity(CaffeLayer):
     HAS_BACKWARD = False        # its Backward aborts (NOT_IMPLEMENTED)
     USES_SEGAWARE_KERNELS = True
 
-    def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), ignore_label=None,
-                 where="Im2parity"):
+    def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), ignore_label=None):
         super().__init__()
-        self.where = where
         self.kernel = tuple(kernel)
         self.pad = tuple(pad)
         self.stride = tuple(stride)
@@ -30,13 +30,12 @@ class Im2parity(CaffeLayer):
         ip = layer_param.im2parity_param
         return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
                    dilation=geometry.dilation,
-                   ignore_label=ip.ignore_label if ip.HasField("ignore_label") else None,
-                   where=f"{ctx.name} ({ctx.type})")
+                   ignore_label=ip.ignore_label if ip.HasField("ignore_label") else None)
 
+    @torch.no_grad()        # the original has no backward: keep no graph
     def forward(self, labels):
-        parity = im2parity(labels, self.kernel, self.pad, self.stride, self.dilation,
-                           ignore_label=self.ignore_label)
-        return no_gradient_into(parity, [labels], self.where)
+        return im2parity(labels, self.kernel, self.pad, self.stride, self.dilation,
+                         ignore_label=self.ignore_label)
 
     def extra_repr(self):
         return patch_layer_repr(self, (("ignore_label", None),))

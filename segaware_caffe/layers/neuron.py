@@ -7,7 +7,7 @@ clamped exponent) are written out explicitly.
 import numpy as np
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 
 
 def _f32(value):
@@ -197,18 +197,16 @@ class Threshold(CaffeLayer):
     """y = 1 if x > threshold else 0. Forward only (the original has no backward)."""
     HAS_BACKWARD = False
 
-    def __init__(self, *, threshold=0.0, where="Threshold"):
+    def __init__(self, *, threshold=0.0):
         super().__init__()
         self.threshold = threshold
-        self.where = where
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
-        return cls(threshold=_f32(layer_param.threshold_param.threshold),
-                   where=f"{ctx.name} ({ctx.type})")
+        return cls(threshold=_f32(layer_param.threshold_param.threshold))
 
     def forward(self, x):
-        return no_gradient_into((x.detach() > self.threshold).to(x.dtype), [x], self.where)
+        return (x.detach() > self.threshold).to(x.dtype)
 
     def extra_repr(self):
         return _non_default(threshold=(self.threshold, 0.0))

@@ -19,7 +19,7 @@ from torch import nn
 
 from segaware_caffe.kernels.meanfield import MessageSpec, message, message_attention, message_grid_fits
 
-from ..layer import CaffeLayer, forward_only, register_layer
+from ..layer import CaffeLayer, register_layer
 
 _L2 = 2   # NormConvMeanfieldParameter.Norm.L2
 
@@ -42,9 +42,8 @@ class NospConvMeanfield(CaffeLayer):
     HAS_BACKWARD = False
     USES_SEGAWARE_KERNELS = True
 
-    def __init__(self, *, channels, num_iterations, bilateral, where="NospConvMeanfield"):
+    def __init__(self, *, channels, num_iterations, bilateral):
         super().__init__()
-        self.where = where
         self.num_iterations = num_iterations
         self.bilateral = bilateral
         eye = torch.eye(channels).reshape(1, 1, channels, channels)
@@ -103,16 +102,12 @@ class NospConvMeanfield(CaffeLayer):
         if grid != (height, width):
             ctx.warn(f"{where}: the original reads its first {height}x{width} values per channel "
                      f"as if aligned (reproduced); use stride 1 and pad = (kernel_size // 2) * dilation")
-        return cls(channels=unary[1], num_iterations=int(param.num_iterations), bilateral=spec,
-                   where=f"{ctx.name} ({ctx.type})")
+        return cls(channels=unary[1], num_iterations=int(param.num_iterations), bilateral=spec)
 
+    @torch.no_grad()        # the original has no backward: keep no graph
     def forward(self, unary, q0, features):
-        return forward_only(self._meanfield, (unary, q0, features),
-                            blobs=(self.bilateral_weight, self.compatibility), where=self.where)
-
-    def _meanfield(self, unary, q0, features, bilateral_weight, compatibility):
         n, channels, height, width = unary.shape
-        compat = compatibility.reshape(channels, channels)
+        compat = self.compatibility.reshape(channels, channels)
         attention = message_attention(features, self.bilateral)
         x = q0
         for _ in range(self.num_iterations):

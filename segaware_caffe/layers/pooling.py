@@ -7,7 +7,7 @@ windows cover, so torch's own ceil_mode rule never decides a size.
 import torch
 import torch.nn.functional as F
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 
 FLT_MAX = 3.4028234663852886e38
 FLT_MIN = 1.1754943508222875e-38
@@ -149,8 +149,7 @@ class Pooling(CaffeLayer):
     TOPS = (1, 2)
 
     def __init__(self, *, method="MAX", kernel=None, pad=(0, 0), stride=(1, 1),
-                 global_pooling=False, round_mode=CEIL, mask_top=False, train=False,
-                 where="Pooling"):
+                 global_pooling=False, round_mode=CEIL, mask_top=False, train=False):
         super().__init__()
         if mask_top and method != "MAX":
             raise ValueError("only MAX pooling has a mask top")
@@ -166,7 +165,6 @@ class Pooling(CaffeLayer):
         self.round_mode = round_mode
         self.mask_top = mask_top
         self.train_phase = train
-        self.where = where
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -203,8 +201,7 @@ class Pooling(CaffeLayer):
                             f"got pad {pad} with STOCHASTIC")
         layer = cls(method=method, kernel=kernel, pad=pad, stride=stride,
                     global_pooling=pp.global_pooling, round_mode=pp.round_mode,
-                    mask_top=len(ctx.top_names) == 2, train=ctx.phase == "TRAIN",
-                    where=f"{ctx.name} ({ctx.type})")
+                    mask_top=len(ctx.top_names) == 2, train=ctx.phase == "TRAIN")
         out = layer.output_spatial_size(*shape[2:])
         if min(out) <= 0:
             raise ctx.error(f"the bottom's spatial size {shape[2:]} gives an empty output {out} "
@@ -227,8 +224,13 @@ class Pooling(CaffeLayer):
             return pool2d(x, self.method, kernel, self.pad, self.stride, out, self.mask_top)
         if self.train_phase:
             return stochastic_pool_train(x, kernel, self.stride, out)
-        return no_gradient_into(stochastic_pool_test(x, kernel, self.stride, out), [x],
-                                f"{self.where} with STOCHASTIC pooling in the TEST phase")
+        with torch.no_grad():
+            return stochastic_pool_test(x, kernel, self.stride, out)
+
+    def has_backward(self):
+        # TEST-phase STOCHASTIC pooling samples no position, and the original's Backward reads
+        # the positions a TRAIN-phase forward samples: the TEST phase has no backward
+        return not (self.method == "STOCHASTIC" and not self.train_phase)
 
     def extra_repr(self):
         phase = (", phase=" + ("TRAIN" if self.train_phase else "TEST")) if self.method == "STOCHASTIC" else ""

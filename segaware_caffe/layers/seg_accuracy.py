@@ -1,7 +1,7 @@
 """SegAccuracy (DeepLab v2): pixel accuracy, mean recall and mean IoU from a confusion matrix."""
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 
 
 @register_layer("SegAccuracy")
@@ -39,11 +39,8 @@ class SegAccuracy(CaffeLayer):
         return cls(ignore_labels=[int(v) for v in p.ignore_label], reset=bool(p.reset),
                    num_classes=scores[1], where=f"{ctx.name} ({ctx.type})")
 
+    @torch.no_grad()        # the original has no backward: keep no graph
     def forward(self, scores, labels):
-        return no_gradient_into(self._accuracy(scores, labels), [scores, labels], self.where)
-
-    @torch.no_grad()
-    def _accuracy(self, scores, labels):
         channels = scores.shape[1]
         # argmax returns the first maximum; flipping the channels makes that the highest class
         predicted = (channels - 1) - scores.flip(1).argmax(1)

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 from ..params import legacy_shape
 
 
@@ -33,9 +33,8 @@ class SigmoidCrossEntropyLoss(CaffeLayer):
     IS_LOSS = True
     NO_GRAD_BOTTOMS = (1,)
 
-    def __init__(self, *, where="SigmoidCrossEntropyLoss"):
+    def __init__(self):
         super().__init__()
-        self.where = where
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -46,11 +45,10 @@ class SigmoidCrossEntropyLoss(CaffeLayer):
                             f"(number of items)")
         if math.prod(scores) != math.prod(target):
             raise ctx.error(f"scores {scores} and targets {target} must have the same count")
-        return cls(where=f"{ctx.name} ({ctx.type})")
+        return cls()
 
     def forward(self, x, target):
-        loss = _SigmoidCrossEntropyFunction.apply(x, target.reshape(x.shape))
-        return no_gradient_into(loss, [target], self.where, "its target bottom (1)")
+        return _SigmoidCrossEntropyFunction.apply(x, target.reshape(x.shape))
 
     def output_shapes(self, bottom_shapes):
         return [()]

@@ -3,7 +3,7 @@ GPU code for this layer; this follows it."""
 import numpy as np
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 from ..params import legacy_shape
 
 
@@ -47,10 +47,9 @@ class SmoothL1Loss(CaffeLayer):
     NO_GRAD_BOTTOMS = (2,)
     NO_FORCE_BACKWARD = ()       # force_backward is allowed into every bottom (then refused at 2)
 
-    def __init__(self, *, sigma=1.0, where="SmoothL1Loss"):
+    def __init__(self, *, sigma=1.0):
         super().__init__()
         self.sigma = sigma
-        self.where = where
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -65,17 +64,14 @@ class SmoothL1Loss(CaffeLayer):
             sigma = float(np.float32(layer_param.smooth_l1_loss_param.sigma))
         if not sigma > 0:
             raise ctx.error(f"smooth_l1_loss_param.sigma must be > 0, got {sigma}")
-        return cls(sigma=sigma, where=f"{ctx.name} ({ctx.type})")
+        return cls(sigma=sigma)
 
     def forward(self, a, b, weights=None):
         shape = tuple(a.shape) + (1,) * (4 - a.dim())
         normalizer = float(shape[0] * shape[2] * shape[3])
-        loss = _SmoothL1Function.apply(a, b.reshape(a.shape),
+        return _SmoothL1Function.apply(a, b.reshape(a.shape),
                                        None if weights is None else weights.reshape(a.shape),
                                        self.sigma * self.sigma, normalizer)
-        if weights is None:
-            return loss
-        return no_gradient_into(loss, [weights], self.where, "its weights bottom (2)")
 
     def output_shapes(self, bottom_shapes):
         return [()]

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..layer import CaffeLayer, register_layer
 from ..params import canonical_axis
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -121,7 +121,6 @@ class SoftmaxWithLoss(CaffeLayer):
         check_labels(labels, scores.shape[self.axis], self.ignore_label, self.where)
         loss, prob = _SoftmaxLossFunction.apply(scores, labels, self.axis, self.ignore_label,
                                                 self.normalization)
-        loss = no_gradient_into(loss, [labels], self.where, "its label bottom (1)")
         return (loss, prob) if self.with_prob else loss
 
     def output_shapes(self, bottom_shapes):

@@ -1,7 +1,7 @@
 """UniqueLabel (DeepLab): the sorted set of label values present in each image."""
 import torch
 
-from ..layer import CaffeLayer, forward_only, register_layer
+from ..layer import CaffeLayer, register_layer
 
 
 @register_layer("UniqueLabel")
@@ -38,7 +38,8 @@ class UniqueLabel(CaffeLayer):
                    force_labels=forced, where=f"{ctx.name} ({ctx.type})")
 
     def forward(self, labels):
-        return forward_only(self._unique, (labels,), where=self.where)
+        with torch.no_grad():       # the original has no backward: keep no graph
+            return self._unique(labels)
 
     def _unique(self, labels):
         n = labels.shape[0]

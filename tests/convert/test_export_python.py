@@ -1,4 +1,5 @@
 """`segaware-caffe export --python`: the generated module computes what sc.Net computes."""
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -13,6 +14,8 @@ from segaware_caffe.converters.emitters import emitter_for, register_emitter
 from segaware_caffe.converters.python_export import build_net, instantiate, python_source
 from segaware_caffe.resize import resize_deploy
 from tests.conftest import GOLDEN
+from tests.net.test_no_backward import CASES as NO_BACKWARD_CASES
+from tests.net.test_no_backward import case_feeds, case_net, refusal_pattern
 from tests.tolerances import EXPORT_MAXREL, max_relative_error
 from segaware_caffe.tools.cli import main
 
@@ -271,3 +274,62 @@ def test_refused_gradients_carry_into_the_export():
     out = model(torch.ones(4))["par"]
     with pytest.raises(sc.errors.NoBackwardError, match=r"parity \(Im2parity\) has no backward"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("case", NO_BACKWARD_CASES, ids=[c.ids or c.type for c in NO_BACKWARD_CASES])
+def test_every_refusal_carries_into_the_export(case):
+    """Each layer type the original cannot backpropagate through: the exported module refuses
+    the gradient as sc.Net does, and computes the same tops."""
+    net = case_net(case)
+    model = instantiate(python_source(net), net).train()
+    out = model(**case_feeds(case))
+    ref = net.forward(**case_feeds(case))
+    if case.type not in ("Augmentation", "AdaptiveBiasChannel"):   # they draw random numbers
+        torch.testing.assert_close(out["t0"], ref["t0"], equal_nan=True)
+    with pytest.raises(sc.errors.NoBackwardError, match=refusal_pattern(case)):
+        net.loss(out).backward()
+    # propagate_down: false for the refused bottom: nothing is refused
+    spared = case_net(case, propagate_down=[False] * len(case.bottoms))
+    model = instantiate(python_source(spared), spared).train()
+    trains = {k.removeprefix("layers."): p.requires_grad for k, p in spared.named_parameters()}
+    for name, p in model.named_parameters():     # lr_mult 0 is the Net's, not the module's
+        p.requires_grad_(trains[name])
+    loss = spared.loss(model(**case_feeds(case)))
+    if loss.requires_grad:
+        loss.backward()
+
+
+def test_the_export_refuses_a_gradient_of_learnable_blobs_of_a_layer_without_backward():
+    case = next(c for c in NO_BACKWARD_CASES if c.type == "NospConvMeanfield")
+    trains = dataclasses.replace(case, params=case.params.replace(
+        "param { lr_mult: 0 } param { lr_mult: 0 } ", ""))
+    net = case_net(trains, learnable=False)
+    export = python_source(net)
+    assert "refuse_gradient(" in export.source and "self.t.compatibility" in export.source
+    model = instantiate(export, net).train()
+    with pytest.raises(sc.errors.NoBackwardError, match=r"t \(NospConvMeanfield\) has no backward "
+                                                        r"in the original Caffe, but a gradient "
+                                                        r"was asked of its learnable blobs"):
+        net.loss(model(**case_feeds(case))).backward()
+    for p in model.parameters():      # frozen: nothing asked
+        p.requires_grad_(False)
+    assert not net.loss(model(**case_feeds(case))).requires_grad
+
+
+@pytest.mark.parametrize("pooling", ["kernel_size: 3 stride: 2", "kernel_h: 2 kernel_w: 3 stride: 1",
+                                     "global_pooling: true"])
+def test_stochastic_pooling_in_the_test_phase_exports_its_own_numbers(pooling):
+    """TEST-phase STOCHASTIC pooling is sum(x^2) / sum(x) per window, not an average: the
+    export runs the layer class, and gives sc.Net's numbers."""
+    net = sc.Net('input: "x" input_shape { dim: 2 dim: 3 dim: 7 dim: 6 } layer { name: "p" '
+                 f'type: "Pooling" bottom: "x" top: "y" pooling_param {{ pool: STOCHASTIC {pooling} }} }}')
+    export = python_source(net)
+    assert "AvgPool2d" not in export.source and ".mean(" not in export.source
+    x = torch.rand(2, 3, 7, 6, generator=torch.Generator().manual_seed(5))
+    got = instantiate(export, net)(x)["y"]
+    want = net.forward(x=x)["y"]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    windows = x.unfold(2, 3, 2).unfold(3, 3, 2) if pooling.startswith("kernel_size") else None
+    if windows is not None:       # the first full windows, from the definition
+        ref = (windows ** 2).sum((-1, -2)) / windows.sum((-1, -2))
+        torch.testing.assert_close(want[:, :, :ref.shape[2], :ref.shape[3]], ref)

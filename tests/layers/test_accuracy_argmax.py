@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from segaware_caffe import LayerSetupError
-from segaware_caffe.errors import NoBackwardError
 
 from tests.layers.helpers import build, randn
 
@@ -20,8 +19,7 @@ def test_accuracy_top_k_ignore_and_per_class():
     # item 2: label 0 ties class 1 at 0.2, class 1 ranks above -> 3rd; item 3: 2nd; item 4 ignored
     assert acc.shape == () and acc.item() == pytest.approx(2 / 4)
     assert per_class.tolist() == [0.0, 1.0, 1.0]
-    with pytest.raises(NoBackwardError, match=r"a \(Accuracy\) has no backward"):
-        acc.backward()
+    assert not acc.requires_grad        # forward only: no graph kept (the net refuses a gradient)
     top1 = build('name: "a" type: "Accuracy" bottom: "s" bottom: "l" top: "acc"', [(5, 3), (5,)])
     assert top1(scores, torch.tensor([1.0, 0, 2, 2, 0])).item() == pytest.approx(4 / 5)
     spatial = build('name: "a" type: "Accuracy" bottom: "s" bottom: "l" top: "acc"', [(2, 3, 4, 5), (2, 1, 4, 5)])

@@ -47,7 +47,8 @@ def test_facts_have_defaults_that_fit_an_ordinary_layer():
     assert (Plain.HAS_BACKWARD, Plain.NET_INPUT, Plain.SHARES_BOTTOM_DATA,
             Plain.USES_SEGAWARE_KERNELS, Plain.IGNORES_PROPAGATE_DOWN) == (True, False, False, False, ())
     assert not layer.constant_top(0) and not layer.top_shares_bottom(0, 1)
-    assert Plain.allow_force_backward(1, 2) and not Plain.refuses_gradient(1, 2)
+    assert Plain.allow_force_backward(1, 2) and not layer.refuses_gradient(1, 2)
+    assert layer.has_backward()
 
 
 @pytest.mark.parametrize("type_name", registered_types())
