@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from segaware_caffe.errors import NetBuildError
+from segaware_caffe.errors import NetBuildError, UnsupportedError
+from segaware_caffe.files import refuse_existing
 from segaware_caffe.layer import layer_class, registered_types
 from segaware_caffe.net import refuse_gradient, track_grad, zero_first_element
 from segaware_caffe.weights import blob_attributes
@@ -437,13 +438,11 @@ def export_onnx(net, export, path, *, opset=17, overwrite=False):
         export = python_source(net, class_name=export.class_name, fuse=False)
     blocked = export.not_plain_torch
     if blocked:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"cannot export net {net.name!r} to ONNX: {len(blocked)} layer(s) run segmentation-aware "
             f"kernels that ONNX has no operator for: "
             + ", ".join(f"{layer.name} ({layer.type})" for layer in blocked))
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path}: file exists; pass --force (overwrite=True) to replace it")
+    path = refuse_existing(path, overwrite, "pass --force (overwrite=True) to replace it")
     model = _TupleOutputs(instantiate(export, net), export.outputs)
     example = tuple(torch.zeros(shape) for shape in net.input_shapes.values())
     with warnings.catch_warnings():
@@ -454,7 +453,7 @@ def export_onnx(net, export, path, *, opset=17, overwrite=False):
                               dynamo=False)
         except Exception as e:  # the tracer's message plus the layers most likely responsible
             modules = [f"{layer.name} ({layer.type})" for layer in export.layers if layer.how == "module"]
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"ONNX export of net {net.name!r} failed: {e}. Layers exported as segaware_caffe "
                 f"modules: {', '.join(modules) or 'none'}") from None
     return path

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .errors import LayerSetupError, NetBuildError
+from .errors import LayerSetupError, NetBuildError, UnsupportedError
 
 _REGISTRY = {}
 
@@ -103,6 +103,10 @@ class BuildContext:
 
     def error(self, message):
         return LayerSetupError(self.name, self.type, message)
+
+    def unsupported(self, message):
+        """For a valid Caffe variant this project does not run, raised while the net is built."""
+        return UnsupportedError(f"{self.name} ({self.type}): {message}")
 
     def warn(self, message):
         warnings.warn(f"{self.name} ({self.type}): {message}", stacklevel=3)

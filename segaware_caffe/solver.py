@@ -41,7 +41,7 @@ from segaware_caffe.caffe_proto.text import load_text
 from .canonical import read_net_source
 from .net import Net
 from .weights import WeightsFile, first_records_by_name, history_fits
-from .errors import SolverError
+from .errors import SolverError, UnsupportedError
 from .files import atomic_write
 from .solvers.glog import ProgressBar, fmt, loss_note
 from .solvers.rules import check_policy, learning_rate, make_rule, regularize
@@ -154,8 +154,8 @@ class Solver:
         if p.snapshot < 0 or p.display < 0 or p.test_interval < 0 or p.max_iter < 0:
             raise SolverError(f"{where}: snapshot, display, test_interval and max_iter must be >= 0")
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
-            raise NotImplementedError(f"{where}: snapshot_format HDF5 is not supported (h5py-free "
-                                      f"build); use BINARYPROTO (the default)")
+            raise UnsupportedError(f"{where}: snapshot_format HDF5 is not supported (h5py-free "
+                                   f"build); use BINARYPROTO (the default)")
 
     def _init_device(self, device):
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -573,8 +573,8 @@ class Solver:
         history, and the weights of its learned_net."""
         state_file = os.fspath(state_file)
         if state_file.endswith(".h5"):
-            raise NotImplementedError(f"{state_file}: HDF5 solver states are not supported; "
-                                      f"use the .solverstate (binary proto) snapshot")
+            raise UnsupportedError(f"{state_file}: HDF5 solver states are not supported; "
+                                   f"use the .solverstate (binary proto) snapshot")
         log.info(f"Restoring previous solver status from {state_file}")
         state = caffe_proto.read_solverstate(state_file)
         arrays = self._check_history(state, state_file)

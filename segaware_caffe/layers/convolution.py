@@ -60,9 +60,8 @@ class _ConvolutionBase(CaffeLayer):
         channel_axis = canonical_axis(cp.axis, len(shape), ctx, "convolution_param.axis")
         spatial_axes = len(shape) - channel_axis - 1
         if spatial_axes != 2:
-            raise NotImplementedError(
-                f"{ctx.name} ({ctx.type}): only 2-D convolution is supported; the bottom {shape} "
-                f"has {spatial_axes} spatial axes after channel axis {channel_axis}")
+            raise ctx.unsupported(f"only 2-D convolution is supported; the bottom {shape} has "
+                                  f"{spatial_axes} spatial axes after channel axis {channel_axis}")
         geometry = conv_geometry(cp, ctx)
         channels = shape[channel_axis]
         if channels % cp.group:
@@ -184,8 +183,8 @@ class Deconvolution(_ConvolutionBase):
     def from_proto(cls, layer_param, ctx):
         kwargs, shape, channels, cp = cls._read_proto(layer_param, ctx)
         if cp.bottom_is_im2col:
-            raise NotImplementedError(f"{ctx.name} ({ctx.type}): convolution_param.bottom_is_im2col "
-                                      "is only supported by Convolution")
+            raise ctx.unsupported("convolution_param.bottom_is_im2col is only supported by "
+                                  "Convolution")
         layer = cls(weight_shape=(channels, cp.num_output // cp.group, *kwargs["kernel"]), **kwargs)
         layer._check_output_size(shape, ctx)
         layer._fill_blobs(cp, ctx)

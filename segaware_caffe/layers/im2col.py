@@ -24,11 +24,9 @@ class Im2col(CaffeLayer):
         cp = layer_param.convolution_param
         shape = tuple(ctx.bottom_shapes[0])
         if len(shape) != 4:
-            raise NotImplementedError(f"{ctx.name} ({ctx.type}): only 4-D (N, C, H, W) bottoms "
-                                      f"are supported, got shape {shape}")
+            raise ctx.unsupported(f"only 4-D (N, C, H, W) bottoms are supported, got shape {shape}")
         if canonical_axis(cp.axis, len(shape), ctx, "convolution_param.axis") != 1:
-            raise NotImplementedError(f"{ctx.name} ({ctx.type}): only convolution_param.axis 1 "
-                                      f"is supported, got {cp.axis}")
+            raise ctx.unsupported(f"only convolution_param.axis 1 is supported, got {cp.axis}")
         geometry = conv_geometry(cp, ctx)
         out = geometry.output_size(*shape[2:])
         if min(out) <= 0:

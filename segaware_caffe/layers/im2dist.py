@@ -16,8 +16,7 @@ def patch_geometry_from_proto(layer_param, ctx):
     if shape is not None and len(shape) != 4:
         raise ctx.error(f"the bottom must be 4-D (N, C, H, W), got shape {shape}")
     if canonical_axis(cp.axis, 4, ctx, "convolution_param.axis") != 1:
-        raise NotImplementedError(f"{ctx.name} ({ctx.type}): only convolution_param.axis 1 is "
-                                  f"supported, got {cp.axis}")
+        raise ctx.unsupported(f"only convolution_param.axis 1 is supported, got {cp.axis}")
     geometry = conv_geometry(cp, ctx)
     if shape is not None:
         out = geometry.output_size(*shape[2:])

@@ -52,8 +52,8 @@ class NormConv(CaffeLayer):
             raise ctx.error("convolution_param.num_output is required and must be > 0, got "
                             f"{cp.num_output if cp.HasField('num_output') else 'nothing'}")
         if cp.bottom_is_im2col:
-            raise NotImplementedError(f"{ctx.name} ({ctx.type}): convolution_param.bottom_is_im2col "
-                                      f"is not supported for NormConv (no released net uses it)")
+            raise ctx.unsupported("convolution_param.bottom_is_im2col is not supported for NormConv "
+                                  "(no released net uses it)")
         x_shape, emb_shape = (tuple(s) for s in ctx.bottom_shapes)
         if len(x_shape) != 4 or len(emb_shape) != 4:
             raise ctx.error(f"both bottoms must be 4-D (N, C, H, W), got {x_shape} and {emb_shape}")

@@ -11,6 +11,7 @@ from segaware_caffe.kernels.geometry import ConvGeometry
 from segaware_caffe.kernels.im2dist import BIG, im2dist
 from segaware_caffe.kernels.norm_conv import attention_conv_op, norm_conv
 from segaware_caffe import BuildContext, LayerSetupError
+from segaware_caffe.errors import UnsupportedError
 from segaware_caffe.layers.norm_conv import NormConv
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda
@@ -216,7 +217,7 @@ def test_layer_errors(conv, shapes, message):
 
 
 def test_layer_rejects_bottom_is_im2col():
-    with pytest.raises(NotImplementedError, match=r"nc \(NormConv\): .*bottom_is_im2col"):
+    with pytest.raises(UnsupportedError, match=r"nc \(NormConv\): .*bottom_is_im2col"):
         build_layer(layer_text("num_output: 2 kernel_size: 3 bottom_is_im2col: true"), "nc",
                     [(1, 18, 5, 5), (1, 1, 5, 5)])
 

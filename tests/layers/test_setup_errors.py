@@ -4,6 +4,7 @@ the net is built."""
 import pytest
 
 from segaware_caffe import LayerSetupError
+from segaware_caffe.errors import SegawareError, UnsupportedError
 
 from tests.layers.helpers import build
 
@@ -60,9 +61,23 @@ def test_unsupported_features_fail_at_build():
                                               r"for MAX and AVE"):
         build('name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param { pool: STOCHASTIC '
               'kernel_size: 2 pad: 1 }', [(1, 1, 4, 4)])
-    with pytest.raises(NotImplementedError, match=r"d \(Deconvolution\): .*bottom_is_im2col"):
+    with pytest.raises(UnsupportedError, match=r"d \(Deconvolution\): .*bottom_is_im2col"):
         build('name: "d" type: "Deconvolution" bottom: "x" top: "y" convolution_param { '
               'num_output: 2 kernel_size: 2 bottom_is_im2col: true }', [(1, 4, 4, 4)])
-    with pytest.raises(NotImplementedError, match=r"c \(Convolution\): only 2-D"):
+    with pytest.raises(UnsupportedError, match=r"c \(Convolution\): only 2-D"):
         build('name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { '
               'num_output: 2 kernel_size: 2 }', [(1, 4, 4, 4, 4)])
+
+
+@pytest.mark.parametrize("layer_text, shape, message", [
+    ('type: "Im2col" convolution_param { kernel_size: 2 }', (1, 2, 4, 4, 4),
+     r"only 4-D \(N, C, H, W\) bottoms are supported, got shape \(1, 2, 4, 4, 4\)"),
+    ('type: "Im2col" convolution_param { kernel_size: 2 axis: 0 }', (1, 2, 4, 4),
+     r"only convolution_param.axis 1 is supported, got 0"),
+    ('type: "Im2dist" convolution_param { kernel_size: 3 axis: 0 }', (1, 2, 4, 4),
+     r"only convolution_param.axis 1 is supported, got 0"),
+])
+def test_unsupported_variants_are_unsupported_errors_naming_the_layer(layer_text, shape, message):
+    with pytest.raises(UnsupportedError, match=r"^u \(Im2(col|dist)\): " + message) as info:
+        build(f'name: "u" {layer_text} bottom: "x" top: "y"', [shape])
+    assert isinstance(info.value, NotImplementedError) and isinstance(info.value, SegawareError)

@@ -159,3 +159,17 @@ def test_step_without_inputs_for_input_net(tmp_path):
     solver = make_solver(tmp_path, 'type: "SGD" base_lr: 0.1 lr_policy: "fixed"')
     with pytest.raises(ValueError, match=r"the train net has inputs x, y: pass step\(\.\.\., inputs="):
         solver.step(1)
+
+
+def test_hdf5_snapshots_are_unsupported_errors(tmp_path):
+    from segaware_caffe.errors import UnsupportedError
+    (tmp_path / "net.prototxt").write_text(TOY_NET)
+    (tmp_path / "solver.prototxt").write_text('net: "net.prototxt" lr_policy: "fixed" '
+                                              'snapshot_format: HDF5')
+    with pytest.raises(UnsupportedError, match=r"solver.prototxt: snapshot_format HDF5 is not "
+                                               r"supported \(h5py-free build\); use BINARYPROTO"):
+        Solver(tmp_path / "solver.prototxt")
+    solver = make_solver(tmp_path, SGD.format(prefix=tmp_path / "snap"))
+    with pytest.raises(UnsupportedError, match=r"snap_iter_1.solverstate.h5: HDF5 solver states "
+                                               r"are not supported"):
+        solver.restore(tmp_path / "snap_iter_1.solverstate.h5")
