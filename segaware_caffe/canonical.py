@@ -22,6 +22,8 @@ The steps, each in one function below:
    `<blob>_<layer>_<top index>_split_<k>`, one per reader in net order. A loss weight moves to the
    Split's first top and the producer's own loss_weight list is cleared (so a loss layer's default
    weight 1 applies again).
+6. single sources (`check_single_sources`): a top that names an existing blob is an error unless
+   the layer is in place on it (Net::Init's "produced by multiple sources").
 
 Every builder starts here: Net (and so Solver's nets, `run`, `test`, `time`, `inspect`, `export`,
 `convert`), and resize works on the result of steps 1-2.
@@ -260,6 +262,37 @@ def insert_splits(param):
     return out, origins
 
 
+def check_single_sources(param, origins, before_splits, where):
+    """Net::Init's "Top blob produced by multiple sources": a layer may name as its top a blob
+    that already exists only in place, top j named like its bottom j. Checked on the net with
+    its Split layers (`param`, `origins` from insert_splits), as Caffe does; `before_splits` (the
+    same net without them) says when the Split layers are what took a layer out of place."""
+    written = {}                      # blob name -> index of the layer that created it
+    prototxt_layers = iter(before_splits.layer)
+    for index, (lp, origin) in enumerate(zip(param.layer, origins)):
+        original = lp if origin == FROM_SPLITS else next(prototxt_layers)
+        for j, blob in enumerate(lp.top):
+            if j < len(lp.bottom) and lp.bottom[j] == blob:
+                continue                  # in place
+            if blob not in written:
+                written[blob] = index
+                continue
+            first = param.layer[written[blob]]
+            if written[blob] == index and origin == FROM_LEGACY_INPUTS:
+                raise NetBuildError(f"{where}: input blob {blob!r} is declared twice")
+            what = (f"{lp.name} ({lp.type}): top blob {blob!r} is produced by multiple sources: "
+                    + ("this layer names it twice" if written[blob] == index else
+                       f"layer {first.name!r} ({first.type}) already produces it"))
+            if j < len(original.bottom) and original.bottom[j] == blob:
+                raise NetBuildError(
+                    f"{what}. The layer is in place on {blob!r} in the prototxt, but that "
+                    f"version of {blob!r} has other readers too, so Caffe's InsertSplits feeds "
+                    f"this layer a Split top ({lp.bottom[j]!r}) and it is no longer in place; give "
+                    f"its top another name")
+            raise NetBuildError(f"{what}; a layer may write an existing blob only in place (top "
+                                f"{j} named like bottom {j}): give this top another name")
+
+
 # ---------------------------------------------------------------------------- the pipeline
 @dataclass
 class CanonicalNet:
@@ -282,7 +315,7 @@ class CanonicalNet:
 
 
 def canonical_net(model, *, variables=None, phase="test", level=None, stages=(), input_shapes=None):
-    """Steps 1-5 of the module docstring for `model` (anything read_net_source takes)."""
+    """Steps 1-6 of the module docstring for `model` (anything read_net_source takes)."""
     source = read_net_source(model, variables)
     param = caffe_pb2.NetParameter()
     param.CopyFrom(source.param)
@@ -293,9 +326,11 @@ def canonical_net(model, *, variables=None, phase="test", level=None, stages=(),
     origins = [origins[i] for i in filter_net(param, state)]
     if input_shapes:
         override_input_shapes(param, input_shapes, source.where)
+    before_splits = param
     param, inserted = insert_splits(param)
     rest = iter(origins)
     origins = [origin or next(rest) for origin in inserted]
+    check_single_sources(param, origins, before_splits, source.where)
     for layer in param.layer:      # Net::Init: a layer without a phase runs in the net's
         if not layer.HasField("phase"):
             layer.phase = state.phase

@@ -258,8 +258,6 @@ class Net(nn.Module):
             if cls.NET_INPUT:
                 top_shapes = module.output_shapes([])
                 for top, shape in zip(tops, top_shapes):
-                    if top in shapes:
-                        raise NetBuildError(f"{where}: input blob {top!r} is declared twice")
                     if any(int(d) < 0 for d in shape):
                         raise NetBuildError(f"{where}: input blob {top!r} is declared with a "
                                             f"negative dimension, shape {tuple(shape)}")

@@ -184,6 +184,54 @@ def test_pipeline_errors_name_the_net_or_layer(text, message):
         canonical_net(text)
 
 
+X = 'input: "x" input_shape { dim: 2 dim: 3 }\n'
+
+
+@pytest.mark.parametrize("body, message", [
+    ('layer { name: "a" type: "ReLU" bottom: "x" top: "y" }\n'
+     'layer { name: "b" type: "Sigmoid" bottom: "y" top: "y2" }\n'
+     'layer { name: "c" type: "TanH" bottom: "x" top: "y" }',
+     r"^c \(TanH\): top blob 'y' is produced by multiple sources: layer 'a' \(ReLU\) already "
+     r"produces it; a layer may write an existing blob only in place \(top 0 named like bottom 0\)"),
+    ('layer { name: "s" type: "Slice" bottom: "x" top: "y" top: "y" }',
+     r"^s \(Slice\): top blob 'y' is produced by multiple sources: this layer names it twice"),
+    # in place on a blob, but at the wrong top index (Caffe compares top j with bottom j)
+    ('layer { name: "e" type: "Eltwise" bottom: "x" bottom: "x2" top: "x2" }',
+     r"^e \(Eltwise\): top blob 'x2' is produced by multiple sources: layer 'input' \(Input\)"),
+    ('layer { name: "d" type: "DummyData" top: "x" dummy_data_param { shape { dim: 2 } } }',
+     r"^d \(DummyData\): top blob 'x' is produced by multiple sources: layer 'input' \(Input\)"),
+    # x is read by a and by the in-place b: the Split takes b out of place, as in Caffe
+    ('layer { name: "a" type: "ReLU" bottom: "x" top: "y" }\n'
+     'layer { name: "b" type: "ReLU" bottom: "x" top: "x" }',
+     r"^b \(ReLU\): top blob 'x' is produced by multiple sources: layer 'input' \(Input\) "
+     r"already produces it\. The layer is in place on 'x' in the prototxt, but that version of 'x' "
+     r"has other readers too, so Caffe's InsertSplits feeds this layer a Split top "
+     r"\('x_input_0_split_1'\)"),
+])
+def test_a_blob_produced_by_two_layers_is_an_error_naming_both(body, message):
+    text = X + 'input: "x2" input_shape { dim: 2 dim: 3 }\n' + body
+    with pytest.raises(sc.NetBuildError, match=message):
+        canonical_net(text)
+
+
+def test_legacy_inputs_declared_twice():
+    with pytest.raises(sc.NetBuildError, match=r"^net <text>: input blob 'x' is declared twice$"):
+        canonical_net(X + X)
+
+
+def test_in_place_chains_and_excluded_layers_are_single_sources():
+    body = """
+    layer { name: "r" type: "ReLU" bottom: "x" top: "x" }
+    layer { name: "d" type: "Dropout" bottom: "x" top: "x" }
+    layer { name: "a" type: "ReLU" bottom: "x" top: "y" include { phase: TRAIN } }
+    layer { name: "b" type: "Sigmoid" bottom: "x" top: "y" include { phase: TEST } }
+    layer { name: "p" type: "Power" bottom: "y" top: "y" }
+    """
+    for phase in ("train", "test"):
+        net = sc.Net(X + body, phase=phase)
+        assert net.outputs == ["y"]
+
+
 def test_phase_must_be_train_or_test(tmp_path):
     with pytest.raises(sc.NetBuildError, match=r"phase must be 'train' or 'test', got 'deploy'"):
         sc.Net('input: "a" input_shape { dim: 1 }', phase="deploy")

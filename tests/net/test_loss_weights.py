@@ -1,28 +1,38 @@
 """Loss weights as Caffe sets them: defaults of loss layers, the loss Split that InsertSplits gives
 a loss top other layers also read (its weight on split 0, the layer's own list cleared), and
 anonymous loss tops."""
+import pytest
 import torch
 
 import segaware_caffe as sc
 
 
-LOSS_THEN_IN_PLACE = """
+LOSS_THEN_READ = """
 name: "t"
 input: "data" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }
 layer { name: "p" type: "Power" bottom: "data" top: "x" loss_weight: 2 power_param { shift: -10 } }
-layer { name: "r" type: "ReLU" bottom: "x" top: "x" }
+layer { name: "r" type: "ReLU" bottom: "x" top: "y" }
 """
 
 
-def test_loss_weight_on_a_top_rewritten_in_place_uses_the_value_before_the_rewrite():
+def test_loss_weight_on_a_top_another_layer_reads_uses_the_split():
     # Caffe inserts x_p_0_split (top 0 carries the loss, top 1 feeds the ReLU), so the loss is
-    # 2 * sum(data - 10) = -72, not 2 * sum(relu(data - 10)) = 0
-    net = sc.Net(LOSS_THEN_IN_PLACE, phase="train")
-    assert net.outputs == ["x", "x_p_0_split_0"]
+    # 2 * sum(data - 10) = -72
+    net = sc.Net(LOSS_THEN_READ, phase="train")
+    assert net.outputs == ["x_p_0_split_0", "y"]
     assert net.loss_weights == {"x_p_0_split_0": 2.0}
     out = net.forward(data=torch.ones(1, 1, 2, 2))
     assert float(net.loss(out)) == -72.0
-    assert float(out["x"].sum()) == 0.0
+    assert float(out["y"].sum()) == 0.0
+
+
+def test_a_loss_top_rewritten_in_place_is_refused_like_caffe():
+    # the loss counts as a reader of x, so InsertSplits feeds the ReLU x_p_0_split_1: it is no
+    # longer in place, and Caffe's Net::Init stops ("Top blob 'x' produced by multiple sources")
+    with pytest.raises(sc.NetBuildError, match=r"r \(ReLU\): top blob 'x' is produced by multiple "
+                                               r"sources: layer 'p' \(Power\) already produces it\. "
+                                               r"The layer is in place on 'x' in the prototxt"):
+        sc.Net(LOSS_THEN_READ.replace('top: "y"', 'top: "x"'), phase="train")
 
 
 def test_loss_split_readers_are_numbered_from_one():

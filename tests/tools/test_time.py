@@ -8,7 +8,7 @@ import segaware_caffe as sc
 from segaware_caffe.errors import NoBackwardError
 from segaware_caffe.tools.cli import main
 from segaware_caffe.tools.cmd_time import LayerTimer
-from tests.net.test_loss_weights import LOSS_THEN_IN_PLACE
+from tests.net.test_loss_weights import LOSS_THEN_READ
 from tests.net.toy_net import REFUSING_NET
 
 NET = """
@@ -69,7 +69,7 @@ def test_time_verb_prints_every_layer(tmp_path, capsys):
 
 def test_the_layer_timer_runs_a_net_with_a_loss_split():
     from segaware_caffe.tools.cmd_time import LayerTimer
-    net = sc.Net(LOSS_THEN_IN_PLACE, phase="train")
+    net = sc.Net(LOSS_THEN_READ, phase="train")
     timer = LayerTimer(net, torch.device("cpu"))
     forward_ms, backward_ms = timer.forward_backward({"data": torch.ones(1, 1, 2, 2)})
     assert forward_ms >= 0 and backward_ms >= 0
