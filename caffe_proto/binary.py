@@ -1,16 +1,19 @@
 """Binary side of Caffe files: decoding under the right dialect with errors that say where a file
 breaks, BVLC/fork field-number clashes settled per layer type, and checked BlobProto <-> numpy
 conversion."""
+import functools
 import os
 import warnings
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from . import caffe_pb2
 from .dialects import READ_ORDER, DialectError, from_dialect, layer_label
 from .errors import CaffeFormatError
-from .wire import LEN, WireError, encode_varint, expected_wire_types, iter_fields, read_varint
+from .wire import (LEN, WireError, encode_varint, expected_wire_types, is_repeated, iter_fields,
+                   read_varint)
 
 # LayerParameter numbers 143..148 mean different things in the fork and in BVLC Caffe. Ours keeps
 # the fork's and gives BVLC's the number 1000 + n. Per number: the fork's field and the layer
@@ -75,6 +78,7 @@ def parse_binary(data, message, where, what, dialect=None):
             message.ParseFromString(wire)
         except DecodeError:
             continue
+        check_text_fields(message, where)
         return message, name, wire
     for count, _, name, wire, found in sorted(fitted, key=lambda t: t[:2]):
         try:
@@ -86,6 +90,7 @@ def parse_binary(data, message, where, what, dialect=None):
         warnings.warn(f"{where}: no Caffe dialect ({', '.join(names)}) reads every field of this "
                       f"{what} as declared; read as {name} ({count} misfit(s): {places})",
                       stacklevel=3)
+        check_text_fields(message, where)
         return message, name, wire
     message.Clear()
     if _looks_like_text(data):
@@ -150,6 +155,72 @@ def _first_break(data, start, end, descriptor, context):
 def _unknown_count(message):
     from google.protobuf import unknown_fields
     return len(unknown_fields.UnknownFieldSet(message))
+
+
+_STRING = FieldDescriptor.TYPE_STRING
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
+
+
+@functools.lru_cache(maxsize=None)
+def _text_holders(root):
+    """Full names of the message types reachable from `root` that can hold a string field
+    (blobs and Datums, the bulk of a file, cannot: the check below never enters them)."""
+    types, stack = {}, [root]
+    while stack:
+        descriptor = stack.pop()
+        if descriptor.full_name not in types:
+            types[descriptor.full_name] = descriptor
+            stack.extend(f.message_type for f in descriptor.fields if f.type == _MESSAGE)
+    holders = {name for name, d in types.items() if any(f.type == _STRING for f in d.fields)}
+    grew = True
+    while grew:
+        grew = False
+        for name, descriptor in types.items():
+            if name not in holders and any(f.type == _MESSAGE and f.message_type.full_name in holders
+                                           for f in descriptor.fields):
+                holders.add(name)
+                grew = True
+    return frozenset(holders)
+
+
+def _text(value):
+    return value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
+
+
+def check_text_fields(message, where):
+    """protobuf hands out a string field whose bytes are not UTF-8 as `bytes` (proto2 does not
+    check them while parsing); names, types and blob names must be text, so the first such
+    field is a CaffeFormatError naming the file, the layer (index, name, type) and the field."""
+    holders = _text_holders(message.DESCRIPTOR)
+
+    def walk(message, layer, path):
+        for field, value in message.ListFields():
+            repeated = is_repeated(field)
+            items = value if repeated else [value]
+            if field.type == _STRING:
+                for i, item in enumerate(items):
+                    if not isinstance(item, str):
+                        name = path + field.name + (f"[{i}]" if repeated else "")
+                        raise CaffeFormatError(f"{where}: {layer}field {name!r} is not valid UTF-8 "
+                                               f"text ({bytes(item)[:80]!r})")
+            elif field.type == _MESSAGE and field.message_type.full_name in holders:
+                for i, item in enumerate(items):
+                    if message.DESCRIPTOR.full_name == "caffe.NetParameter" and \
+                            field.name in ("layer", "layers"):
+                        walk(item, f"{_layer_label(item, i)}: ", "")
+                    else:
+                        walk(item, layer, f"{path}{field.name}{f'[{i}]' if repeated else ''}.")
+    walk(message, "", "")
+
+
+def _layer_label(layer, index):
+    """"layer 3 'conv1' (Convolution)", from whatever of the name and type is text."""
+    label = f"layer {index}"
+    if layer.name and isinstance(layer.name, str):
+        label += f" {layer.name!r}"
+    if isinstance(layer.type, (str, bytes)) and layer.type:
+        label += f" ({_text(layer.type)})"
+    return label
 
 
 def check_recognised(message, where, what, required_any=()):

@@ -21,7 +21,8 @@ import threading
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 
 from . import caffe_pb2
-from .wire import LEN, iter_fields
+from .errors import CaffeFormatError
+from .wire import LEN, is_repeated, iter_fields
 
 _LOCK = threading.Lock()
 _POOL = None
@@ -50,7 +51,7 @@ _TOKEN = re.compile(r'\s+|//[^\n]*|/\*.*?\*/|(?P<tok>"(?:[^"\\]|\\.)*"|\'(?:[^\'
                     r'-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|-?\.\d+(?:[eE][-+]?\d+)?|[{}\[\]=;,])', re.S)
 
 
-class DeclarationError(ValueError):
+class DeclarationError(CaffeFormatError):
     """A params declaration that cannot be used; says what and where in the snippet."""
 
 
@@ -373,18 +374,13 @@ def _collect_given(message, prefix, out, only=None):
             continue
         path = prefix + field.name
         out.add(path)
-        if field.message_type is not None and not _repeated(field):
+        if field.message_type is not None and not is_repeated(field):
             _collect_given(value, path + ".", out)
-
-
-def _repeated(field):
-    repeated = getattr(field, "is_repeated", None)
-    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def to_python(message, field):
     value = getattr(message, field.name)
-    if _repeated(field):
+    if is_repeated(field):
         return [_scalar(field, v) for v in value]
     return _scalar(field, value)
 

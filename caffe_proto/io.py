@@ -198,9 +198,6 @@ def check_solverstate_complete(state, where):
     """A state without one of the fields Caffe always writes was cut short (or was never a whole
     snapshot): restoring it would silently start from step 0 or without weights."""
     missing = [name for name in SOLVERSTATE_FIELDS if not state.HasField(name)]
-    if not isinstance(state.learned_net, str):   # protobuf hands back bytes that are not UTF-8
-        raise CaffeFormatError(f"{where}: learned_net {state.learned_net[:80]!r} is not UTF-8 text "
-                               f"(a corrupt .solverstate)")
     if missing:
         numbers = caffe_pb2.SolverState.DESCRIPTOR.fields_by_name
         listed = ", ".join(f"{name} (field {numbers[name].number})" for name in missing)

@@ -17,6 +17,7 @@ import warnings
 
 from . import caffe_pb2
 from .errors import CaffeFormatError
+from .wire import is_repeated
 
 V1 = caffe_pb2.V1LayerParameter
 
@@ -190,13 +191,6 @@ def _fold_v0_padding_layers(net, where):
         for blob in connection.top:
             last_producer[blob] = index
     return result
-
-
-def is_repeated(field):
-    """Whether a FieldDescriptor is repeated: runtimes before 6 have only `label`, 7 only
-    `is_repeated`."""
-    flag = getattr(field, "is_repeated", None)
-    return flag if flag is not None else field.label == field.LABEL_REPEATED
 
 
 def _put(message, field_name, value):

@@ -7,6 +7,8 @@ all) is skipped by its length, so a walk of a large .caffemodel costs a few hund
 """
 from dataclasses import dataclass
 
+from .errors import CaffeFormatError
+
 VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
 WIRE_NAMES = {VARINT: "varint", I64: "64-bit", LEN: "length-delimited", SGROUP: "group start",
               EGROUP: "group end", I32: "32-bit"}
@@ -14,9 +16,10 @@ WIRE_NAMES = {VARINT: "varint", I64: "64-bit", LEN: "length-delimited", SGROUP: 
 _VARINT_TYPES = frozenset({"int32", "int64", "uint32", "uint64", "sint32", "sint64", "bool", "enum"})
 
 
-class WireError(Exception):
+class WireError(CaffeFormatError):
     """The bytes are not a well-formed protobuf message at `offset`. `past_end` is set when a
-    length or value runs past the end of the whole data (the file is cut short there)."""
+    length or value runs past the end of the whole data (the file is cut short there). The
+    readers turn it into a message naming the file; it is a CaffeFormatError all the same."""
 
     def __init__(self, offset, problem, *, past_end=False, number=None, wire_type=None):
         super().__init__(problem)
@@ -144,7 +147,8 @@ def _kind(field):
 
 
 def is_repeated(field):
-    """Whether a field descriptor is repeated (protobuf 7 has no `label` any more)."""
+    """Whether a field descriptor is repeated: runtimes before 6 have only `label`, 7 only
+    `is_repeated`."""
     repeated = getattr(field, "is_repeated", None)
     return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
 

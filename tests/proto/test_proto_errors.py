@@ -135,6 +135,51 @@ def _net_with_blob(**blob_fields):
     return net, blob
 
 
+def _two_layer_weights():
+    net = caffe_pb2.NetParameter(name="n")
+    first = net.layer.add(name="conv", type="Convolution", bottom=["data"], top=["x"])
+    first.blobs.add(shape=caffe_pb2.BlobShape(dim=[2]), data=[1.0, 2.0])
+    second = net.layer.add(name="conv2", type="Convolution", bottom=["x"], top=["y"])
+    second.convolution_param.weight_filler.type = "gaussian"
+    return net.SerializeToString()
+
+
+@pytest.mark.parametrize("text, bad, pattern", [
+    (b"conv2", b"c\xffnv2", r"w\.caffemodel: layer 1 \(Convolution\): field 'name' is not valid "
+                            r"UTF-8 text \(b'c\\xffnv2'\)"),
+    (b"\x0bConvolution\x1a\x04", b"\x0bConvoluti\xfen\x1a\x04", r"w\.caffemodel: layer 0 'conv' \(Convoluti\ufffdn\): field "
+                                        r"'type' is not valid UTF-8 text"),
+    (b"data", b"d\xe9ta", r"w\.caffemodel: layer 0 'conv' \(Convolution\): field 'bottom\[0\]' is "
+                          r"not valid UTF-8 text \(b'd\\xe9ta'\)"),
+    (b"gaussian", b"gau\xffsian", r"layer 1 'conv2' \(Convolution\): field "
+                                  r"'convolution_param\.weight_filler\.type' is not valid UTF-8"),
+    (b"\n\x01n", b"\n\x01\xff", r"w\.caffemodel: field 'name' is not valid UTF-8 text \(b'\\xff'\)"),
+])
+def test_string_fields_that_are_not_utf8_name_the_layer_and_field(tmp_path, text, bad, pattern):
+    """protobuf returns bytes for such fields; the reader refuses them (the blobs, which hold
+    no text, are not walked)."""
+    data = _two_layer_weights()
+    assert data.count(text) == 1
+    (tmp_path / "w.caffemodel").write_bytes(data.replace(text, bad))
+    with pytest.raises(CaffeFormatError, match=pattern):
+        read_weights(tmp_path / "w.caffemodel")
+    read_weights(data)      # the file as written reads
+
+
+def test_every_caffe_proto_error_is_a_caffe_format_error():
+    import inspect
+    from segaware_caffe import caffe_proto
+    from segaware_caffe.errors import SegawareError
+    modules = [caffe_proto] + [getattr(caffe_proto, name) for name in
+                               ("binary", "dialects", "extensions", "io", "text", "upgrade", "wire")]
+    classes = {cls for module in modules for _, cls in inspect.getmembers(module, inspect.isclass)
+               if issubclass(cls, BaseException) and cls.__module__.startswith(caffe_proto.__name__)}
+    assert {"CaffeFormatError", "DialectError", "WireError", "DeclarationError"} <= \
+        {cls.__name__ for cls in classes}
+    for cls in classes:
+        assert issubclass(cls, CaffeFormatError) and issubclass(cls, SegawareError), cls
+
+
 def test_huge_declared_dims_are_rejected_before_allocating():
     net, blob = _net_with_blob()
     blob.shape.dim.extend([10 ** 6, 10 ** 6])

@@ -44,6 +44,6 @@ def test_learned_net_that_is_not_text(tmp_path):
     data = caffe_pb2.SolverState(iter=1, learned_net="ab", current_step=0).SerializeToString()
     path = tmp_path / "bad.solverstate"
     path.write_bytes(data.replace(b"ab", b"\xff\xfe"))
-    with pytest.raises(CaffeFormatError, match=r"bad\.solverstate: learned_net b'\\xff\\xfe' is not "
-                                               r"UTF-8 text"):
+    with pytest.raises(CaffeFormatError, match=r"bad\.solverstate: field 'learned_net' is not valid "
+                                               r"UTF-8 text \(b'\\xff\\xfe'\)"):
         caffe_proto.read_solverstate(path)
