@@ -202,6 +202,9 @@ class Net(nn.Module):
         self._graph_cache = {}
         self.fused = nn.ModuleDict()          # fused segaware convolutions (no params of their own)
         self.fused_groups = []
+        # the dtype and device floating inputs are cast to: an empty buffer, so that .to() moves
+        # it with the parameters, also in a net that has none
+        self.register_buffer("_feed_like", torch.zeros(0, dtype=dtype), persistent=False)
         self._build(canonical, overwrite)
         self.to(device=device, dtype=dtype)
         if fuse:
@@ -483,14 +486,13 @@ class Net(nn.Module):
         if missing:
             raise KeyError(f"net {self.name or ''}: input {missing[0]!r} not given "
                            f"(inputs: {', '.join(self.input_names)})")
-        param = next(self.parameters(), None)
+        like = self._feed_like
         args = []
         for name in self.input_names:
             x = inputs[name]
             if not isinstance(x, torch.Tensor):
                 x = torch.as_tensor(np.asarray(x))
-            if param is not None and x.is_floating_point():
-                x = x.to(device=param.device, dtype=param.dtype)
+            x = x.to(device=like.device, dtype=like.dtype if x.is_floating_point() else None)
             args.append(x)
         return args
 

@@ -1,5 +1,6 @@
 """Net-level rules with small layer types registered here, independent of the library's layers:
 filtering, inputs, in-place tops and BLOB@LAYER versions, split naming, sharing, errors."""
+import numpy as np
 import pytest
 import torch
 
@@ -173,3 +174,19 @@ def test_blob_at_layer_names_a_version_before_in_place_rewrites():
     assert out["y@p"].grad.tolist() == [[0.0, 0.0, 3.0, 3.0]]    # Caffe's diff of y
     with pytest.raises(KeyError, match="BLOB@LAYER"):
         net.forward(outputs=["y@nope"], x=x)
+
+
+@pytest.mark.parametrize("text", [
+    'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }',                     # no parameters
+    'layer { name: "s" type: "Scale" bottom: "x" top: "y" scale_param { axis: 0 num_axes: 0 } }',
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_floating_inputs_take_the_nets_dtype_with_or_without_parameters(text, dtype):
+    net = sc.Net('input: "x" input_shape { dim: 2 dim: 3 } ' + text, dtype=dtype)
+    for given in (np.full((2, 3), -0.5), np.ones((2, 3), np.float16), torch.ones(2, 3, dtype=torch.float64)):
+        assert net.forward(x=given)["y"].dtype == dtype
+    if "ReLU" in text:      # integers are not cast
+        assert net.forward(x=np.ones((2, 3), np.int64))["y"].dtype == torch.int64
+    # .to() moves the dtype inputs are cast to, also for a net without parameters
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    assert net.to(other).forward(x=np.ones((2, 3)))["y"].dtype == other
