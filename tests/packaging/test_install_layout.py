@@ -40,9 +40,16 @@ def test_generic_names_are_not_ours_outside_the_checkout(tmp_path):
 @pytest.mark.slow
 def test_a_built_wheel_holds_only_segaware_caffe(tmp_path):
     """pip install . (a real wheel, no editable finder): one top-level package."""
+    import shutil
+    source = tmp_path / "source"    # a copy: setuptools writes build/ beside setup.py
+    source.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("segaware_caffe",) + GENERIC:
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     top_level = sorted(p.name for p in target.iterdir()
                        if not p.name.endswith((".dist-info", ".egg-info")) and p.name != "bin")
     assert top_level == ["segaware_caffe"], top_level
