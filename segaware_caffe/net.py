@@ -165,8 +165,9 @@ class Net(nn.Module):
 
     def __init__(self, model, weights=None, *, phase="test", variables=None, device="cpu",
                  stages=(), level=None, fuse=True, dtype=torch.float32, overwrite=False,
-                 input_shapes=None):
+                 input_shapes=None, inference=True):
         super().__init__()
+        self.inference = inference
         canonical = canonical_net(model, variables=variables, phase=phase, level=level,
                                   stages=stages, input_shapes=input_shapes)
         param = canonical.param
@@ -383,10 +384,19 @@ class Net(nn.Module):
     def blob_names(self):
         return list(self.blob_shapes)
 
-    def graph_module(self, outputs=None, *, fuse=True):
+    def graph_module(self, outputs=None, *, fuse=True, inference=False):
         """The fx.GraphModule computing `outputs` (default: the net outputs) from the inputs, as
-        {name: tensor}. fuse=False runs the segmentation-aware convolutions layer by layer."""
+        {name: tensor}. fuse=False runs the segmentation-aware convolutions layer by layer.
+        inference=True: the same graph rewritten for forwards without gradients (folded
+        BatchNorm/Scale, pooling without indices, ...; see segaware_caffe.inference)."""
         outputs = tuple(self.outputs if outputs is None else outputs)
+        if inference:
+            cached = self._graph_cache.get((outputs, fuse, "inference"))
+            if cached is None:
+                from .inference import inference_graph
+                cached = inference_graph(self, self.graph_module(outputs, fuse=fuse))
+                self._graph_cache[(outputs, fuse, "inference")] = cached
+            return cached
         cached = self._graph_cache.get((outputs, fuse))
         if cached is not None:
             return cached
@@ -473,8 +483,15 @@ class Net(nn.Module):
             args.append(x)
         return args
 
+    def uses_inference_graph(self):
+        """Whether forward() now runs the inference graph: a TEST-phase net built with
+        inference=True (the default), called while autograd is off (torch.no_grad() or
+        torch.inference_mode())."""
+        return self.inference and self.phase == "TEST" and not torch.is_grad_enabled()
+
     def forward(self, outputs=None, **inputs):
-        return self.graph_module(outputs)(*self.feed(inputs))
+        return self.graph_module(outputs, inference=self.uses_inference_graph())(
+            *self.feed(inputs))
 
     def loss(self, outputs):
         """Caffe's net loss: sum over loss tops of weight * sum(top)."""
