@@ -43,7 +43,7 @@ from .layers.convolution import Convolution, Deconvolution
 from .layers.dropout import Dropout
 from .layers.eltwise import Eltwise
 from .layers.inner_product import InnerProduct
-from .layers.pooling import CEIL, FLT_MAX, Pooling, _after
+from .layers.pooling import FLT_MAX, Pooling, _after
 from .layers.prelu import PReLU
 from .layers.relu import ReLU
 from .layers.scale import Scale

@@ -36,10 +36,11 @@ from segaware_caffe.caffe_proto import caffe_pb2
 from . import backward, layers as _layers  # noqa: F401  (importing layers registers every type)
 from .canonical import FROM_PROTOTXT, canonical_net
 from .errors import NetBuildError, NoBackwardError
+from .fillers import deferred_fills
 from .layer import BuildContext, CaffeLayer, layer_class
 from .layers.input import Input  # noqa: F401  (where it lived before: segaware_caffe.net.Input)
-from .weights import WeightsReport, copy_weights, first_records_by_name, net_layers_proto, \
-    parameter_blobs
+from .weights import WeightsFile, WeightsReport, copy_weights, first_records_by_name, \
+    net_layers_proto, parameter_blobs
 
 __all__ = ["LayerRecord", "Net", "WeightsReport", "first_records_by_name", "refuse_gradient",
            "track_grad", "zero_first_element"]
@@ -187,7 +188,8 @@ class Net(nn.Module):
         self._graph_cache = {}
         self.fused = nn.ModuleDict()          # fused segaware convolutions (no params of their own)
         self.fused_groups = []
-        self._build(canonical, overwrite)
+        weights = self._read_weights(weights)
+        self._build(canonical, overwrite, weights)
         self.to(device=device, dtype=dtype)
         if fuse:
             from .fusion import fuse_segaware_convs
@@ -198,8 +200,24 @@ class Net(nn.Module):
                 warnings.warn(str(report), stacklevel=2)
 
     # ------------------------------------------------------------------ building
-    def _build(self, canonical, overwrite):
+    @staticmethod
+    def _read_weights(weights):
+        """The weights file parsed before the layers are set up, so that the fillers of the
+        layers it sets need not run; a file that does not parse is left to load_weights, which
+        reports it after the net is built (as before)."""
+        if weights is None:
+            return None
+        try:
+            return WeightsFile.of(weights)
+        except Exception:   # noqa: BLE001  (re-raised by load_weights, with its own message)
+            return weights
+
+    def _build(self, canonical, overwrite, weights=None):
         param, where = canonical.param, canonical.where
+        # layers whose blobs the weights file sets (the first net layer of each name)
+        loaded = ({layer.name for layer in weights.layers if len(layer.blobs)}
+                  if isinstance(weights, WeightsFile) else set())
+        seen_names = set()
         shapes = OrderedDict()                 # current shape of every blob name
         self._auto_tops = set()                # anonymous tops: never net outputs (Caffe)
         owners = {}                            # shared param name -> (Parameter, lr, decay, layer)
@@ -230,13 +248,17 @@ class Net(nn.Module):
             ctx = BuildContext(name=lname, type=ltype, phase=caffe_pb2.Phase.Name(lp.phase),
                                bottom_shapes=[shapes[b] for b in lp.bottom],
                                bottom_names=list(lp.bottom), top_names=tops,
-                               base_dir=canonical.source.base_dir, overwrite=overwrite)
-            module = cls.from_proto(lp, ctx)
-            if not isinstance(module, CaffeLayer):
-                raise NetBuildError(f"{lname} ({ltype}): from_proto returned {type(module).__name__}, "
-                                    f"expected a CaffeLayer")
-            self.layers[keys[index]] = module
-            self._attach_params(lp, module, owners)
+                               base_dir=canonical.source.base_dir, overwrite=overwrite,
+                               weights_follow=lname in loaded and lname not in seen_names)
+            seen_names.add(lname)
+            with deferred_fills() as fills:   # blobs are written once sharing is known
+                module = cls.from_proto(lp, ctx)
+                if not isinstance(module, CaffeLayer):
+                    raise NetBuildError(f"{lname} ({ltype}): from_proto returned "
+                                        f"{type(module).__name__}, expected a CaffeLayer")
+                self.layers[keys[index]] = module
+                self._attach_params(lp, module, owners)
+                fills.materialise(module)
             loss_weights = self._loss_weights(lp, cls, len(tops))
             self.records.append(LayerRecord(lname, ltype, keys[index], list(lp.bottom), tops,
                                             module, lp, loss_weights, origin))

@@ -2,6 +2,7 @@
 from segaware_caffe.kernels.im2parity import im2parity
 
 from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..params import ConvGeometry
 from .im2dist import patch_geometry_from_proto, patch_layer_repr
 
 
@@ -32,6 +33,12 @@ class Im2parity(CaffeLayer):
                    dilation=geometry.dilation,
                    ignore_label=ip.ignore_label if ip.HasField("ignore_label") else None,
                    where=f"{ctx.name} ({ctx.type})")
+
+    def output_shapes(self, bottom_shapes):
+        n, _, height, width = bottom_shapes[0]
+        geometry = ConvGeometry(self.kernel, self.pad, self.stride, self.dilation)
+        geometry.check_output_size(height, width, "im2parity")
+        return [(n, geometry.taps, *geometry.output_size(height, width))]
 
     def forward(self, labels):
         parity = im2parity(labels, self.kernel, self.pad, self.stride, self.dilation,
