@@ -142,13 +142,17 @@ class InferenceConvolution(nn.Module):
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "chain", tuple(chain))
         self.kind = type(layer).__name__
-        conv = isinstance(layer, Convolution)
+        self.pointwise = isinstance(layer, Convolution) and layer.group == 1 and (
+            layer.bottom_is_im2col or (layer.kernel == (1, 1) and layer.stride == (1, 1)
+                                       and layer.pad == (0, 0)))
+        self.set_channels_last(channels_last)
+
+    def set_channels_last(self, channels_last):
+        conv = isinstance(self.layer, Convolution)
         self.channels_last = channels_last and conv
-        self.pointwise = conv and layer.group == 1 and (layer.bottom_is_im2col or (
-            layer.kernel == (1, 1) and layer.stride == (1, 1) and layer.pad == (0, 0)))
         # the layer's own blobs serve as they are (no copy to keep up to date)
         self._direct = not self.chain and not self.channels_last and not self.pointwise and \
-            not (conv and layer.bottom_is_im2col)
+            not (conv and self.layer.bottom_is_im2col)
         self._stamp = None
         self._blobs = None
 
@@ -201,8 +205,9 @@ class InferenceConvolution(nn.Module):
             return y.reshape(*lead, weight.shape[0])
         if self.pointwise:
             return _pointwise(x, weight, bias, self.channels_last)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # torch's convolution gives its top the layout of its input: choose it here
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else \
+            x.contiguous()
         if isinstance(layer, Deconvolution):
             return F.conv_transpose2d(x, weight, bias, layer.stride, layer.pad, 0, layer.group,
                                       layer.dilation)
@@ -626,17 +631,48 @@ class _Rewriter:
             return isinstance(self.module_of(node), self._LAYOUT_FREE_LAYERS)
         return False
 
+    # a convolution with at most this many inputs per output (C/group x kh x kw) runs in
+    # channels_last memory even when its top must be converted back for a reader: oneDNN's
+    # reorders to and from the standard layout cost most next to little work per pixel
+    # (MTCNN's 3- to 32-channel layers: 1.5-2x faster); above it, only when no conversion follows
+    # (vgg's 64- to 1024-channel layers before Im2dist and the fused convolutions: slower)
+    SMALL_FAN_IN = 576
+
+    def _conv_nodes(self):
+        return [n for n in self.graph.nodes if n.op == "call_module" and n.target in self.modules
+                and isinstance(self.modules[n.target], InferenceConvolution)]
+
+    def _needs_standard(self, node):
+        """Whether `node`'s value reaches, through layout-free nodes, a reader that needs the
+        standard layout (a convolution reader takes any layout)."""
+        seen, stack = set(), [node]
+        while stack:
+            for user in stack.pop().users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.op == "call_module" and user.target in self.modules and \
+                        isinstance(self.modules[user.target], InferenceConvolution):
+                    continue
+                if not self._layout_free(user):
+                    return True
+                stack.append(user)
+        return False
+
     def layouts(self):
-        """Mark what may be channels_last; give every other reader the standard layout."""
-        if not self.channels_last:
-            return
+        """Choose channels_last per convolution, mark what may be channels_last, and give every
+        other reader the standard layout."""
+        for node in self._conv_nodes():
+            op = self.modules[node.target]
+            small = op.layer.weight[0].numel() <= self.SMALL_FAN_IN and not op.pointwise
+            op.set_channels_last(self.channels_last and (small or not self._needs_standard(node)))
         maybe, standard = set(), {}
         for node in list(self.graph.nodes):
-            if node.op == "call_module" and node.target.startswith("inference.") and \
-                    isinstance(self.modules[node.target], InferenceConvolution) and \
-                    self.modules[node.target].channels_last:
-                maybe.add(node)
-                continue
+            if node.op == "call_module" and node.target in self.modules and \
+                    isinstance(self.modules[node.target], InferenceConvolution):
+                if self.modules[node.target].channels_last:
+                    maybe.add(node)
+                continue        # it takes any layout and chooses its top's
             inputs = [a for a in node.all_input_nodes if a in maybe]
             if not inputs:
                 continue
