@@ -5,14 +5,16 @@ runs), one emitter per kind of node, so the module computes what sc.Net computes
 
 * a placeholder is a forward argument;
 * a layer's `call_module` is the code its type's emitter writes (converters.emitters: plain torch
-  expressions, stock torch modules or `kernels` functionals), or, for a layer without an emitter
-  or a variant its emitter does not express, an instance of its segaware_caffe layer class built
-  from the layer's constructor configuration (`layer.config`);
+  expressions, stock torch modules, small plain-torch helper definitions written into the module
+  -- CaffeBatchNorm, CaffeScale, ... with the layers' parameter names -- or `kernels`
+  functionals), so that a net of standard layers needs only torch; or, for a layer without an
+  emitter or a variant its emitter does not express, an instance of its segaware_caffe layer
+  class built from the layer's constructor configuration (`layer.config`);
 * a fused segmentation-aware convolution is one `masked_conv2d` call;
 * the net's helper nodes keep their rules: `.detach()` (no diff computed there),
-  `refuse_gradient` (the original cannot backpropagate there) and `track_grad` (force_backward
-  diffs of data layers), both imported from segaware_caffe.net, and `zero_first_element`
-  (Net::Forward's zeroing of outputs no layer writes), written out in plain torch;
+  `refuse_gradient` (the original cannot backpropagate there), `track_grad` (force_backward
+  diffs of data layers) and `zero_first_element` (Net::Forward's zeroing of outputs no layer
+  writes), written out in plain torch;
 * `getitem` nodes are the names a multi-top line unpacks into.
 
 Attribute names are the Net's layer keys, so the tensors of `segaware-caffe convert` load by name.
@@ -38,11 +40,11 @@ from segaware_caffe.net import refuse_gradient, track_grad, zero_first_element
 from segaware_caffe.weights import blob_attributes
 
 from .caffemodel import build_net  # noqa: F401  (the net export builds, re-exported)
-from .emitters import Emission, LayerSpec, emitter_for
+from .emitters import Emission, LayerSpec, emitter_for, helper_names, helper_source
 from .emitters.registry import attribute_expression, pair_or_int
 
-_HELPER_NAMES = ("zero_first_element", "refuse_gradient", "track_grad", "masked_conv2d",
-                 "im2dist", "load", "load_weights", "DEFAULT_WEIGHTS")
+_HELPER_NAMES = ("zero_first_element", "refuse_gradient", "_RefuseGradient", "track_grad",
+                 "masked_conv2d", "im2dist", "load", "load_weights", "DEFAULT_WEIGHTS")
 _RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {
     "self", "torch", "nn", "F", "os", "outputs"} | frozenset(_HELPER_NAMES)
 
@@ -224,6 +226,8 @@ class _Writer:
                 raise NetBuildError(f"{record.name} ({record.type}): the emitter wrote inline code "
                                     f"for a layer with parameters")
         self.imports.update(emission.imports)
+        for name in emission.helpers:
+            self.helpers[name] = helper_source(name)
         if emission.module is not None:
             target = attribute_expression(record.key)
             self.init_lines.append(f"{target} = {emission.module}" if target.startswith("self.")
@@ -279,7 +283,7 @@ def _emit_detach(writer, node):
 
 
 def _emit_refuse(writer, node):
-    writer.imports.add("from segaware_caffe.net import refuse_gradient")
+    writer.helpers["refuse_gradient"] = _REFUSE_GRADIENT
     top, refusals = node.args
     pairs = "".join(f"({writer.value[bottom]}, {message!r}), " for bottom, message in refusals)
     name = writer.names(node.meta["blob"])
@@ -296,7 +300,7 @@ def _emit_zero(writer, node):
 
 
 def _emit_track(writer, node):
-    writer.imports.add("from segaware_caffe.net import track_grad")
+    writer.helpers["track_grad"] = _TRACK_GRAD
     name = writer.names(node.meta["blob"])
     writer.line(f"{name} = track_grad({writer.value[node.args[0]]})", "force_backward")
     writer.value[node] = name
@@ -317,7 +321,7 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None,
         class_name = class_name_for(class_name or net.name)
     if class_name in used_classes:  # a net named like a layer class ("reshape") must not shadow it
         class_name += "Net"
-    names = _Names(_RESERVED | used_classes | {class_name})
+    names = _Names(_RESERVED | used_classes | helper_names() | {class_name})
     writer = _Writer(net, names)
     graph = net.graph_module(fuse=fuse).graph
     for node in graph.nodes:
@@ -326,14 +330,49 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None,
     return PythonExport(source, class_name, writer.layers, list(net.input_names), list(net.outputs))
 
 
-# Plain-torch twin of segaware_caffe.net.zero_first_element (ONNX traces torch.where, not the
-# library's autograd.Function); refuse_gradient and track_grad are imported from segaware_caffe
+# Plain-torch twins of segaware_caffe.net's graph helpers, so that an exported module needs only
+# torch: zero_first_element (ONNX traces torch.where, not the library's autograd.Function),
+# refuse_gradient and track_grad
 _ZERO_FIRST_ELEMENT = '''def zero_first_element(x):
     """The original's Net::Forward sets element 0 of every net output to 0 before the layers run;
     no layer writes this one, so the 0 stays (the gradient passes unchanged)."""
     first = torch.zeros_like(x, dtype=torch.bool)
     first.view(-1)[0] = True
     return torch.where(first, x - x.detach(), x)'''
+
+_REFUSE_GRADIENT = '''class _RefuseGradient(torch.autograd.Function):
+    """Identity; its backward raises: the original Caffe cannot backpropagate there."""
+
+    @staticmethod
+    def forward(ctx, x, message):
+        ctx.message = message
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        try:   # segaware_caffe's own error where it is installed, else a RuntimeError
+            from segaware_caffe.errors import NoBackwardError
+        except ImportError:
+            NoBackwardError = RuntimeError
+        raise NoBackwardError(ctx.message)
+
+
+def refuse_gradient(top, refusals):
+    """`top`, whose gradient is refused when a bottom of `refusals` ((bottom, message), ...)
+    requires one (the original's Backward would abort there)."""
+    if not (torch.is_grad_enabled() and top.is_floating_point()):
+        return top
+    for bottom, message in refusals:
+        if isinstance(bottom, torch.Tensor) and bottom.requires_grad:
+            source = top if top.requires_grad else top.detach().requires_grad_(True)
+            return _RefuseGradient.apply(source, message)
+    return top'''
+
+_TRACK_GRAD = '''def track_grad(x):
+    """A data layer's top as a leaf that records its gradient (force_backward nets)."""
+    if torch.is_grad_enabled() and x.is_floating_point() and not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    return x'''
 
 def _render(net, class_name, writer, source_note, default_weights):
     imports = writer.imports

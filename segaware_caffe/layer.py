@@ -100,6 +100,9 @@ class BuildContext:
     top_names: list = field(default_factory=list)
     base_dir: str = "."            # directory of the prototxt, for relative paths in data layers
     overwrite: bool = False         # whether writer layers may overwrite existing files
+    # the net's weights file sets this layer's blobs right after set-up: fillers need not run
+    # (fillers.fill_parameter still checks them)
+    weights_follow: bool = False
 
     def error(self, message):
         return LayerSetupError(self.name, self.type, message)
@@ -161,6 +164,8 @@ class CaffeLayer(nn.Module):
     NO_GRAD_BOTTOMS: ClassVar[tuple] = ()
     # LayerParameter fields declared with register_layer(..., params=...)
     USER_PARAMS: ClassVar[tuple] = ()
+    # the one top has bottom 0's shape (elementwise layers): the builder needs no shape inference
+    SAME_SHAPE: ClassVar[bool] = False
 
     @classmethod
     def user_params(cls, layer_param, *, given=False):
@@ -250,8 +255,16 @@ class CaffeLayer(nn.Module):
         setattr(self, names[index], param)
 
     def output_shapes(self, bottom_shapes):
-        """Top shapes for the given bottom shapes. Default: run forward on fake tensors (no data,
-        no compute). Layers whose forward depends on data values override this."""
+        """Top shapes for the given bottom shapes: bottom 0's for SAME_SHAPE layers, else forward
+        run on fake tensors (no data, no compute). Layers whose forward depends on data values
+        override this, and so do the common layers whose rule is short (building a large net
+        then costs no fake-tensor passes)."""
+        if self.SAME_SHAPE:
+            return [tuple(bottom_shapes[0])]
+        return self.inferred_shapes(bottom_shapes)
+
+    def inferred_shapes(self, bottom_shapes):
+        """Top shapes from a forward on fake tensors (what output_shapes does by default)."""
         with _fake_mode(), torch.no_grad(), _quiet_fake_tensor_log():
             bottoms = [torch.empty(s) for s in bottom_shapes]
             tops = self.forward(*bottoms)

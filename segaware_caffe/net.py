@@ -36,10 +36,11 @@ from segaware_caffe.caffe_proto import caffe_pb2
 from . import backward, layers as _layers  # noqa: F401  (importing layers registers every type)
 from .canonical import FROM_PROTOTXT, canonical_net
 from .errors import NetBuildError, NoBackwardError
+from .fillers import deferred_fills
 from .layer import BuildContext, CaffeLayer, layer_class
 from .layers.input import Input  # noqa: F401  (where it lived before: segaware_caffe.net.Input)
-from .weights import WeightsReport, blob_attributes, copy_weights, first_records_by_name, \
-    net_layers_proto, parameter_blobs
+from .weights import WeightsFile, WeightsReport, blob_attributes, copy_weights, \
+    first_records_by_name, net_layers_proto, parameter_blobs
 
 __all__ = ["LayerRecord", "Net", "WeightsReport", "first_records_by_name", "refuse_gradient",
            "track_grad", "zero_first_element"]
@@ -181,8 +182,9 @@ class Net(nn.Module):
 
     def __init__(self, model, weights=None, *, phase="test", variables=None, device="cpu",
                  stages=(), level=None, fuse=True, dtype=torch.float32, overwrite=False,
-                 input_shapes=None):
+                 input_shapes=None, inference=True):
         super().__init__()
+        self.inference = inference
         canonical = canonical_net(model, variables=variables, phase=phase, level=level,
                                   stages=stages, input_shapes=input_shapes)
         param = canonical.param
@@ -205,7 +207,8 @@ class Net(nn.Module):
         # the dtype and device floating inputs are cast to: an empty buffer, so that .to() moves
         # it with the parameters, also in a net that has none
         self.register_buffer("_feed_like", torch.zeros(0, dtype=dtype), persistent=False)
-        self._build(canonical, overwrite)
+        weights = self._read_weights(weights)
+        self._build(canonical, overwrite, weights)
         self.to(device=device, dtype=dtype)
         if fuse:
             from .fusion import fuse_segaware_convs
@@ -216,8 +219,24 @@ class Net(nn.Module):
                 warnings.warn(str(report), stacklevel=2)
 
     # ------------------------------------------------------------------ building
-    def _build(self, canonical, overwrite):
+    @staticmethod
+    def _read_weights(weights):
+        """The weights file parsed before the layers are set up, so that the fillers of the
+        layers it sets need not run; a file that does not parse is left to load_weights, which
+        reports it after the net is built (as before)."""
+        if weights is None:
+            return None
+        try:
+            return WeightsFile.of(weights)
+        except Exception:   # noqa: BLE001  (re-raised by load_weights, with its own message)
+            return weights
+
+    def _build(self, canonical, overwrite, weights=None):
         param, where = canonical.param, canonical.where
+        # layers whose blobs the weights file sets (the first net layer of each name)
+        loaded = ({layer.name for layer in weights.layers if len(layer.blobs)}
+                  if isinstance(weights, WeightsFile) else set())
+        seen_names = set()
         shapes = OrderedDict()                 # current shape of every blob name
         self._auto_tops = set()                # anonymous tops: never net outputs (Caffe)
         owners = {}                            # shared param name -> (Parameter, lr, decay, layer)
@@ -248,13 +267,17 @@ class Net(nn.Module):
             ctx = BuildContext(name=lname, type=ltype, phase=caffe_pb2.Phase.Name(lp.phase),
                                bottom_shapes=[shapes[b] for b in lp.bottom],
                                bottom_names=list(lp.bottom), top_names=tops,
-                               base_dir=canonical.source.base_dir, overwrite=overwrite)
-            module = cls.from_proto(lp, ctx)
-            if not isinstance(module, CaffeLayer):
-                raise NetBuildError(f"{lname} ({ltype}): from_proto returned {type(module).__name__}, "
-                                    f"expected a CaffeLayer")
-            self.layers[keys[index]] = module
-            self._attach_params(lp, module, owners)
+                               base_dir=canonical.source.base_dir, overwrite=overwrite,
+                               weights_follow=lname in loaded and lname not in seen_names)
+            seen_names.add(lname)
+            with deferred_fills() as fills:   # blobs are written once sharing is known
+                module = cls.from_proto(lp, ctx)
+                if not isinstance(module, CaffeLayer):
+                    raise NetBuildError(f"{lname} ({ltype}): from_proto returned "
+                                        f"{type(module).__name__}, expected a CaffeLayer")
+                self.layers[keys[index]] = module
+                self._attach_params(lp, module, owners)
+                fills.materialise(module)
             loss_weights = self._loss_weights(lp, cls, len(tops))
             self.records.append(LayerRecord(lname, ltype, keys[index], list(lp.bottom), tops,
                                             module, lp, loss_weights, origin))
@@ -400,10 +423,19 @@ class Net(nn.Module):
     def blob_names(self):
         return list(self.blob_shapes)
 
-    def graph_module(self, outputs=None, *, fuse=True):
+    def graph_module(self, outputs=None, *, fuse=True, inference=False):
         """The fx.GraphModule computing `outputs` (default: the net outputs) from the inputs, as
-        {name: tensor}. fuse=False runs the segmentation-aware convolutions layer by layer."""
+        {name: tensor}. fuse=False runs the segmentation-aware convolutions layer by layer.
+        inference=True: the same graph rewritten for forwards without gradients (folded
+        BatchNorm/Scale, pooling without indices, ...; see segaware_caffe.inference)."""
         outputs = tuple(self.outputs if outputs is None else outputs)
+        if inference:
+            cached = self._graph_cache.get((outputs, fuse, "inference"))
+            if cached is None:
+                from .inference import inference_graph
+                cached = inference_graph(self, self.graph_module(outputs, fuse=fuse))
+                self._graph_cache[(outputs, fuse, "inference")] = cached
+            return cached
         cached = self._graph_cache.get((outputs, fuse))
         if cached is not None:
             return cached
@@ -496,8 +528,15 @@ class Net(nn.Module):
             args.append(x)
         return args
 
+    def uses_inference_graph(self):
+        """Whether forward() now runs the inference graph: a TEST-phase net built with
+        inference=True (the default), called while autograd is off (torch.no_grad() or
+        torch.inference_mode())."""
+        return self.inference and self.phase == "TEST" and not torch.is_grad_enabled()
+
     def forward(self, outputs=None, **inputs):
-        return self.graph_module(outputs)(*self.feed(inputs))
+        return self.graph_module(outputs, inference=self.uses_inference_graph())(
+            *self.feed(inputs))
 
     def loss(self, outputs):
         """Caffe's net loss: sum over loss tops of weight * sum(top)."""

@@ -43,6 +43,7 @@ from .net import Net
 from .weights import WeightsFile, first_records_by_name, history_fits
 from .errors import SolverError, UnsupportedError
 from .files import atomic_write
+from .inference import parameters_changed
 from .solvers.glog import ProgressBar, fmt, loss_note
 from .solvers.rules import check_policy, learning_rate, make_rule, regularize
 
@@ -409,6 +410,7 @@ class Solver:
             history = self.history[k::count]
             self.rule.update(diff, history, local_rate, self.iter)
             param.data.sub_(diff)
+        parameters_changed()     # writes through .data: the inference graphs' folded copies
 
     def clip_gradients(self, diffs):
         """Scale all diffs by clip/norm when their global L2 norm exceeds clip_gradients; returns
@@ -489,6 +491,7 @@ class Solver:
                     raise SolverError(f"layer {source.name} blob {i}: shape {tuple(mine.shape)} in "
                                       f"the test net, {tuple(theirs.shape)} in the train net")
                 mine.data = theirs.data
+        parameters_changed()     # the test net now reads the train net's storage
 
     # ------------------------------------------------------------------ whole runs
     def solve(self, resume_file=None, inputs=None, stop_iter=None):

@@ -117,7 +117,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
 
 
+def openmp_defaults():
+    """OMP_WAIT_POLICY=PASSIVE unless the user chose a policy: torch's OpenMP threads then sleep
+    at the end of a parallel region instead of spinning, so a run with several threads degrades
+    gracefully when other work shares the cores (spinning threads that wait for a descheduled
+    one made 2-thread forwards 3-100x slower than 1 thread on a busy machine). libgomp reads it
+    once, when torch loads it, so it is set before any verb imports torch."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv=None):
+    openmp_defaults()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     label = PROG

@@ -1,10 +1,12 @@
-"""Elementwise layers: ReLU, Sigmoid, TanH, AbsVal, Power, Exp, Dropout, Softmax."""
+"""Elementwise layers: ReLU, Sigmoid, TanH, AbsVal, Power, Exp, Log, ELU, BNLL, Threshold, Swish,
+Dropout, Softmax."""
 import numpy as np
 
 from .registry import Emission, literal, register_emitter
 
-__all__ = ["emit_abs_val", "emit_dropout", "emit_exp", "emit_power", "emit_relu", "emit_sigmoid",
-           "emit_softmax", "emit_tanh"]
+__all__ = ["emit_abs_val", "emit_bnll", "emit_dropout", "emit_elu", "emit_exp", "emit_log",
+           "emit_power", "emit_relu", "emit_sigmoid", "emit_softmax", "emit_swish", "emit_tanh",
+           "emit_threshold"]
 
 
 @register_emitter("ReLU")
@@ -68,3 +70,38 @@ def emit_dropout(spec):
 def emit_softmax(spec):
     return Emission(f"{spec.attr}({spec.bottoms[0]})",
                     module=f"nn.Softmax(dim={spec.kwargs.get('axis', 1)})")
+
+
+@register_emitter("Log")
+def emit_log(spec):
+    kw = spec.kwargs
+    base_scale = kw.get("base_scale", 1.0)
+    text = f"torch.log({_affine(spec.bottoms[0], kw.get('scale', 1.0), kw.get('shift', 0.0))})"
+    return Emission(text if base_scale == 1 else f"{text} * {literal(base_scale)}")
+
+
+@register_emitter("ELU")
+def emit_elu(spec):
+    return Emission(f"{spec.attr}({spec.bottoms[0]})",
+                    module=f"nn.ELU(alpha={literal(spec.kwargs.get('alpha', 1.0))})")
+
+
+@register_emitter("BNLL")
+def emit_bnll(spec):
+    x = spec.bottoms[0]
+    # log(1 + exp(x)) without overflow, as the layer computes it
+    return Emission(f"torch.relu({x}) + torch.log1p(torch.exp(-torch.abs({x})))")
+
+
+@register_emitter("Threshold")
+def emit_threshold(spec):
+    x = spec.bottoms[0]
+    return Emission(f"({x}.detach() > {literal(spec.kwargs.get('threshold', 0.0))}).to({x}.dtype)",
+                    note="no gradient (the original has none)")
+
+
+@register_emitter("Swish")
+def emit_swish(spec):
+    x, beta = spec.bottoms[0], spec.kwargs.get("beta", 1.0)
+    inner = x if beta == 1 else f"{x} * {literal(beta)}"
+    return Emission(f"{x} * torch.sigmoid({inner})")

@@ -48,6 +48,25 @@ class Emission:
     imports: tuple = ()       # import lines the code needs
     plain_torch: bool = True  # False when it calls a segmentation-aware kernel (no ONNX)
     note: str = ""            # a short comment for the forward line
+    helpers: tuple = ()       # names of helper definitions (register_helper) the code uses
+
+
+_HELPERS = {}
+
+
+def register_helper(name, source):
+    """A plain-torch definition (function or nn.Module class) that exported modules include when
+    an emission lists `name` in its helpers; its name is reserved (no blob variable takes it)."""
+    add_to_registry(_HELPERS, [name], source, "an export helper")
+    return name
+
+
+def helper_source(name):
+    return _HELPERS[name]
+
+
+def helper_names():
+    return frozenset(_HELPERS)
 
 
 def register_emitter(*type_names):

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ..fillers import fill
+from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
 from ..params import canonical_axis
 from .convolution import optional_filler
@@ -47,6 +47,7 @@ def operand_shape(param, bottom_shapes, ctx, kind):
 class Bias(CaffeLayer):
     """y = x + broadcast(bias); the bias is bottom 1 if given, else a learned blob of shape
     x.shape[axis:axis+num_axes] (default filler constant 0)."""
+    SAME_SHAPE = True
     BOTTOMS = (1, 2)
     CAFFE_BLOBS = ("bias",)
 
@@ -62,8 +63,7 @@ class Bias(CaffeLayer):
         if len(ctx.bottom_shapes) > 1:
             return cls(axis=axis)
         layer = cls(axis=axis, bias_shape=shape)
-        with torch.no_grad():
-            layer.bias.copy_(fill(optional_filler(bp, "filler"), shape, ctx))
+        fill_parameter(layer.bias, optional_filler(bp, "filler"), ctx, holds=0.0)
         return layer
 
     def forward(self, x, bias=None):

@@ -28,6 +28,7 @@ class _ClipFunction(torch.autograd.Function):
 @register_layer("Clip")
 class Clip(CaffeLayer):
     """y = clip(x, min, max); the gradient passes where min <= x <= max (bounds included)."""
+    SAME_SHAPE = True
 
     def __init__(self, *, min, max):  # noqa: A002 (Caffe's field names)
         super().__init__()

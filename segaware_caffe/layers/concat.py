@@ -36,6 +36,11 @@ class Concat(CaffeLayer):
                                 f"has {shapes[0]}")
         return cls(axis=axis)
 
+    def output_shapes(self, bottom_shapes):
+        shape = list(bottom_shapes[0])
+        shape[self.axis] = sum(s[self.axis] for s in bottom_shapes)
+        return [tuple(shape)]
+
     def top_shares_bottom(self, top_index, num_bottoms):
         return num_bottoms == 1      # Caffe's Concat hands a single bottom's memory to the top
 

@@ -4,11 +4,9 @@ Both take one or more bottoms of the same shape and give one top per bottom, all
 same weights. The channel axis is `convolution_param.axis` (default 1); the axes before it are
 batch axes and exactly two spatial axes must follow it.
 """
-import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..fillers import fill
+from ..fillers import constant_parameter, fill_parameter
 from ..layer import CaffeLayer, register_layer
 from ..params import ConvGeometry, canonical_axis, conv_geometry
 
@@ -33,8 +31,8 @@ class _ConvolutionBase(CaffeLayer):
         self.dilation = tuple(dilation)
         self.group = group
         self.channel_axis = channel_axis
-        self.weight = nn.Parameter(torch.zeros(weight_shape))
-        self.bias = nn.Parameter(torch.zeros(self.num_output)) if bias_term else None
+        self.weight = constant_parameter(weight_shape)
+        self.bias = constant_parameter((self.num_output,)) if bias_term else None
 
     @property
     def num_output(self):
@@ -76,10 +74,9 @@ class _ConvolutionBase(CaffeLayer):
         return kwargs, shape, channels, cp
 
     def _fill_blobs(self, cp, ctx):
-        with torch.no_grad():
-            self.weight.copy_(fill(optional_filler(cp, "weight_filler"), self.weight.shape, ctx))
-            if self.bias is not None:
-                self.bias.copy_(fill(optional_filler(cp, "bias_filler"), self.bias.shape, ctx))
+        fill_parameter(self.weight, optional_filler(cp, "weight_filler"), ctx, holds=0.0)
+        if self.bias is not None:
+            fill_parameter(self.bias, optional_filler(cp, "bias_filler"), ctx, holds=0.0)
 
     def _check_output_size(self, shape, ctx):
         height, width = shape[self.channel_axis + 1:]
@@ -98,6 +95,14 @@ class _ConvolutionBase(CaffeLayer):
         if self.TYPE == "Deconvolution":
             return self.geometry.deconv_output_size(height, width)
         return self.geometry.output_size(height, width)
+
+    def output_shapes(self, bottom_shapes):
+        shapes = []
+        for shape in bottom_shapes:
+            shape = tuple(shape)
+            out = self.output_spatial_size(*shape[self.channel_axis + 1:])
+            shapes.append(shape[:self.channel_axis] + (self.num_output,) + tuple(out))
+        return shapes
 
     def forward(self, *bottoms):
         tops = tuple(self._convolve_batched(x) for x in bottoms)

@@ -9,6 +9,7 @@ from ..layer import CaffeLayer, register_layer
 class Dropout(CaffeLayer):
     """TRAIN: y = x * mask / (1 - p) with mask ~ Bernoulli(1 - p), the same mask and scale in
     backward. TEST: y = x. The phase is the layer's (its own `phase` field, else the net's)."""
+    SAME_SHAPE = True
 
     def __init__(self, *, dropout_ratio=0.5, train=False):
         super().__init__()

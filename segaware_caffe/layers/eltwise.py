@@ -29,6 +29,7 @@ class Eltwise(CaffeLayer):
     """PROD: y = prod x_i (backward dy * product of the others, or dy*y/x_i when
     stable_prod_grad is false); SUM: y = sum coeff_i * x_i; MAX: y = max x_i with the whole
     gradient routed to the winning bottom (a tie goes to the later bottom, as on the GPU)."""
+    SAME_SHAPE = True
     BOTTOMS = (2, None)
 
     def __init__(self, *, operation="SUM", coeffs=None, stable_prod_grad=True):

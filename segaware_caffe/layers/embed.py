@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ..fillers import fill
+from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
 from .convolution import optional_filler
 
@@ -31,10 +31,9 @@ class Embed(CaffeLayer):
                 raise ctx.error(f"embed_param.{field} must be > 0, got {getattr(p, field)}")
         layer = cls(num_output=int(p.num_output), input_dim=int(p.input_dim),
                     bias_term=bool(p.bias_term), where=f"{ctx.name} ({ctx.type})")
-        with torch.no_grad():
-            layer.weight.copy_(fill(optional_filler(p, "weight_filler"), layer.weight.shape, ctx))
-            if layer.bias is not None:
-                layer.bias.copy_(fill(optional_filler(p, "bias_filler"), layer.bias.shape, ctx))
+        fill_parameter(layer.weight, optional_filler(p, "weight_filler"), ctx)
+        if layer.bias is not None:
+            fill_parameter(layer.bias, optional_filler(p, "bias_filler"), ctx)
         return layer
 
     def forward(self, indices):

@@ -36,6 +36,13 @@ class Im2col(CaffeLayer):
         return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
                    dilation=geometry.dilation)
 
+    def output_shapes(self, bottom_shapes):
+        n, c, h, w = bottom_shapes[0]
+        out_h, out_w = (
+            (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+            for size, k, p, s, d in zip((h, w), self.kernel, self.pad, self.stride, self.dilation))
+        return [(n, c * self.kernel[0] * self.kernel[1], out_h, out_w)]
+
     def forward(self, x):
         n, c, h, w = x.shape
         out_h, out_w = (

@@ -3,7 +3,7 @@ also the convolution_param geometry reading shared by the segaware patch layers.
 from segaware_caffe.kernels.im2dist import im2dist
 
 from ..layer import CaffeLayer, register_layer
-from ..params import canonical_axis, conv_geometry
+from ..params import ConvGeometry, canonical_axis, conv_geometry
 
 _NORM_NAMES = {1: "L1", 2: "L2"}
 
@@ -65,6 +65,12 @@ class Im2dist(CaffeLayer):
         return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
                    dilation=geometry.dilation, norm=_NORM_NAMES[ip.norm],
                    remove_center=ip.remove_center, remove_bounds=ip.remove_bounds)
+
+    def output_shapes(self, bottom_shapes):
+        n, _, height, width = bottom_shapes[0]
+        geometry = ConvGeometry(self.kernel, self.pad, self.stride, self.dilation)
+        geometry.check_output_size(height, width, "im2dist")
+        return [(n, geometry.taps, *geometry.output_size(height, width))]
 
     def forward(self, x):
         return im2dist(x, self.kernel, self.pad, self.stride, self.dilation, norm=self.norm,

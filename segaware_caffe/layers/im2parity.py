@@ -4,6 +4,7 @@ import torch
 from segaware_caffe.kernels.im2parity import im2parity
 
 from ..layer import CaffeLayer, register_layer
+from ..params import ConvGeometry
 from .im2dist import patch_geometry_from_proto, patch_layer_repr
 
 
@@ -31,6 +32,12 @@ class Im2parity(CaffeLayer):
         return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
                    dilation=geometry.dilation,
                    ignore_label=ip.ignore_label if ip.HasField("ignore_label") else None)
+
+    def output_shapes(self, bottom_shapes):
+        n, _, height, width = bottom_shapes[0]
+        geometry = ConvGeometry(self.kernel, self.pad, self.stride, self.dilation)
+        geometry.check_output_size(height, width, "im2parity")
+        return [(n, geometry.taps, *geometry.output_size(height, width))]
 
     @torch.no_grad()        # the original has no backward: keep no graph
     def forward(self, labels):

@@ -2,9 +2,8 @@
 import math
 
 import torch
-from torch import nn
 
-from ..fillers import fill
+from ..fillers import constant_parameter, fill_parameter
 from ..layer import CaffeLayer, register_layer
 from ..params import canonical_axis
 from .convolution import optional_filler
@@ -21,8 +20,8 @@ class InnerProduct(CaffeLayer):
         self.axis = axis
         self.transpose = transpose
         shape = (input_size, num_output) if transpose else (num_output, input_size)
-        self.weight = nn.Parameter(torch.zeros(shape))
-        self.bias = nn.Parameter(torch.zeros(num_output)) if bias_term else None
+        self.weight = constant_parameter(shape)
+        self.bias = constant_parameter((num_output,)) if bias_term else None
 
     @property
     def num_output(self):
@@ -38,11 +37,13 @@ class InnerProduct(CaffeLayer):
         axis = canonical_axis(ip.axis, len(shape), ctx, "inner_product_param.axis")
         layer = cls(num_output=ip.num_output, input_size=math.prod(shape[axis:]), axis=axis,
                     bias_term=ip.bias_term, transpose=ip.transpose)
-        with torch.no_grad():
-            layer.weight.copy_(fill(optional_filler(ip, "weight_filler"), layer.weight.shape, ctx))
-            if layer.bias is not None:
-                layer.bias.copy_(fill(optional_filler(ip, "bias_filler"), layer.bias.shape, ctx))
+        fill_parameter(layer.weight, optional_filler(ip, "weight_filler"), ctx, holds=0.0)
+        if layer.bias is not None:
+            fill_parameter(layer.bias, optional_filler(ip, "bias_filler"), ctx, holds=0.0)
         return layer
+
+    def output_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])[:self.axis] + (self.num_output,)]
 
     def forward(self, x):
         lead = x.shape[:self.axis]

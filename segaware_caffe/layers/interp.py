@@ -64,6 +64,11 @@ class Interp(CaffeLayer):
                             f"of the {shape[2]}x{shape[3]} bottom")
         return layer
 
+    def output_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        in_h, in_w = (size + self.pad_beg + self.pad_end for size in shape[-2:])
+        return [shape[:-2] + tuple(self.output_spatial_size(in_h, in_w))]
+
     def output_spatial_size(self, in_h, in_w):
         """(Ho, Wo) for an effective (cropped) input size (in_h, in_w)."""
         if self.height is not None:

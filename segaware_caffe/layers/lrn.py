@@ -11,6 +11,7 @@ class LRN(CaffeLayer):
     """ACROSS_CHANNELS: y = x * (k + alpha/size * sum of x^2 over `size` neighbouring channels,
     zero-padded)^-beta. WITHIN_CHANNEL: y = x * (1 + alpha * mean of x^2 over a size x size
     window, zero-padded, divisor size^2)^-beta (k unused). Backward is the true derivative."""
+    SAME_SHAPE = True
 
     def __init__(self, *, local_size=5, alpha=1.0, beta=0.75, k=1.0, region="ACROSS_CHANNELS"):
         super().__init__()

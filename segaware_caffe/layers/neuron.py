@@ -22,6 +22,7 @@ def _non_default(**settings):
 @register_layer("AbsVal")
 class AbsVal(CaffeLayer):
     """y = |x|; dx = sign(x) * dy with sign(0) = 0 (torch.abs's gradient does exactly that)."""
+    SAME_SHAPE = True
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -83,6 +84,7 @@ class Power(CaffeLayer):
     power == 2 -> dscale*(scale*x + shift)*dy; shift == 0 -> power*y/x*dy;
     else dscale*y/(scale*x + shift)*dy.
     """
+    SAME_SHAPE = True
 
     def __init__(self, *, power=1.0, scale=1.0, shift=0.0):
         super().__init__()
@@ -105,6 +107,7 @@ class Exp(CaffeLayer):
     """y = outer * exp(inner * x) with inner = ln(base)*scale (scale when base is -1 = e) and
     outer = 1 if shift == 0 else pow(base, shift) -- the raw base, so base -1 with a shift gives
     pow(-1, shift) (the original's bug, kept). dx = dy * y * inner."""
+    SAME_SHAPE = True
 
     def __init__(self, *, inner_scale=1.0, outer_scale=1.0):
         super().__init__()
@@ -140,6 +143,7 @@ class Exp(CaffeLayer):
 @register_layer("Log")
 class Log(CaffeLayer):
     """y = log(shift + scale*x) / ln(base) (base -1 = e); dx = dy * scale / ln(base) / (shift + scale*x)."""
+    SAME_SHAPE = True
 
     def __init__(self, *, base_scale=1.0, scale=1.0, shift=0.0):
         super().__init__()
@@ -171,6 +175,7 @@ class Log(CaffeLayer):
 @register_layer("Sigmoid")
 class Sigmoid(CaffeLayer):
     """y = 1 / (1 + exp(-x)); dx = dy * y * (1 - y)."""
+    SAME_SHAPE = True
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -183,6 +188,7 @@ class Sigmoid(CaffeLayer):
 @register_layer("TanH")
 class TanH(CaffeLayer):
     """y = tanh(x); dx = dy * (1 - y^2)."""
+    SAME_SHAPE = True
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -195,6 +201,7 @@ class TanH(CaffeLayer):
 @register_layer("Threshold")
 class Threshold(CaffeLayer):
     """y = 1 if x > threshold else 0. Forward only (the original has no backward)."""
+    SAME_SHAPE = True
     HAS_BACKWARD = False
 
     def __init__(self, *, threshold=0.0):
@@ -234,6 +241,7 @@ class _BNLLFunction(torch.autograd.Function):
 @register_layer("BNLL")
 class BNLL(CaffeLayer):
     """y = log(1 + exp(x)) (binomial normal log likelihood); dx = dy * e/(e+1), e = exp(min(x, 50))."""
+    SAME_SHAPE = True
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -261,6 +269,7 @@ class _ELUFunction(torch.autograd.Function):
 @register_layer("ELU")
 class ELU(CaffeLayer):
     """y = x if x > 0 else alpha*(exp(x) - 1); dx = dy if x > 0 else dy*(y + alpha)."""
+    SAME_SHAPE = True
 
     def __init__(self, *, alpha=1.0):
         super().__init__()

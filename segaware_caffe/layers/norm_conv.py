@@ -12,7 +12,7 @@ from torch import nn
 
 from segaware_caffe.kernels.norm_conv import norm_conv
 
-from ..fillers import fill
+from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
 from ..params import conv_geometry
 
@@ -78,12 +78,11 @@ class NormConv(CaffeLayer):
                     pad=geometry.pad, stride=geometry.stride, dilation=geometry.dilation,
                     group=group, norm=_NORMS[ncp.norm], remove_center=ncp.remove_center,
                     remove_bounds=ncp.remove_bounds)
-        with torch.no_grad():
-            layer.weight.copy_(fill(_optional_filler(cp, "weight_filler"), layer.weight.shape, ctx))
-            if layer.bias is not None:
-                layer.bias.copy_(fill(_optional_filler(cp, "bias_filler"), layer.bias.shape, ctx))
-            if layer.scale is not None:  # the original's scale filler defaults to constant 0
-                layer.scale.copy_(fill(_optional_filler(ncp, "scale_filler"), (1,), ctx))
+        fill_parameter(layer.weight, _optional_filler(cp, "weight_filler"), ctx)
+        if layer.bias is not None:
+            fill_parameter(layer.bias, _optional_filler(cp, "bias_filler"), ctx)
+        if layer.scale is not None:  # the original's scale filler defaults to constant 0
+            fill_parameter(layer.scale, _optional_filler(ncp, "scale_filler"), ctx)
         return layer
 
     def forward(self, x, emb):

@@ -3,7 +3,7 @@ then multiply by a learned scale."""
 import torch
 from torch import nn
 
-from ..fillers import fill
+from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
 from .convolution import optional_filler
 
@@ -58,6 +58,7 @@ class Normalize(CaffeLayer):
     """y = scale * x / sqrt(sum(x^2) + eps), the sum over C*H*W of each image (across_spatial,
     the default) or over C at each position; scale is one learned value (channel_shared, the
     default) or one per channel (blob shape (C,)); default filler constant 1, eps 1e-10."""
+    SAME_SHAPE = True
     CAFFE_BLOBS = ("scale",)
 
     def __init__(self, *, channels, across_spatial=True, channel_shared=True, eps=1e-10):
@@ -77,9 +78,7 @@ class Normalize(CaffeLayer):
             raise ctx.error(f"norm_param.eps must be >= 0, got {p.eps}")
         layer = cls(channels=int(shape[1]), across_spatial=bool(p.across_spatial),
                     channel_shared=bool(p.channel_shared), eps=float(p.eps))
-        with torch.no_grad():
-            layer.scale.copy_(fill(optional_filler(p, "scale_filler"), layer.scale.shape, ctx,
-                                   default_value=1.0))
+        fill_parameter(layer.scale, optional_filler(p, "scale_filler"), ctx, default_value=1.0)
         return layer
 
     def forward(self, x):

@@ -217,6 +217,11 @@ class Pooling(CaffeLayer):
         return tuple(pooled_size(size, k, p, s, self.round_mode, padded)
                      for size, k, p, s in zip((height, width), kernel, self.pad, self.stride))
 
+    def output_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        top = shape[:-2] + tuple(self.output_spatial_size(*shape[-2:]))
+        return [top, top] if self.mask_top else [top]
+
     def forward(self, x):
         kernel = self._kernel_for(*x.shape[-2:])
         out = self.output_spatial_size(*x.shape[-2:])

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ..fillers import fill
+from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
 from .convolution import optional_filler
 
@@ -12,6 +12,7 @@ class PReLU(CaffeLayer):
     """y = x if x > 0 else slope * x, slope per channel (axis 1), or one 0-axis blob with
     channel_shared. Default filler constant 0.25. dx = dy * ((x > 0) + slope * (x <= 0)),
     d slope = sum of dy * x over x <= 0."""
+    SAME_SHAPE = True
     CAFFE_BLOBS = ("slope",)
 
     def __init__(self, *, channels, channel_shared=False):
@@ -26,9 +27,8 @@ class PReLU(CaffeLayer):
         if len(shape) < 2:
             raise ctx.error(f"the bottom must have at least 2 axes (N, C, ...), got shape {shape}")
         layer = cls(channels=shape[1], channel_shared=pp.channel_shared)
-        with torch.no_grad():
-            layer.slope.copy_(fill(optional_filler(pp, "filler"), layer.slope.shape, ctx,
-                                   default_value=0.25))
+        fill_parameter(layer.slope, optional_filler(pp, "filler"), ctx, default_value=0.25,
+                       holds=0.25)
         return layer
 
     def forward(self, x):

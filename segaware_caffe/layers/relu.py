@@ -6,6 +6,7 @@ from ..layer import CaffeLayer, register_layer
 @register_layer("ReLU")
 class ReLU(CaffeLayer):
     """y = x if x > 0 else negative_slope * x; dx = dy * ((x > 0) + slope * (x <= 0))."""
+    SAME_SHAPE = True
 
     def __init__(self, *, negative_slope=0.0):
         super().__init__()

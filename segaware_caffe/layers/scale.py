@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ..fillers import fill
+from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
 from .bias import broadcast_view, operand_shape
 from .convolution import optional_filler
@@ -14,6 +14,7 @@ class Scale(CaffeLayer):
     blob of shape x.shape[axis:axis+num_axes] (num_axes -1: to the end, 0: a 0-axis scalar;
     default filler constant 1). With bias_term the bias blob has the scale's shape (default
     filler constant 0). Blobs: [scale, bias], or [bias] alone with two bottoms."""
+    SAME_SHAPE = True
     BOTTOMS = (1, 2)
     CAFFE_BLOBS = ("scale", "bias")
 
@@ -30,11 +31,11 @@ class Scale(CaffeLayer):
         two_bottoms = len(ctx.bottom_shapes) > 1
         layer = cls(axis=axis, scale_shape=None if two_bottoms else shape,
                     bias_shape=shape if sp.bias_term else None)
-        with torch.no_grad():
-            if layer.scale is not None:
-                layer.scale.copy_(fill(optional_filler(sp, "filler"), shape, ctx, default_value=1.0))
-            if layer.bias is not None:
-                layer.bias.copy_(fill(optional_filler(sp, "bias_filler"), shape, ctx))
+        if layer.scale is not None:
+            fill_parameter(layer.scale, optional_filler(sp, "filler"), ctx, default_value=1.0,
+                           holds=1.0)
+        if layer.bias is not None:
+            fill_parameter(layer.bias, optional_filler(sp, "bias_filler"), ctx, holds=0.0)
         return layer
 
     def forward(self, x, scale=None):

@@ -52,6 +52,16 @@ class Slice(CaffeLayer):
     def top_shares_bottom(self, top_index, num_bottoms):
         return self.num_tops == 1      # Caffe's Slice hands a single top the bottom's memory
 
+    def output_shapes(self, bottom_shapes):
+        shape = tuple(bottom_shapes[0])
+        size = shape[self.axis]
+        if self.slice_points:
+            bounds = (0, *self.slice_points, size)
+            sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            sizes = [size // self.num_tops] * self.num_tops
+        return [shape[:self.axis] + (s,) + shape[self.axis + 1:] for s in sizes]
+
     def forward(self, x):
         if self.num_tops == 1:
             return x

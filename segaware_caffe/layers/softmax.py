@@ -8,6 +8,7 @@ from ..params import canonical_axis
 @register_layer("Softmax")
 class Softmax(CaffeLayer):
     """y = exp(x - max) / sum exp(x - max) over `axis` (default 1); dx = y * (dy - sum(dy * y))."""
+    SAME_SHAPE = True
 
     def __init__(self, *, axis=1):
         super().__init__()

@@ -16,6 +16,9 @@ class Split(CaffeLayer):
     def from_proto(cls, layer_param, ctx):
         return cls(num_tops=len(ctx.top_names))
 
+    def output_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])] * self.num_tops
+
     def forward(self, x):
         # one top is one tensor: the builder wires a single-top layer's result to its top as is
         if self.num_tops == 1:

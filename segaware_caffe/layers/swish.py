@@ -27,6 +27,7 @@ class _SwishFunction(torch.autograd.Function):
 @register_layer("Swish")
 class Swish(CaffeLayer):
     """y = x * sigmoid(beta x) (beta default 1)."""
+    SAME_SHAPE = True
 
     def __init__(self, *, beta=1.0):
         super().__init__()

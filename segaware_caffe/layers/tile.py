@@ -22,6 +22,11 @@ class Tile(CaffeLayer):
         axis = canonical_axis(p.axis, len(ctx.bottom_shapes[0]), ctx, "tile_param.axis")
         return cls(axis=axis, tiles=int(p.tiles))
 
+    def output_shapes(self, bottom_shapes):
+        shape = list(bottom_shapes[0])
+        shape[self.axis] *= self.tiles
+        return [tuple(shape)]
+
     def forward(self, x):
         repeats = [1] * x.dim()
         repeats[self.axis] = self.tiles

@@ -1,0 +1,708 @@
+"""The test-phase inference graph: the net's fx graph rewritten for a forward without gradients.
+
+`Net.forward` runs it for a TEST-phase net while autograd is off (`torch.no_grad()` or
+`torch.inference_mode()`), unless the net was built with `inference=False`;
+`Net.graph_module(outputs, inference=True)` returns it. It is the exact graph
+(`Net.graph_module`) with these rewrites, each of which computes what the nodes it replaces
+compute, up to float32 rounding:
+
+1. Bookkeeping that only matters to autograd goes: `torch.detach`, `refuse_gradient` and
+   `track_grad` nodes, Split tops (views of their bottom) and TEST-phase Dropout (the identity)
+   are replaced by their input.
+2. A Convolution, Deconvolution or InnerProduct followed by a chain of layers that are fixed
+   per-channel affine maps -- BatchNorm with stored statistics (use_global_stats, no update),
+   Scale and Bias with learned per-channel or scalar blobs -- becomes one convolution whose
+   weights and bias have the chain folded in (in float64, then rounded once). The folded blobs
+   are recomputed when a source parameter changes (torch's version counter, its storage, or
+   `parameters_changed()`). A chain after any other producer becomes one multiply-add.
+3. MAX pooling computes no indices and, where torch's window rule gives Caffe's output size,
+   pads inside the kernel instead of writing a padded copy; AVE pooling is one avg_pool2d there;
+   PReLU and leaky ReLU are one-pass kernels; Eltwise SUM of unweighted bottoms is torch.add.
+4. ReLU, leaky ReLU and Eltwise SUM write into their bottom where that memory is a fresh result
+   nobody else reads (what Caffe's in-place tops do).
+5. 2-D convolutions run in channels_last memory (oneDNN's CPU kernels are several times faster
+   there for few channels, and no slower elsewhere), with the weights converted once; tensors
+   return to the standard layout before any node not known to accept channels_last, and before
+   the net's outputs.
+
+Everything else keeps the layer's own module, so side effects and layer-specific rules are
+untouched. The graph holds no autograd rules of its own: it is for forwards without gradients
+(the folded blobs are computed under torch.no_grad()).
+"""
+import copy
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .layers.batch_norm import BatchNorm
+from .layers.bias import Bias
+from .layers.concat import Concat
+from .layers.convolution import Convolution, Deconvolution
+from .layers.dropout import Dropout
+from .layers.eltwise import Eltwise
+from .layers.inner_product import InnerProduct
+from .layers.pooling import FLT_MAX, Pooling, _after
+from .layers.prelu import PReLU
+from .layers.relu import ReLU
+from .layers.scale import Scale
+from .layers.softmax import Softmax
+from .layers.split import Split
+
+__all__ = ["inference_graph", "parameters_changed", "CHANNELS_LAST"]
+
+# whether 2-D convolutions of the inference graph run in channels_last memory (see above)
+CHANNELS_LAST = True
+
+_GENERATION = [0]
+
+
+def parameters_changed():
+    """Say that parameters changed where torch's version counters cannot see it (writes through
+    `.data`, or storage shared with another net's parameters, as the solver's test nets do):
+    every inference graph recomputes its folded weights on its next call."""
+    _GENERATION[0] += 1
+
+
+def _stamp(tensors):
+    """What identifies the current values of `tensors`: version counters, storage, generation."""
+    return (_GENERATION[0],) + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+# ---------------------------------------------------------------------------- affine layers
+def _per_channel(tensor, channels):
+    """Whether a Scale/Bias blob broadcasts as one value per channel (axis 1) or as a scalar."""
+    return tensor.dim() == 0 or tuple(tensor.shape) == (channels,)
+
+
+def affine_layer(module, node, channels, ndim):
+    """Whether the layer of `node` is a fixed per-channel affine map y = x * a + b of its one
+    bottom (channels along axis 1 of an `ndim`-D blob)."""
+    if len(node.args) != 1 or ndim < 2:
+        return False
+    if isinstance(module, BatchNorm):
+        return (module.use_global_stats and not module.update_global_stats
+                and module.mean_sum.numel() == channels)
+    if isinstance(module, Scale):
+        if module.scale is None or (module.scale.dim() and module.axis != 1):
+            return False
+        return _per_channel(module.scale, channels) and \
+            (module.bias is None or _per_channel(module.bias, channels))
+    if isinstance(module, Bias):
+        return module.bias is not None and _per_channel(module.bias, channels) and \
+            (module.bias.dim() == 0 or module.axis == 1)
+    return False
+
+
+def affine_of(module, channels):
+    """(a, b), float64 of shape (channels,), with module(x) = x * a + b per channel."""
+    ones = torch.ones(channels, dtype=torch.float64, device=_device(module))
+    if isinstance(module, BatchNorm):
+        # the statistics as the layer computes them in float32, then the map in float64
+        stored = module.scale_factor.detach()[0]
+        factor = torch.where(stored == 0, torch.zeros_like(stored), 1 / stored)
+        mean = module.mean_sum.detach() * factor
+        divisor = torch.sqrt(module.variance_sum.detach() * factor + module.eps).double()
+        return 1 / divisor, -mean.double() / divisor
+    if isinstance(module, Scale):
+        a = ones * module.scale.detach().double()
+        b = ones * module.bias.detach().double() if module.bias is not None else ones * 0
+        return a, b
+    return ones, ones * module.bias.detach().double()
+
+
+def _device(module):
+    return next(module.parameters()).device
+
+
+def _chain_affine(chain, channels):
+    a = b = None
+    for module in chain:
+        ma, mb = affine_of(module, channels)
+        a, b = (ma, mb) if a is None else (a * ma, b * ma + mb)
+    return a, b
+
+
+def _affine_sources(chain):
+    return [t for module in chain for t in module.caffe_blobs()]
+
+
+# ---------------------------------------------------------------------------- modules
+class InferenceConvolution(nn.Module):
+    """A Convolution / Deconvolution / InnerProduct layer's computation with weights and bias
+    prepared once: the affine `chain` after it folded in, and a 2-D convolution's weights in
+    channels_last memory when `channels_last`. A 1x1 convolution without stride, padding or
+    groups is one matrix product over the pixels (torch's CPU convolution would copy a
+    channels_last input to run the same product). The layers stay the owners of the parameters
+    (they are not submodules), and the prepared blobs follow their values."""
+
+    def __init__(self, layer, chain=(), channels_last=False):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "chain", tuple(chain))
+        self.kind = type(layer).__name__
+        self.pointwise = isinstance(layer, Convolution) and layer.group == 1 and (
+            layer.bottom_is_im2col or (layer.kernel == (1, 1) and layer.stride == (1, 1)
+                                       and layer.pad == (0, 0)))
+        self.set_channels_last(channels_last)
+
+    def set_channels_last(self, channels_last):
+        conv = isinstance(self.layer, Convolution)
+        self.channels_last = channels_last and conv
+        # the layer's own blobs serve as they are (no copy to keep up to date)
+        self._direct = not self.chain and not self.channels_last and not self.pointwise and \
+            not (conv and self.layer.bottom_is_im2col)
+        self._stamp = None
+        self._blobs = None
+
+    def _sources(self):
+        return list(self.layer.caffe_blobs()) + _affine_sources(self.chain)
+
+    @torch.no_grad()
+    def _prepare(self):
+        layer = self.layer
+        weight, bias = layer.weight, layer.bias
+        if isinstance(layer, InnerProduct) and layer.transpose:
+            weight = weight.t()
+        if self.chain:
+            a, b = _chain_affine(self.chain, layer.num_output)
+            w = weight.double()
+            if isinstance(layer, Deconvolution):
+                group, shape = layer.group, w.shape
+                w = (w.reshape(group, shape[0] // group, shape[1], *shape[2:])
+                     * a.reshape(group, 1, shape[1], 1, 1)).reshape(shape)
+            else:
+                w = w * a.reshape(-1, *[1] * (w.dim() - 1))
+            bias = b if bias is None else bias.double() * a + b
+            weight, bias = w.to(layer.weight.dtype), bias.to(layer.weight.dtype)
+        if self.pointwise:
+            return weight.reshape(layer.num_output, -1).t(), bias     # (C, O)
+        if isinstance(layer, Convolution) and layer.bottom_is_im2col:
+            weight = weight.reshape(layer.num_output, -1, 1, 1)
+        if self.channels_last:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return weight, bias
+
+    def blobs(self):
+        if self._direct:
+            layer = self.layer
+            weight = layer.weight.t() if isinstance(layer, InnerProduct) and layer.transpose \
+                else layer.weight
+            return weight, layer.bias
+        stamp = _stamp(self._sources())
+        if stamp != self._stamp:
+            self._blobs = self._prepare()
+            self._stamp = stamp
+        return self._blobs
+
+    def forward(self, x):
+        weight, bias = self.blobs()
+        layer = self.layer
+        if isinstance(layer, InnerProduct):
+            lead = x.shape[:layer.axis]
+            y = F.linear(x.reshape(-1, weight.shape[1]), weight, bias)
+            return y.reshape(*lead, weight.shape[0])
+        if self.pointwise:
+            return _pointwise(x, weight, bias, self.channels_last)
+        # torch's convolution gives its top the layout of its input: choose it here
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else \
+            x.contiguous()
+        if isinstance(layer, Deconvolution):
+            return F.conv_transpose2d(x, weight, bias, layer.stride, layer.pad, 0, layer.group,
+                                      layer.dilation)
+        return F.conv2d(x, weight, bias, layer.stride, layer.pad, layer.dilation, layer.group)
+
+    def extra_repr(self):
+        folded = ", ".join(type(m).__name__ for m in self.chain)
+        return (f"{self.kind}" + (f", folded: {folded}" if folded else "")
+                + (", pointwise" if self.pointwise else "")
+                + (", channels_last" if self.channels_last else ""))
+
+
+def _pointwise(x, weight_t, bias, channels_last):
+    """A 1x1 convolution as a product: (N, C, H, W) x (C, O) -> (N, O, H, W). In channels_last
+    memory the pixels' channel vectors are the rows of one matrix; a product with few outputs
+    (a detection head) is faster as W . rows^T, which gives an image in the standard layout."""
+    num, channels, height, width = x.shape
+    if channels_last:
+        rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        rows = rows.reshape(-1, channels)
+        if num == 1 and weight_t.shape[1] < 16:
+            weight = weight_t.t()
+            y = torch.mm(weight, rows.t()) if bias is None else \
+                torch.addmm(bias.view(-1, 1), weight, rows.t())
+            return y.view(1, -1, height, width)
+        y = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
+        return y.view(num, height, width, -1).permute(0, 3, 1, 2)
+    columns = x.reshape(num, channels, height * width)
+    y = torch.matmul(weight_t.t(), columns)
+    if bias is not None:
+        y += bias.view(1, -1, 1)
+    return y.view(num, -1, height, width)
+
+
+class ChannelAffine(nn.Module):
+    """A chain of fixed per-channel affine layers (BatchNorm with stored statistics, Scale,
+    Bias) as one pass: y = b + x * a."""
+
+    def __init__(self, chain, channels):
+        super().__init__()
+        object.__setattr__(self, "chain", tuple(chain))
+        self.channels = channels
+        self._stamp = None
+        self._blobs = None
+
+    def forward(self, x):
+        stamp = _stamp(_affine_sources(self.chain))
+        if stamp != self._stamp:
+            with torch.no_grad():
+                a, b = _chain_affine(self.chain, self.channels)
+                self._blobs = a.to(x.dtype), b.to(x.dtype)
+            self._stamp = stamp
+        a, b = self._blobs
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(b.reshape(shape), x, a.reshape(shape))
+
+    def extra_repr(self):
+        return ", ".join(type(m).__name__ for m in self.chain)
+
+
+class InferencePooling(nn.Module):
+    """MAX pooling without indices, or AVE pooling, with Caffe's windows (layers/pooling.py).
+
+    MAX: the maximum of the window's taps taken as strided views of the input, each clipped to
+    the image, into a top that starts at -FLT_MAX as Caffe's does (an empty window stays there);
+    with `relu` or `prelu` (monotone maps whose slopes are >= 0, which commute with a maximum)
+    the activation that came before the pooling runs on the smaller top instead. Large kernels
+    use torch's max_pool2d over a copy padded to the windows' extent. AVE: torch's avg_pool2d
+    where its padding and ceil rule give Caffe's windows, else the layer's own code."""
+    MAX_TAPS = 16
+
+    def __init__(self, layer, activation=None):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "activation", activation)
+        self.method = layer.method
+
+    def forward(self, x):
+        layer, activation = self.layer, self.activation
+        if activation is not None and not self._commutes(x):
+            x = _activation(activation, x)       # it no longer commutes: apply it first
+            activation = None
+        top = self._pool(layer, x)
+        return top if activation is None else _activation(activation, top, in_place=True)
+
+    def _commutes(self, x):
+        """Whether the activation may run after the pooling: it is monotone (slopes >= 0) and
+        no window is empty (an empty window's -FLT_MAX would go through it)."""
+        activation = self.activation
+        if isinstance(activation, PReLU):
+            if bool((activation.slope < 0).any()):
+                return False
+        elif activation.negative_slope < 0:
+            return False
+        layer = self.layer
+        if layer.global_pooling:
+            return True
+        out = layer.output_spatial_size(*x.shape[-2:])
+        return all((o - 1) * s - p < size for o, s, p, size in
+                   zip(out, layer.stride, layer.pad, x.shape[-2:]))
+
+    def _pool(self, layer, x):
+        height, width = x.shape[-2:]
+        if layer.global_pooling:
+            return x.amax((-2, -1), keepdim=True) if self.method == "MAX" else \
+                x.mean((-2, -1), keepdim=True)
+        kernel, pad, stride = layer.kernel, layer.pad, layer.stride
+        out = layer.output_spatial_size(height, width)
+        if self.method == "MAX" and kernel[0] * kernel[1] <= self.MAX_TAPS:
+            return tap_max_pool(x, kernel, pad, stride, out)
+        if all(p <= k // 2 for p, k in zip(pad, kernel)):
+            for ceil in (True, False):
+                if _torch_pooled(height, width, kernel, pad, stride, ceil) == out:
+                    if self.method == "MAX":
+                        return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil)
+                    return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil,
+                                        count_include_pad=True)
+        if self.method == "MAX":
+            borders = (pad[1], _after(out[1], width, kernel[1], pad[1], stride[1]),
+                       pad[0], _after(out[0], height, kernel[0], pad[0], stride[0]))
+            return F.max_pool2d(F.pad(x, borders, value=-FLT_MAX), kernel, stride)
+        return layer(x)
+
+    def extra_repr(self):
+        after = f", then {type(self.activation).__name__}" if self.activation is not None else ""
+        return self.method + after
+
+
+def _tap_range(out, size, pad, stride, tap):
+    """Output positions [lo, hi) whose window's tap `tap` falls inside [0, size), and the input
+    position of the first."""
+    lo = max(0, -((tap - pad) // stride))            # ceil((pad - tap) / stride)
+    hi = min(out, (size - 1 + pad - tap) // stride + 1)
+    return lo, hi, lo * stride - pad + tap
+
+
+def tap_max_pool(x, kernel, pad, stride, out_hw):
+    """Caffe's MAX pooling of (N, C, H, W) as a running maximum over the kernel's taps."""
+    (kh, kw), (ph, pw), (sh, sw), (out_h, out_w) = kernel, pad, stride, out_hw
+    height, width = x.shape[-2:]
+    layout = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
+                                     and x.is_contiguous(memory_format=torch.channels_last)) \
+        else torch.contiguous_format
+    top = torch.empty((*x.shape[:-2], out_h, out_w), dtype=x.dtype, device=x.device,
+                      memory_format=layout)
+    first = True
+    for i in range(kh):
+        rlo, rhi, r0 = _tap_range(out_h, height, ph, sh, i)
+        if rlo >= rhi:
+            continue
+        for j in range(kw):
+            clo, chi, c0 = _tap_range(out_w, width, pw, sw, j)
+            if clo >= chi:
+                continue
+            source = x[..., r0:r0 + (rhi - rlo - 1) * sh + 1:sh, c0:c0 + (chi - clo - 1) * sw + 1:sw]
+            if first and (rlo, rhi, clo, chi) == (0, out_h, 0, out_w):
+                top.copy_(source)
+            else:
+                if first:
+                    top.fill_(-FLT_MAX)
+                target = top[..., rlo:rhi, clo:chi]
+                torch.maximum(target, source, out=target)
+            first = False
+    if first:
+        top.fill_(-FLT_MAX)
+    return top
+
+
+def _torch_pooled(height, width, kernel, pad, stride, ceil):
+    """torch's pooled size (max_pool2d / avg_pool2d with `padding=pad`, `ceil_mode=ceil`)."""
+    sizes = []
+    for size, k, p, s in zip((height, width), kernel, pad, stride):
+        span = size + 2 * p - k
+        out = (-(-span // s) if ceil else span // s) + 1
+        if ceil and (out - 1) * s >= size + p:
+            out -= 1
+        sizes.append(out)
+    return tuple(sizes)
+
+
+def prelu(x, slope):
+    """PReLU as torch's one-pass kernel (a shared slope is a 0-axis blob)."""
+    return F.prelu(x, slope.reshape(1) if slope.dim() == 0 else slope)
+
+
+def _activation(layer, x, in_place=False):
+    """A ReLU or PReLU layer's map applied to x (in place when allowed)."""
+    if isinstance(layer, PReLU):
+        return prelu(x, layer.slope)
+    if layer.negative_slope == 0:
+        return torch.relu_(x) if in_place else torch.relu(x)
+    return F.leaky_relu(x, layer.negative_slope, inplace=in_place)
+
+
+class InferencePReLU(nn.Module):
+    """PReLU as torch's one-pass kernel, with the layer's slope."""
+
+    def __init__(self, layer):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+
+    def forward(self, x):
+        return prelu(x, self.layer.slope)
+
+
+def channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def standard_layout(x):
+    return x.contiguous() if isinstance(x, torch.Tensor) else x
+
+
+def _leaky_relu_(x, slope):
+    return F.leaky_relu(x, slope, inplace=True)
+
+
+def _add_(a, b):
+    return a.add_(b)
+
+
+# ---------------------------------------------------------------------------- the rewrite
+class _Rewriter:
+    def __init__(self, net, exact, use_channels_last):
+        self.net = net
+        self.class_name = type(exact).__name__ + "Inference"
+        self.graph = copy.deepcopy(exact.graph)
+        self.modules = {}          # qualified name -> module of the new GraphModule
+        self.channels_last = use_channels_last
+        self._taken = set()
+
+    # ----------------------------------------------------------------- helpers
+    def module_of(self, node):
+        """The net's layer module a node calls (None for other nodes and for new modules)."""
+        if node.op != "call_module" or node.target in self.modules:
+            return None
+        return self.net.get_submodule(node.target)
+
+    def blob_shape(self, node):
+        blob = node.meta.get("blob")
+        return self.net.blob_shapes.get(blob) if blob is not None else None
+
+    def add_module(self, base, module):
+        key = f"inference.{base}"
+        i = 1
+        while key in self._taken:
+            i += 1
+            key = f"inference.{base}_{i}"
+        self._taken.add(key)
+        self.modules[key] = module
+        return key
+
+    def replace(self, node, op, target, args, module=None):
+        """A new node computing `node`'s value; `node` goes."""
+        with self.graph.inserting_before(node):
+            if op == "call_module":
+                new = self.graph.call_module(self.add_module(node.target.split(".")[-1], module),
+                                             tuple(args))
+            else:
+                new = self.graph.call_function(target, tuple(args))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        return new
+
+    def bypass(self, node, value):
+        node.replace_all_uses_with(value)
+        self.graph.erase_node(node)
+
+    # ----------------------------------------------------------------- passes
+    def strip_bookkeeping(self):
+        from .net import refuse_gradient, track_grad
+        for node in list(self.graph.nodes):
+            if node.op == "call_function" and node.target in (torch.detach, refuse_gradient,
+                                                              track_grad):
+                self.bypass(node, node.args[0])
+        for node in list(self.graph.nodes):
+            module = self.module_of(node)
+            if isinstance(module, Dropout) and not module.train_phase:
+                self.bypass(node, node.args[0])
+            elif isinstance(module, Split):
+                for user in list(node.users):
+                    if user.op == "call_function" and user.target is operator.getitem:
+                        self.bypass(user, node.args[0])
+                if node.users and module.num_tops == 1:
+                    node.replace_all_uses_with(node.args[0])
+                if not node.users:
+                    self.graph.erase_node(node)
+
+    def _affine_chain(self, node, channels, ndim):
+        chain, last = [], node
+        while len(last.users) == 1:
+            user = next(iter(last.users))
+            module = self.module_of(user)
+            if module is None or user.args != (last,) or \
+                    not affine_layer(module, user, channels, ndim):
+                break
+            chain.append((user, module))
+            last = user
+        return chain
+
+    def fold(self):
+        erased = set()
+        for node in list(self.graph.nodes):
+            if node in erased or node.op != "call_module":
+                continue
+            module = self.module_of(node)
+            shape = self.blob_shape(node)
+            if shape is None or len(node.args) != 1:
+                continue
+            if self._foldable_producer(module, shape):
+                chain = self._affine_chain(node, shape[1], len(shape))
+                op = InferenceConvolution(module, [m for _, m in chain],
+                                          channels_last=self.channels_last)
+                erased.update(self._collapse(node, chain, op))
+            elif isinstance(module, (BatchNorm, Scale, Bias)) and len(shape) >= 2 and \
+                    affine_layer(module, node, shape[1], len(shape)):
+                chain = [(node, module)] + self._affine_chain(node, shape[1], len(shape))
+                # the chain's first layer keeps the place of the new node
+                head, rest = chain[0][0], chain[1:]
+                op = ChannelAffine([m for _, m in chain], shape[1])
+                erased.update(self._collapse(head, rest, op))
+
+    @staticmethod
+    def _foldable_producer(module, shape):
+        if isinstance(module, Convolution):
+            return module.channel_axis == 1 and len(shape) == 4
+        if isinstance(module, Deconvolution):
+            return module.channel_axis == 1 and len(shape) == 4
+        if isinstance(module, InnerProduct):
+            return module.axis == 1 and len(shape) == 2
+        return False
+
+    def _collapse(self, head, chain, op):
+        last = chain[-1][0] if chain else head
+        with self.graph.inserting_before(head):
+            new = self.graph.call_module(self.add_module(head.target.split(".")[-1], op),
+                                         head.args)
+        new.meta.update(head.meta)
+        new.meta["blob"] = last.meta.get("blob")
+        last.replace_all_uses_with(new)
+        gone = [node for node, _ in reversed(chain)] + [head]
+        for node in gone:
+            self.graph.erase_node(node)
+        return gone
+
+    def commute_activations(self):
+        """ReLU / PReLU read only by a MAX pooling: pool first, then the activation on the
+        (smaller) pooled top (InferencePooling checks at each call that this is exact)."""
+        for node in list(self.graph.nodes):
+            pool = self.module_of(node)
+            if not (isinstance(pool, Pooling) and pool.method == "MAX" and not pool.mask_top
+                    and len(node.args) == 1 and isinstance(node.args[0], fx.Node)):
+                continue
+            source = node.args[0]
+            activation = self.module_of(source)
+            if isinstance(activation, (ReLU, PReLU)) and len(source.users) == 1 and \
+                    len(source.args) == 1:
+                new = self.replace(node, "call_module", None, source.args,
+                                   InferencePooling(pool, activation))
+                new.meta["blob"] = node.meta.get("blob")
+                self.graph.erase_node(source)
+
+    def simplify_layers(self):
+        for node in list(self.graph.nodes):
+            module = self.module_of(node)
+            if module is None:
+                continue
+            if isinstance(module, Pooling) and module.method in ("MAX", "AVE") \
+                    and not module.mask_top:
+                self.replace(node, "call_module", None, node.args, InferencePooling(module))
+            elif isinstance(module, PReLU):
+                self.replace(node, "call_module", None, node.args, InferencePReLU(module))
+            elif isinstance(module, ReLU):
+                if module.negative_slope == 0:
+                    self.replace(node, "call_function", torch.relu, node.args)
+                else:
+                    self.replace(node, "call_function", F.leaky_relu,
+                                 (node.args[0], module.negative_slope))
+            elif isinstance(module, Eltwise) and module.operation == "SUM" and \
+                    not module.coeffs and len(node.args) == 2:
+                self.replace(node, "call_function", torch.add, node.args)
+            elif isinstance(module, (Convolution, Deconvolution, InnerProduct)) and \
+                    len(node.args) == 1 and self._foldable_producer(module, self.blob_shape(node) or ()):
+                self.replace(node, "call_module", None, node.args,
+                             InferenceConvolution(module, channels_last=self.channels_last))
+
+    def _fresh(self, node):
+        """Whether `node`'s value is memory it allocated, read by one node only."""
+        if len(node.users) != 1:
+            return False
+        if node.op == "call_module" and node.target.startswith("inference."):
+            return isinstance(self.modules[node.target], (InferenceConvolution, ChannelAffine,
+                                                          InferencePooling))
+        return node.op == "call_function" and node.target is torch.add
+
+    def in_place(self):
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or not node.args or \
+                    not isinstance(node.args[0], fx.Node) or not self._fresh(node.args[0]):
+                continue
+            if node.target is torch.relu:
+                self.replace(node, "call_function", torch.relu_, node.args)
+            elif node.target is F.leaky_relu:
+                self.replace(node, "call_function", _leaky_relu_, node.args)
+            elif node.target is torch.add:
+                self.replace(node, "call_function", _add_, node.args)
+
+    # nodes that compute the right values whatever the memory layout of their tensor inputs
+    _LAYOUT_FREE_FUNCTIONS = (torch.relu, torch.relu_, F.leaky_relu, _leaky_relu_, torch.add,
+                              _add_)
+    _LAYOUT_FREE_MODULES = (InferenceConvolution, ChannelAffine, InferencePooling, InferencePReLU)
+    _LAYOUT_FREE_LAYERS = (Eltwise, Concat, Softmax)
+
+    def _layout_free(self, node):
+        if node.op == "call_function":
+            return node.target in self._LAYOUT_FREE_FUNCTIONS
+        if node.op == "call_module":
+            if node.target.startswith("inference."):
+                return isinstance(self.modules[node.target], self._LAYOUT_FREE_MODULES)
+            return isinstance(self.module_of(node), self._LAYOUT_FREE_LAYERS)
+        return False
+
+    # a convolution with at most this many inputs per output (C/group x kh x kw) runs in
+    # channels_last memory even when its top must be converted back for a reader: oneDNN's
+    # reorders to and from the standard layout cost most next to little work per pixel
+    # (MTCNN's 3- to 32-channel layers: 1.5-2x faster); above it, only when no conversion follows
+    # (vgg's 64- to 1024-channel layers before Im2dist and the fused convolutions: slower)
+    SMALL_FAN_IN = 576
+
+    def _conv_nodes(self):
+        return [n for n in self.graph.nodes if n.op == "call_module" and n.target in self.modules
+                and isinstance(self.modules[n.target], InferenceConvolution)]
+
+    def _needs_standard(self, node):
+        """Whether `node`'s value reaches, through layout-free nodes, a reader that needs the
+        standard layout (a convolution reader takes any layout)."""
+        seen, stack = set(), [node]
+        while stack:
+            for user in stack.pop().users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.op == "call_module" and user.target in self.modules and \
+                        isinstance(self.modules[user.target], InferenceConvolution):
+                    continue
+                if not self._layout_free(user):
+                    return True
+                stack.append(user)
+        return False
+
+    def layouts(self):
+        """Choose channels_last per convolution, mark what may be channels_last, and give every
+        other reader the standard layout."""
+        for node in self._conv_nodes():
+            op = self.modules[node.target]
+            small = op.layer.weight[0].numel() <= self.SMALL_FAN_IN and not op.pointwise
+            op.set_channels_last(self.channels_last and (small or not self._needs_standard(node)))
+        maybe, standard = set(), {}
+        for node in list(self.graph.nodes):
+            if node.op == "call_module" and node.target in self.modules and \
+                    isinstance(self.modules[node.target], InferenceConvolution):
+                if self.modules[node.target].channels_last:
+                    maybe.add(node)
+                continue        # it takes any layout and chooses its top's
+            inputs = [a for a in node.all_input_nodes if a in maybe]
+            if not inputs:
+                continue
+            if self._layout_free(node):
+                maybe.add(node)
+                continue
+            for a in inputs:
+                if a not in standard:
+                    with self.graph.inserting_after(a):
+                        standard[a] = self.graph.call_function(standard_layout, (a,))
+                        standard[a].meta.update(blob=a.meta.get("blob"))
+                node.replace_input_with(a, standard[a])
+
+    def build(self):
+        self.strip_bookkeeping()
+        self.fold()
+        self.commute_activations()
+        self.simplify_layers()
+        self.in_place()
+        self.layouts()
+        self.graph.lint()
+        root = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module" and node.target not in self.modules:
+                root[node.target] = self.net.get_submodule(node.target)
+        root.update(self.modules)
+        return fx.GraphModule(root, self.graph, class_name=self.class_name)
+
+
+def inference_graph(net, exact, channels_last=None):
+    """The inference GraphModule of `exact` (a GraphModule of `net.graph_module`)."""
+    use = CHANNELS_LAST if channels_last is None else channels_last
+    return _Rewriter(net, exact, use).build()

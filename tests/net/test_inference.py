@@ -1,0 +1,424 @@
+"""The inference graph (segaware_caffe/inference.py) against the exact graph of the same net:
+folded BatchNorm/Scale/Bias at many convolution, deconvolution and inner-product settings,
+standalone affine chains, pooling with and without an activation moved behind it, in-place
+rewrites where memory is shared, parameter changes after the first call, and when it is used.
+
+Float64 nets compare at 1e-10 (the rewrites compute the same function, only rounding differs);
+float32 nets with the golden tolerance."""
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import segaware_caffe as sc
+from segaware_caffe import inference
+from segaware_caffe.layers.pooling import Pooling
+from segaware_caffe.layers.prelu import PReLU
+from segaware_caffe.layers.relu import ReLU
+from tests.tolerances import assert_close
+
+
+def _randomize(net, seed=0):
+    """Random parameters of plausible size: BatchNorm statistics with a stored factor other than
+    1 (or 0), positive variances; Scale near 1; PReLU slopes of both signs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for r in net.records:
+            blobs = r.module.caffe_blobs()
+            if r.type == "BatchNorm":
+                factor = float(torch.empty(()).uniform_(0.5, 2.0, generator=g))
+                blobs[0].copy_(torch.randn(blobs[0].shape, generator=g) * factor)
+                blobs[1].copy_(torch.rand(blobs[1].shape, generator=g).add(0.5) * factor)
+                blobs[2].fill_(factor)
+            elif r.type == "PReLU":
+                blobs[0].copy_(torch.rand(blobs[0].shape, generator=g) - 0.3)
+            else:
+                for b in blobs:
+                    if b.is_floating_point():
+                        b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.5 + 0.2)
+
+
+def _inputs(net, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(net.parameters()).dtype if len(list(net.parameters())) else torch.float32
+    return {k: torch.randn(s, generator=g, dtype=dtype) for k, s in net.input_shapes.items()}
+
+
+def _both(net, inputs, outputs=None):
+    """(inference, exact) results of the same net and inputs."""
+    with torch.no_grad():
+        assert net.uses_inference_graph()
+        fast = net.forward(outputs=outputs, **inputs)
+        exact = net.graph_module(outputs)(*net.feed(inputs))
+    return fast, exact
+
+
+def _check(net, inputs, outputs=None, float64=False):
+    fast, exact = _both(net, inputs, outputs)
+    assert set(fast) == set(exact)
+    for name in exact:
+        assert fast[name].shape == exact[name].shape, name
+        assert fast[name].is_contiguous(), f"{name}: outputs come in the standard layout"
+        if float64:
+            np.testing.assert_allclose(fast[name].numpy(), exact[name].numpy(), rtol=1e-10,
+                                       atol=1e-10 * float(exact[name].abs().max()), err_msg=name)
+        else:
+            assert_close(fast[name], exact[name], f"inference {name}")
+
+
+def _layers_called(net, outputs=None):
+    """Caffe layer types the inference graph still calls as the net's own modules."""
+    gm = net.graph_module(outputs, inference=True)
+    return [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes
+            if n.op == "call_module" and n.target.startswith("layers.")]
+
+
+def _net(body, shape, dtype=torch.float64, seed=0, **kwargs):
+    dims = " ".join(f"dim: {d}" for d in shape)
+    net = sc.Net(f'name: "t" input: "data" input_shape {{ {dims} }}\n{body}', dtype=dtype, **kwargs)
+    _randomize(net, seed)
+    return net
+
+
+BN_SCALE = """
+layer { name: "bn" type: "BatchNorm" bottom: "y" top: "y" batch_norm_param { eps: 0.001 } }
+layer { name: "sc" type: "Scale" bottom: "y" top: "y" scale_param { bias_term: true } }
+"""
+
+CONVS = [  # kernel, stride, pad, dilation, group, bias_term, num_output
+    (3, 1, 1, 1, 1, True, 6), (1, 1, 0, 1, 1, True, 5), (1, 1, 0, 1, 1, False, 20),
+    (3, 2, 0, 1, 1, True, 4), (5, 3, 2, 1, 2, False, 6), (3, 1, 2, 2, 1, True, 3),
+    (1, 2, 0, 1, 1, True, 4), (2, 1, 1, 1, 2, True, 4),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,pad,dilation,group,bias,num", CONVS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_convolution_with_batchnorm_and_scale_folds(kernel, stride, pad, dilation, group, bias,
+                                                    num, batch):
+    body = f"""
+    layer {{ name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {{
+      num_output: {num} kernel_size: {kernel} stride: {stride} pad: {pad} dilation: {dilation}
+      group: {group} bias_term: {str(bias).lower()} }} }}
+    """ + BN_SCALE + 'layer { name: "relu" type: "ReLU" bottom: "y" top: "y" }'
+    net = _net(body, (batch, 4, 11, 9))
+    _check(net, _inputs(net), float64=True)
+    assert _layers_called(net) == []             # conv + BatchNorm + Scale + ReLU: one module
+    net32 = _net(body, (batch, 4, 11, 9), dtype=torch.float32)
+    _check(net32, _inputs(net32))
+
+
+def test_deconvolution_and_inner_product_fold():
+    body = """
+    layer { name: "up" type: "Deconvolution" bottom: "data" top: "y" convolution_param {
+      num_output: 6 kernel_size: 4 stride: 2 pad: 1 group: 2 } }
+    layer { name: "bn" type: "BatchNorm" bottom: "y" top: "y" }
+    layer { name: "b" type: "Bias" bottom: "y" top: "y" }
+    layer { name: "ip" type: "InnerProduct" bottom: "y" top: "z" inner_product_param {
+      num_output: 5 transpose: true } }
+    layer { name: "bn2" type: "BatchNorm" bottom: "z" top: "z" }
+    layer { name: "sc2" type: "Scale" bottom: "z" top: "z" }
+    """
+    net = _net(body, (2, 4, 5, 3))
+    _check(net, _inputs(net), float64=True)
+    assert _layers_called(net) == []
+
+
+def test_im2col_convolution_folds():
+    body = """
+    layer { name: "cols" type: "Im2col" bottom: "data" top: "cols" convolution_param {
+      kernel_size: 3 pad: 1 } }
+    layer { name: "conv" type: "Convolution" bottom: "cols" top: "y" convolution_param {
+      num_output: 4 kernel_size: 3 bottom_is_im2col: true } }
+    """ + BN_SCALE
+    net = _net(body, (2, 3, 6, 7))
+    _check(net, _inputs(net), float64=True)
+    assert _layers_called(net) == ["Im2col"]
+
+
+def test_standalone_affine_chains_are_one_pass():
+    body = """
+    layer { name: "bn0" type: "BatchNorm" bottom: "data" top: "a" }
+    layer { name: "sc0" type: "Scale" bottom: "a" top: "a" scale_param { bias_term: true } }
+    layer { name: "conv" type: "Convolution" bottom: "a" top: "c" convolution_param {
+      num_output: 3 kernel_size: 1 } }
+    layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "c" top: "s" }
+    layer { name: "bn1" type: "BatchNorm" bottom: "s" top: "s" }
+    layer { name: "scalar" type: "Scale" bottom: "s" top: "s" scale_param { num_axes: 0 } }
+    layer { name: "bias" type: "Bias" bottom: "s" top: "s" }
+    """
+    net = _net(body, (2, 3, 5, 4))
+    _check(net, _inputs(net), float64=True)
+    gm = net.graph_module(inference=True)
+    affines = [m for m in gm.modules() if isinstance(m, inference.ChannelAffine)]
+    assert [len(m.chain) for m in affines] == [2, 3]
+
+
+def test_layers_that_do_not_fold_stay():
+    body = """
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {
+      num_output: 4 kernel_size: 3 } }
+    layer { name: "bn" type: "BatchNorm" bottom: "y" top: "y"
+            batch_norm_param { use_global_stats: false } }
+    layer { name: "sc" type: "Scale" bottom: "y" top: "y" scale_param { axis: 2 num_axes: 2 } }
+    layer { name: "sc2" type: "Scale" bottom: "y" bottom: "y" top: "z" scale_param { axis: 0 } }
+    """
+    net, twin = _net(body, (2, 3, 7, 6)), _net(body, (2, 3, 7, 6))
+    inputs = _inputs(net)
+    # BatchNorm without stored statistics keeps state (its divisor): each net runs once
+    with torch.no_grad():
+        fast = net.forward(**inputs)["z"]
+        exact = twin.graph_module()(*twin.feed(inputs))["z"]
+    np.testing.assert_allclose(fast.numpy(), exact.numpy(), rtol=1e-10)
+    assert _layers_called(net) == ["BatchNorm", "Scale", "Scale"]
+
+
+def test_asked_intermediates_keep_their_values():
+    body = """
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {
+      num_output: 4 kernel_size: 3 } }
+    """ + BN_SCALE + """
+    layer { name: "relu" type: "ReLU" bottom: "y" top: "y" }
+    layer { name: "pool" type: "Pooling" bottom: "y" top: "p" pooling_param {
+      pool: MAX kernel_size: 2 stride: 2 } }
+    """
+    net = _net(body, (2, 3, 9, 8))
+    inputs = _inputs(net)
+    outputs = ["y@conv", "y@bn", "y@sc", "y", "p"]
+    _check(net, inputs, outputs, float64=True)
+    fast, _ = _both(net, inputs, outputs)
+    assert not torch.equal(fast["y@conv"], fast["y@bn"])
+    assert (fast["y"] >= 0).all() and (fast["y@sc"] < 0).any()
+
+
+def test_in_place_rewrites_respect_shared_memory():
+    # conv's top goes to a ReLU (in place in Caffe) and, through a Split, to an Eltwise: the
+    # ReLU must not write into memory the sum still reads; the sum's first bottom is fresh
+    body = """
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {
+      num_output: 3 kernel_size: 1 } }
+    layer { name: "relu" type: "ReLU" bottom: "y" top: "r" }
+    layer { name: "sum" type: "Eltwise" bottom: "y" bottom: "r" top: "s" }
+    layer { name: "relu2" type: "ReLU" bottom: "s" top: "s" relu_param { negative_slope: 0.1 } }
+    layer { name: "sum2" type: "Eltwise" bottom: "s" bottom: "data" top: "t" }
+    """
+    net = _net(body, (2, 3, 4, 5))
+    inputs = _inputs(net)
+    kept = {k: v.clone() for k, v in inputs.items()}
+    _check(net, inputs, float64=True)
+    _check(net, inputs, ["r", "s", "t"], float64=True)
+    assert all(torch.equal(inputs[k], kept[k]) for k in inputs)      # inputs never written
+
+
+def _pool_cases(count, seed=0):
+    rnd = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        kernel = (rnd.randint(1, 5), rnd.randint(1, 5))
+        pad = (rnd.randint(0, kernel[0] - 1), rnd.randint(0, kernel[1] - 1))
+        stride = (rnd.randint(1, 4), rnd.randint(1, 4))
+        size = (rnd.randint(kernel[0], 12), rnd.randint(kernel[1], 12))
+        layer = Pooling(method=rnd.choice(["MAX", "AVE"]), kernel=kernel, pad=pad, stride=stride,
+                        round_mode=rnd.choice([0, 1]))
+        if min(layer.output_spatial_size(*size)) > 0:
+            cases.append((layer, size, rnd.random() < 0.5, rnd.randrange(5)))
+    return cases
+
+
+def test_pooling_matches_the_layer_everywhere():
+    """Caffe's windows at random kernel/pad/stride/rounding, empty windows (kernel < stride)
+    included, in both memory layouts, with a ReLU / leaky ReLU / PReLU moved behind the pooling
+    (slopes of both signs: a negative one must not commute)."""
+    for layer, size, channels_last, act in _pool_cases(400):
+        x = torch.randn(2, 3, *size, dtype=torch.float64)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        activation = [None, ReLU(), ReLU(negative_slope=0.2), ReLU(negative_slope=-0.5),
+                      PReLU(channels=3)][act]
+        if isinstance(activation, PReLU):
+            activation = activation.double()
+            with torch.no_grad():
+                activation.slope.copy_(torch.tensor([0.25, -0.5, 0.0]))
+        if layer.method == "AVE":
+            activation = None
+        with torch.no_grad():
+            ref = layer(activation(x) if activation is not None else x)
+            got = inference.InferencePooling(layer, activation)(x)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, equal_nan=True,
+                                   msg=lambda m: f"{layer.extra_repr()} {size} {activation}: {m}")
+
+
+def test_global_pooling_and_activation_behind_pooling_in_a_net():
+    body = """
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {
+      num_output: 4 kernel_size: 3 } }
+    layer { name: "prelu" type: "PReLU" bottom: "y" top: "y" }
+    layer { name: "pool" type: "Pooling" bottom: "y" top: "p" pooling_param {
+      pool: MAX kernel_size: 3 stride: 2 } }
+    layer { name: "relu" type: "ReLU" bottom: "p" top: "p" }
+    layer { name: "gmax" type: "Pooling" bottom: "p" top: "g" pooling_param {
+      pool: MAX global_pooling: true } }
+    layer { name: "gave" type: "Pooling" bottom: "y" top: "a" pooling_param {
+      pool: AVE global_pooling: true } }
+    """
+    net = _net(body, (3, 2, 12, 11))
+    _check(net, _inputs(net), float64=True)
+    gm = net.graph_module(inference=True)
+    moved = [m for m in gm.modules() if isinstance(m, inference.InferencePooling)
+             and m.activation is not None]
+    assert [type(m.activation).__name__ for m in moved] == ["ReLU"]   # PReLU's top is read twice
+
+
+@pytest.mark.parametrize("layout", [True, False])
+def test_pointwise_convolution_heads(layout, monkeypatch):
+    monkeypatch.setattr(inference, "CHANNELS_LAST", layout)
+    body = """
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {
+      num_output: 20 kernel_size: 3 } }
+    layer { name: "prelu" type: "PReLU" bottom: "y" top: "y" }
+    layer { name: "head1" type: "Convolution" bottom: "y" top: "h1" convolution_param {
+      num_output: 2 kernel_size: 1 } }
+    layer { name: "head2" type: "Convolution" bottom: "y" top: "h2" convolution_param {
+      num_output: 17 kernel_size: 1 } }
+    layer { name: "prob" type: "Softmax" bottom: "h1" top: "prob" }
+    """
+    for batch in (1, 2):
+        net = _net(body, (batch, 3, 9, 7))
+        _check(net, _inputs(net), float64=True)
+        net32 = _net(body, (batch, 3, 9, 7), dtype=torch.float32)
+        _check(net32, _inputs(net32))
+
+
+def test_folded_blobs_follow_parameter_changes():
+    body = """
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {
+      num_output: 4 kernel_size: 3 } }
+    """ + BN_SCALE
+    net = _net(body, (1, 2, 6, 6))
+    inputs = _inputs(net)
+    _check(net, inputs, float64=True)
+    conv, bn = net.params["conv"][0], net.params["bn"]
+    with torch.no_grad():
+        conv.mul_(2)                          # an in-place update torch sees
+    _check(net, inputs, float64=True)
+    bn[1].data.mul_(3)                        # a write torch does not see ...
+    inference.parameters_changed()            # ... announced
+    _check(net, inputs, float64=True)
+    before, _ = _both(net, inputs)
+    net.load_weights(_net(body, (1, 2, 6, 6), seed=5).to_weights_proto())
+    _check(net, inputs, float64=True)
+    after, _ = _both(net, inputs)
+    assert not torch.allclose(before["y"], after["y"])
+    net.to(torch.float32)
+    _check(net, {k: v.float() for k, v in inputs.items()})
+
+
+def test_when_the_inference_graph_is_used():
+    body = """
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {
+      num_output: 2 kernel_size: 1 } }
+    layer { name: "bn" type: "BatchNorm" bottom: "y" top: "y" }
+    """
+    net = _net(body, (1, 2, 3, 3))
+    calls = []
+    net.layers["bn"].register_forward_hook(lambda *args: calls.append(1))
+    inputs = _inputs(net)
+    with torch.no_grad():
+        net.forward(**inputs)
+    with torch.inference_mode():
+        assert net.uses_inference_graph()
+        net.forward(**inputs)
+    assert calls == []                                   # folded into the convolution
+    out = net.forward(**inputs)                          # autograd on: the exact graph
+    assert calls == [1] and out["y"].requires_grad
+    out["y"].sum().backward()
+    assert net.params["conv"][0].grad is not None
+    exact = _net(body, (1, 2, 3, 3), inference=False)
+    exact.layers["bn"].register_forward_hook(lambda *args: calls.append(2))
+    with torch.no_grad():
+        assert not exact.uses_inference_graph()
+        exact.forward(**inputs)
+    assert calls == [1, 2]
+    train = _net(body.replace('"BatchNorm"', '"BatchNorm" batch_norm_param { use_global_stats: true }'),
+                 (1, 2, 3, 3), phase="train")
+    with torch.no_grad():
+        assert not train.uses_inference_graph()          # TRAIN keeps Caffe's exact semantics
+
+
+def test_side_effect_layers_still_run(tmp_path):
+    pytest.importorskip("h5py", reason="HDF5Output writes HDF5 files (needs h5py)")
+    import h5py
+    body = f"""
+    layer {{ name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {{
+      num_output: 2 kernel_size: 1 }} }}
+    layer {{ name: "out" type: "HDF5Output" bottom: "y" bottom: "data"
+            hdf5_output_param {{ file_name: "{tmp_path / 'out.h5'}" }} }}
+    """
+    net = _net(body, (1, 2, 3, 3), dtype=torch.float32)
+    inputs = _inputs(net)
+    with torch.no_grad():
+        net.forward(**inputs)
+        expected = net.graph_module(["y"])(*net.feed(inputs))["y"]
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        np.testing.assert_allclose(f["data"][()], expected.numpy(), rtol=1e-6)
+
+
+def test_solver_test_nets_see_the_trained_parameters(tmp_path):
+    from segaware_caffe.solver import Solver
+    net = """
+    name: "t"
+    input: "x" input_shape { dim: 4 dim: 3 }
+    input: "y" input_shape { dim: 4 dim: 2 }
+    layer { name: "ip" type: "InnerProduct" bottom: "x" top: "z" inner_product_param {
+      num_output: 2 weight_filler { type: "gaussian" std: 0.5 } } }
+    layer { name: "bn" type: "BatchNorm" bottom: "z" top: "z" batch_norm_param {
+      use_global_stats: true } }
+    layer { name: "sc" type: "Scale" bottom: "z" top: "z" scale_param { bias_term: true } }
+    layer { name: "loss" type: "EuclideanLoss" bottom: "z" bottom: "y" top: "loss" }
+    """
+    (tmp_path / "net.prototxt").write_text(net)
+    (tmp_path / "solver.prototxt").write_text(
+        'train_net: "net.prototxt" test_net: "net.prototxt" test_iter: 1 base_lr: 0.5 '
+        'lr_policy: "fixed"')
+    g = torch.Generator().manual_seed(0)
+    feed = {"x": torch.randn(4, 3, generator=g), "y": torch.randn(4, 2, generator=g)}
+    solver = Solver(tmp_path / "solver.prototxt", test_inputs=lambda index, i: feed)
+    with torch.no_grad():
+        for blob in solver.net.params["bn"]:
+            blob.fill_(1.0)
+    before = solver.test(0)["loss"]
+    solver.step(3, inputs=lambda it: feed)
+    after = solver.test(0)["loss"]
+    test_net = solver.test_nets[0]
+    expected = test_net.graph_module()(*test_net.feed(feed))["loss"]     # the exact graph
+    assert after == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert after != pytest.approx(before, rel=1e-3)
+
+
+def test_float32_bench_shapes_within_golden_tolerance():
+    """The shapes of the benchmark nets: MTCNN-like PReLU blocks and a bottleneck with
+    BatchNorm/Scale, float32, batch > 1."""
+    body = """
+    layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param {
+      num_output: 10 kernel_size: 3 } }
+    layer { name: "p1" type: "PReLU" bottom: "c1" top: "c1" }
+    layer { name: "pool1" type: "Pooling" bottom: "c1" top: "pool1" pooling_param {
+      pool: MAX kernel_size: 3 stride: 2 } }
+    layer { name: "c2" type: "Convolution" bottom: "pool1" top: "c2" convolution_param {
+      num_output: 16 kernel_size: 1 } }
+    layer { name: "bn2" type: "BatchNorm" bottom: "c2" top: "c2" }
+    layer { name: "s2" type: "Scale" bottom: "c2" top: "c2" scale_param { bias_term: true } }
+    layer { name: "r2" type: "ReLU" bottom: "c2" top: "c2" }
+    layer { name: "c3" type: "Convolution" bottom: "c2" top: "c3" convolution_param {
+      num_output: 16 kernel_size: 3 pad: 1 stride: 2 } }
+    layer { name: "ip" type: "InnerProduct" bottom: "c3" top: "ip" inner_product_param {
+      num_output: 7 } }
+    layer { name: "p4" type: "PReLU" bottom: "ip" top: "ip" prelu_param { channel_shared: true } }
+    layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
+    """
+    for batch, size in itertools.product((1, 5), ((24, 24), (17, 30))):
+        net = _net(body, (batch, 3, *size), dtype=torch.float32, seed=batch)
+        _check(net, _inputs(net, seed=size[1]))
