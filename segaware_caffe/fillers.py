@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from . import budget
+
 
 def _fans(shape):
     count = math.prod(shape)
@@ -27,8 +29,9 @@ def _norm_n(filler, shape):
 
 def fill(filler, shape, ctx=None, default_type="constant", default_value=0.0, generator=None):
     """A float32 tensor of `shape` filled as `filler` (a FillerParameter, or None for the layer's
-    default: constant `default_value`)."""
-    shape = tuple(int(s) for s in shape)
+    default: constant `default_value`). The shape is checked (no negative dimension) and its size
+    against the memory budget before anything is drawn."""
+    shape = budget.check_temporary(shape, "the filled blob")
     if filler is None:
         return torch.full(shape, float(default_value), dtype=torch.float32)
     kind = filler.type or default_type
@@ -42,6 +45,7 @@ def fill(filler, shape, ctx=None, default_type="constant", default_value=0.0, ge
         if filler.sparse >= 0:
             if len(shape) < 2 or shape[0] == 0:
                 raise _err(ctx, "the gaussian filler's sparse option needs a blob of at least 2 axes")
+            budget.check_temporary(shape, "the sparse filler's mask")
             keep = torch.rand(shape, generator=generator) < (filler.sparse / shape[0])
             out *= keep
         return out

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from segaware_caffe.caffe_proto import caffe_pb2
 
-from . import backward, layers as _layers  # noqa: F401  (importing layers registers every type)
+from . import backward, budget as _budget, layers as _layers  # noqa: F401  (importing layers registers every type)
 from .canonical import FROM_PROTOTXT, canonical_net
 from .errors import NetBuildError, NoBackwardError
 from .layer import BuildContext, CaffeLayer, layer_class
@@ -161,11 +161,16 @@ class Net(nn.Module):
     Net("deploy.prototxt", input_shapes={"data": (1, 3, 513, 513)})   # other declared shapes
 
     model: a .prototxt path, prototxt text, a NetParameter, or a canonical.NetSource.
+    max_bytes: the memory budget of the build (bytes or a size such as "8G"; default: the
+    command line's --max-memory, $SEGAWARE_MAX_BYTES, else half of the memory this process may
+    use). Learnable blobs, every top blob and the layers' forward temporaries are counted
+    before anything is allocated; a net that needs more raises MemoryBudgetError naming the
+    layer and the shape (see segaware_caffe.budget). `memory_bytes` is what the build counted.
     """
 
     def __init__(self, model, weights=None, *, phase="test", variables=None, device="cpu",
                  stages=(), level=None, fuse=True, dtype=torch.float32, overwrite=False,
-                 input_shapes=None):
+                 input_shapes=None, max_bytes=None):
         super().__init__()
         canonical = canonical_net(model, variables=variables, phase=phase, level=level,
                                   stages=stages, input_shapes=input_shapes)
@@ -186,18 +191,28 @@ class Net(nn.Module):
         self._graph_cache = {}
         self.fused = nn.ModuleDict()          # fused segaware convolutions (no params of their own)
         self.fused_groups = []
-        self._build(canonical, overwrite)
+        self.budget = _budget.MemoryBudget(max_bytes, where=f"net {self.name!r}" if self.name
+                                           else "net")
+        self._build(canonical, overwrite, torch.empty((), dtype=dtype).element_size())
         self.to(device=device, dtype=dtype)
         if fuse:
             from .fusion import fuse_segaware_convs
             fuse_segaware_convs(self)
         if weights is not None:
             report = self.load_weights(weights)
-            if report.not_in_net:
+            if report.not_in_net or report.not_in_weights:
+                # partial weights (net layers the file lacks) and ignored file layers: Caffe is
+                # silent about both; a cut or mismatched file should not go unnoticed
                 warnings.warn(str(report), stacklevel=2)
 
     # ------------------------------------------------------------------ building
-    def _build(self, canonical, overwrite):
+    @property
+    def memory_bytes(self):
+        """Bytes the build counted against the memory budget: learnable blobs, buffers and every
+        top blob (at the element size the net was built for)."""
+        return self.budget.used
+
+    def _build(self, canonical, overwrite, itemsize):
         param, where = canonical.param, canonical.where
         shapes = OrderedDict()                 # current shape of every blob name
         self._auto_tops = set()                # anonymous tops: never net outputs (Caffe)
@@ -230,7 +245,9 @@ class Net(nn.Module):
                                bottom_shapes=[shapes[b] for b in lp.bottom],
                                bottom_names=list(lp.bottom), top_names=tops,
                                base_dir=canonical.source.base_dir, overwrite=overwrite)
-            module = cls.from_proto(lp, ctx)
+            label = f"{lname} ({ltype})"
+            with _budget.building(self.budget, label, lname, ltype):
+                module = cls.from_proto(lp, ctx)
             if not isinstance(module, CaffeLayer):
                 raise NetBuildError(f"{lname} ({ltype}): from_proto returned {type(module).__name__}, "
                                     f"expected a CaffeLayer")
@@ -254,6 +271,7 @@ class Net(nn.Module):
             if len(top_shapes) != len(tops):
                 raise NetBuildError(f"{lname} ({ltype}): produced {len(top_shapes)} tops, "
                                     f"the prototxt names {len(tops)}")
+            self._charge_tops(module, lp, tops, ctx.bottom_shapes, top_shapes, itemsize, label)
             for top, shape, w in zip(tops, top_shapes, loss_weights):
                 shapes[top] = tuple(shape)
                 self.blob_shapes[top] = tuple(shape)
@@ -265,6 +283,24 @@ class Net(nn.Module):
         self.outputs = self._net_outputs()
         self.backward_plan = backward.analyse(self.records, self.force_backward)
         self._zeroed = self._unwritten_outputs()
+
+    def _charge_tops(self, module, lp, tops, bottom_shapes, top_shapes, itemsize, label):
+        """Charge a layer's new top blobs to the budget (Caffe keeps every blob of a net at
+        once), then check its forward temporaries against what is left. In-place tops and tops
+        that are views of the bottom (Split, Reshape, Flatten) take no new memory."""
+        for index, (top, shape) in enumerate(zip(tops, top_shapes)):
+            if any(int(d) < 0 for d in shape):
+                raise NetBuildError(f"{label}: top {top!r} would have shape {tuple(shape)}: a "
+                                    f"negative dimension (the settings do not fit the bottom "
+                                    f"shapes {[tuple(s) for s in bottom_shapes]})")
+            shares = lp.type == "Split" or type(module).SHARES_BOTTOM_DATA or \
+                lp.type == "Flatten" or top in lp.bottom
+            if not shares:
+                self.budget.reserve_shape(shape, itemsize, f"top {top!r}", label)
+        extra = int(module.forward_workspace([tuple(s) for s in bottom_shapes],
+                                             [tuple(s) for s in top_shapes], itemsize) or 0)
+        if extra:
+            self.budget.check(extra, "its forward's temporaries", label)
 
     @staticmethod
     def _top_shapes(module, ctx, lname, ltype):

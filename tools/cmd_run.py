@@ -109,12 +109,16 @@ def zeros_like_declared(name, declared, feeds, arrays):
     """Zeros for an input the user did not give (e.g. the unused `label` input of the vgg
     deploy net): its declared shape, with the spatial size of the first fed input when both
     were declared with the same spatial size."""
+    from segaware_caffe import budget
     shape = tuple(declared[name])
     for fed in feeds:
         fed_declared, fed_shape = tuple(declared[fed]), arrays[fed].shape
         if len(shape) == 4 and len(fed_declared) == 4 and shape[2:] == fed_declared[2:]:
             shape = shape[:2] + tuple(fed_shape[2:])
             break
+    # the declared shape comes from the prototxt: checked before numpy is asked for it
+    budget.check_size(budget.nbytes(shape, 4), f"zeros for input {name!r} (not given with "
+                                               f"--input) of shape {shape}")
     return np.zeros(shape, np.float32)
 
 

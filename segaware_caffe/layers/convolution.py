@@ -6,7 +6,6 @@ batch axes and exactly two spatial axes must follow it.
 """
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..fillers import fill
 from ..layer import CaffeLayer, register_layer
@@ -33,8 +32,8 @@ class _ConvolutionBase(CaffeLayer):
         self.dilation = tuple(dilation)
         self.group = group
         self.channel_axis = channel_axis
-        self.weight = nn.Parameter(torch.zeros(weight_shape))
-        self.bias = nn.Parameter(torch.zeros(self.num_output)) if bias_term else None
+        self.weight = self.new_parameter(weight_shape, "weight")
+        self.bias = self.new_parameter((self.num_output,), "bias") if bias_term else None
 
     @property
     def num_output(self):

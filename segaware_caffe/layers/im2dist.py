@@ -3,7 +3,7 @@ also the convolution_param geometry reading shared by the segaware patch layers.
 from segaware_caffe.kernels.im2dist import im2dist
 
 from ..layer import CaffeLayer, register_layer
-from ..params import canonical_axis, conv_geometry
+from ..params import ConvGeometry, canonical_axis, conv_geometry
 
 _NORM_NAMES = {1: "L1", 2: "L2"}
 
@@ -70,6 +70,11 @@ class Im2dist(CaffeLayer):
     def forward(self, x):
         return im2dist(x, self.kernel, self.pad, self.stride, self.dilation, norm=self.norm,
                        remove_center=self.remove_center, remove_bounds=self.remove_bounds)
+
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # the CPU path pads the bottom and loops over the taps
+        return ConvGeometry(self.kernel, self.pad, self.stride, self.dilation).tap_loop_workspace(
+            bottom_shapes[0], itemsize)
 
     def extra_repr(self):
         return patch_layer_repr(self, (("norm", "L2"), ("remove_center", False),

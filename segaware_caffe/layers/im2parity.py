@@ -2,6 +2,7 @@
 from segaware_caffe.kernels.im2parity import im2parity
 
 from ..layer import CaffeLayer, no_gradient_into, register_layer
+from ..params import ConvGeometry
 from .im2dist import patch_geometry_from_proto, patch_layer_repr
 
 
@@ -37,6 +38,11 @@ class Im2parity(CaffeLayer):
         parity = im2parity(labels, self.kernel, self.pad, self.stride, self.dilation,
                            ignore_label=self.ignore_label)
         return no_gradient_into(parity, [labels], self.where)
+
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # the CPU path pads the bottom and loops over the taps
+        return ConvGeometry(self.kernel, self.pad, self.stride, self.dilation).tap_loop_workspace(
+            bottom_shapes[0], itemsize)
 
     def extra_repr(self):
         return patch_layer_repr(self, (("ignore_label", None),))

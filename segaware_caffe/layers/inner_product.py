@@ -2,7 +2,6 @@
 import math
 
 import torch
-from torch import nn
 
 from ..fillers import fill
 from ..layer import CaffeLayer, register_layer
@@ -21,8 +20,8 @@ class InnerProduct(CaffeLayer):
         self.axis = axis
         self.transpose = transpose
         shape = (input_size, num_output) if transpose else (num_output, input_size)
-        self.weight = nn.Parameter(torch.zeros(shape))
-        self.bias = nn.Parameter(torch.zeros(num_output)) if bias_term else None
+        self.weight = self.new_parameter(shape, "weight")
+        self.bias = self.new_parameter((num_output,), "bias") if bias_term else None
 
     @property
     def num_output(self):
