@@ -164,7 +164,7 @@ class MemoryBudget:
             if self.used else ""
         prefix = f"{label}: " if label else ""
         raise MemoryBudgetError(
-            f"{prefix}{what} needs {format_bytes(count)}{held}, that is more than the memory "
+            f"{prefix}{what} would take {format_bytes(count)}{held}, that is more than the memory "
             f"budget of {format_bytes(self.limit)} ({self.source}); {HINT}")
 
     def check(self, count, what, label=None):

@@ -165,7 +165,9 @@ class Net(nn.Module):
     command line's --max-memory, $SEGAWARE_MAX_BYTES, else half of the memory this process may
     use). Learnable blobs, every top blob and the layers' forward temporaries are counted
     before anything is allocated; a net that needs more raises MemoryBudgetError naming the
-    layer and the shape (see segaware_caffe.budget). `memory_bytes` is what the build counted.
+    layer and the shape (see segaware_caffe.budget); a MemoryBudget shares one budget between
+    nets. `memory_bytes` is what the build counted (learnable blobs, buffers and top blobs,
+    `top_bytes` of it the tops).
     """
 
     def __init__(self, model, weights=None, *, phase="test", variables=None, device="cpu",
@@ -191,9 +193,13 @@ class Net(nn.Module):
         self._graph_cache = {}
         self.fused = nn.ModuleDict()          # fused segaware convolutions (no params of their own)
         self.fused_groups = []
-        self.budget = _budget.MemoryBudget(max_bytes, where=f"net {self.name!r}" if self.name
-                                           else "net")
+        # one budget may be shared by several nets (a solver's train and test nets)
+        self.budget = max_bytes if isinstance(max_bytes, _budget.MemoryBudget) else \
+            _budget.MemoryBudget(max_bytes, where=f"net {self.name!r}" if self.name else "net")
+        self.top_bytes = 0                    # the top blobs' share of memory_bytes
+        start = self.budget.used
         self._build(canonical, overwrite, torch.empty((), dtype=dtype).element_size())
+        self.memory_bytes = self.budget.used - start
         self.to(device=device, dtype=dtype)
         if fuse:
             from .fusion import fuse_segaware_convs
@@ -206,12 +212,6 @@ class Net(nn.Module):
                 warnings.warn(str(report), stacklevel=2)
 
     # ------------------------------------------------------------------ building
-    @property
-    def memory_bytes(self):
-        """Bytes the build counted against the memory budget: learnable blobs, buffers and every
-        top blob (at the element size the net was built for)."""
-        return self.budget.used
-
     def _build(self, canonical, overwrite, itemsize):
         param, where = canonical.param, canonical.where
         shapes = OrderedDict()                 # current shape of every blob name
@@ -297,10 +297,11 @@ class Net(nn.Module):
                 lp.type == "Flatten" or top in lp.bottom
             if not shares:
                 self.budget.reserve_shape(shape, itemsize, f"top {top!r}", label)
+                self.top_bytes += _budget.nbytes(shape, itemsize)
         extra = int(module.forward_workspace([tuple(s) for s in bottom_shapes],
                                              [tuple(s) for s in top_shapes], itemsize) or 0)
         if extra:
-            self.budget.check(extra, "its forward's temporaries", label)
+            self.budget.check(extra, "the temporaries of its forward pass", label)
 
     @staticmethod
     def _top_shapes(module, ctx, lname, ltype):
