@@ -333,6 +333,7 @@ class Solver:
             report = net.load_weights(weights)
             for name in report.not_in_net:
                 log.info(f"Ignoring source layer {name}")
+            _log_partial(report, net)
 
     # ------------------------------------------------------------------ training
     @property
@@ -695,6 +696,7 @@ class Solver:
             report = self.net.load_weights(found)
             for name in report.not_in_net:
                 log.info(f"Ignoring source layer {name}")
+            _log_partial(report, self.net)
         with torch.no_grad():
             for h, array in zip(self.history, arrays):
                 h.copy_(torch.from_numpy(array.reshape(tuple(h.shape))))
@@ -719,6 +721,16 @@ class Solver:
                     f"{array.shape}, the net's blob has {want}; is it a snapshot of another net?")
             arrays.append(array)
         return arrays
+
+
+def _log_partial(report, net):
+    """Caffe keeps the fillers of layers a weights file lacks without a word; we say which."""
+    if report.not_in_weights:
+        cut = (f" (the file ends after layer {report.ends_at!r}: is it cut short?)"
+               if report.ends_at is not None else "")
+        log.warning(f"{report.where}: {len(report.not_in_weights)} layer(s) of net "
+                    f"{net.name!r} ({net.phase}) with parameters are not in the weights file and "
+                    f"keep their filler values{cut}: {', '.join(report.not_in_weights)}")
 
 
 class _Offset:
