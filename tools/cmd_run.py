@@ -164,6 +164,11 @@ def run(args):
         check_new_file(path, args.force)
     source = read_net_source(args.model, variables=variables or None)
     declared = canonical_net(source, phase=args.phase).inputs()
+    for name, shape in declared.items():
+        # the net would refuse it too, but zeros for an input not given are made before the net
+        if any(int(d) < 0 for d in shape):
+            raise NetBuildError(f"{args.model}: input blob {name!r} is declared with a negative "
+                                f"dimension, shape {tuple(shape)}")
     unknown = [name for name in feeds if name not in declared]
     if unknown:
         raise UsageError(f"{args.model}: {unknown[0]!r} is not an input of the net (inputs: "

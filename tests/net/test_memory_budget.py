@@ -145,6 +145,10 @@ def test_cli_run_checks_the_zeros_of_an_input_not_given(tmp_path, capsys):
     assert main(["run", str(path), "--input", f"a={tmp_path / 'a.npy'}"]) == 1
     err = capsys.readouterr().err
     assert "zeros for input 'b' (not given with --input) of shape (100000, 100000, 1000) would take" in err
+    path.write_text(path.read_text().replace("dim: 100000 dim: 100000 dim: 1000", "dim: -1 dim: 3"))
+    assert main(["run", str(path), "--input", f"a={tmp_path / 'a.npy'}"]) == 1
+    assert f"{path}: input blob 'b' is declared with a negative dimension, shape (-1, 3)" in \
+        capsys.readouterr().err
 
 
 def test_eval_checks_its_confusion_matrix(monkeypatch):
