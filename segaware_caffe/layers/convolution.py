@@ -4,6 +4,8 @@ Both take one or more bottoms of the same shape and give one top per bottom, all
 same weights. The channel axis is `convolution_param.axis` (default 1); the axes before it are
 batch axes and exactly two spatial axes must follow it.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -102,6 +104,15 @@ class _ConvolutionBase(CaffeLayer):
     def forward(self, *bottoms):
         tops = tuple(self._convolve_batched(x) for x in bottoms)
         return tops[0] if len(tops) == 1 else tops
+
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # torch's CPU paths that unfold (dilated or large kernels, no oneDNN) hold one image's
+        # columns at a time: (weight channels x kh x kw) rows over the pixels of the convolved side
+        if getattr(self, "bottom_is_im2col", False) or not bottom_shapes:
+            return 0
+        side = top_shapes[0] if self.TYPE != "Deconvolution" else bottom_shapes[0]
+        pixels = math.prod(side[self.channel_axis + 1:])
+        return self.weight.shape[1] * self.kernel[0] * self.kernel[1] * pixels * itemsize
 
     def _convolve_batched(self, x):
         # Axes before the channel axis are all batch axes (Caffe's num_ = count(0, axis)).
