@@ -20,6 +20,7 @@ reproduces each BlobProto byte for byte.
 """
 import hashlib
 import os
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -31,7 +32,7 @@ from segaware_caffe.caffe_proto.text import load_text
 from segaware_caffe.canonical import NetSource
 from segaware_caffe.errors import NetBuildError
 from segaware_caffe.files import refuse_existing
-from segaware_caffe.weights import (blob_attributes, first_records_by_name,
+from segaware_caffe.weights import (WeightsReport, blob_attributes, first_records_by_name,
                                     match_weights, net_layers_proto, shape_fits)
 
 from . import tensor_files
@@ -89,6 +90,12 @@ def caffemodel_to_tensors(net, weights, *, prototxt=None, variables=None, phase=
     (tensors, metadata, ignored) with `ignored` the names of caffemodel layers that have blobs but
     no layer in the net (Caffe skips them too)."""
     match = match_weights(net, weights)
+    if match.not_in_weights:
+        # what a cut or mismatched file leaves out would silently be missing from the output
+        report = WeightsReport(list(match.layers), match.not_in_weights, [],
+                               where=match.weights.where, ends_at=match.ends_at)
+        warnings.warn(f"{report}; the converted file holds only the blobs the weights file has",
+                      stacklevel=2)
     tensors = match.tensors()
     layers = []
     for layer in match.layers.values():

@@ -33,10 +33,14 @@ def domain_transform_constants(num_iter, spatial_sigma, range_sigma):
     s, r = np.float32(spatial_sigma), np.float32(range_sigma)
     mult2 = float(s / r)
     mult1 = []
-    for i in range(num_iter):
-        sigma_i = np.float32(float(s) * math.sqrt(3.0) * 2.0 ** (num_iter - (i + 1.0))
-                             / math.sqrt(4.0 ** num_iter - 1.0))
-        mult1.append(float(np.float32(-math.sqrt(2.0) / float(sigma_i))))
+    # IEEE arithmetic as in the original's C++: with many iterations the late sigma_i underflow
+    # to 0 (mult1 = -inf: weight 0) and 4^num_iter may overflow, instead of Python's exceptions
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore", under="ignore"):
+        norm = np.sqrt(np.power(np.float64(4.0), num_iter) - 1.0)
+        for i in range(num_iter):
+            sigma_i = np.float32(np.float64(s) * math.sqrt(3.0)
+                                 * np.power(np.float64(2.0), num_iter - (i + 1.0)) / norm)
+            mult1.append(float(np.float32(-math.sqrt(2.0) / np.float64(sigma_i))))
     return mult1, mult2
 
 

@@ -125,6 +125,15 @@ class ConvGeometry:
                              f"{self.dilation}: output would be {out_h}x{out_w}")
         return out_h, out_w
 
+    def tap_loop_workspace(self, shape, itemsize, copies=1):
+        """Bytes the CPU tap loops hold beside their output for an (N, C, H, W) input: `copies`
+        zero-padded copies of it, two tap temporaries of C channels at the output size, and the
+        (kh, kw, Ho, Wo) in-image masks. What the memory budget checks before a pass."""
+        n, c, h, w = (int(d) for d in shape)
+        out_h, out_w = (max(0, d) for d in self.output_size(h, w))
+        padded = n * c * (h + 2 * self.pad[0]) * (w + 2 * self.pad[1]) * itemsize
+        return copies * padded + 2 * n * c * out_h * out_w * itemsize + self.taps * out_h * out_w
+
     def describe(self):
         return (f"kernel {self.kernel}, pad {self.pad}, stride {self.stride}, dilation "
                 f"{self.dilation}")

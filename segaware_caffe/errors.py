@@ -46,3 +46,24 @@ class SolverError(SegawareError, ValueError):
 class PythonLayerError(SegawareError, RuntimeError):
     """A user's Python layer raised while it ran; names the layer and the user's file and line
     (the original exception is chained)."""
+
+
+class MemoryBudgetError(SegawareError, ValueError):
+    """A size from the input (a blob, a top, a batch, a pad) would need more memory than the
+    budget allows (segaware_caffe.budget); names the layer, the blob and its shape, and how to
+    raise the budget."""
+
+
+class SizeLimitError(SegawareError, ValueError):
+    """A configured count (iter_size, test_iter, max_iter, a batch size, --iterations) is beyond
+    what any run plausibly means (segaware_caffe.limits); names the field and how to raise the
+    limit."""
+
+
+class NonFiniteError(SegawareError, FloatingPointError):
+    """Training produced a NaN or an infinity (the loss, a layer's output or a gradient); names
+    the iteration and the first layer where it appeared."""
+
+
+class NonFiniteWarning(UserWarning):
+    """Numbers that are NaN or infinite where a model's values are expected (weights files)."""

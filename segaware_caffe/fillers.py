@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from . import budget
+
 # the net builder's deferred fills (see deferred_fills), None outside it
 _PENDING = contextvars.ContextVar("segaware_caffe_pending_fills", default=None)
 
@@ -33,8 +35,9 @@ def _norm_n(filler, shape):
 
 def fill(filler, shape, ctx=None, default_type="constant", default_value=0.0, generator=None):
     """A float32 tensor of `shape` filled as `filler` (a FillerParameter, or None for the layer's
-    default: constant `default_value`)."""
-    shape = tuple(int(s) for s in shape)
+    default: constant `default_value`). The shape is checked (no negative dimension) and its size
+    against the memory budget before anything is drawn."""
+    shape = budget.check_temporary(shape, "the filled blob")
     if filler is None:
         return torch.full(shape, float(default_value), dtype=torch.float32)
     return _fill_into(torch.empty(shape, dtype=torch.float32), filler, ctx, default_type,
@@ -148,6 +151,7 @@ def _fill_into(out, filler, ctx, default_type, generator, draw=True):
             return out
         out.normal_(filler.mean, filler.std, generator=generator)
         if filler.sparse >= 0:
+            budget.check_temporary(shape, "the sparse filler's mask")
             keep = torch.rand(shape, generator=generator) < (filler.sparse / shape[0])
             out *= keep
         return out

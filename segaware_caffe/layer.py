@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from . import budget
 from .errors import LayerSetupError, NetBuildError, UnsupportedError
 
 _REGISTRY = {}
@@ -244,6 +245,24 @@ class CaffeLayer(nn.Module):
     @classmethod
     def from_proto(cls, layer_param, ctx):
         raise NotImplementedError(f"{cls.__name__}.from_proto")
+
+    def new_parameter(self, shape, what, value=0.0):
+        """An nn.Parameter of `shape` filled with `value` (float32), its shape checked (no
+        negative dimension) and its size charged to the memory budget of the net being built
+        before anything is allocated; `what` names the blob in errors ("weight", "bias"). While
+        the net builder sets the layer up, the values are written after parameter sharing."""
+        from .fillers import constant_parameter
+        return constant_parameter(budget.reserve(shape, what, owner=self), value)
+
+    def new_tensor(self, shape, what, value=0.0, dtype=None):
+        """A plain tensor (a buffer) checked and charged like new_parameter."""
+        return budget.full(shape, value, what, owner=self, dtype=dtype)
+
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        """Bytes of temporaries forward needs beyond its tops (a padded copy of a bottom, index
+        tensors), for the given shapes and element size. The builder checks them against what
+        the memory budget has left after the net's blobs. Default: none worth counting."""
+        return 0
 
     def caffe_blobs(self):
         """The learnable blobs in Caffe order (what a .caffemodel stores for this layer)."""

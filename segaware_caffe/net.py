@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from segaware_caffe.caffe_proto import caffe_pb2
 
-from . import backward, layers as _layers  # noqa: F401  (importing layers registers every type)
+from . import backward, budget as _budget, layers as _layers  # noqa: F401  (importing layers registers every type)
 from .canonical import FROM_PROTOTXT, canonical_net
 from .errors import NetBuildError, NoBackwardError
 from .fillers import deferred_fills
@@ -178,11 +178,18 @@ class Net(nn.Module):
     Net("deploy.prototxt", input_shapes={"data": (1, 3, 513, 513)})   # other declared shapes
 
     model: a .prototxt path, prototxt text, a NetParameter, or a canonical.NetSource.
+    max_bytes: the memory budget of the build (bytes or a size such as "8G"; default: the
+    command line's --max-memory, $SEGAWARE_MAX_BYTES, else half of the memory this process may
+    use). Learnable blobs, every top blob and the layers' forward temporaries are counted
+    before anything is allocated; a net that needs more raises MemoryBudgetError naming the
+    layer and the shape (see segaware_caffe.budget); a MemoryBudget shares one budget between
+    nets. `memory_bytes` is what the build counted (learnable blobs, buffers and top blobs,
+    `top_bytes` of it the tops).
     """
 
     def __init__(self, model, weights=None, *, phase="test", variables=None, device="cpu",
                  stages=(), level=None, fuse=True, dtype=torch.float32, overwrite=False,
-                 input_shapes=None, inference=True):
+                 input_shapes=None, inference=True, max_bytes=None):
         super().__init__()
         self.inference = inference
         canonical = canonical_net(model, variables=variables, phase=phase, level=level,
@@ -207,15 +214,23 @@ class Net(nn.Module):
         # the dtype and device floating inputs are cast to: an empty buffer, so that .to() moves
         # it with the parameters, also in a net that has none
         self.register_buffer("_feed_like", torch.zeros(0, dtype=dtype), persistent=False)
+        # one budget may be shared by several nets (a solver's train and test nets)
+        self.budget = max_bytes if isinstance(max_bytes, _budget.MemoryBudget) else \
+            _budget.MemoryBudget(max_bytes, where=f"net {self.name!r}" if self.name else "net")
+        self.top_bytes = 0                    # the top blobs' share of memory_bytes
+        start = self.budget.used
         weights = self._read_weights(weights)
-        self._build(canonical, overwrite, weights)
+        self._build(canonical, overwrite, torch.empty((), dtype=dtype).element_size(), weights)
+        self.memory_bytes = self.budget.used - start
         self.to(device=device, dtype=dtype)
         if fuse:
             from .fusion import fuse_segaware_convs
             fuse_segaware_convs(self)
         if weights is not None:
             report = self.load_weights(weights)
-            if report.not_in_net:
+            if report.not_in_net or report.not_in_weights:
+                # partial weights (net layers the file lacks) and ignored file layers: Caffe is
+                # silent about both; a cut or mismatched file should not go unnoticed
                 warnings.warn(str(report), stacklevel=2)
 
     # ------------------------------------------------------------------ building
@@ -231,7 +246,7 @@ class Net(nn.Module):
         except Exception:   # noqa: BLE001  (re-raised by load_weights, with its own message)
             return weights
 
-    def _build(self, canonical, overwrite, weights=None):
+    def _build(self, canonical, overwrite, itemsize, weights=None):
         param, where = canonical.param, canonical.where
         # layers whose blobs the weights file sets (the first net layer of each name)
         loaded = ({layer.name for layer in weights.layers if len(layer.blobs)}
@@ -270,8 +285,10 @@ class Net(nn.Module):
                                base_dir=canonical.source.base_dir, overwrite=overwrite,
                                weights_follow=lname in loaded and lname not in seen_names)
             seen_names.add(lname)
+            label = f"{lname} ({ltype})"
             with deferred_fills() as fills:   # blobs are written once sharing is known
-                module = cls.from_proto(lp, ctx)
+                with _budget.building(self.budget, label, lname, ltype):
+                    module = cls.from_proto(lp, ctx)
                 if not isinstance(module, CaffeLayer):
                     raise NetBuildError(f"{lname} ({ltype}): from_proto returned "
                                         f"{type(module).__name__}, expected a CaffeLayer")
@@ -294,6 +311,7 @@ class Net(nn.Module):
             if len(top_shapes) != len(tops):
                 raise NetBuildError(f"{lname} ({ltype}): produced {len(top_shapes)} tops, "
                                     f"the prototxt names {len(tops)}")
+            self._charge_tops(module, lp, tops, ctx.bottom_shapes, top_shapes, itemsize, label)
             for top, shape, w in zip(tops, top_shapes, loss_weights):
                 shapes[top] = tuple(shape)
                 self.blob_shapes[top] = tuple(shape)
@@ -305,6 +323,25 @@ class Net(nn.Module):
         self.outputs = self._net_outputs()
         self.backward_plan = backward.analyse(self.records, self.force_backward)
         self._zeroed = self._unwritten_outputs()
+
+    def _charge_tops(self, module, lp, tops, bottom_shapes, top_shapes, itemsize, label):
+        """Charge a layer's new top blobs to the budget (Caffe keeps every blob of a net at
+        once), then check its forward temporaries against what is left. In-place tops and tops
+        that are views of the bottom (Split, Reshape, Flatten) take no new memory."""
+        for index, (top, shape) in enumerate(zip(tops, top_shapes)):
+            if any(int(d) < 0 for d in shape):
+                raise NetBuildError(f"{label}: top {top!r} would have shape {tuple(shape)}: a "
+                                    f"negative dimension (the settings do not fit the bottom "
+                                    f"shapes {[tuple(s) for s in bottom_shapes]})")
+            shares = lp.type == "Split" or type(module).SHARES_BOTTOM_DATA or \
+                lp.type == "Flatten" or top in lp.bottom
+            if not shares:
+                self.budget.reserve_shape(shape, itemsize, f"top {top!r}", label)
+                self.top_bytes += _budget.nbytes(shape, itemsize)
+        extra = int(module.forward_workspace([tuple(s) for s in bottom_shapes],
+                                             [tuple(s) for s in top_shapes], itemsize) or 0)
+        if extra:
+            self.budget.check(extra, "the temporaries of its forward pass", label)
 
     @staticmethod
     def _top_shapes(module, ctx, lname, ltype):

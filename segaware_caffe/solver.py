@@ -29,7 +29,9 @@ passes the diffs are summed over ranks and divided by the number of ranks, like 
 differ through the seed).
 """
 import logging
+import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -38,10 +40,13 @@ from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
 from segaware_caffe.caffe_proto.text import load_text
 
+from . import limits
+from .budget import MemoryBudget
 from .canonical import read_net_source
 from .net import Net
+from .nonfinite import DataCapture, all_finite, locate
 from .weights import WeightsFile, first_records_by_name, history_fits
-from .errors import SolverError, UnsupportedError
+from .errors import NonFiniteError, SolverError, UnsupportedError
 from .files import atomic_write
 from .inference import parameters_changed
 from .solvers.glog import ProgressBar, fmt, loss_note
@@ -50,6 +55,11 @@ from .solvers.rules import check_policy, learning_rate, make_rule, regularize
 log = logging.getLogger("segaware_caffe.solver")
 
 TRAIN_NET_FIELDS = ("net", "net_param", "train_net", "train_net_param")
+NONFINITE_MODES = ("stop", "warn", "ignore")
+
+
+class _OutOfTime(Exception):
+    """max_seconds ran out; carries the sentence saying where the run stopped."""
 
 
 def _where_of(source):
@@ -96,13 +106,22 @@ class Solver:
     device (default: solver_mode GPU -> cuda:device_id when CUDA is available, else CPU);
     test_inputs: for test nets with Input layers, callable(test_net_index, test_iteration) ->
     {input: array}; progress: draw a progress bar on a terminal during solve().
+    max_seconds: stop a step()/solve() call that runs longer (checked before every forward pass
+    and test pass; an iteration cut short is dropped, its update not applied), with
+    `stopped_by` saying where. nonfinite: what a loss or diff that becomes NaN/inf does --
+    "stop" (default: NonFiniteError naming the iteration and the first layer whose output or
+    diff went non-finite), "warn" (log that once and go on, as Caffe does) or "ignore" (no
+    checks). max_bytes: the memory budget of the nets, their diffs and the solver's history
+    (see segaware_caffe.budget). Configured counts (iter_size, max_iter, test_iter) beyond any
+    plausible run are refused (see segaware_caffe.limits).
 
     Attributes: net (TRAIN phase), test_nets, iter (completed updates), lr (rate of the next
     update), history (Caffe's history blobs, .solverstate order), param (SolverParameter).
     """
 
     def __init__(self, solver, weights=None, *, variables=None, train_net=None, device=None,
-                 test_inputs=None, progress=False):
+                 test_inputs=None, progress=False, max_seconds=None, nonfinite="stop",
+                 max_bytes=None):
         self.where, self.solver_dir = _where_of(solver)
         if isinstance(solver, caffe_pb2.SolverParameter):
             param = caffe_pb2.SolverParameter()
@@ -113,6 +132,16 @@ class Solver:
         self.rule = make_rule(param, self.where)
         check_policy(param, self.where)
         self._check_settings()
+        if nonfinite not in NONFINITE_MODES:
+            raise SolverError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got "
+                              f"{nonfinite!r}")
+        if max_seconds is not None and not (isinstance(max_seconds, (int, float))
+                                            and not isinstance(max_seconds, bool)
+                                            and max_seconds > 0):
+            raise SolverError(f"max_seconds must be a number of seconds > 0, got {max_seconds!r}")
+        self.nonfinite, self.max_seconds = nonfinite, max_seconds
+        self._deadline, self.stopped_by, self._warned_nonfinite = None, None, False
+        self.budget = MemoryBudget(max_bytes, where=f"solver {self.where}")
         self.rank, self.world_size = 0, 1
         self.device = self._init_device(device)
         if param.random_seed >= 0:
@@ -121,6 +150,7 @@ class Solver:
             np.random.seed(seed % 2**32)
         self.snapshot_prefix = self._snapshot_prefix()
         self.net = self._build_train_net(train_net)
+        self._charge_training()
         self.test_nets = self._build_test_nets()
         self.test_inputs = test_inputs
         self.progress = progress
@@ -139,6 +169,8 @@ class Solver:
         self._labels = _learnable_labels(self.net)
         self.history = [torch.zeros_like(p.data) for _ in range(self.rule.HISTORY_SETS)
                         for p in self.net.learnable_params]
+        # the last batch of each data layer, for replaying a pass that went non-finite
+        self._capture = DataCapture(self.net) if nonfinite != "ignore" else None
         self._losses, self._smoothed_loss = [], 0.0
         log.info(f"Solver scaffolding done. {self.rule.TYPE} solver, {len(self.net.learnable_params)} "
                  f"learnable blobs, {len(self.test_nets)} test net(s), device {self.device}")
@@ -154,6 +186,14 @@ class Solver:
                 raise SolverError(f"{where}: {field} must be >= {low}, got {getattr(p, field)}")
         if p.snapshot < 0 or p.display < 0 or p.test_interval < 0 or p.max_iter < 0:
             raise SolverError(f"{where}: snapshot, display, test_interval and max_iter must be >= 0")
+        # counts that would keep a run going for days without a word (segaware_caffe.limits)
+        limits.check(p.iter_size, "iter_size", "iter_size", where)
+        limits.check(p.max_iter, "iterations", "max_iter", where)
+        limits.check(p.average_loss, "iterations", "average_loss", where)
+        for i, count in enumerate(p.test_iter):
+            if count < 0:
+                raise SolverError(f"{where}: test_iter must be >= 0, got {count} (test net #{i})")
+            limits.check(count, "test_iter", f"test_iter (test net #{i})", where)
         if p.snapshot_format == caffe_pb2.SolverParameter.HDF5:
             raise UnsupportedError(f"{where}: snapshot_format HDF5 is not supported (h5py-free "
                                    f"build); use BINARYPROTO (the default)")
@@ -213,7 +253,16 @@ class Solver:
     def _make_net(self, source, state):
         phase = "train" if state.phase == caffe_pb2.TRAIN else "test"
         return Net(source, phase=phase, variables=self.variables, device=self.device,
-                   stages=tuple(state.stage), level=state.level)
+                   stages=tuple(state.stage), level=state.level, max_bytes=self.budget)
+
+    def _charge_training(self):
+        """Training keeps a diff beside every top and learnable blob, and the solver's history
+        beside every learnable blob: charged to the budget the nets were built in."""
+        net = self.net
+        params = sum(p.numel() * p.element_size() for p in net.learnable_params)
+        self.budget.reserve(net.top_bytes + params * (1 + self.rule.HISTORY_SETS),
+                            f"training the net {net.name!r} (a diff for each of its blobs and "
+                            f"{self.rule.HISTORY_SETS} history blob(s) per learnable blob)")
 
     def _net_source(self, field, value):
         """The NetSource of a net file name (looked up like Caffe) or an inline NetParameter."""
@@ -285,6 +334,7 @@ class Solver:
             report = net.load_weights(weights)
             for name in report.not_in_net:
                 log.info(f"Ignoring source layer {name}")
+            _log_partial(report, net)
 
     # ------------------------------------------------------------------ training
     @property
@@ -301,13 +351,41 @@ class Solver:
 
     def _forward_backward(self, feed):
         outputs = self._train_outputs()
+        check = self.nonfinite != "ignore"
+        rng = torch.random.get_rng_state() if check else None
         out = self.net.forward(outputs=outputs, **feed)
         total = self.net.loss(out)
         if total is None:
             return out, 0.0
+        value = float(total.detach())
+        if check and not math.isfinite(value):
+            self._non_finite(f"the loss is {value}", feed, outputs, rng, backward=False)
         if total.requires_grad:
             total.backward()
-        return out, float(total.detach())
+            if check and not all_finite([p.grad for p in self.net.learnable_params]):
+                self._non_finite("a gradient is not finite", feed, outputs, rng, backward=True)
+        return out, value
+
+    def _non_finite(self, what, feed, outputs, rng, backward):
+        """Stop (NonFiniteError) or warn once, naming the iteration and where the pass went
+        non-finite (found by replaying it, see segaware_caffe.nonfinite)."""
+        if self.nonfinite == "warn" and self._warned_nonfinite:
+            return
+        captured = self._capture.outputs if self._capture is not None else {}
+        found = locate(self.net, feed, outputs, captured, rng, backward=backward)
+        message = (f"{self.where}: iteration {self.iter}: {what}; "
+                   + (found or "replaying the pass did not reproduce it"))
+        if self.nonfinite == "stop":
+            raise NonFiniteError(message + " (training stopped; nonfinite='warn' or --nonfinite "
+                                           "warn goes on, as Caffe does)")
+        self._warned_nonfinite = True
+        log.warning(message + "; going on (nonfinite='warn'; later non-finite values are not "
+                              "reported)")
+
+    # ------------------------------------------------------------------ time bound
+    def _check_time(self, where):
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise _OutOfTime(f"stopped after {self.max_seconds:g} s (max_seconds) {where}")
 
     def _train_outputs(self):
         return sorted(set(self.net.outputs) | set(self.net.loss_weights))
@@ -326,9 +404,26 @@ class Solver:
         """Run `iters` iterations. inputs: {Input blob: array} fed to every forward pass of these
         iterations, or callable(iteration) -> such a dict, or None for nets with data layers.
         Returns {loss top: value} of the last forward pass (before that iteration's update)."""
-        p = self.param
+        iters = limits.check(iters, "iterations", "the number of iterations", self.where)
         start_iter, stop_iter = self.iter, self.iter + int(iters)
         self._losses, self._smoothed_loss = [], 0.0
+        own_clock = self._deadline is None and self.max_seconds is not None
+        if own_clock:
+            self._deadline = time.monotonic() + self.max_seconds
+        try:
+            return self._steps(stop_iter, start_iter, inputs, _progress)
+        except _OutOfTime as stop:
+            for param in self.net.learnable_params:   # an unfinished iteration is dropped
+                param.grad = None
+            self.stopped_by, self.requested_early_exit = str(stop), True
+            log.info(f"{self.where}: {stop}; {self.iter} iteration(s) completed")
+            return {}
+        finally:
+            if own_clock:
+                self._deadline = None
+
+    def _steps(self, stop_iter, start_iter, inputs, _progress):
+        p = self.param
         losses = {}
         while self.iter < stop_iter:
             for param in self.net.learnable_params:
@@ -339,7 +434,10 @@ class Solver:
             display = p.display and self.iter % p.display == 0
             feed = self._feed(inputs)
             loss = 0.0
-            for _ in range(p.iter_size):
+            for pass_index in range(p.iter_size):
+                self._check_time(f"at iteration {self.iter}" + (
+                    f", before pass {pass_index + 1} of {p.iter_size} (iter_size); the "
+                    f"iteration's update was not applied" if pass_index else ""))
                 out, pass_loss = self._forward_backward(feed)
                 loss += pass_loss
             loss /= p.iter_size
@@ -446,6 +544,8 @@ class Solver:
         totals, loss = {}, 0.0
         outputs = sorted(set(net.outputs) | set(net.loss_weights))
         for i in range(iterations):
+            self._check_time(f"while testing net #{index} at iteration {self.iter}, after {i} "
+                             f"of {iterations} test passes")
             feed = {}
             if net.input_names:
                 if self.test_inputs is None:
@@ -501,17 +601,23 @@ class Solver:
         of at max_iter (the "poly" schedule still uses max_iter)."""
         log.info(f"Solving {self.net.name}")
         log.info(f"Learning Rate Policy: {self.param.lr_policy}")
-        self.requested_early_exit = False
+        self.requested_early_exit, self.stopped_by = False, None
         if resume_file is not None:
             self.restore(resume_file)
         start_iter = self.iter
         stop_iter = self.param.max_iter if stop_iter is None else int(stop_iter)
+        limits.check(stop_iter, "iterations", "the last iteration", self.where)
         bar = ProgressBar(stop_iter - start_iter, enabled=None if self.progress else False)
         bar.update(0)
+        own_clock = self._deadline is None and self.max_seconds is not None
+        if own_clock:
+            self._deadline = time.monotonic() + self.max_seconds
         try:
-            self.step(stop_iter - self.iter, inputs, _progress=_Offset(bar, start_iter))
+            self.step(max(0, stop_iter - self.iter), inputs, _progress=_Offset(bar, start_iter))
         finally:
             bar.close()
+            if own_clock:
+                self._deadline = None
         p = self.param
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0) \
                 and self.rank == 0:
@@ -593,6 +699,7 @@ class Solver:
             report = self.net.load_weights(found)
             for name in report.not_in_net:
                 log.info(f"Ignoring source layer {name}")
+            _log_partial(report, self.net)
         with torch.no_grad():
             for h, array in zip(self.history, arrays):
                 h.copy_(torch.from_numpy(array.reshape(tuple(h.shape))))
@@ -617,6 +724,16 @@ class Solver:
                     f"{array.shape}, the net's blob has {want}; is it a snapshot of another net?")
             arrays.append(array)
         return arrays
+
+
+def _log_partial(report, net):
+    """Caffe keeps the fillers of layers a weights file lacks without a word; we say which."""
+    if report.not_in_weights:
+        cut = (f" (the file ends after layer {report.ends_at!r}: is it cut short?)"
+               if report.ends_at is not None else "")
+        log.warning(f"{report.where}: {len(report.not_in_weights)} layer(s) of net "
+                    f"{net.name!r} ({net.phase}) with parameters are not in the weights file and "
+                    f"keep their filler values{cut}: {', '.join(report.not_in_weights)}")
 
 
 class _Offset:

@@ -13,15 +13,17 @@ restore) and `inspect` all use it; a file is parsed once (`WeightsFile`) however
 goes into, and each blob is decoded once (`WeightsFile.array`).
 """
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
 
-from .errors import NetBuildError
+from .errors import NetBuildError, NonFiniteWarning
 
 LEGACY_FIELDS = ("num", "channels", "height", "width")
 
@@ -39,6 +41,13 @@ def first_records_by_name(net):
 def is_legacy_blob(blob):
     """Whether a BlobProto gives its shape with the legacy num/channels/height/width fields."""
     return not blob.HasField("shape") and any(blob.HasField(f) for f in LEGACY_FIELDS)
+
+
+def layer_name(layer):
+    """A file layer's name as text: protobuf hands back bytes for a name that is not UTF-8 (a
+    damaged file); those bytes are shown escaped, and match no net layer."""
+    name = layer.name
+    return name if isinstance(name, str) else bytes(name).decode("utf-8", "backslashreplace")
 
 
 def shape_fits(stored, wanted, legacy):
@@ -60,6 +69,7 @@ class WeightsFile:
             self.param = caffe_proto.read_weights(weights)
             self.where = os.fspath(weights) if isinstance(weights, (str, os.PathLike)) else "weights"
         self.layers = list(self.param.layer) + list(self.param.layers)
+        self.names = [layer_name(layer) for layer in self.layers]
         self._arrays = {}
 
     @classmethod
@@ -72,10 +82,31 @@ class WeightsFile:
         key = (layer_index, blob_index)
         if key not in self._arrays:
             layer = self.layers[layer_index]
+            where = f"{self.where}: layer {self.names[layer_index]!r} blob {blob_index}"
             # the one place a stored blob becomes numbers (checks of its values belong here)
-            self._arrays[key] = caffe_proto.blob_to_array(
-                layer.blobs[blob_index], f"{self.where}: layer {layer.name!r} blob {blob_index}")
+            array = caffe_proto.blob_to_array(layer.blobs[blob_index], where)
+            warn_non_finite(array, where)
+            self._arrays[key] = array
         return self._arrays[key]
+
+
+def warn_non_finite(array, where):
+    """Warn (NonFiniteWarning) when a stored blob holds NaN or infinite values: Caffe loads them
+    silently and every output that depends on them is then NaN."""
+    if array.dtype.kind != "f" or not array.size:
+        return
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    nans = int(np.isnan(array).sum())
+    infs = int(array.size - finite.sum()) - nans
+    counts = " and ".join(f"{n} {what}" for n, what in ((nans, "NaN"), (infs, "infinite"))
+                          if n)
+    first = np.unravel_index(int(np.argmin(finite.reshape(-1))), array.shape) if array.ndim \
+        else ()
+    warnings.warn(f"{where} (shape {tuple(array.shape)}) holds {counts} value(s) of "
+                  f"{array.size} (the first at index {tuple(int(i) for i in first)}); outputs "
+                  f"that depend on them will not be finite", NonFiniteWarning, stacklevel=3)
 
 
 @dataclass
@@ -100,6 +131,7 @@ class WeightsMatch:
     layers: OrderedDict = field(default_factory=OrderedDict)
     not_in_net: list = field(default_factory=list)
     not_in_weights: list = field(default_factory=list)
+    ends_at: str = None      # see _cut_point
 
     def tensors(self, dtype=None):
         """{"<layer key>.<attribute>": tensor} for every matched blob (each decoded once)."""
@@ -128,31 +160,48 @@ def match_weights(net, weights):
     by_name = first_records_by_name(net)
     match = WeightsMatch(weights)
     for index, layer in enumerate(weights.layers):
-        record = by_name.get(layer.name)
+        name = weights.names[index]
+        record = by_name.get(name)
         if record is None:
-            if len(layer.blobs) and layer.name not in match.not_in_net:
-                match.not_in_net.append(layer.name)
+            if len(layer.blobs) and name not in match.not_in_net:
+                match.not_in_net.append(name)
             continue
         attributes = blob_attributes(record.module)
         if not len(layer.blobs) and not attributes:
             continue
         if len(layer.blobs) != len(attributes):
-            raise NetBuildError(f"{weights.where}: layer {layer.name} ({record.type}) has "
+            raise NetBuildError(f"{weights.where}: layer {name} ({record.type}) has "
                                 f"{len(layer.blobs)} blob(s) in the weights file, the net expects "
                                 f"{len(attributes)} ({', '.join(attributes) or 'none'})")
         for i, (blob, attr) in enumerate(zip(layer.blobs, attributes)):
             stored = caffe_proto.blob_shape(blob)
             want = tuple(getattr(record.module, attr).shape)
             if not shape_fits(stored, want, is_legacy_blob(blob)):
-                raise NetBuildError(f"{weights.where}: layer {layer.name} ({record.type}) blob {i} "
+                raise NetBuildError(f"{weights.where}: layer {name} ({record.type}) blob {i} "
                                     f"({attr}) has shape {tuple(stored)} in the weights file, the "
                                     f"net expects {want}")
         # a later file layer of the name replaces the earlier one (in its place in the order)
-        match.layers[layer.name] = LayerWeights(layer.name, record, index, attributes)
+        match.layers[name] = LayerWeights(name, record, index, attributes)
     loaded = set(match.layers)
     match.not_in_weights = [r.name for r in net.records
                             if r.module.caffe_blobs() and (r.name not in loaded or by_name[r.name] is not r)]
+    match.ends_at = _cut_point(net, weights, match.not_in_weights)
     return match
+
+
+def _cut_point(net, weights, not_in_weights):
+    """The last layer of a file that looks cut short at a layer boundary (a valid protobuf with
+    fewer layers): its layers are, in order, exactly the net's first ones, and net layers with
+    parameters follow that the file lacks. None otherwise. Caffe writes every layer of the net
+    (Net::ToProto), so a complete file of the same net never looks like this."""
+    from .canonical import FROM_LEGACY_INPUTS
+    if not not_in_weights or not weights.names:
+        return None
+    names = [r.name for r in net.records if r.origin != FROM_LEGACY_INPUTS]
+    count = len(weights.names)
+    if count >= len(names) or weights.names != names[:count]:
+        return None
+    return weights.names[-1]
 
 
 @dataclass
@@ -160,25 +209,35 @@ class WeightsReport:
     """What `Net.load_weights` did: layers copied (`loaded`), net layers with parameters the file
     did not set (`not_in_weights`: partial weights; they keep their filler values), and file
     layers with blobs that the net has no layer for (`not_in_net`: Caffe ignores those silently;
-    we report them)."""
+    we report them). `where` names the file; `ends_at` is the file's last layer when the file
+    looks cut short at a layer boundary (its layers are exactly the net's first ones)."""
     loaded: list
     not_in_weights: list
     not_in_net: list
+    where: str = "the weights file"
+    ends_at: str = None
 
     @property
     def partial(self):
         return bool(self.not_in_weights)
 
     def __str__(self):
-        lines = [f"loaded {len(self.loaded)} layer(s)"]
+        lines = [f"{self.where}: loaded {len(self.loaded)} layer(s)"]
+        if self.not_in_weights:
+            cut = (f" (the file ends after layer {self.ends_at!r}, the net goes on: is it cut "
+                   f"short?)" if self.ends_at is not None else "")
+            lines.append(f"partial weights: {len(self.not_in_weights)} net layer(s) with "
+                         f"parameters are not in the weights file and kept their filler values{cut}: "
+                         f"{_listing(self.not_in_weights)}")
         if self.not_in_net:
             lines.append(f"ignored {len(self.not_in_net)} layer(s) of the weights file that the net "
-                         f"does not have: {', '.join(self.not_in_net)}")
-        if self.not_in_weights:
-            lines.append(f"{len(self.not_in_weights)} net layer(s) with parameters are not in the "
-                         f"weights file and kept their filler values: "
-                         f"{', '.join(self.not_in_weights)}")
+                         f"does not have: {_listing(self.not_in_net)}")
         return "; ".join(lines)
+
+
+def _listing(names, limit=20):
+    shown = ", ".join(str(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def copy_weights(net, weights):
@@ -190,7 +249,8 @@ def copy_weights(net, weights):
                 param = getattr(layer.record.module, attr)
                 array = match.weights.array(layer.layer_index, i)
                 param.copy_(torch.from_numpy(array.reshape(tuple(param.shape))))
-    return WeightsReport(list(match.layers), match.not_in_weights, match.not_in_net)
+    return WeightsReport(list(match.layers), match.not_in_weights, match.not_in_net,
+                         where=match.weights.where, ends_at=match.ends_at)
 
 
 def net_layers_proto(net, blobs_of):

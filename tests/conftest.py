@@ -58,7 +58,7 @@ def _cuda_ok():
 def pytest_addoption(parser):
     parser.addoption("--fuzz-examples", type=int, default=None, metavar="N",
                      help="examples per target of the fuzz suite in tests/fuzz (default "
-                          "$SEGAWARE_FUZZ_EXAMPLES or 40); bench/fuzz_campaign.py runs thousands")
+                          "$SEGAWARE_FUZZ_EXAMPLES or 100); bench/fuzz_campaign.py runs thousands")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -39,11 +39,29 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
+def _memory_size(text):
+    """argparse type of --max-memory: a size such as 8G, 512M or a number of bytes."""
+    from segaware_caffe.budget import parse_bytes
+    from segaware_caffe.errors import MemoryBudgetError
+    try:
+        return parse_bytes(text, "--max-memory")
+    except MemoryBudgetError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+
+MAX_MEMORY_HELP = ("memory budget for the nets this command builds (e.g. 8G, 512M); a net "
+                   "whose blobs would need more is refused before anything is allocated "
+                   "(default $SEGAWARE_MAX_BYTES, else half of the memory this process may use)")
+
+
 def _debug_parent():
-    # --debug is accepted after the verb too; SUPPRESS keeps the subparser from resetting it
+    # --debug and --max-memory are accepted after the verb too; SUPPRESS keeps the subparser
+    # from resetting them
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="print the traceback of an error")
+    parent.add_argument("--max-memory", type=_memory_size, default=argparse.SUPPRESS,
+                        metavar="SIZE", help=MAX_MEMORY_HELP)
     return parent
 
 
@@ -52,6 +70,8 @@ def build_parser():
     parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", default=False,
                         help="print the traceback of an error")
+    parser.add_argument("--max-memory", type=_memory_size, default=None, metavar="SIZE",
+                        help=MAX_MEMORY_HELP)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=ArgumentParser)
     parent = _debug_parent()
     modules = {}
@@ -127,6 +147,15 @@ def openmp_defaults():
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _memory_budget(max_bytes):
+    """The --max-memory budget for the verb's nets (a no-op without the option)."""
+    import contextlib
+    if max_bytes is None:
+        return contextlib.nullcontext()
+    from segaware_caffe.budget import limit
+    return limit(max_bytes)
+
+
 def main(argv=None):
     openmp_defaults()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -140,7 +169,7 @@ def main(argv=None):
         if args.verb is None:
             parser.print_help()
             return EXIT_USAGE
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _memory_budget(getattr(args, "max_memory", None)):
             if not debug:
                 warnings.showwarning = _show_warning
             return modules[args.verb].run(args) or 0

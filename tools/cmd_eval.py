@@ -79,6 +79,10 @@ def confusion_matrix(gt, pred, num_classes, ignore_label, where="image"):
 
 
 def evaluate(pred_dir, gt_dir, ids, *, num_classes=21, ignore_label=255):
+    from segaware_caffe import budget
+    # the matrix, and per image the bincount and its reshaped sum (int64 counts each)
+    budget.check_size(3 * num_classes * num_classes * 8,
+                      f"the {num_classes} x {num_classes} confusion matrix")
     confusion = np.zeros((num_classes, num_classes), np.int64)
     missing = [i for i in ids if not os.path.exists(os.path.join(pred_dir, f"{i}.png"))]
     if missing:

@@ -109,12 +109,16 @@ def zeros_like_declared(name, declared, feeds, arrays):
     """Zeros for an input the user did not give (e.g. the unused `label` input of the vgg
     deploy net): its declared shape, with the spatial size of the first fed input when both
     were declared with the same spatial size."""
+    from segaware_caffe import budget
     shape = tuple(declared[name])
     for fed in feeds:
         fed_declared, fed_shape = tuple(declared[fed]), arrays[fed].shape
         if len(shape) == 4 and len(fed_declared) == 4 and shape[2:] == fed_declared[2:]:
             shape = shape[:2] + tuple(fed_shape[2:])
             break
+    # the declared shape comes from the prototxt: checked before numpy is asked for it
+    budget.check_size(budget.nbytes(shape, 4), f"zeros for input {name!r} (not given with "
+                                               f"--input) of shape {shape}")
     return np.zeros(shape, np.float32)
 
 
@@ -160,6 +164,11 @@ def run(args):
         check_new_file(path, args.force)
     source = read_net_source(args.model, variables=variables or None)
     declared = canonical_net(source, phase=args.phase).inputs()
+    for name, shape in declared.items():
+        # the net would refuse it too, but zeros for an input not given are made before the net
+        if any(int(d) < 0 for d in shape):
+            raise NetBuildError(f"{args.model}: input blob {name!r} is declared with a negative "
+                                f"dimension, shape {tuple(shape)}")
     unknown = [name for name in feeds if name not in declared]
     if unknown:
         raise UsageError(f"{args.model}: {unknown[0]!r} is not an input of the net (inputs: "

@@ -7,6 +7,7 @@ like caffe, every output element per batch ("Batch 3, accuracy = 0.75"), the mea
 """
 import logging
 import sys
+import time
 
 import numpy as np
 import torch
@@ -14,8 +15,9 @@ import torch
 from segaware_caffe.net import Net
 from segaware_caffe.solvers.glog import fmt, glog_to, loss_note
 from segaware_caffe.data.arrays import read_npy
-from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_variable_arguments,
-                                         device_from_args, int32, parse_variables)
+from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_max_seconds_argument,
+                                         add_variable_arguments, check_iterations, device_from_args,
+                                         int32, parse_variables)
 
 log = logging.getLogger("segaware_caffe.cli")
 
@@ -34,6 +36,23 @@ def add_net_run_arguments(parser, *, phase, iterations_help, input_help):
                         help=input_help)
     add_variable_arguments(parser)
     add_device_arguments(parser)
+    add_max_seconds_argument(parser, "checked between passes; the figures then cover the "
+                                     "passes run")
+
+
+class Clock:
+    """--max-seconds between passes: `expired()` once the time is up (never without it)."""
+
+    def __init__(self, max_seconds):
+        self.max_seconds = max_seconds
+        self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
+
+    def expired(self):
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def note(self, done, planned):
+        return (f"Stopped after {self.max_seconds:g} s (--max-seconds): {done} of {planned} "
+                f"iterations run")
 
 
 def add_arguments(parser):
@@ -65,8 +84,7 @@ def feed_from_args(net, items, device, zeros_for_missing=False):
 
 def net_from_args(args, *, fuse=True):
     """(Net, device) for the options of add_net_run_arguments."""
-    if args.iterations <= 0:
-        raise UsageError(f"--iterations must be > 0, got {args.iterations}")
+    check_iterations(args.iterations)
     device = torch.device(device_from_args(args) or "cpu")
     net = Net(args.model, weights=args.weights, phase=args.phase,
               variables=parse_variables(args.set, args.vars), device=device,
@@ -80,9 +98,14 @@ def run(args):
         feed = feed_from_args(net, args.input, device)
         outputs = sorted(set(net.outputs) | set(net.loss_weights))
         log.info(f"Running for {args.iterations} iterations.")
-        totals, loss = {}, 0.0
+        totals, loss, done = {}, 0.0, 0
+        clock = Clock(args.max_seconds)
         with torch.no_grad():
             for i in range(args.iterations):
+                if i and clock.expired():
+                    log.info(clock.note(i, args.iterations))
+                    break
+                done = i + 1
                 out = net.forward(outputs=outputs, **feed)
                 total = net.loss(out)
                 loss += float(total) if total is not None else 0.0
@@ -91,9 +114,9 @@ def run(args):
                     totals[name] = values if name not in totals else totals[name] + values
                     for value in values.tolist():
                         log.info(f"Batch {i}, {name} = {fmt(value)}")
-        log.info(f"Loss: {fmt(loss / args.iterations)}")
+        log.info(f"Loss: {fmt(loss / done)}")
         for name in net.outputs:
             weight = net.loss_weights.get(name, 0.0)
-            for value in (totals[name] / args.iterations).tolist():
+            for value in (totals[name] / done).tolist():
                 log.info(f"{name} = {fmt(value)}{loss_note(weight, value)}")
     return 0

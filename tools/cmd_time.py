@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from segaware_caffe.solvers.glog import glog_to
-from segaware_caffe.tools.cmd_test import add_net_run_arguments, feed_from_args, net_from_args
+from segaware_caffe.tools.cmd_test import Clock, add_net_run_arguments, feed_from_args, net_from_args
 
 log = logging.getLogger("segaware_caffe.cli")
 
@@ -117,7 +117,12 @@ def run(args):
         log.info(f"Testing for {args.iterations} iterations.")
         forward_total = backward_total = 0.0
         start = time.perf_counter()
+        clock, n = Clock(args.max_seconds), 0
         for i in range(args.iterations):
+            if i and clock.expired():
+                log.info(clock.note(i, args.iterations))
+                break
+            n = i + 1
             forward, backward = timer.forward_backward(feed)
             forward_total, backward_total = forward_total + forward, backward_total + backward
             log.info(f"Iteration: {i + 1} forward-backward time: {forward + backward:.3f} ms.")
@@ -125,9 +130,8 @@ def run(args):
         log.info("Average time per layer: ")
         width = max((len(r.name) for r in timer.records), default=0)
         for r in timer.records:
-            log.info(f"{r.name:>{width}}\tforward: {timer.forward_ms[id(r)] / args.iterations:.5g} ms.")
-            log.info(f"{r.name:>{width}}\tbackward: {timer.backward_ms[id(r)] / args.iterations:.5g} ms.")
-        n = args.iterations
+            log.info(f"{r.name:>{width}}\tforward: {timer.forward_ms[id(r)] / n:.5g} ms.")
+            log.info(f"{r.name:>{width}}\tbackward: {timer.backward_ms[id(r)] / n:.5g} ms.")
         log.info(f"Average Forward pass: {forward_total / n:.5g} ms.")
         log.info(f"Average Backward pass: {backward_total / n:.5g} ms.")
         log.info(f"Average Forward-Backward: {(forward_total + backward_total) / n:.5g} ms.")

@@ -1,5 +1,6 @@
 """segaware-caffe train --solver S [--weights W | --snapshot S] [--set VAR=value] [--vars FILE]
-[--gpu ID] [--iterations N]: `caffe train` on PyTorch.
+[--gpu ID] [--iterations N] [--max-seconds S] [--nonfinite stop|warn|ignore]: `caffe train` on
+PyTorch.
 
 Logs go to stderr as glog lines (BVLC's tools/extra/parse_log.py reads them). Like caffe:
 Ctrl-C (SIGINT) stops after the current iteration and snapshots; SIGHUP snapshots and goes on
@@ -16,8 +17,8 @@ import torch
 
 from segaware_caffe.solver import Solver
 from segaware_caffe.solvers.glog import glog_to
-from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_variable_arguments,
-                                         device_from_args, parse_variables)
+from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_max_seconds_argument,
+                                         add_variable_arguments, device_from_args, parse_variables)
 
 log = logging.getLogger("segaware_caffe.cli")
 EFFECTS = ("stop", "snapshot", "none")
@@ -36,6 +37,12 @@ def add_arguments(parser):
                              "schedule still uses max_iter)")
     parser.add_argument("--progress", action="store_true",
                         help="draw a progress bar (only on a terminal)")
+    add_max_seconds_argument(parser, "checked before every pass; an unfinished iteration is "
+                                     "dropped, and the run ends as after Ctrl-C: snapshot and exit 0")
+    parser.add_argument("--nonfinite", choices=("stop", "warn", "ignore"), default="stop",
+                        help="when the loss or a gradient becomes NaN/inf: stop with a message "
+                             "naming the iteration and the first layer where it appeared "
+                             "(default), warn once and go on (as caffe does), or do not check")
     parser.add_argument("--sigint-effect", choices=EFFECTS, default="stop")
     parser.add_argument("--sighup-effect", choices=EFFECTS, default="snapshot")
 
@@ -76,11 +83,15 @@ def signal_requests(solver, sigint_effect, sighup_effect):
 def run(args):
     if args.iterations is not None and args.iterations < 0:
         raise UsageError(f"--iterations must be >= 0, got {args.iterations}")
+    if args.iterations:
+        from segaware_caffe import limits
+        limits.check(args.iterations, "iterations", "--iterations", "command line")
     variables = parse_variables(args.set, args.vars)
     weights = [w for item in args.weights for w in item.split(",") if w]
     with glog_to(sys.stderr):
         solver = Solver(args.solver, weights=weights or None, variables=variables,
-                        device=device_from_args(args), progress=args.progress)
+                        device=device_from_args(args), progress=args.progress,
+                        max_seconds=args.max_seconds, nonfinite=args.nonfinite)
         log.info("Starting Optimization")
         with signal_requests(solver, args.sigint_effect, args.sighup_effect):
             solver.solve(resume_file=args.snapshot, stop_iter=args.iterations)

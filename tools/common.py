@@ -105,6 +105,32 @@ def int32(text):
     return value
 
 
+def seconds(text):
+    """argparse type: a number of seconds > 0."""
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def add_max_seconds_argument(parser, what):
+    parser.add_argument("--max-seconds", type=seconds, metavar="S",
+                        help=f"stop after S seconds ({what})")
+
+
+def check_iterations(value, option="--iterations"):
+    """A count of iterations from the command line: > 0 and within segaware_caffe.limits."""
+    from segaware_caffe import limits
+    if value <= 0:
+        raise UsageError(f"{option} must be > 0, got {value}")
+    return limits.check(value, "iterations", option, "command line")
+
+
 def add_device_arguments(parser, *, gpu=True, default=None):
     """--device DEV (and caffe's --gpu ID when `gpu`), one of the two."""
     group = parser.add_mutually_exclusive_group()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import limits
 from ..layer import CaffeLayer
 from .images import DataError, data_setup_error, is_palette_image
 from .listfile import resolve_file, saturate_uint8
@@ -30,6 +31,8 @@ def read_list_settings(layer_param, ctx):
     source = resolve_file(param.source, ctx, "image_data_param.source")
     if param.batch_size <= 0:
         raise ctx.error(f"image_data_param.batch_size must be > 0, got {param.batch_size}")
+    limits.check(param.batch_size, "batch_size", "image_data_param.batch_size",
+                 f"{ctx.name} ({ctx.type})")
     new_height, new_width = int(param.new_height), int(param.new_width)
     if (new_height > 0) != (new_width > 0):
         raise ctx.error(f"image_data_param.new_height and new_width must be given together "

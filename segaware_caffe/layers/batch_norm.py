@@ -1,7 +1,6 @@
 """BatchNorm as modified by the fork. Where the fork's CPU and GPU code differ this follows the
 GPU path, the one the released models were trained and evaluated with."""
 import torch
-from torch import nn
 
 from ..layer import CaffeLayer, register_layer
 
@@ -32,11 +31,12 @@ class BatchNorm(CaffeLayer):
         self.update_global_stats = update_global_stats
         self.moving_average_fraction = moving_average_fraction
         self.eps = eps
-        self.mean_sum = nn.Parameter(torch.zeros(channels))
-        self.variance_sum = nn.Parameter(torch.zeros(channels))
-        self.scale_factor = nn.Parameter(torch.zeros(1))
+        self.mean_sum = self.new_parameter((channels,), "mean")
+        self.variance_sum = self.new_parameter((channels,), "variance")
+        self.scale_factor = self.new_parameter((1,), "scale factor")
         # The original's variance_ member in batch mode; per layer instance, not saved in weights.
-        self.register_buffer("batch_divisor", torch.zeros(channels), persistent=False)
+        self.register_buffer("batch_divisor", self.new_tensor((channels,), "batch divisor"),
+                             persistent=False)
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

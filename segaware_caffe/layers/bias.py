@@ -1,6 +1,5 @@
 """Bias: broadcast add of a learned blob or of a second bottom."""
 import torch
-from torch import nn
 
 from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
@@ -54,7 +53,7 @@ class Bias(CaffeLayer):
     def __init__(self, *, axis=1, bias_shape=None):
         super().__init__()
         self.axis = axis
-        self.bias = None if bias_shape is None else nn.Parameter(torch.zeros(bias_shape))
+        self.bias = None if bias_shape is None else self.new_parameter(bias_shape, "bias")
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

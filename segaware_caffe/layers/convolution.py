@@ -4,9 +4,11 @@ Both take one or more bottoms of the same shape and give one top per bottom, all
 same weights. The channel axis is `convolution_param.axis` (default 1); the axes before it are
 batch axes and exactly two spatial axes must follow it.
 """
+import math
+
 import torch.nn.functional as F
 
-from ..fillers import constant_parameter, fill_parameter
+from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
 from ..params import ConvGeometry, canonical_axis, conv_geometry
 
@@ -31,8 +33,8 @@ class _ConvolutionBase(CaffeLayer):
         self.dilation = tuple(dilation)
         self.group = group
         self.channel_axis = channel_axis
-        self.weight = constant_parameter(weight_shape)
-        self.bias = constant_parameter((self.num_output,)) if bias_term else None
+        self.weight = self.new_parameter(weight_shape, "weight")
+        self.bias = self.new_parameter((self.num_output,), "bias") if bias_term else None
 
     @property
     def num_output(self):
@@ -107,6 +109,15 @@ class _ConvolutionBase(CaffeLayer):
     def forward(self, *bottoms):
         tops = tuple(self._convolve_batched(x) for x in bottoms)
         return tops[0] if len(tops) == 1 else tops
+
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # torch's CPU paths that unfold (dilated or large kernels, no oneDNN) hold one image's
+        # columns at a time: (weight channels x kh x kw) rows over the pixels of the convolved side
+        if getattr(self, "bottom_is_im2col", False) or not bottom_shapes:
+            return 0
+        side = top_shapes[0] if self.TYPE != "Deconvolution" else bottom_shapes[0]
+        pixels = math.prod(side[self.channel_axis + 1:])
+        return self.weight.shape[1] * self.kernel[0] * self.kernel[1] * pixels * itemsize
 
     def _convolve_batched(self, x):
         # Axes before the channel axis are all batch axes (Caffe's num_ = count(0, axis)).

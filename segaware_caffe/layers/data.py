@@ -13,6 +13,7 @@ from ..data.listfile import resolve_dir, resolve_file
 from ..data.optional import require_at_build
 from ..data.stream import StreamDataLayer, draw_seed
 from ..data.transforms import CropMirrorTransform, ImageTransformError
+from .. import limits
 from ..layer import register_layer
 
 _MODULE_OF_BACKEND = {"LMDB": "lmdb", "LEVELDB": "plyvel"}
@@ -96,6 +97,8 @@ class Data(StreamDataLayer):
         require_at_build(_MODULE_OF_BACKEND[backend], ctx)
         if param.batch_size <= 0:
             raise ctx.error(f"data_param.batch_size must be > 0, got {param.batch_size}")
+        limits.check(param.batch_size, "batch_size", "data_param.batch_size",
+                     f"{ctx.name} ({ctx.type})")
         for field in ("scale", "mean_file", "crop_size", "mirror", "rand_skip",
                       "force_encoded_color"):
             if param.HasField(field):

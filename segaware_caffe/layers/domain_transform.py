@@ -55,6 +55,13 @@ class DomainTransform(CaffeLayer):
     def output_shapes(self, bottom_shapes):
         return [tuple(bottom_shapes[0])]
 
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # per iteration the weights and, for the backward, four copies of the scanned input (the
+        # differences of each pass), plus the transposed working copies
+        n, c, h, w = bottom_shapes[0]
+        image = n * c * h * w * itemsize
+        return self.num_iter * (4 * image + n * h * w * itemsize) + 3 * image
+
     def extra_repr(self):
         return (f"num_iter={self.num_iter}, spatial_sigma={self.spatial_sigma:g}, "
                 f"range_sigma={self.range_sigma:g}, min_weight={self.min_weight:g}")

@@ -41,9 +41,10 @@ class DummyData(CaffeLayer):
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.fillers = list(fillers)
         for index, (shape, filler) in enumerate(zip(self.shapes, self.fillers)):
-            # Filled here: the constant tops' values; the others only carry dtype and device.
-            initial = (fill(filler, shape) if filler.type == "constant"
-                       else torch.empty(shape))
+            # Filled here: the constant tops' values (charged to the memory budget); the others
+            # are drawn at every forward and the buffer only carries dtype and device.
+            initial = (self.new_tensor(shape, f"constant top {index}", float(filler.value))
+                       if filler.type == "constant" else torch.empty(0))
             self.register_buffer(f"top{index}", initial, persistent=False)
 
     @classmethod

@@ -19,8 +19,8 @@ class Embed(CaffeLayer):
 
     def __init__(self, *, num_output, input_dim, bias_term=True, where="Embed"):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(input_dim, num_output))
-        self.bias = nn.Parameter(torch.zeros(num_output)) if bias_term else None
+        self.weight = self.new_parameter((input_dim, num_output), "weight")
+        self.bias = self.new_parameter((num_output,), "bias") if bias_term else None
         self.where = where
 
     @classmethod

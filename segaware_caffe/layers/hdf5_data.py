@@ -10,6 +10,7 @@ from ..data.images import DataError, data_setup_error
 from ..data.listfile import read_tokens, resolve_file, resolve_item
 from ..data.optional import require_at_build
 from ..data.stream import StreamDataLayer, draw_seed
+from .. import limits
 from ..layer import register_layer
 
 
@@ -95,6 +96,8 @@ class HDF5Data(StreamDataLayer):
         param = layer_param.hdf5_data_param
         if param.batch_size <= 0:
             raise ctx.error(f"hdf5_data_param.batch_size must be > 0, got {param.batch_size}")
+        limits.check(param.batch_size, "batch_size", "hdf5_data_param.batch_size",
+                     f"{ctx.name} ({ctx.type})")
         source = resolve_file(param.source, ctx, "hdf5_data_param.source")
         files = [os.path.abspath(resolve_item(token, ctx.base_dir))
                  for _, token in read_tokens(source)]

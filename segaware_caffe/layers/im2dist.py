@@ -76,6 +76,11 @@ class Im2dist(CaffeLayer):
         return im2dist(x, self.kernel, self.pad, self.stride, self.dilation, norm=self.norm,
                        remove_center=self.remove_center, remove_bounds=self.remove_bounds)
 
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # the CPU path pads the bottom and loops over the taps
+        return ConvGeometry(self.kernel, self.pad, self.stride, self.dilation).tap_loop_workspace(
+            bottom_shapes[0], itemsize)
+
     def extra_repr(self):
         return patch_layer_repr(self, (("norm", "L2"), ("remove_center", False),
                                        ("remove_bounds", False)))

@@ -44,5 +44,10 @@ class Im2parity(CaffeLayer):
         return im2parity(labels, self.kernel, self.pad, self.stride, self.dilation,
                          ignore_label=self.ignore_label)
 
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # the CPU path pads the bottom and loops over the taps
+        return ConvGeometry(self.kernel, self.pad, self.stride, self.dilation).tap_loop_workspace(
+            bottom_shapes[0], itemsize)
+
     def extra_repr(self):
         return patch_layer_repr(self, (("ignore_label", None),))

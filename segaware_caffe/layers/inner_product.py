@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from ..fillers import constant_parameter, fill_parameter
+from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
 from ..params import canonical_axis
 from .convolution import optional_filler
@@ -20,8 +20,8 @@ class InnerProduct(CaffeLayer):
         self.axis = axis
         self.transpose = transpose
         shape = (input_size, num_output) if transpose else (num_output, input_size)
-        self.weight = constant_parameter(shape)
-        self.bias = constant_parameter((num_output,)) if bias_term else None
+        self.weight = self.new_parameter(shape, "weight")
+        self.bias = self.new_parameter((num_output,), "bias") if bias_term else None
 
     @property
     def num_output(self):

@@ -16,6 +16,7 @@ from ..data.images import DataError
 from ..errors import OutputExistsError, SegawareError
 from ..files import OUTPUT_DIR_ENV, OutsideFolderError, check_inside, open_new, output_folder
 from ..data.listfile import read_lines, resolve_file
+from .. import limits
 from ..layer import CaffeLayer, register_layer
 
 
@@ -188,6 +189,8 @@ class MatRead(CaffeLayer):
             raise ctx.error("mat_read_param.prefix is required")
         if param.batch_size <= 0:
             raise ctx.error(f"mat_read_param.batch_size must be > 0, got {param.batch_size}")
+        limits.check(param.batch_size, "batch_size", "mat_read_param.batch_size",
+                     f"{ctx.name} ({ctx.type})")
         names = _read_names(param, ctx, "mat_read_param")
         label = f"{ctx.name} ({ctx.type})"
         layer = cls(prefix=param.prefix, names=names, batch_size=int(param.batch_size),

@@ -8,13 +8,12 @@ Deviation: the original leaves the gradient of bottom 0 unwritten for 1x1 stride
 refused at build time (no released net uses it with NormConv).
 """
 import torch
-from torch import nn
 
 from segaware_caffe.kernels.norm_conv import norm_conv
 
 from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
-from ..params import conv_geometry
+from ..params import ConvGeometry, conv_geometry
 
 _NORMS = {1: "L1", 2: "L2"}   # NormConvParameter.Norm enum values
 
@@ -40,9 +39,9 @@ class NormConv(CaffeLayer):
         self.norm = norm
         self.remove_center, self.remove_bounds = remove_center, remove_bounds
         self.scale_term = scale_term
-        self.weight = nn.Parameter(torch.zeros(weight_shape))
-        self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias_term else None
-        self.scale = nn.Parameter(torch.zeros(1)) if scale_term else None
+        self.weight = self.new_parameter(weight_shape, "weight")
+        self.bias = self.new_parameter((weight_shape[0],), "bias") if bias_term else None
+        self.scale = self.new_parameter((1,), "scale") if scale_term else None
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -90,6 +89,16 @@ class NormConv(CaffeLayer):
                          pad=self.pad, stride=self.stride, dilation=self.dilation, group=self.group,
                          norm=self.norm, remove_center=self.remove_center,
                          remove_bounds=self.remove_bounds, scale_term=self.scale_term)
+
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # padded copies of both bottoms (the distances and the convolution), the (N, K, Ho, Wo)
+        # attention and one tap's temporaries
+        geometry = ConvGeometry(self.kernel, self.pad, self.stride, self.dilation)
+        x, emb = bottom_shapes
+        out_h, out_w = (max(0, d) for d in geometry.output_size(*x[2:]))
+        attention = x[0] * geometry.taps * out_h * out_w * itemsize
+        return (geometry.tap_loop_workspace(x, itemsize) + geometry.tap_loop_workspace(emb, itemsize)
+                + 2 * attention)
 
     def extra_repr(self):
         parts = [f"num_output={self.weight.shape[0]}", f"kernel={self.kernel}"]

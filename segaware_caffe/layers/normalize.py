@@ -1,7 +1,6 @@
 """Normalize (SSD fork): L2-normalise each image, over channels per position or over everything,
 then multiply by a learned scale."""
 import torch
-from torch import nn
 
 from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
@@ -64,7 +63,7 @@ class Normalize(CaffeLayer):
     def __init__(self, *, channels, across_spatial=True, channel_shared=True, eps=1e-10):
         super().__init__()
         self.across_spatial, self.channel_shared, self.eps = across_spatial, channel_shared, eps
-        self.scale = nn.Parameter(torch.ones(() if channel_shared else (channels,)))
+        self.scale = self.new_parameter(() if channel_shared else (channels,), "scale", 1.0)
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

@@ -1,6 +1,4 @@
 """Parameter (BVLC Caffe): a learnable blob given to the net as a top."""
-import torch
-from torch import nn
 
 from ..layer import CaffeLayer, register_layer
 
@@ -15,7 +13,7 @@ class Parameter(CaffeLayer):
 
     def __init__(self, *, shape):
         super().__init__()
-        self.blob = nn.Parameter(torch.zeros(tuple(int(d) for d in shape)))
+        self.blob = self.new_parameter(shape, "blob")
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

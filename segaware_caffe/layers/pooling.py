@@ -237,6 +237,19 @@ class Pooling(CaffeLayer):
         # the positions a TRAIN-phase forward samples: the TEST phase has no backward
         return not (self.method == "STOCHASTIC" and not self.train_phase)
 
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # the bottom padded to exactly the windows' extent, the winners' int64 indices (MAX), the
+        # running sums and draws (STOCHASTIC, kh*kw taps per window)
+        n, c, height, width = bottom_shapes[0]
+        kernel = self._kernel_for(height, width)
+        out_h, out_w = self.output_spatial_size(height, width)
+        extent = [(o - 1) * s + k for o, s, k in zip((out_h, out_w), self.stride, kernel)]
+        padded = n * c * max(extent[0], height) * max(extent[1], width) * itemsize
+        windows = n * c * max(0, out_h) * max(0, out_w)
+        if self.method == "STOCHASTIC":
+            return padded + 3 * windows * kernel[0] * kernel[1] * itemsize
+        return padded + windows * (8 + 8 * self.mask_top)
+
     def extra_repr(self):
         phase = (", phase=" + ("TRAIN" if self.train_phase else "TEST")) if self.method == "STOCHASTIC" else ""
         if self.global_pooling:

@@ -1,6 +1,5 @@
 """PReLU (BVLC): parametric ReLU with a learned per-channel (or shared) slope."""
 import torch
-from torch import nn
 
 from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
@@ -18,7 +17,7 @@ class PReLU(CaffeLayer):
     def __init__(self, *, channels, channel_shared=False):
         super().__init__()
         self.channel_shared = channel_shared
-        self.slope = nn.Parameter(torch.full(() if channel_shared else (channels,), 0.25))
+        self.slope = self.new_parameter(() if channel_shared else (channels,), "slope", 0.25)
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

@@ -26,7 +26,6 @@ import math
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from ..fillers import fill
 from ..layer import CaffeLayer
@@ -56,7 +55,7 @@ class RecurrentLayer(CaffeLayer):
         self.expose_hidden = bool(expose_hidden)
         self.where = where
         for name, shape in self.blob_shapes().items():
-            self.register_parameter(name, None if shape is None else nn.Parameter(torch.zeros(shape)))
+            self.register_parameter(name, None if shape is None else self.new_parameter(shape, name))
         for state in self.STATES:
             self.register_buffer(f"carried_{state}", torch.zeros(0), persistent=False)
         if not self.expose_hidden:

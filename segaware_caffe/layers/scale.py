@@ -1,6 +1,5 @@
 """Scale: broadcast multiply by a learned blob or a second bottom, optional bias."""
 import torch
-from torch import nn
 
 from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
@@ -21,8 +20,8 @@ class Scale(CaffeLayer):
     def __init__(self, *, axis=1, scale_shape=None, bias_shape=None):
         super().__init__()
         self.axis = axis
-        self.scale = None if scale_shape is None else nn.Parameter(torch.ones(scale_shape))
-        self.bias = None if bias_shape is None else nn.Parameter(torch.zeros(bias_shape))
+        self.scale = None if scale_shape is None else self.new_parameter(scale_shape, "scale", 1.0)
+        self.bias = None if bias_shape is None else self.new_parameter(bias_shape, "bias")
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

@@ -21,8 +21,9 @@ class SegAccuracy(CaffeLayer):
         self.reset = reset
         self.where = where
         # accumulated counts (int64) when reset is false; a buffer so .to(device) moves it
-        self.register_buffer("confusion", torch.zeros(num_classes, num_classes, dtype=torch.int64),
-                             persistent=False)
+        confusion = self.new_tensor((num_classes, num_classes), "confusion matrix",
+                                    dtype=torch.int64)
+        self.register_buffer("confusion", confusion, persistent=False)
         if not reset:
             self.HAS_SIDE_EFFECTS = True  # the matrix carries state from one forward to the next
 

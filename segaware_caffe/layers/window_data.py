@@ -9,6 +9,7 @@ from ..data.images import DataError, DataSetupError, read_image
 from ..data.listfile import resolve_file, resolve_item
 from ..data.stream import StreamDataLayer, draw_seed
 from ..data.windows import WindowCrop, WindowFileError, parse_window_file
+from .. import limits
 from ..layer import register_layer
 from .data import load_mean_file
 
@@ -115,6 +116,8 @@ class WindowData(StreamDataLayer):
         param, tp = layer_param.window_data_param, layer_param.transform_param
         if param.batch_size <= 0:
             raise ctx.error(f"window_data_param.batch_size must be > 0, got {param.batch_size}")
+        limits.check(param.batch_size, "batch_size", "window_data_param.batch_size",
+                     f"{ctx.name} ({ctx.type})")
         crop = int(tp.crop_size)
         if crop <= 0:
             raise ctx.error("transform_param.crop_size must be > 0 (the size windows are warped to)")

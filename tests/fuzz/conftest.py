@@ -5,11 +5,11 @@ import pytest
 from tests.fuzz import engine
 
 EXAMPLES_ENV = "SEGAWARE_FUZZ_EXAMPLES"
-DEFAULT_EXAMPLES = 40
+DEFAULT_EXAMPLES = 100
 
 
 def fuzz_examples(config):
-    """Examples per target: --fuzz-examples N, else $SEGAWARE_FUZZ_EXAMPLES, else 40."""
+    """Examples per target: --fuzz-examples N, else $SEGAWARE_FUZZ_EXAMPLES, else 100."""
     value = config.getoption("fuzz_examples", None) or os.environ.get(EXAMPLES_ENV)
     return int(value) if value else DEFAULT_EXAMPLES
 

@@ -36,6 +36,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "fixtures" / "golden"
 TIME_LIMIT_S = 10
+# Training runs get this bound (Solver(max_seconds=), train --max-seconds): a run that is long by
+# its configuration (iter_size 255 of a slow net) must stop there with its message; a hang is a
+# run that the bound does not stop (one pass or one build that takes longer than the limit).
+RUN_BOUND_S = TIME_LIMIT_S / 2
 PROBLEMS = ("unnamed", "escaped", "big-allocation", "hang", "traceback", "silent-partial-load")
 
 
@@ -721,7 +725,7 @@ def target_solver(data, folder, seed):
     case = _case_copy(seed, folder)
     path = _write(case, "fuzz_solver.prototxt", data)
     with working_directory(case):
-        solver = Solver(path)
+        solver = Solver(path, max_seconds=RUN_BOUND_S)
         feed = _zeros_feed(solver.net)
         if feed is not None:
             solver.step(2, inputs={k: v.numpy() for k, v in feed.items()})
@@ -810,11 +814,12 @@ def cli_argv(kind, path, folder, seed, c):
                     str(folder / "m.py"), "--force"]
         return ["convert", str(case / "net.prototxt"), str(path), "--to-caffemodel", "-o",
                 str(folder / "o.caffemodel"), "--force"]
+    bound = ["--max-seconds", str(RUN_BOUND_S)]
     if kind == "solver":
-        return ["train", "--solver", str(path), "--iterations", "2"]
+        return ["train", "--solver", str(path), "--iterations", "2", *bound]
     if kind == "solverstate":
         return ["train", "--solver", str(case / "solver.prototxt"), "--snapshot", str(path),
-                "--iterations", "3"]
+                "--iterations", "3", *bound]
     if kind == "image":
         net = folder / "rgb.prototxt"
         net.write_text('input: "data" input_shape { dim: 1 dim: 3 dim: 4 dim: 4 }\n'
