@@ -12,11 +12,10 @@ import os
 import sys
 
 import numpy as np
-import torch
-from PIL import Image
 
 from segaware_caffe.canonical import canonical_net, read_net_source
 from segaware_caffe.files import CLI_HINT, open_new
+from segaware_caffe.label_maps import labels_from_scores, save_label_png, voc_palette  # noqa: F401
 from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_force_argument,
                                          add_variable_arguments, check_new_file, device_from_args,
                                          parse_assignments, parse_variables)
@@ -47,34 +46,6 @@ def add_arguments(parser):
     parser.add_argument("--max-image-pixels", type=int, metavar="N",
                         help="largest image (width x height) read, a guard against decompression "
                              "bombs (default $SEGAWARE_MAX_IMAGE_PIXELS or 67108864)")
-
-
-def voc_palette(count=256):
-    """The PASCAL VOC colour map: the bits of the class index interleaved into R, G, B from the
-    most significant bit down. Returns `count` (r, g, b) rows as a uint8 array."""
-    palette = np.zeros((count, 3), np.uint8)
-    for index in range(count):
-        value, rgb = index, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((value >> channel) & 1) << bit
-            value >>= 3
-        palette[index] = rgb
-    return palette
-
-
-def save_label_png(labels, path, overwrite=False):
-    """An H x W integer array (0..255) as a palette PNG with the VOC colours (an existing file
-    is replaced only with `overwrite`)."""
-    labels = np.asarray(labels)
-    if labels.min() < 0 or labels.max() > 255:
-        raise UsageError(f"{path}: labels span {labels.min()}..{labels.max()}, a palette PNG holds "
-                         f"0..255")
-    labels = np.ascontiguousarray(labels, dtype=np.uint8)
-    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
-    image.putpalette(voc_palette().ravel().tolist())
-    with open_new(path, overwrite=overwrite, hint=CLI_HINT) as f:
-        image.save(f, format="PNG")
 
 
 def parse_mean(text):
@@ -138,16 +109,16 @@ def save_output(name, array, path, crop=None, overwrite=False):
         if array.ndim != 4:
             raise UsageError(f"{path}: a .png needs a 4-D N x C x H x W blob; {name!r} has shape "
                              f"{array.shape} (save it as .npy)")
-        scores = array[0]
-        labels = scores.argmax(axis=0) if scores.shape[0] > 1 else np.rint(scores[0]).astype(np.int64)
+        labels = labels_from_scores(array[0], where=name)
         if crop is not None:
             labels = labels[:crop[0], :crop[1]]
-        save_label_png(labels, path, overwrite=overwrite)
+        save_label_png(labels, path, overwrite=overwrite, hint=CLI_HINT)
     else:
         raise UsageError(f"{path}: unknown output format {ext or '(none)'}; use .npy or .png")
 
 
 def run(args):
+    import torch
     from segaware_caffe import Net, NetBuildError
 
     variables = parse_variables(args.set, args.vars)

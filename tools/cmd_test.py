@@ -8,12 +8,6 @@ like caffe, every output element per batch ("Batch 3, accuracy = 0.75"), the mea
 import logging
 import sys
 
-import numpy as np
-import torch
-
-from segaware_caffe.net import Net
-from segaware_caffe.solvers.glog import fmt, glog_to, loss_note
-from segaware_caffe.data.arrays import read_npy
 from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_variable_arguments,
                                          device_from_args, int32, parse_variables)
 
@@ -45,6 +39,9 @@ def add_arguments(parser):
 def feed_from_args(net, items, device, zeros_for_missing=False):
     """{input blob: tensor} from --input BLOB=FILE.npy items; every net input must be given
     (or, with zeros_for_missing, gets zeros of its declared shape)."""
+    import torch
+    from segaware_caffe.data.arrays import read_npy
+
     feed = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -65,6 +62,9 @@ def feed_from_args(net, items, device, zeros_for_missing=False):
 
 def net_from_args(args, *, fuse=True):
     """(Net, device) for the options of add_net_run_arguments."""
+    import torch
+    from segaware_caffe.net import Net
+
     if args.iterations <= 0:
         raise UsageError(f"--iterations must be > 0, got {args.iterations}")
     device = torch.device(device_from_args(args) or "cpu")
@@ -75,6 +75,9 @@ def net_from_args(args, *, fuse=True):
 
 
 def run(args):
+    import torch
+    from segaware_caffe.solvers.glog import fmt, glog_to, loss_note
+
     with glog_to(sys.stderr):
         net, device = net_from_args(args)
         feed = feed_from_args(net, args.input, device)

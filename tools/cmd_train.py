@@ -12,10 +12,6 @@ import logging
 import signal
 import sys
 
-import torch
-
-from segaware_caffe.solver import Solver
-from segaware_caffe.solvers.glog import glog_to
 from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_variable_arguments,
                                          device_from_args, parse_variables)
 
@@ -74,6 +70,9 @@ def signal_requests(solver, sigint_effect, sighup_effect):
 
 
 def run(args):
+    from segaware_caffe.solver import Solver
+    from segaware_caffe.solvers.glog import glog_to
+
     if args.iterations is not None and args.iterations < 0:
         raise UsageError(f"--iterations must be >= 0, got {args.iterations}")
     variables = parse_variables(args.set, args.vars)
