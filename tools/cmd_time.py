@@ -30,7 +30,7 @@ def __getattr__(name):
 
 
 def run(args):
-    from segaware_caffe.solvers.glog import glog_to
+    from segaware_caffe.solvers.glog import ProgressBar, glog_to
     from segaware_caffe.tools.layer_timer import LayerTimer
 
     with glog_to(sys.stderr):
@@ -44,10 +44,16 @@ def run(args):
         log.info(f"Testing for {args.iterations} iterations.")
         forward_total = backward_total = 0.0
         start = time.perf_counter()
-        for i in range(args.iterations):
-            forward, backward = timer.forward_backward(feed)
-            forward_total, backward_total = forward_total + forward, backward_total + backward
-            log.info(f"Iteration: {i + 1} forward-backward time: {forward + backward:.3f} ms.")
+        bar = ProgressBar(args.iterations, enabled=None if args.progress else False)
+        bar.update(0)
+        try:
+            for i in range(args.iterations):
+                forward, backward = timer.forward_backward(feed)
+                forward_total, backward_total = forward_total + forward, backward_total + backward
+                log.info(f"Iteration: {i + 1} forward-backward time: {forward + backward:.3f} ms.")
+                bar.update(i + 1)
+        finally:
+            bar.close()
         total = (time.perf_counter() - start) * 1e3
         log.info("Average time per layer: ")
         width = max((len(r.name) for r in timer.records), default=0)
