@@ -40,7 +40,7 @@ def filler_text(record):
     message, field = where
     param = getattr(record.param, message)
     if not param.HasField(field):
-        return f"no {field} (Caffe's default, constant 0)"
+        return f"no {field}: Caffe's default, constant 0"
     filler = getattr(param, field)
     kind = filler.type or "constant"
     return f"{field} {kind}" + (f" {filler.value:g}" if kind == "constant" else "")
@@ -66,8 +66,16 @@ def layers_at_fillers(net, reports=None):
 
 
 def _names(layers, limit=40):
-    names = [f"{layer.name} ({layer.filler})" if layer.zero else layer.name for layer in layers]
-    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+    """'a, b (no weight_filler: ...); c (weight_filler constant 0); d, e': the all-zero layers
+    grouped by how they were filled, in net order."""
+    groups = {}
+    for layer in layers:
+        groups.setdefault(layer.filler if layer.zero else None, []).append(layer.name)
+    parts = []
+    for filler, names in groups.items():
+        shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+        parts.append(f"{shown} ({filler})" if filler is not None else shown)
+    return "; ".join(parts)
 
 
 def report_fillers(net, reports, log):

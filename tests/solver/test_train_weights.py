@@ -77,10 +77,10 @@ def test_from_scratch_every_zero_weight_layer_is_named(files, caplog):
     layers = {layer.name: layer for layer in layers_at_fillers(solver.net)}
     assert set(layers) == {"a", "b", "c"}
     assert not layers["a"].zero and layers["b"].zero and layers["c"].zero and layers["c"].frozen
-    assert layers["b"].filler == "no weight_filler (Caffe's default, constant 0)"
+    assert layers["b"].filler == "no weight_filler: Caffe's default, constant 0"
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and "2 layer(s) start with ALL-ZERO weights" in warning[0]
-    assert "b (no weight_filler (Caffe's default, constant 0)), c (weight_filler constant 0)" in warning[0]
+    assert "b (no weight_filler: Caffe's default, constant 0); c (weight_filler constant 0)" in warning[0]
     assert "give them a weight_filler or start from a weights file" in warning[0]
 
 
