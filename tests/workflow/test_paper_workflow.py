@@ -84,6 +84,7 @@ def cli(capsys, *argv):
 @pytest.mark.slow
 def test_train_finetune_test_score(tmp_path, reference, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)       # MatWrite writes inside the working directory
+    monkeypatch.setenv("SEGAWARE_DATA_WORKERS", "0")   # a handful of images: no loader processes
     make_dataset(tmp_path)
     make_experiment(tmp_path, reference)
 
