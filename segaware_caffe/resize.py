@@ -67,8 +67,10 @@ def _constants(out):
     for lp in out.layer:
         label = f"layer {lp.name!r} ({lp.type})"
         if lp.type == "Input":
-            for shape in lp.input_param.shape:
-                shape_dims(shape, label)
+            for i, shape in enumerate(lp.input_param.shape):
+                top = lp.top[i] if i < len(lp.top) and len(lp.input_param.shape) > 1 else \
+                    ", ".join(lp.top) or lp.name
+                shape_dims(shape, f"input {top!r}")
         elif lp.type == "DummyData":
             dp = lp.dummy_data_param
             for shape in dp.shape:

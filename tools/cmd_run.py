@@ -161,6 +161,10 @@ def run(args):
             image_size = array.shape[2:]
             array = pad_to(array, declared[name], name)
             crops.setdefault(array.shape[2:], image_size)
+        elif explicit and tuple(array.shape) != tuple(declared[name]):
+            raise UsageError(f"--input {name}: the array has shape {tuple(array.shape)}, the net is "
+                             f"built for {tuple(declared[name])} (--input-shape); arrays are fed as "
+                             f"they are, only images are padded to it")
         arrays[name] = array
     if not pad and arrays:
         # the net takes the size of what is fed; sizes tied to its first input follow it
