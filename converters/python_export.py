@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from segaware_caffe.errors import NetBuildError
+from segaware_caffe.files import refuse_existing
 from segaware_caffe.layer import layer_class, registered_types
 from segaware_caffe.net import refuse_gradient, track_grad, zero_first_element
 from segaware_caffe.weights import blob_attributes
@@ -465,9 +466,7 @@ def export_onnx(net, export, path, *, opset=17, overwrite=False):
             f"cannot export net {net.name!r} to ONNX: {len(blocked)} layer(s) run segmentation-aware "
             f"kernels that ONNX has no operator for: "
             + ", ".join(f"{layer.name} ({layer.type})" for layer in blocked))
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path}: file exists; pass --force (overwrite=True) to replace it")
+    path = refuse_existing(path, overwrite, "pass --force (overwrite=True) to replace it")
     model = _TupleOutputs(instantiate(export, net), export.outputs)
     example = tuple(torch.zeros(net.input_shapes[name]) for name in export.inputs)
     with warnings.catch_warnings():

@@ -257,6 +257,12 @@ def weights_round_trip(workdir, config=None):
     return compared
 
 
+def _save(image, path, overwrite):
+    from segaware_caffe.files import CLI_HINT, open_new
+    with open_new(path, overwrite=overwrite, hint=CLI_HINT) as f:
+        image.save(f, format="PNG")
+
+
 def run_demo(out_dir, size=192, kernel=9, lam=6.0, mask_kernel=15, mask_dilation=2, config=None,
              overwrite=False):
     """Writes the pictures into `out_dir`, which must be new or empty unless `overwrite`."""
@@ -275,7 +281,8 @@ def run_demo(out_dir, size=192, kernel=9, lam=6.0, mask_kernel=15, mask_dilation
     points = [(min(height - 1, int(r * height)), min(width - 1, int(c * width))) for r, c in MASK_POINTS]
     photo = to_uint8(image)
     files["masks"] = os.path.join(out_dir, "attention_masks.png")
-    draw_masks(photo, [masks[:, r, c].numpy() for r, c in points], points, mask_kernel).save(files["masks"])
+    _save(draw_masks(photo, [masks[:, r, c].numpy() for r, c in points], points, mask_kernel),
+          files["masks"], overwrite)
 
     # (b) segmentation-aware filtering vs a box blur of the same window
     results = {}
@@ -288,9 +295,9 @@ def run_demo(out_dir, size=192, kernel=9, lam=6.0, mask_kernel=15, mask_dilation
     for name, picture in (("photo", photo), ("box_blur", results["box"]),
                           ("segaware_filtered", results["segaware"])):
         files[name] = os.path.join(out_dir, f"{name}.png")
-        Image.fromarray(picture).save(files[name])
+        _save(Image.fromarray(picture), files[name], overwrite)
     files["comparison"] = os.path.join(out_dir, "comparison.png")
-    side_by_side([photo, results["box"], results["segaware"]]).save(files["comparison"])
+    _save(side_by_side([photo, results["box"], results["segaware"]]), files["comparison"], overwrite)
 
     # (c) caffemodel -> safetensors -> caffemodel for a released config
     with tempfile.TemporaryDirectory() as workdir:
