@@ -58,7 +58,8 @@ def add_arguments(parser):
                             "comma-separated, like caffe): a later file's layers replace an "
                             "earlier one's")
     parser.add_argument("--rename", action=_Rename, metavar="FROM=TO",
-                        help="rename layers of the --weights file given before it: a layer whose "
+                        help="rename layers of the --weights file given before it (the last one "
+                             "of a comma-separated list): a layer whose "
                              "whole name matches the regular expression FROM loads as TO (\\1 "
                              "for its groups), e.g. 'conv(.*)=emb\\1' puts an embs snapshot's "
                              "convolutions into the vgg net's emb layers (repeatable)")
