@@ -45,7 +45,8 @@ def add_arguments(parser):
     add_net_run_arguments(parser, phase="test", iterations_help="number of batches",
                           input_help="array fed to a net input on every pass (nets with Input "
                                      "layers)",
-                          iterations_default="50; with --png, one pass over the data layer's list")
+                          iterations_default="50; with --png, one pass over the data layer's "
+                                             "list, or 1 for a net fed with --input")
     parser.add_argument("--png", metavar="DIR",
                         help="write a VOC-palette label PNG of every image into DIR (<id>.png, the "
                              "id being the image's file stem), cropped to the image's own size")
@@ -141,6 +142,8 @@ def run(args):
                 args.iterations = writer.passes()
                 log.info(f"--png without --iterations: one pass over the list, "
                          f"{args.iterations} batch(es)")
+            elif not iterations_given:     # fed inputs: every pass would give the same PNGs
+                args.iterations = 1
         outputs = sorted(set(net.outputs) | set(net.loss_weights) | ({writer.blob} if writer else set()))
         log.info(f"Running for {args.iterations} iterations.")
         totals, loss = {}, 0.0

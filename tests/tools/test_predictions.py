@@ -152,3 +152,19 @@ def test_labels_from_scores_and_a_map_smaller_than_its_image():
     assert labels_from_scores(np.full((1, 1, 2), 2.6)).tolist() == [[3, 3]]
     with pytest.raises(LabelMapError, match=r"the map is 2x2 \(width x height\), smaller than its image, 3x2"):
         crop_to_image(np.zeros((2, 2)), (2, 3), where="m")
+
+
+def test_png_of_a_net_fed_with_input_arrays(tmp_path, capsys):
+    """Without a list-driven data layer the PNGs are numbered and not cropped; one pass."""
+    (tmp_path / "net.prototxt").write_text("""
+input: "data" input_shape { dim: 2 dim: 3 dim: 4 dim: 5 }
+layer { name: "scores" type: "Power" bottom: "data" top: "scores" }""")
+    scores = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", scores)
+    assert main(["test", "--model", str(tmp_path / "net.prototxt"), "--input", f"data={tmp_path}/x.npy",
+                 "--png", str(tmp_path / "out")]) == 0
+    assert "Running for 1 iterations." in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.png", "000001.png"]
+    for n in range(2):
+        np.testing.assert_array_equal(read_label_png(tmp_path / "out" / f"00000{n}.png"),
+                                      scores[n].argmax(axis=0))
