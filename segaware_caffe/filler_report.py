@@ -80,8 +80,11 @@ def _names(layers, limit=40):
 
 def report_fillers(net, reports, log):
     """Log the layers left at their fillers (when weights were loaded) and warn, naming them,
-    about those whose weights are all zero. Returns the [FillerLayer]."""
+    about those whose weights are all zero (nothing is logged with log=None). Returns the
+    [FillerLayer]."""
     layers = layers_at_fillers(net, reports)
+    if log is None:
+        return layers
     if reports and layers:
         log.info(f"{len(layers)} layer(s) with parameters are not in the weights file(s) and start "
                  f"from their fillers: {_names(layers)}")

@@ -136,9 +136,9 @@ class Solver:
             weights = [weights]
         for w in weights:
             self.load_weights(w)
-        if self.rank == 0:
-            # which layers start from their fillers, loudly for all-zero ones
-            self.filler_layers = report_fillers(self.net, self.weights_reports, log)
+        # which layers start from their fillers (rank 0 says so, loudly for all-zero ones)
+        self.filler_layers = report_fillers(self.net, self.weights_reports,
+                                            log if self.rank == 0 else None)
         self.iter = 0
         self.current_step = 0
         self.last_lr = None
