@@ -46,6 +46,8 @@ setup(
                  "h5py>=3", "lmdb>=1", "plyvel>=1.3", "opencv-python-headless<5",
                  "hypothesis>=6"],
         "bench": ["opencv-python-headless<5"],
+        # `segaware-caffe plot LOG` draws training curves with matplotlib (--csv works without)
+        "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["segaware-caffe=segaware_caffe.tools.cli:main"]},
 )

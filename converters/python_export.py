@@ -181,6 +181,7 @@ class _Writer:
         self.helpers = {}          # function name -> source of its plain-torch twin
         self.layers = []
         self.arguments = []
+        self.inputs = []           # Caffe names of the forward arguments
 
     def line(self, text, note=""):
         self.forward_lines.append(text + (f"  # {comment(note)}" if note else ""))
@@ -188,6 +189,7 @@ class _Writer:
     def placeholder(self, node):
         self.value[node] = self.names(node.meta["blob"])
         self.arguments.append(self.value[node])
+        self.inputs.append(node.meta["blob"])
 
     def get_attr(self, node):
         # a learnable blob, read by refuse_gradient: the exported module keeps the Net's layer
@@ -323,11 +325,33 @@ def python_source(net, *, class_name=None, source_note="", default_weights=None,
         class_name += "Net"
     names = _Names(_RESERVED | used_classes | helper_names() | {class_name})
     writer = _Writer(net, names)
-    graph = net.graph_module(fuse=fuse).graph
+    unused = unused_inputs(net)
+    outputs = [o for o in net.outputs if o not in unused]
+    graph = net.graph_module(outputs, fuse=fuse).graph
+    live = _live_nodes(net, graph)
     for node in graph.nodes:
-        getattr(writer, node.op)(node)
-    source = _render(net, class_name, writer, source_note, default_weights)
-    return PythonExport(source, class_name, writer.layers, list(net.input_names), list(net.outputs))
+        if node in live:
+            getattr(writer, node.op)(node)
+    source = _render(net, class_name, writer, source_note, default_weights, unused)
+    return PythonExport(source, class_name, writer.layers, list(writer.inputs), outputs)
+
+
+def unused_inputs(net):
+    """Net inputs that no layer reads but Silence (the vgg deploy net's `label`): the exported
+    module leaves them out of its arguments and outputs."""
+    read = {b for r in net.records if r.type != "Silence" for b in r.bottoms}
+    return [name for name in net.input_names if name not in read]
+
+
+def _live_nodes(net, graph):
+    """The nodes the exported forward needs: the output, every layer but Silence (layers without
+    tops run for their effects), and what they read."""
+    live = set()
+    for node in reversed(graph.nodes):
+        if node.op == "output" or any(user in live for user in node.users) or (
+                node.op == "call_module" and net.records[node.meta["record"]].type != "Silence"):
+            live.add(node)
+    return live
 
 
 # Plain-torch twins of segaware_caffe.net's graph helpers, so that an exported module needs only
@@ -374,17 +398,22 @@ _TRACK_GRAD = '''def track_grad(x):
         x = x.detach().requires_grad_(True)
     return x'''
 
-def _render(net, class_name, writer, source_note, default_weights):
+
+def _render(net, class_name, writer, source_note, default_weights, unused=()):
     imports = writer.imports
     ours = sorted(i for i in imports if i.startswith("from segaware_caffe"))
     plain = sorted(i for i in imports if i.startswith("import "))
     froms = sorted(i for i in imports if i.startswith("from ") and i not in ours)
-    shapes = ", ".join(f"{name!r} {tuple(shape)}" for name, shape in net.input_shapes.items())
+    shapes = ", ".join(f"{name!r} {tuple(net.input_shapes[name])}" for name in writer.inputs)
     doc = [f"PyTorch module for the Caffe net {net.name!r}, written by `segaware-caffe export`.", ""]
     if source_note:
         doc.append(source_note)
-    doc += [f"Phase {net.phase}. Inputs (as built): {shapes or 'none'}.",
-            f"forward() returns {{blob name: tensor}} for {', '.join(map(repr, net.outputs))}.",
+    outputs = [o for o in net.outputs if o not in unused]
+    doc += [f"Phase {net.phase}. Inputs (as built; other sizes run where the layers allow them): "
+            f"{shapes or 'none'}."]
+    if unused:
+        doc.append(f"Inputs no layer reads are left out: {', '.join(map(repr, unused))}.")
+    doc += [f"forward() returns {{blob name: tensor}} for {', '.join(map(repr, outputs))}.",
             "Weights: load(\"model.safetensors\") or load_weights(model, path), with the tensors of",
             "`segaware-caffe convert NET.prototxt WEIGHTS.caffemodel -o model.safetensors`."]
     out = ['"""' + docstring_text("\n".join(doc)) + '\n"""', ""]
@@ -401,7 +430,8 @@ def _render(net, class_name, writer, source_note, default_weights):
     out.append(f"        return {{{writer.returned}}}")
     out += ["", ""]
     if default_weights is None or os.path.isabs(default_weights):
-        weights_default = repr(default_weights and str(default_weights))
+        # a path of the machine that exported would not hold elsewhere: the caller names the file
+        weights_default = "None"
     else:  # a file next to the module
         weights_default = f"os.path.join(os.path.dirname(os.path.abspath(__file__)), {str(default_weights)!r})"
     out.append(f"DEFAULT_WEIGHTS = {weights_default}")
@@ -429,8 +459,9 @@ _LOADERS = '''def load_weights(model, path):
 
 
 def load(weights=DEFAULT_WEIGHTS, device="cpu"):
-    """The module in eval mode, with weights when a path is given (default: the weights written
-    with this file, if any)."""
+    """The module in eval mode, with the weights of the file `weights` (.safetensors or .pt;
+    default: the file written next to this module by the export, if there was one); None gives
+    torch's default initialisation."""
     model = {class_name}()
     if weights is not None and os.path.exists(weights):
         load_weights(model, weights)
@@ -483,7 +514,7 @@ def export_onnx(net, export, path, *, opset=17, overwrite=False):
             + ", ".join(f"{layer.name} ({layer.type})" for layer in blocked))
     path = refuse_existing(path, overwrite, "pass --force (overwrite=True) to replace it")
     model = _TupleOutputs(instantiate(export, net), export.outputs)
-    example = tuple(torch.zeros(shape) for shape in net.input_shapes.values())
+    example = tuple(torch.zeros(net.input_shapes[name]) for name in export.inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -54,6 +54,12 @@ def _record_macs(record, shapes):
     return sum(math.prod(shapes[t]) * per for t in record.tops)
 
 
+def record_flops(record, shapes):
+    """Forward FLOPs of one LayerRecord (0 for layers that are not GEMM-shaped), from the blob
+    shapes `shapes`."""
+    return 2 * _record_macs(record, shapes)
+
+
 def layer_flops(net):
     """[LayerFlops] of the net's Convolution, Deconvolution, InnerProduct and NormConv layers, in
     Caffe order, from the blob shapes the net was built with."""

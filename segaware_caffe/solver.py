@@ -24,9 +24,12 @@ Several processes (`torchrun --nproc_per_node N segaware-caffe train ...`): with
 solver joins the process group from the environment (NCCL on CUDA, gloo on CPU), each rank uses
 cuda:LOCAL_RANK when it runs on CUDA, seeds with random_seed + rank, and after each iteration's
 passes the diffs are summed over ranks and divided by the number of ranks, like Caffe's P2PSync
-(effective batch = ranks x batch_size x iter_size). Every rank applies the same update; only rank
-0 logs, tests and snapshots. Each rank's data layers must read different data (their shuffles
-differ through the seed).
+(effective batch = ranks x batch_size x iter_size). Before the first step every rank takes rank
+0's parameters, history and iteration (segaware_caffe.distributed), so random fillers and
+resumed states agree; every rank applies the same update; a checksum of all parameters is logged
+at the start and at each snapshot, after checking that every rank has the same (an error names
+the ranks and the first differing layer); only rank 0 logs, tests and writes snapshots. Each
+rank's data layers must read different data (their shuffles differ through the seed).
 """
 import logging
 import math
@@ -45,6 +48,8 @@ from .budget import MemoryBudget
 from .canonical import read_net_source
 from .net import Net
 from .nonfinite import DataCapture, all_finite, locate
+from .distributed import agree_on_request, broadcast_state, check_ranks_agree
+from .filler_report import report_fillers
 from .weights import WeightsFile, first_records_by_name, history_fits
 from .errors import NonFiniteError, SolverError, UnsupportedError
 from .files import atomic_write
@@ -154,12 +159,17 @@ class Solver:
         self.test_nets = self._build_test_nets()
         self.test_inputs = test_inputs
         self.progress = progress
+        self._synced = False       # ranks share rank 0's state (broadcast before the first step)
+        self.weights_reports = []  # one WeightsReport (of the train net) per weights file loaded
         if weights is None:
             weights = list(param.weights)        # BVLC's solver-level `weights` field
-        elif isinstance(weights, (str, os.PathLike)):
+        elif isinstance(weights, (str, os.PathLike, bytes, caffe_pb2.NetParameter, WeightsFile)):
             weights = [weights]
         for w in weights:
             self.load_weights(w)
+        # which layers start from their fillers (rank 0 says so, loudly for all-zero ones)
+        self.filler_layers = report_fillers(self.net, self.weights_reports,
+                                            log if self.rank == 0 else None)
         self.iter = 0
         self.current_step = 0
         self.last_lr = None
@@ -326,15 +336,23 @@ class Solver:
         return nets
 
     def load_weights(self, weights):
-        """Copy a .caffemodel into the train net and every test net (Caffe's CopyLayers); the
-        file is read once."""
-        log.info(f"Finetuning from {weights}")
+        """Copy a .caffemodel (path, bytes, NetParameter or WeightsFile) into the train net and
+        every test net (Caffe's CopyLayers); the file is read once. Returns the train net's
+        WeightsReport (also kept in `weights_reports`)."""
         weights = WeightsFile.of(weights)
+        log.info(f"Finetuning from {weights.where}")
+        reports = []
         for net in [self.net] + self.test_nets:
-            report = net.load_weights(weights)
-            for name in report.not_in_net:
+            reports.append(net.load_weights(weights))
+            for name in reports[-1].not_in_net:
                 log.info(f"Ignoring source layer {name}")
-            _log_partial(report, net)
+            _log_partial(reports[-1], net)
+        loaded = reports[0].loaded
+        shown = ", ".join(loaded[:40]) + (f", ... ({len(loaded) - 40} more)" if len(loaded) > 40 else "")
+        log.info(f"Copied {len(loaded)} layer(s) from {weights.where}" + (f": {shown}" if loaded else ""))
+        self.weights_reports.append(reports[0])
+        self._synced = False
+        return reports[0]
 
     # ------------------------------------------------------------------ training
     @property
@@ -405,6 +423,8 @@ class Solver:
         iterations, or callable(iteration) -> such a dict, or None for nets with data layers.
         Returns {loss top: value} of the last forward pass (before that iteration's update)."""
         iters = limits.check(iters, "iterations", "the number of iterations", self.where)
+        if not self._synced:
+            self.synchronize()
         start_iter, stop_iter = self.iter, self.iter + int(iters)
         self._losses, self._smoothed_loss = [], 0.0
         own_clock = self._deadline is None and self.max_seconds is not None
@@ -451,12 +471,38 @@ class Solver:
             if _progress is not None:
                 _progress.update(self.iter, self._smoothed_loss)
             request = self.action_request() if self.action_request is not None else None
-            if (p.snapshot and self.iter % p.snapshot == 0 and self.rank == 0) or request == "snapshot":
-                self.snapshot()
+            request = agree_on_request(request, self.world_size, self.device)
+            if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
+                self.checked_snapshot()
             if request == "stop":
                 self.requested_early_exit = True
                 break
         return losses
+
+    def synchronize(self):
+        """Before the first step (and after restore or load_weights): every rank takes rank 0's
+        blobs, history and iteration, as Caffe's multi-GPU sync does; then the ranks' parameters
+        are checked to agree and their checksum is logged. Returns the checksum."""
+        if self.world_size > 1:
+            self.iter, self.current_step = broadcast_state(self.net, self.history,
+                                                           [self.iter, self.current_step],
+                                                           self.device)
+        total = check_ranks_agree(self.net, self.world_size, f"at iteration {self.iter}")
+        self._synced = True
+        self._log_checksum(total)
+        return total
+
+    def _log_checksum(self, total):
+        if self.rank == 0:
+            same = f" (the same on all {self.world_size} processes)" if self.world_size > 1 else ""
+            log.info(f"Iteration {self.iter}, parameter checksum = {total!r}{same}")
+
+    def checked_snapshot(self):
+        """snapshot() once every rank's parameters are found to agree (all ranks call this;
+        rank 0 writes). Returns the two paths on rank 0, else None."""
+        total = check_ranks_agree(self.net, self.world_size, f"at the snapshot of iteration {self.iter}")
+        self._log_checksum(total)
+        return self.snapshot() if self.rank == 0 else None
 
     def _log_train_outputs(self, out):
         log.info(f"Iteration {self.iter}, loss = {fmt(self._smoothed_loss)}")
@@ -619,9 +665,8 @@ class Solver:
             if own_clock:
                 self._deadline = None
         p = self.param
-        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0) \
-                and self.rank == 0:
-            self.snapshot()
+        if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+            self.checked_snapshot()
         if self.requested_early_exit:
             log.info("Optimization stopped early.")
             return
@@ -704,6 +749,7 @@ class Solver:
             for h, array in zip(self.history, arrays):
                 h.copy_(torch.from_numpy(array.reshape(tuple(h.shape))))
         self.iter, self.current_step = int(state.iter), int(state.current_step)
+        self._synced = False   # with several ranks, rank 0's restored state is the one kept
         log.info(f"{self.rule.TYPE}Solver: restoring history")
 
     def _check_history(self, state, where):

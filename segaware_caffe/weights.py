@@ -109,6 +109,32 @@ def warn_non_finite(array, where):
                   f"that depend on them will not be finite", NonFiniteWarning, stacklevel=3)
 
 
+def renamed(weights, rules):
+    """A WeightsFile whose layers are renamed by `rules`, [(pattern, replacement)]: a layer whose
+    whole name matches a pattern (the first that does; Python regular expressions) takes the
+    replacement, with \\1 or \\g<name> for the pattern's groups; other layers keep their names.
+    Raises NetBuildError when a rule yields an empty name."""
+    import re
+
+    weights = WeightsFile.of(weights)
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+    param = caffe_pb2.NetParameter()
+    param.CopyFrom(weights.param)
+    for layer in list(param.layer) + list(param.layers):
+        for pattern, replacement in compiled:
+            match = pattern.fullmatch(layer.name)
+            if match:
+                new = match.expand(replacement)
+                if not new:
+                    raise NetBuildError(f"{weights.where}: renaming layer {layer.name!r} by "
+                                        f"{pattern.pattern!r} gives an empty name")
+                layer.name = new
+                break
+    out = WeightsFile(param)
+    out.where = weights.where
+    return out
+
+
 @dataclass
 class LayerWeights:
     """The file layer whose blobs a net layer takes (the last file layer of that name)."""

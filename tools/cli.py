@@ -6,6 +6,9 @@ Every failure ends in one or two lines on stderr and a non-zero exit status, nev
 1 for a reported problem (a file that cannot be read, a net that cannot be built, a bad option
 value, a missing or existing file, a feature that is not supported), 2 for options argparse rejects, 3 for an internal error (a bug:
 the line says where; `--debug` or SEGAWARE_DEBUG=1 prints the traceback), 130 when interrupted.
+
+Only the module of the verb asked for is imported, and no verb module imports torch before its
+`run`, so `--help` and option errors answer at once.
 """
 import argparse
 import importlib
@@ -23,7 +26,10 @@ VERBS = {  # verb -> one-line help
     "convert": "caffemodel <-> safetensors / state_dict",
     "export": "write a standalone PyTorch module (or ONNX)",
     "demo": "local attention masks and segmentation-aware filtering on a bundled photo",
-    "eval": "mean IoU of predicted PNGs against ground truth",
+    "eval": "mean IoU of predicted PNGs (or .mat score maps) against ground truth",
+    "mat2png": "VOC-palette label PNGs from MatWrite .mat score maps, cropped to each image",
+    "resize": "move a deploy net that hard-codes sizes to another input size",
+    "plot": "loss / learning-rate / accuracy curves of a Caffe-format training log",
 }
 PROG = "segaware-caffe"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -65,8 +71,21 @@ def _debug_parent():
     return parent
 
 
-def build_parser():
-    """(parser, {verb: module}) with every verb whose module imports."""
+def _verb_in(argv):
+    """The verb of a command line: its first word that is not an option (the only options before
+    a verb are --debug and --help), or None."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(verb=None):
+    """(parser, {verb: module}). Every verb gets a subparser (so --help lists them and argparse
+    names a misspelt one), but only `verb`'s module is imported and its options added; verb=None
+    imports them all."""
     parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", default=False,
                         help="print the traceback of an error")
@@ -75,15 +94,18 @@ def build_parser():
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=ArgumentParser)
     parent = _debug_parent()
     modules = {}
-    for verb, help_text in VERBS.items():
+    for name, help_text in VERBS.items():
+        if verb is not None and name != verb:
+            sub.add_parser(name, help=help_text, description=help_text, parents=[parent])
+            continue
         try:
-            module = importlib.import_module(f"segaware_caffe.tools.cmd_{verb}")
+            module = importlib.import_module(f"segaware_caffe.tools.cmd_{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"segaware_caffe.tools.cmd_{verb}":
+            if e.name != f"segaware_caffe.tools.cmd_{name}":
                 raise
             continue  # verb not available in this build
-        modules[verb] = module
-        module.add_arguments(sub.add_parser(verb, help=help_text, description=help_text,
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text,
                                             parents=[parent]))
     return parser, modules
 
@@ -162,7 +184,8 @@ def main(argv=None):
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     label = PROG
     try:
-        parser, modules = build_parser()
+        verb = _verb_in(argv)
+        parser, modules = build_parser(verb if verb in VERBS else "")
         args = parser.parse_args(argv)
         debug = debug or getattr(args, "debug", False)
         label = f"{PROG} {args.verb}" if args.verb else PROG

@@ -1,6 +1,5 @@
 """segaware-caffe convert NET.prototxt WEIGHTS.caffemodel -o model.safetensors (or .pt)
 segaware-caffe convert NET.prototxt model.safetensors --to-caffemodel -o back.caffemodel"""
-from segaware_caffe.converters import convert_caffemodel, convert_to_caffemodel
 from segaware_caffe.tools.common import UsageError, add_variable_arguments, int32, variables_from
 
 
@@ -25,6 +24,8 @@ def add_arguments(parser):
 
 
 def run(args):
+    from segaware_caffe.converters import convert_caffemodel, convert_to_caffemodel
+
     variables = variables_from(args)
     if args.to_caffemodel:
         _, notes = convert_to_caffemodel(args.prototxt, args.weights, args.output,

@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from segaware_caffe.data.images import convert_image, open_image
 from segaware_caffe.tools.common import UsageError, add_force_argument, prepare_output_dir
 
 MAX_SIZE = 512   # the demo nets hold kernel^2 channels per pixel: about 1 GB in all at this width
@@ -86,6 +84,9 @@ def write_bundled_photo(directory):
 def load_photo(size=None):
     """The bundled photo as (1, 3, H, W) float32 in [0, 1] and its segment labels (H, W), resized
     to `size` pixels wide (keeping the aspect) when given."""
+    import torch
+    from segaware_caffe.data.images import convert_image, open_image
+
     assets = resources.files("segaware_caffe") / "assets"
     with resources.as_file(assets / PHOTO) as photo_path, resources.as_file(assets / SEGMENTS) as seg_path:
         with open_image(photo_path) as photo, open_image(seg_path) as segments:
@@ -232,6 +233,7 @@ def weights_round_trip(workdir, config=None):
     """(c): filler weights of `config` (a deploy prototxt, e.g. the released config/embs or vgg
     deploy; default: a reduced embedding trunk) -> caffemodel -> safetensors -> caffemodel.
     Returns the number of blobs that came back bit-identical (raises if any differs)."""
+    import torch
     from segaware_caffe import caffe_proto
     from segaware_caffe.converters import caffemodel as cm
     from segaware_caffe import Net
@@ -255,9 +257,16 @@ def weights_round_trip(workdir, config=None):
     return compared
 
 
+def _save(image, path, overwrite):
+    from segaware_caffe.files import CLI_HINT, open_new
+    with open_new(path, overwrite=overwrite, hint=CLI_HINT) as f:
+        image.save(f, format="PNG")
+
+
 def run_demo(out_dir, size=192, kernel=9, lam=6.0, mask_kernel=15, mask_dilation=2, config=None,
              overwrite=False):
     """Writes the pictures into `out_dir`, which must be new or empty unless `overwrite`."""
+    import torch
     from segaware_caffe import Net
     start = time.time()
     prepare_output_dir(out_dir, overwrite)
@@ -272,7 +281,8 @@ def run_demo(out_dir, size=192, kernel=9, lam=6.0, mask_kernel=15, mask_dilation
     points = [(min(height - 1, int(r * height)), min(width - 1, int(c * width))) for r, c in MASK_POINTS]
     photo = to_uint8(image)
     files["masks"] = os.path.join(out_dir, "attention_masks.png")
-    draw_masks(photo, [masks[:, r, c].numpy() for r, c in points], points, mask_kernel).save(files["masks"])
+    _save(draw_masks(photo, [masks[:, r, c].numpy() for r, c in points], points, mask_kernel),
+          files["masks"], overwrite)
 
     # (b) segmentation-aware filtering vs a box blur of the same window
     results = {}
@@ -285,9 +295,9 @@ def run_demo(out_dir, size=192, kernel=9, lam=6.0, mask_kernel=15, mask_dilation
     for name, picture in (("photo", photo), ("box_blur", results["box"]),
                           ("segaware_filtered", results["segaware"])):
         files[name] = os.path.join(out_dir, f"{name}.png")
-        Image.fromarray(picture).save(files[name])
+        _save(Image.fromarray(picture), files[name], overwrite)
     files["comparison"] = os.path.join(out_dir, "comparison.png")
-    side_by_side([photo, results["box"], results["segaware"]]).save(files["comparison"])
+    _save(side_by_side([photo, results["box"], results["segaware"]]), files["comparison"], overwrite)
 
     # (c) caffemodel -> safetensors -> caffemodel for a released config
     with tempfile.TemporaryDirectory() as workdir:

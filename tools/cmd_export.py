@@ -2,15 +2,17 @@
 
 --python writes a standalone PyTorch module; with WEIGHTS (.caffemodel) the tensors are written
 next to it as <model>.safetensors, which the module's load() reads by default (a .safetensors or
-.pt WEIGHTS file is used where it is). --onnx writes ONNX with the given (or filler) weights."""
+.pt WEIGHTS file stays where it is: pass its path to load()). --onnx writes ONNX with the given
+(or filler) weights. --input-shape NAME=N,C,H,W builds at another size; deploy nets that hard-code
+sizes tied to their input (the released vgg/res/embs) are moved to it (see `segaware-caffe resize`).
+Inputs no layer reads (the vgg deploy net's `label`) are left out of the module's arguments."""
 import os
 
-from segaware_caffe.converters import caffemodel as cm
 from segaware_caffe.errors import NetBuildError
-from segaware_caffe.converters.python_export import build_net, export_onnx, python_source
 from segaware_caffe.tools.cmd_convert import add_net_arguments
 from segaware_caffe.files import CLI_HINT, write_new
-from segaware_caffe.tools.common import UsageError, check_new_file, variables_from
+from segaware_caffe.tools.common import (UsageError, add_input_shape_argument, check_new_file,
+                                         parse_input_shapes, sized_net, variables_from)
 
 
 def add_arguments(parser):
@@ -19,24 +21,10 @@ def add_arguments(parser):
     parser.add_argument("--python", metavar="FILE", help="write the module source here")
     parser.add_argument("--onnx", metavar="FILE", help="write ONNX here")
     parser.add_argument("--class-name", help="name of the generated class (default: from the net name)")
-    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
-                        help="build (and ONNX-trace) with this input shape (repeatable)")
+    add_input_shape_argument(parser, "build (and ONNX-trace) with this input shape")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     add_net_arguments(parser)
-
-
-def parse_input_shapes(items):
-    shapes = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            shapes[name] = tuple(int(d) for d in dims.split(","))
-        except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise UsageError(f"--input-shape expects NAME=N,C,H,W, got {item!r}")
-    return shapes
 
 
 def _check_new(path, force):
@@ -45,26 +33,34 @@ def _check_new(path, force):
 
 
 def run(args):
+    from segaware_caffe.converters import caffemodel as cm
+    from segaware_caffe.converters.python_export import build_net, export_onnx, python_source
+
     if not args.python and not args.onnx:
         raise UsageError("nothing to write: give --python FILE and/or --onnx FILE")
-    for path in (args.python, args.onnx):
+    tensor_file = bool(args.weights) and args.weights.lower().endswith((".safetensors", ".pt", ".pth"))
+    beside = None   # the tensors of a .caffemodel, written next to the module
+    if args.weights and not tensor_file and args.python:
+        beside = os.path.splitext(os.path.basename(args.python))[0] + ".safetensors"
+    for path in (args.python, args.onnx,
+                 beside and os.path.join(os.path.dirname(os.path.abspath(args.python)), beside)):
         _check_new(path, args.force)
     variables = variables_from(args)
     phase = args.phase or "test"
-    net = build_net(args.prototxt, variables=variables, phase=phase, stages=tuple(args.stage or ()),
-                    level=args.level or 0, input_shapes=parse_input_shapes(args.input_shape))
+    source = sized_net(args.prototxt, variables, parse_input_shapes(args.input_shape))
+    net = build_net(source, variables=variables, phase=phase, stages=tuple(args.stage or ()),
+                    level=args.level or 0)
     default_weights = None
     if args.weights:
-        if args.weights.lower().endswith((".safetensors", ".pt", ".pth")):
+        if tensor_file:
             tensors, metadata = cm.load_tensors(args.weights)
-            default_weights = os.path.abspath(args.weights)
         else:
             tensors, metadata, ignored = cm.caffemodel_to_tensors(
                 net, args.weights, prototxt=args.prototxt, variables=variables, phase=phase,
                 stages=tuple(args.stage or ()), level=args.level or 0)
-            if args.python:
-                default_weights = os.path.splitext(os.path.basename(args.python))[0] + ".safetensors"
-                target = os.path.join(os.path.dirname(os.path.abspath(args.python)), default_weights)
+            if beside:
+                default_weights = beside
+                target = os.path.join(os.path.dirname(os.path.abspath(args.python)), beside)
                 cm.save_tensors(target, tensors, metadata, overwrite=args.force)
                 print(f"wrote {target}")
         try:
@@ -81,7 +77,9 @@ def run(args):
         write_new(args.python, export.source, overwrite=args.force, hint=CLI_HINT)
         modules = [layer for layer in export.layers if layer.how == "module"]
         print(f"wrote {args.python}: class {export.class_name}, {len(export.layers)} layer(s), "
-              f"{len(modules)} as segaware_caffe modules")
+              f"{len(modules)} as segaware_caffe modules; forward({', '.join(export.inputs)})")
+        if tensor_file:
+            print(f"its weights: load({args.weights!r}) (the module names no weights file)")
     if args.onnx:
         export_onnx(net, export, args.onnx, opset=args.opset, overwrite=args.force)
         print(f"wrote {args.onnx}")

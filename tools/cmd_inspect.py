@@ -1,7 +1,10 @@
 """segaware-caffe inspect NET.prototxt [--weights W] [--set VAR=value ...] [--vars FILE] [--phase P]
 
 A table of the net's layers: name, type, bottoms -> tops (with shapes when the net can be built),
-learnable blobs with shapes, lr/decay multipliers, and the phase rules of each layer. Layers
+learnable blobs with shapes, lr/decay multipliers, the phase rules of each layer, and for a built
+net each layer's forward FLOPs (2 x the multiply-adds of the GEMM-shaped layers: Convolution,
+Deconvolution, InnerProduct, NormConv) and the memory of the tops it creates (in-place tops and
+Split tops share memory in Caffe and count nothing), with totals. Layers
 whose type segaware-caffe does not implement are marked "(unsupported)" before anything is
 built (a net with one is then not built at all).
 """
@@ -127,8 +130,12 @@ def inspect_rows(source, args, weights=None):
             notes.append(f"weights: {report}")
     rows = []
     if net is not None:
+        from segaware_caffe.flops import record_flops
+
         # the rules as the prototxt writes them (the built layers carry the phase they run in)
         written = iter(_filter(net_param, args))
+        item = next(net.parameters(), None)
+        item_bytes = item.element_size() if item is not None else 4
         for record in net.records:
             if record.origin != FROM_PROTOTXT:
                 continue    # Split layers and the legacy inputs' Input layer: Caffe's additions
@@ -139,7 +146,12 @@ def inspect_rows(source, args, weights=None):
                 flow=_flow(record.bottoms, record.tops, net.blob_shapes),
                 params=[tuple(p.shape) for p in params],
                 mults=[(getattr(p, "lr_mult", 1.0), getattr(p, "decay_mult", 1.0)) for p in params],
-                rule=rule_text(layer), ids=[id(p) for p in params]))
+                rule=rule_text(layer), ids=[id(p) for p in params],
+                flops=record_flops(record, net.blob_shapes),
+                memory=_top_bytes(record, net.blob_shapes, item_bytes)))
+        notes.append(f"activations of the whole net: {_bytes(_net_bytes(net, item_bytes))} "
+                     f"(every blob once, the inputs included; the table's column counts the tops "
+                     f"each layer creates); FLOPs are one forward pass at the declared batch")
         return rows, notes
     marked = {name for name, _ in unsupported}
     for layer in listed:
@@ -157,6 +169,35 @@ def inspect_rows(source, args, weights=None):
     return rows, notes
 
 
+def _top_bytes(record, shapes, item_bytes):
+    """Bytes of the blobs a layer creates: its tops, less in-place ones (a top that is also a
+    bottom) and Split tops (they share their bottom's data in Caffe)."""
+    if record.type == "Split":
+        return 0
+    return sum(math.prod(shapes[t]) * item_bytes for t in dict.fromkeys(record.tops)
+               if t not in record.bottoms and t in shapes)
+
+
+def _net_bytes(net, item_bytes):
+    split_tops = {t for r in net.records if r.type == "Split" for t in r.tops}
+    return sum(math.prod(shape) * item_bytes for name, shape in net.blob_shapes.items()
+               if name not in split_tops)
+
+
+def _bytes(count):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def _flops(count):
+    for unit, size in (("T", 10 ** 12), ("G", 10 ** 9), ("M", 10 ** 6), ("k", 10 ** 3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return str(count)
+
+
 def _flow(bottoms, tops, shapes):
     def blob(name):
         return f"{name}[{_shape_text(shapes[name])}]" if name in shapes else name
@@ -164,18 +205,27 @@ def _flow(bottoms, tops, shapes):
 
 
 def format_table(rows, title):
+    built = bool(rows) and "flops" in rows[0]
     header = ("#", "name", "type", "bottoms -> tops", "params", "lr/decay", "phase")
+    if built:
+        header += ("FLOPs", "top memory")
     lines = []
     for index, row in enumerate(rows):
         params = ", ".join("?" if s is None else _shape_text(s) for s in row["params"]) or "-"
         mults = ", ".join(f"{_number(lr)}/{_number(decay)}" for lr, decay in row["mults"]) or "-"
-        lines.append((str(index), row["name"], row["type"], row["flow"], params, mults, row["rule"]))
+        line = (str(index), row["name"], row["type"], row["flow"], params, mults, row["rule"])
+        if built:
+            line += (_flops(row["flops"]) if row["flops"] else "-",
+                     _bytes(row["memory"]) if row["memory"] else "-")
+        lines.append(line)
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
     widths[3] = min(widths[3], 70)
+    right = {7, 8}   # numbers: right-aligned
 
     def render(cells):
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     out = [title, render(header), render(["-" * w for w in widths])]
     out += [render(line) for line in lines]
     blobs = 0
@@ -190,7 +240,11 @@ def format_table(rows, title):
             blobs += 1
             if shape is not None:
                 values += math.prod(shape)
-    out.append(f"total: {len(rows)} layers, {blobs} learnable blobs, {values:,} parameters")
+    total = f"total: {len(rows)} layers, {blobs} learnable blobs, {values:,} parameters"
+    if built:
+        total += (f", {_flops(sum(r['flops'] for r in rows))}FLOPs forward, "
+                  f"{_bytes(sum(r['memory'] for r in rows))} of layer tops")
+    out.append(total)
     return "\n".join(out)
 
 

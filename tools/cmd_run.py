@@ -7,19 +7,23 @@ batch axis). The net's declared input shapes are replaced by the fed ones (with 
 instead padded bottom/right with the mean to the declared size, as the released test nets do, and
 .png outputs are cropped back to the image). Inputs not given are fed zeros (with a note). Outputs are saved as .npy (raw) or .png (per pixel
 argmax over channels of item 0, with the PASCAL VOC palette).
+
+Deploy nets that hard-code sizes tied to their input (Interp sizes, Tile counts, the inputs of
+other scales: the released vgg/res/embs nets) are moved to the size of the fed image (see
+`segaware-caffe resize`), or to --input-shape, to which images are then padded.
 """
 import os
 import sys
 
 import numpy as np
-import torch
-from PIL import Image
 
-from segaware_caffe.canonical import canonical_net, read_net_source
+from segaware_caffe.canonical import canonical_net
 from segaware_caffe.files import CLI_HINT, open_new
+from segaware_caffe.label_maps import labels_from_scores, save_label_png, voc_palette  # noqa: F401
 from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_force_argument,
-                                         add_variable_arguments, check_new_file, device_from_args,
-                                         parse_assignments, parse_variables)
+                                         add_input_shape_argument, add_variable_arguments,
+                                         check_new_file, device_from_args, parse_assignments,
+                                         parse_input_shapes, parse_variables, sized_net)
 
 DEFAULT_MEAN = "104.008,116.669,122.675"
 
@@ -41,6 +45,8 @@ def add_arguments(parser):
     parser.add_argument("--pad", action="store_true",
                         help="pad images (bottom/right, with the mean) to the declared input size "
                              "instead of resizing the net's inputs")
+    add_input_shape_argument(parser, "build the net at this input shape and pad images to it "
+                                     "(bottom/right, with the mean; .png outputs are cropped back)")
     parser.add_argument("--phase", choices=("test", "train"), default="test")
     add_device_arguments(parser, default="cpu")
     add_force_argument(parser, "existing --save files")
@@ -49,32 +55,10 @@ def add_arguments(parser):
                              "bombs (default $SEGAWARE_MAX_IMAGE_PIXELS or 67108864)")
 
 
-def voc_palette(count=256):
-    """The PASCAL VOC colour map: the bits of the class index interleaved into R, G, B from the
-    most significant bit down. Returns `count` (r, g, b) rows as a uint8 array."""
-    palette = np.zeros((count, 3), np.uint8)
-    for index in range(count):
-        value, rgb = index, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((value >> channel) & 1) << bit
-            value >>= 3
-        palette[index] = rgb
-    return palette
-
-
-def save_label_png(labels, path, overwrite=False):
-    """An H x W integer array (0..255) as a palette PNG with the VOC colours (an existing file
-    is replaced only with `overwrite`)."""
-    labels = np.asarray(labels)
-    if labels.min() < 0 or labels.max() > 255:
-        raise UsageError(f"{path}: labels span {labels.min()}..{labels.max()}, a palette PNG holds "
-                         f"0..255")
-    labels = np.ascontiguousarray(labels, dtype=np.uint8)
-    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
-    image.putpalette(voc_palette().ravel().tolist())
-    with open_new(path, overwrite=overwrite, hint=CLI_HINT) as f:
-        image.save(f, format="PNG")
+def read_inputs(source, phase):
+    """The inputs some layer other than Silence reads (vgg deploy's `label` is read by none)."""
+    param = canonical_net(source, phase=phase).param
+    return {b for layer in param.layer if layer.type != "Silence" for b in layer.bottom}
 
 
 def parse_mean(text):
@@ -142,16 +126,16 @@ def save_output(name, array, path, crop=None, overwrite=False):
         if array.ndim != 4:
             raise UsageError(f"{path}: a .png needs a 4-D N x C x H x W blob; {name!r} has shape "
                              f"{array.shape} (save it as .npy)")
-        scores = array[0]
-        labels = scores.argmax(axis=0) if scores.shape[0] > 1 else np.rint(scores[0]).astype(np.int64)
+        labels = labels_from_scores(array[0], where=name)
         if crop is not None:
             labels = labels[:crop[0], :crop[1]]
-        save_label_png(labels, path, overwrite=overwrite)
+        save_label_png(labels, path, overwrite=overwrite, hint=CLI_HINT)
     else:
         raise UsageError(f"{path}: unknown output format {ext or '(none)'}; use .npy or .png")
 
 
 def run(args):
+    import torch
     from segaware_caffe import Net, NetBuildError
 
     variables = parse_variables(args.set, args.vars)
@@ -162,7 +146,12 @@ def run(args):
         raise UsageError(f"--max-image-pixels must be > 0, got {args.max_image_pixels}")
     for path in args.save:   # before any work: an existing file stays as it is without --force
         check_new_file(path, args.force)
-    source = read_net_source(args.model, variables=variables or None)
+    explicit = parse_input_shapes(args.input_shape)
+    if explicit and args.pad:
+        raise UsageError("--pad pads images to the declared input size, --input-shape to the size "
+                         "it gives; use one of them")
+    # with --input-shape the net is moved to that size first (and images are padded to it)
+    source = sized_net(args.model, variables, explicit)
     declared = canonical_net(source, phase=args.phase).inputs()
     for name, shape in declared.items():
         # the net would refuse it too, but zeros for an input not given are made before the net
@@ -173,30 +162,43 @@ def run(args):
     if unknown:
         raise UsageError(f"{args.model}: {unknown[0]!r} is not an input of the net (inputs: "
                          f"{', '.join(declared) or 'none'})")
+    pad = args.pad or bool(explicit)
     arrays, crops = {}, {}   # crops: padded input size -> image size, for .png outputs
     for name, path in feeds.items():
         array, is_image = load_input(path, mean, args.max_image_pixels)
-        if is_image and args.pad:
+        if is_image and pad:
             image_size = array.shape[2:]
             array = pad_to(array, declared[name], name)
             crops.setdefault(array.shape[2:], image_size)
+        elif explicit and tuple(array.shape) != tuple(declared[name]):
+            raise UsageError(f"--input {name}: the array has shape {tuple(array.shape)}, the net is "
+                             f"built for {tuple(declared[name])} (--input-shape); arrays are fed as "
+                             f"they are, only images are padded to it")
         arrays[name] = array
+    if not pad and arrays:
+        # the net takes the size of what is fed; sizes tied to its first input follow it
+        source = sized_net(source, None, {name: a.shape for name, a in arrays.items()})
+        fed_declared, declared = declared, canonical_net(source, phase=args.phase).inputs()
+    else:
+        fed_declared = declared
     for name in declared:
         if name not in arrays:
-            arrays[name] = zeros_like_declared(name, declared, feeds, arrays)
-            print(f"note: no --input for {name!r}; fed zeros of shape {arrays[name].shape}",
-                  file=sys.stderr)
-    shapes = None if args.pad else {name: a.shape for name, a in arrays.items()}
+            arrays[name] = zeros_like_declared(name, fed_declared, feeds, arrays) \
+                if not pad and tuple(fed_declared[name]) == tuple(declared[name]) \
+                else np.zeros(declared[name], np.float32)
+            if name in read_inputs(source, args.phase):
+                print(f"note: no --input for {name!r}; fed zeros of shape {arrays[name].shape}",
+                      file=sys.stderr)
     try:
         net = Net(source, weights=args.weights, phase=args.phase, device=device,
-                  input_shapes=shapes)
+                  input_shapes=None if pad else {name: a.shape for name, a in arrays.items()})
     except NetBuildError as e:
-        if args.pad:
+        if pad:
             raise
-        sizes = ", ".join(f"{name} {tuple(shape)}" for name, shape in declared.items())
-        raise NetBuildError(f"{e}\n(the net could not be built at the image size; deploy nets that "
-                            f"hard-code sizes tied to their declared inputs ({sizes}) need --pad, "
-                            f"which pads the image to the declared size)") from None
+        sizes = ", ".join(f"{name} {tuple(shape)}" for name, shape in fed_declared.items())
+        raise NetBuildError(f"{e}\n(the net could not be built at the size of the inputs; its "
+                            f"declared inputs are {sizes}: --pad pads images to that size, "
+                            f"--input-shape NAME=N,C,H,W builds it at another)") from None
     # default: the net outputs, less inputs that nothing consumes (vgg deploy's `label`)
     outputs = args.output or [o for o in net.outputs if o not in net.input_names]
     if args.save and len(args.save) != len(outputs):

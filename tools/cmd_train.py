@@ -2,21 +2,24 @@
 [--gpu ID] [--iterations N] [--max-seconds S] [--nonfinite stop|warn|ignore]: `caffe train` on
 PyTorch.
 
+Fine-tuning: `--weights a.caffemodel,b.caffemodel` loads the files in order (a later file's layers
+replace an earlier one's, as in caffe); `--rename FROM=TO` after a file maps the names of its
+layers (a snapshot of another net), and the log names the layers each file set, the layers left
+at their fillers and, loudly, the layers that start with all-zero weights.
+
 Logs go to stderr as glog lines (BVLC's tools/extra/parse_log.py reads them). Like caffe:
 Ctrl-C (SIGINT) stops after the current iteration and snapshots; SIGHUP snapshots and goes on
 (--sigint-effect / --sighup-effect: stop, snapshot or none). Without --gpu the solver's
 solver_mode decides (GPU when CUDA is available). Several GPUs or processes:
 `torchrun --nproc_per_node N -m tools.cli train ...` (see segaware_caffe.solver).
 """
+import argparse
 import contextlib
 import logging
+import re
 import signal
 import sys
 
-import torch
-
-from segaware_caffe.solver import Solver
-from segaware_caffe.solvers.glog import glog_to
 from segaware_caffe.tools.common import (UsageError, add_device_arguments, add_max_seconds_argument,
                                          add_variable_arguments, device_from_args, parse_variables)
 
@@ -24,11 +27,43 @@ log = logging.getLogger("segaware_caffe.cli")
 EFFECTS = ("stop", "snapshot", "none")
 
 
+class _WeightsFiles(argparse.Action):
+    """--weights a.caffemodel,b.caffemodel (repeatable): [[path, [rename rules]], ...] in order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        plan = list(getattr(namespace, self.dest, None) or [])
+        plan += [[path, []] for path in values.split(",") if path]
+        setattr(namespace, self.dest, plan)
+
+
+class _Rename(argparse.Action):
+    """--rename FROM=TO: renames layers of the --weights file given before it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        plan = getattr(namespace, "weights", None) or []
+        if not plan:
+            parser.error(f"--rename {values}: give it after the --weights file whose layers it "
+                         f"renames")
+        pattern, sep, replacement = values.partition("=")
+        if not sep or not pattern:
+            parser.error(f"--rename expects FROM=TO (a regular expression and its replacement), "
+                         f"got {values!r}")
+        plan[-1][1].append((pattern, replacement))
+
+
 def add_arguments(parser):
     parser.add_argument("--solver", required=True, help="solver .prototxt")
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--weights", action="append", default=[], metavar="W",
-                       help=".caffemodel to fine-tune from (repeatable, or comma-separated)")
+    start.add_argument("--weights", action=_WeightsFiles, default=[], metavar="W",
+                       help=".caffemodel(s) to fine-tune from, loaded in order (repeatable, or "
+                            "comma-separated, like caffe): a later file's layers replace an "
+                            "earlier one's")
+    parser.add_argument("--rename", action=_Rename, metavar="FROM=TO",
+                        help="rename layers of the --weights file given before it (the last one "
+                             "of a comma-separated list): a layer whose "
+                             "whole name matches the regular expression FROM loads as TO (\\1 "
+                             "for its groups), e.g. 'conv(.*)=emb\\1' puts an embs snapshot's "
+                             "convolutions into the vgg net's emb layers (repeatable)")
     start.add_argument("--snapshot", metavar="S", help=".solverstate to resume training from")
     add_variable_arguments(parser)
     add_device_arguments(parser)
@@ -81,13 +116,25 @@ def signal_requests(solver, sigint_effect, sighup_effect):
 
 
 def run(args):
+    from segaware_caffe.solver import Solver
+    from segaware_caffe.solvers.glog import glog_to
+
     if args.iterations is not None and args.iterations < 0:
         raise UsageError(f"--iterations must be >= 0, got {args.iterations}")
     if args.iterations:
         from segaware_caffe import limits
         limits.check(args.iterations, "iterations", "--iterations", "command line")
+    from segaware_caffe.weights import WeightsFile, renamed
+
     variables = parse_variables(args.set, args.vars)
-    weights = [w for item in args.weights for w in item.split(",") if w]
+    weights = []
+    for path, rules in args.weights:
+        for pattern, _ in rules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UsageError(f"--rename {pattern!r}: not a regular expression ({e})") from None
+        weights.append(renamed(path, rules) if rules else WeightsFile(path))
     with glog_to(sys.stderr):
         solver = Solver(args.solver, weights=weights or None, variables=variables,
                         device=device_from_args(args), progress=args.progress,

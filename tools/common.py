@@ -43,6 +43,44 @@ def variables_from(args):
     return parse_variables(args.set, args.vars) or None
 
 
+# ---------------------------------------------------------------------------- input shapes
+def add_input_shape_argument(parser, what="build the net with this input shape"):
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
+                        help=f"{what} (repeatable); a deploy net that hard-codes sizes tied to its "
+                             f"input (Interp, Tile, the other scales' inputs) follows a new height "
+                             f"and width of its first input")
+
+
+def parse_input_shapes(items):
+    """{input: shape} from NAME=N,C,H,W items."""
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise UsageError(f"--input-shape expects NAME=N,C,H,W, got {item!r}")
+        if any(d < 0 for d in shape):
+            raise UsageError(f"--input-shape {item}: dimensions must be >= 0")
+        shapes[name] = shape
+    return shapes
+
+
+def sized_net(model, variables, input_shapes):
+    """The NetSource of `model` with `input_shapes` ({input: shape}) declared, moved to the new
+    height and width of its first input when they change (see resize.resize_to_inputs)."""
+    from segaware_caffe.canonical import NetSource, read_net_source
+    from segaware_caffe.resize import resize_to_inputs
+
+    source = read_net_source(model, variables=variables or None)
+    if not input_shapes:
+        return source
+    param, _ = resize_to_inputs(source.param, input_shapes)
+    return NetSource(param, source.where, source.base_dir, source.path)
+
+
 # ---------------------------------------------------------------------------- devices
 def parse_device(text, option="--device", shown=None):
     """torch.device for an option value, checked against this machine: an unknown name, a CUDA

@@ -1,6 +1,7 @@
 """Middlebury .flo optical-flow files (FlowNet's FloData layer)."""
 import numpy as np
 
+from ..files import open_new
 from .images import DataError
 
 FLO_MAGIC = np.float32(202021.25)
@@ -39,11 +40,11 @@ def read_flo(path, label=""):
     return np.ascontiguousarray(values.reshape(height, width, 2).transpose(2, 0, 1), np.float32)
 
 
-def write_flo(path, flow):
-    """Write a (2, H, W) flow as a .flo file."""
+def write_flo(path, flow, *, overwrite=False):
+    """Write a (2, H, W) flow as a .flo file (an existing file only with `overwrite`)."""
     flow = np.asarray(flow, np.float32)
     _, height, width = flow.shape
-    with open(path, "wb") as f:
+    with open_new(path, overwrite=overwrite) as f:
         f.write(FLO_MAGIC.tobytes())
         f.write(np.array([width, height], "<i4").tobytes())
         f.write(np.ascontiguousarray(flow.transpose(1, 2, 0), "<f4").tobytes())

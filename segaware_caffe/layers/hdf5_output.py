@@ -7,6 +7,7 @@ from ..data.hdf5 import write_datasets
 from ..data.images import DataError
 from ..data.optional import require_at_build
 from ..layer import CaffeLayer, register_layer
+from ..errors import OutputExistsError
 
 
 def legacy_4d(shape):
@@ -30,9 +31,9 @@ class HDF5Output(CaffeLayer):
     def __init__(self, *, file_name, overwrite=False, label="HDF5Output"):
         super().__init__()
         self.file_name, self.overwrite, self.label = file_name, bool(overwrite), label
-        if os.path.exists(file_name) and not overwrite:
-            raise FileExistsError(f"{label}: {file_name} already exists; remove it or build the "
-                                  f"net with overwrite=True")
+        if os.path.lexists(file_name) and not overwrite:
+            raise OutputExistsError(f"{label}: {file_name} already exists; remove it or build the "
+                                    f"net with overwrite=True")
 
     @classmethod
     def from_proto(cls, layer_param, ctx):

@@ -8,6 +8,7 @@ Numbers are printed like a C++ ostream with its default precision (``%g``, 6 sig
 import datetime
 import logging
 import sys
+import time
 
 _LETTERS = {logging.DEBUG: "I", logging.INFO: "I", logging.WARNING: "W", logging.ERROR: "E",
             logging.CRITICAL: "F"}
@@ -76,26 +77,72 @@ class glog_to:
         return False
 
 
+def duration(seconds):
+    """A duration as H:MM:SS (M:SS under an hour)."""
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Rate:
+    """Speed and time left of a run of `total` steps, measured from the first `update`."""
+
+    def __init__(self, total, clock=time.monotonic):
+        self.total, self.clock = max(int(total), 0), clock
+        self.start = self.done = None
+
+    def update(self, done):
+        if self.start is None:
+            self.start, self.first = self.clock(), done
+        self.done = done
+
+    @property
+    def per_second(self):
+        """Steps per second since the first update (None before two updates apart in time)."""
+        if self.start is None:
+            return None
+        elapsed = self.clock() - self.start
+        steps = self.done - self.first
+        return steps / elapsed if elapsed > 0 and steps > 0 else None
+
+    def text(self, unit="iter"):
+        """"2.5 iter/s, ETA 0:40" (or "" until a speed is known)."""
+        rate = self.per_second
+        if rate is None:
+            return ""
+        speed = f"{rate:.3g} {unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{unit}"
+        left = max(self.total - self.done, 0) / rate
+        return f"{speed}, ETA {duration(left)}"
+
+
 class ProgressBar:
-    """``[#######.............]  35/100 iter  loss 0.6931`` redrawn in place on a terminal.
+    """``[#######.............]  35/100 iter  2.5 iter/s, ETA 0:26  loss 0.6931`` redrawn in place
+    on a terminal (speed and time left from the steps done since the first update).
 
     enabled=None: on only when `stream` is a tty (so logs and pipes stay clean).
     """
 
-    def __init__(self, total, stream=None, enabled=None, width=30):
+    def __init__(self, total, stream=None, enabled=None, width=30, unit="iter",
+                 clock=time.monotonic):
         self.stream = stream if stream is not None else sys.stderr
         if enabled is None:
             enabled = _is_tty(self.stream)
         self.total, self.enabled, self.width = max(int(total), 0), enabled, width
+        self.unit = unit
+        self.rate = Rate(self.total, clock)
         self.shown = False
 
     def update(self, done, loss=None):
+        self.rate.update(done)
         if not self.enabled or not self.total:
             return
         filled = int(self.width * min(done, self.total) / self.total)
         bar = "#" * filled + "." * (self.width - filled)
-        tail = f"  loss {fmt(loss)}" if loss is not None else ""
-        self.stream.write(f"\r[{bar}] {done:>{len(str(self.total))}}/{self.total} iter{tail}\033[K")
+        speed = self.rate.text(self.unit)
+        tail = (f"  {speed}" if speed else "") + (f"  loss {fmt(loss)}" if loss is not None else "")
+        self.stream.write(f"\r[{bar}] {done:>{len(str(self.total))}}/{self.total} {self.unit}"
+                          f"{tail}\033[K")
         self.stream.flush()
         self.shown = True
 

@@ -56,9 +56,17 @@ def test_cli_prints_the_table(dataset, capsys):
     assert main(["eval", "--pred", str(dataset / "pred"), "--gt", str(dataset / "gt"),
                  "--list", str(dataset / "pairs.txt"), "--num-classes", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line.split()[-1] for line in lines[1:5]}
-    assert rows == {"0": "58.33", "1": "55.56", "2": "62.50", "3": "nan"}
-    assert lines[5].split()[-1] == "58.80"
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:5]}
+    # gt pixels (row sums), predicted pixels (column sums), IoU
+    assert rows == {"0": ["9", "10", "58.33"], "1": ["7", "7", "55.56"], "2": ["7", "6", "62.50"],
+                    "3": ["0", "0", "nan"]}
+    assert lines[6].split()[-1] == "58.80" and lines[6].startswith("mean IoU")
+    # aligned columns: every row ends where the header does, numbers are right-aligned under it
+    assert len({len(line) for line in lines[:5] + lines[6:7]}) == 1
+    for column in ("gt pixels", "predicted"):
+        end = lines[0].index(column) + len(column)
+        assert all(line[end - 1] != " " and (end == len(line) or line[end] == " ")
+                   for line in lines[1:5]), column
 
 
 def test_ignore_label_is_configurable(dataset):
@@ -73,5 +81,5 @@ def test_errors_name_the_image(dataset, capsys):
                  "--list", str(dataset / "ids.txt"), "--num-classes", "4"]) == 1
     assert "b.png: prediction is 2x2, ground truth 3x2" in capsys.readouterr().err
     (dataset / "pred" / "e.png").unlink()
-    with pytest.raises(DataError, match=r"no prediction for 1 of 5 ids \(first: e.png\)"):
+    with pytest.raises(DataError, match=r"no prediction for 1 of 5 ids \(first: e.png, or the score map e_blob_0.mat\)"):
         evaluate(dataset / "pred", dataset / "gt", list(IMAGES), num_classes=4)

@@ -11,7 +11,7 @@ import torch
 from segaware_caffe import caffe_proto
 import segaware_caffe as sc
 from segaware_caffe.converters.emitters import emitter_for, register_emitter
-from segaware_caffe.converters.python_export import build_net, instantiate, python_source
+from segaware_caffe.converters.python_export import build_net, instantiate, python_source, unused_inputs
 from segaware_caffe.resize import resize_deploy
 from tests.conftest import GOLDEN
 from tests.net.test_no_backward import CASES as NO_BACKWARD_CASES
@@ -75,9 +75,12 @@ def test_golden_layer_nets(meta_path, tmp_path, monkeypatch):
         ref = net.forward(**dict(zip(net.input_names, inputs)))
     ref.update(written_datasets(net))
     torch.manual_seed(0)
-    with torch.no_grad():
-        got = model(*inputs)
+    with torch.no_grad():   # the module takes only the inputs some layer reads
+        got = model(*[x for name, x in zip(net.input_names, inputs) if name in export.inputs])
     got.update(written_datasets(net))   # the exported writer rewrote the same file
+    for name in unused_inputs(net):     # and does not hand them back
+        assert name not in export.inputs
+        ref.pop(name, None)
     assert set(got) == set(ref)
     errors = {k: max_relative_error(got[k], ref[k]) for k in ref}
     print(case.name, {k: f"{v:.1e}" for k, v in errors.items()},
@@ -111,10 +114,13 @@ def test_deploy_exports_match_net(reference, tmp_path, name, size):
     model = module.load()
     torch.manual_seed(1)
     inputs = {k: torch.rand(s) * 255 for k, s in net.input_shapes.items()}
+    unused = unused_inputs(net)           # vgg's label: no layer reads it, the module omits it
+    assert unused == (["label"] if name == "vgg" else [])
     with torch.no_grad():
         ref = net.forward(**inputs)
-        got = model(**inputs)
-    errors = {k: max_relative_error(got[k], ref[k]) for k in ref}
+        got = model(**{k: v for k, v in inputs.items() if k not in unused})
+    assert set(got) == set(ref) - set(unused)
+    errors = {k: max_relative_error(got[k], ref[k]) for k in got}
     print(f"{name} deploy at {size}: max relative error {errors}")
     assert max(errors.values()) <= EXPORT_MAXREL
 
@@ -201,23 +207,26 @@ def test_propagate_down_false_carries_into_the_export():
 
 
 def test_export_keeps_the_zeroed_element_0_of_unwritten_outputs():
-    # see segaware_caffe.net.zero_first_element: vgg deploy's `label` input is a net output
+    # see segaware_caffe.net.zero_first_element; an input no layer reads (like vgg deploy's
+    # `label`) is left out of the module altogether
     from tests.net.test_zeroing import ZEROED_NET
     net = build_net(caffe_proto.read_net(ZEROED_NET))
     export = python_source(net)
-    for line in ("x = zero_first_element(x)", "label = zero_first_element(label)",
-                 "c = zero_first_element(c)"):
+    for line in ("x = zero_first_element(x)", "c = zero_first_element(c)"):
         assert line in export.source, line
     assert "z = zero_first_element(" not in export.source    # read through a Split
+    assert "label" not in export.inputs and "label" not in export.outputs
+    assert "label" in net.outputs and "zero_first_element(label)" not in export.source
     model = instantiate(export, net)
     inputs = {"x": torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], requires_grad=True),
               "label": torch.tensor([[7.0, 8.0, 9.0, 10.0]]),
               "y": torch.ones(1, 4), "z": torch.ones(1, 4)}
-    got, ref = model(*inputs.values()), net.forward(**inputs)
-    assert set(got) == set(ref)
-    for k in ref:
+    got = model(*[inputs[name] for name in export.inputs])
+    ref = net.forward(**inputs)
+    assert ref["label"].tolist() == [[0.0, 8.0, 9.0, 10.0]]
+    assert set(got) == set(ref) - {"label"}
+    for k in got:
         assert torch.equal(got[k], ref[k]), k
-    assert got["label"].tolist() == [[0.0, 8.0, 9.0, 10.0]]
     assert got["xr"].tolist() == [0.0, 2.0, 3.0, 4.0]
     got["xr"].sum().backward()
     assert inputs["x"].grad.flatten().tolist() == [1.0, 1.0, 1.0, 1.0]

@@ -106,7 +106,7 @@ def test_corrupt_first_file_is_a_build_error_later_one_a_data_error(tmp_path, fl
 
 
 def test_missing_file_and_sizes_that_differ(tmp_path, flows):
-    write_flo(tmp_path / "flo" / "f1.flo", np.zeros((2, 4, 5), np.float32))
+    write_flo(tmp_path / "flo" / "f1.flo", np.zeros((2, 4, 5), np.float32), overwrite=True)
     with pytest.raises(DataError, match="items of one batch have different sizes"):
         flo_net(tmp_path, batch=2).forward()
     (tmp_path / "flo" / "f0.flo").unlink()

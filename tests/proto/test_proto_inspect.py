@@ -1,5 +1,6 @@
 """`segaware-caffe inspect`: the layer table, its totals, templates and fallbacks."""
 import re
+import pytest
 
 import numpy as np
 
@@ -100,3 +101,34 @@ def test_errors_exit_1_with_the_message(tmp_path, capsys):
     assert "1 template variable not set: ${LR} (line 5)" in err
     code, _, err = _run(capsys, str(net), "--set", "SIZE")
     assert code == 1 and "--set must look like NAME=VALUE, got 'SIZE'" in err
+
+
+FLOPS_NET = """
+name: "counted"
+input: "data" input_shape { dim: 2 dim: 3 dim: 9 dim: 7 }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 pad: 1 group: 1 } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc" inner_product_param { num_output: 5 } }
+layer { name: "a" type: "Power" bottom: "fc" top: "a" }
+layer { name: "b" type: "Power" bottom: "fc" top: "b" }
+"""
+
+
+def test_flops_and_top_memory_per_layer_and_in_total(tmp_path, capsys):
+    (tmp_path / "net.prototxt").write_text(FLOPS_NET)
+    assert main(["inspect", str(tmp_path / "net.prototxt")]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[1]
+    assert header.split()[-3:] == ["FLOPs", "top", "memory"]
+    rows = {line.split()[1]: line for line in out.splitlines()[3:8]}
+    conv_flops = 2 * (2 * 4 * 9 * 7) * (3 * 3 * 3)          # 2 x outputs x (C x kh x kw)
+    fc_flops = 2 * (2 * 5) * (4 * 9 * 7)
+    assert rows["conv"].split()[-4:] == [f"{conv_flops / 1e3:.2f}", "k", "2.0", "KiB"]   # 2*4*9*7*4 B
+    assert rows["fc"].split()[-4:] == [f"{fc_flops / 1e3:.2f}", "k", "40", "B"]
+    assert rows["relu"].split()[-2:] == ["-", "-"]          # in place: no new memory
+    total = re.search(r"total: 5 layers.*, ([\d.]+) kFLOPs forward, ([\d.]+) KiB of layer tops", out)
+    assert float(total.group(1)) == pytest.approx((conv_flops + fc_flops) / 1e3, abs=0.01)
+    # tops: conv 2016 B, fc 40, a 40, b 40 (the Split of fc shares its data)
+    assert float(total.group(2)) == pytest.approx((2016 + 120) / 1024, abs=0.05)
+    assert "activations of the whole net: 3.6 KiB" in out   # plus the 1512 B input

@@ -287,3 +287,19 @@ def test_progress_bar_only_on_terminals():
     bar.update(5, 0.5)
     bar.close()
     assert shown.getvalue() == "\r[#####.....]  5/10 iter  loss 0.5\033[K\n"
+
+
+def test_progress_bar_shows_speed_and_time_left():
+    from segaware_caffe.solvers.glog import ProgressBar, duration
+    now = [100.0]
+    shown = io.StringIO()
+    bar = ProgressBar(100, stream=shown, enabled=True, width=10, unit="batch", clock=lambda: now[0])
+    bar.update(0)
+    now[0] += 8.0
+    bar.update(20, 0.25)                        # 2.5 batches/s, 80 left: 32 s
+    assert shown.getvalue().endswith("[##........]  20/100 batch  2.5 batch/s, ETA 0:32  "
+                                     "loss 0.25\033[K")
+    now[0] += 80.0
+    bar.update(30)                              # 30 in 88 s: slower than one per second
+    assert "2.93 s/batch, ETA 3:25" in shown.getvalue().rsplit("\r", 1)[-1]
+    assert duration(3 * 3600 + 61) == "3:01:01" and duration(59.6) == "1:00"
