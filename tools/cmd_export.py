@@ -2,12 +2,15 @@
 
 --python writes a standalone PyTorch module; with WEIGHTS (.caffemodel) the tensors are written
 next to it as <model>.safetensors, which the module's load() reads by default (a .safetensors or
-.pt WEIGHTS file is used where it is). --onnx writes ONNX with the given (or filler) weights."""
+.pt WEIGHTS file is used where it is). --onnx writes ONNX with the given (or filler) weights, in
+standard ONNX operators (the segmentation-aware layers included), checked in onnxruntime against
+the net before it is written unless --no-verify."""
 import os
 
 from segaware_caffe.converters import caffemodel as cm
 from segaware_caffe.errors import NetBuildError
-from segaware_caffe.converters.python_export import build_net, export_onnx, python_source
+from segaware_caffe.converters.onnx_export import export_onnx
+from segaware_caffe.converters.python_export import build_net, python_source
 from segaware_caffe.tools.cmd_convert import add_net_arguments
 from segaware_caffe.files import CLI_HINT, write_new
 from segaware_caffe.tools.common import UsageError, check_new_file, variables_from
@@ -22,6 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
                         help="build (and ONNX-trace) with this input shape (repeatable)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip running the ONNX graph in onnxruntime against the net")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     add_net_arguments(parser)
 
@@ -83,6 +88,18 @@ def run(args):
         print(f"wrote {args.python}: class {export.class_name}, {len(export.layers)} layer(s), "
               f"{len(modules)} as segaware_caffe modules")
     if args.onnx:
-        export_onnx(net, export, args.onnx, opset=args.opset, overwrite=args.force)
-        print(f"wrote {args.onnx}")
+        result = export_onnx(net, export, args.onnx, opset=args.opset, overwrite=args.force,
+                             hint=CLI_HINT, verify=not args.no_verify)
+        print(f"wrote {args.onnx}: inputs {', '.join(result.inputs) or 'none'}; outputs "
+              f"{', '.join(result.outputs)}")
+        for blob, name in result.renamed.items():
+            print(f"  output {blob!r} is named {name!r} (an input has its name)")
+        if result.left_out:
+            print(f"  left out {', '.join(map(repr, result.left_out))}: input(s) passed through "
+                  f"unchanged")
+        if result.verified:
+            print(f"  onnxruntime matches the net: max relative error "
+                  f"{max(result.errors.values(), default=0.0):.1e}")
+        else:
+            print(f"  not verified: {result.unverified}")
     return 0
