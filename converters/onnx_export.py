@@ -8,7 +8,7 @@ ops, which ONNX has no operator for). For export, each of them is swapped for it
 * functions the generated code calls (`im2dist`, the fused `masked_conv2d`, ...) are rebound in
   the loaded module's namespace;
 * layer modules the code instantiates (Im2parity, DistLoss, NormConv, NormConvMeanfield,
-  NospConvMeanfield, ...) are wrapped in an `OnnxForm` that computes the layer's forward from its
+  NospConvMeanfield, DomainTransform, ...) are wrapped in an `OnnxForm` that computes the layer's forward from its
   settings and parameters with `onnx_ops`.
 
 Refused before anything is traced, all of them named at once: layers with no ONNX form
@@ -17,6 +17,7 @@ tops from files or arrays on every pass (data layers: ONNX takes those as inputs
 effects beyond their tops (file writers, user Python layers, state kept between passes), and
 DummyData tops drawn from random fillers (a trace would freeze one draw).
 """
+import contextlib
 import io
 import os
 import types
@@ -60,6 +61,9 @@ PORTABLE_HELPERS = {"zero_first_element": onnx_ops.zero_first_element}
 NO_ONNX_FORM = {
     "DenseCRF": "its permutohedral lattice (a hash table of vertices) is built from the data on "
                 "every pass, with a size that depends on the data; ONNX has no such operator",
+    "AdaptiveBiasChannel": "it chooses the biased channels from the labels each image holds, "
+                           "shuffled with its own copy of C's rand() sequence (state carried "
+                           "from one pass to the next)",
     "UniqueLabel": "its top lists the distinct labels of each image, a selection whose size "
                    "depends on the data (the original aborts when it exceeds max_labels)",
 }
@@ -140,6 +144,97 @@ def _nosp_conv_meanfield(layer, unary, q0, features):
                                         bilateral=layer.bilateral)
 
 
+@onnx_form("DomainTransform", "DomainTransformForwardOnly")
+def _domain_transform(layer, x, g, dims):
+    return onnx_ops.domain_transform(x, g, dims, num_iter=layer.num_iter,
+                                     spatial_sigma=layer.spatial_sigma,
+                                     range_sigma=layer.range_sigma, min_weight=layer.min_weight)
+
+
+@onnx_form("ArgMax")
+def _argmax(layer, x):
+    """The layer's ranking by (value, index) descending, with TopK: ONNX's TopK puts the lower
+    index first among equal values, so on the flipped axis the higher index wins, as in the
+    original's partial_sort."""
+    def top(values, dim):
+        size = values.shape[dim]
+        top_values, flipped_index = torch.topk(values.flip(dim), layer.top_k, dim=dim)
+        return top_values, (size - 1) - flipped_index
+    if layer.axis is not None:
+        values, index = top(x, layer.axis)
+        return values if layer.out_max_val else index.to(x.dtype)
+    num = x.shape[0]
+    values, index = top(x.reshape(num, -1), 1)
+    rows = [index.to(x.dtype)] + ([values] if layer.out_max_val else [])
+    shape = [1] * max(x.dim(), 3)
+    shape[0], shape[1], shape[2] = num, len(rows), layer.top_k
+    return torch.stack(rows, dim=1).reshape(shape)
+
+
+@onnx_form("BiasChannel")
+def _bias_channel(layer, scores, labels):
+    """The layer's sum without its autograd wrapper (the gradient rule does not matter here)."""
+    return layer._biased(scores, labels)
+
+
+class _NoAutograd:
+    """Stands in for an autograd.Function's context: runs its forward as plain ops."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+
+@onnx_form("SoftmaxWithLoss")
+def _softmax_loss(layer, scores, labels):
+    """The loss (and prob) of the layer's autograd.Function forward, run as plain ops (the
+    exporter cannot inline that Function: it returns two tensors, one non-differentiable)."""
+    from segaware_caffe.layers.softmax_loss import _SoftmaxLossFunction
+    loss, prob = _SoftmaxLossFunction.forward(_NoAutograd(), scores, labels, layer.axis,
+                                              layer.ignore_label, layer.normalization)
+    return (loss, prob) if layer.with_prob else loss
+
+
+def _pool(x, method, kernel, pad, stride, out_hw):
+    from segaware_caffe.layers.pooling import pool2d
+    if method == "AVE":
+        return onnx_ops.average_pool2d(x, kernel, pad, stride, out_hw)
+    return pool2d(x, method, kernel, pad, stride, out_hw)
+
+
+@onnx_form("Pooling")
+def _pooling(layer, x):
+    """Pooling the emitter could not write as a torch module (pads beyond half the kernel,
+    windows past the end, mask tops, STOCHASTIC in the TEST phase), with the geometry fixed from
+    the traced input size."""
+    height, width = int(x.shape[2]), int(x.shape[3])
+    if layer.method == "STOCHASTIC" or layer.mask_top:
+        return layer(x)
+    return _pool(x, layer.method, layer._kernel_for(height, width), layer.pad, layer.stride,
+                 layer.output_spatial_size(height, width))
+
+
+@onnx_form("SPP")
+def _spp(layer, x):
+    """The layer's forward with the level geometry fixed from the traced input size (a tracer
+    turns the size arithmetic into graph ops that shape the pooling wrongly)."""
+    from segaware_caffe.layers.spp import check_levels, level_geometry, level_output
+    height, width = int(x.shape[2]), int(x.shape[3])
+    problem = check_levels(layer.pyramid_height, layer.method, height, width)
+    if problem:
+        raise UnsupportedError(f"SPP: {problem}")
+    levels = []
+    for level in range(layer.pyramid_height):
+        kernel, pad, stride = level_geometry(level, height, width)
+        levels.append(_pool(x, layer.method, kernel, pad, stride,
+                            level_output(level, height, width)))
+    if layer.pyramid_height == 1:
+        return levels[0]
+    return torch.cat([t.flatten(1) for t in levels], dim=1)
+
+
 def registered_forms():
     return sorted(_FORMS)
 
@@ -158,6 +253,12 @@ def _refusal(record):
     if cls.BOTTOMS[1] == 0 and not cls.NET_INPUT and record.type not in _SOURCES_OK:
         return ("it reads its tops from files or arrays on every pass; an ONNX graph takes "
                 "them as inputs (replace the layer by an Input layer of its top shapes)")
+    if record.type in ("Dropout", "Pooling") and module.train_phase \
+            and (record.type == "Dropout" or module.method == "STOCHASTIC"):
+        return ("it draws random samples on every pass in the TRAIN phase; export the TEST "
+                "phase")
+    if record.type == "SPP" and module.method == "STOCHASTIC":
+        return "its STOCHASTIC levels draw random samples on every pass (their phase is TRAIN)"
     if record.type == "DummyData":
         random = sorted({f.type for f in module.fillers} - DETERMINISTIC_FILLERS)
         if random:
@@ -184,6 +285,41 @@ def _refuse(net, refusals):
     listing = "; ".join(f"{name} ({type_}): {reason}" for name, type_, reason in refusals)
     raise UnsupportedError(f"cannot export net {net.name!r} to ONNX: {len(refusals)} layer(s) "
                            f"have no ONNX form: {listing}")
+
+
+# ---------------------------------------------------------------------------- the tracer
+def _trunc_symbolic(g, x):
+    """aten::trunc, which torch's exporter lacks (layers truncate labels as C++'s int() does):
+    Ceil below zero, Floor elsewhere."""
+    negative = g.op("Less", x, g.op("Constant", value_t=torch.tensor(0.0)))
+    return g.op("Where", negative, g.op("Ceil", x), g.op("Floor", x))
+
+
+def _and_symbolic(g, a, b):
+    """aten::__iand_ (`mask &= other` on booleans): a tracer records the in-place op and reads
+    its result afterwards, so it is an And."""
+    return g.op("And", a, b)
+
+
+def _or_symbolic(g, a, b):
+    return g.op("Or", a, b)
+
+
+_EXTRA_SYMBOLICS = {"aten::trunc": _trunc_symbolic, "aten::__iand_": _and_symbolic,
+                    "aten::__ior_": _or_symbolic}
+
+
+@contextlib.contextmanager
+def _extra_symbolics(opset):
+    """Symbolics for the aten ops the layers use and torch's exporter has none for, registered
+    for the duration of one export."""
+    for name, symbolic in _EXTRA_SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, symbolic, opset)
+    try:
+        yield
+    finally:
+        for name in _EXTRA_SYMBOLICS:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -378,7 +514,7 @@ def export_onnx(net, export, path, *, opset=DEFAULT_OPSET, overwrite=False, hint
     names = _output_names(net, kept)
     example = tuple(torch.zeros(shape) for shape in net.input_shapes.values())
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _extra_symbolics(opset):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, example, buffer, input_names=list(export.inputs),

@@ -19,13 +19,15 @@ Slices end at a negative offset from the padded input's end, and the masks of in
 computed from a ones-image of the input's size, so the graph follows the input's shape where
 the rest of the net does.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segaware_caffe.kernels.domain_transform import domain_transform_constants
 from segaware_caffe.kernels.geometry import ConvGeometry, tap_offsets
 from segaware_caffe.kernels.im2dist import BIG, NORMS
 
-__all__ = ["dist_loss", "im2dist", "im2parity", "masked_conv2d", "message", "message_attention",
+__all__ = ["average_pool2d", "dist_loss", "domain_transform", "im2dist", "im2parity", "masked_conv2d", "message", "message_attention",
            "norm_conv", "normconv_meanfield", "nosp_conv_meanfield", "patch_columns",
            "tap_slices", "trunc", "zero_first_element"]
 
@@ -247,3 +249,65 @@ def zero_first_element(x):
     output before the layers run; where no layer writes it, the 0 stays)."""
     first = torch.arange(x.numel(), device=x.device).reshape(x.shape) == 0
     return torch.where(first, x.new_zeros(()), x)
+
+
+# ------------------------------------------------------------------ the domain transform
+def _recursion(lines, weights, length, across_ok, reverse):
+    """One first-order recursion over `lines` (a list along the scan axis of (N, C, K) tensors):
+    y[j] += w * (y[j -+ 1] - y[j]) where the weight's position is inside the image's valid
+    extent `length` (N,) and the line position is valid across it, `across_ok` (N, K)."""
+    size = len(lines)
+    for pos in (range(size - 2, -1, -1) if reverse else range(1, size)):
+        prev = pos + 1 if reverse else pos - 1
+        at = prev if reverse else pos
+        active = ((length > at).unsqueeze(1) & across_ok).unsqueeze(1)     # (N, 1, K)
+        current = lines[pos]
+        lines[pos] = torch.where(active, current + weights[at].unsqueeze(1) * (lines[prev] - current),
+                                 current)
+
+
+def domain_transform(x, g, dims, *, num_iter=3, spatial_sigma=50.0, range_sigma=5.0,
+                     min_weight=0.0):
+    """kernels.domain_transform.domain_transform: num_iter rounds of the four recursive passes
+    (left->right, right->left, top->bottom, bottom->top) over each image's valid (h, w) =
+    trunc(dims[n, :2]); weights clamp(exp(mult1_i (1 + g mult2)), min_weight, 1). The valid
+    sizes are read in the graph, so any dims work (no check that they fit the blob)."""
+    batch, _, height, width = x.shape
+    mult1, mult2 = domain_transform_constants(num_iter, spatial_sigma, range_sigma)
+    valid = trunc(dims.reshape(batch, -1)[:, :2])
+    rows, cols = valid[:, 0], valid[:, 1]
+    rows_ok = torch.arange(height, device=x.device).unsqueeze(0) < rows.unsqueeze(1)   # (N, H)
+    cols_ok = torch.arange(width, device=x.device).unsqueeze(0) < cols.unsqueeze(1)    # (N, W)
+    y = x
+    for m1 in mult1:
+        w = torch.exp(m1 * (1 + g[:, 0] * mult2))
+        w = torch.clamp(torch.clamp(w, min=float(np.float32(min_weight))), max=1.0)   # (N, H, W)
+        lines = list(y.permute(3, 0, 1, 2).unbind(0))          # W of (N, C, H)
+        columns_w = list(w.permute(2, 0, 1).unbind(0))         # W of (N, H)
+        _recursion(lines, columns_w, cols, rows_ok, False)
+        _recursion(lines, columns_w, cols, rows_ok, True)
+        lines = list(torch.stack(lines, 3).permute(2, 0, 1, 3).unbind(0))   # H of (N, C, W)
+        rows_w = list(w.permute(1, 0, 2).unbind(0))            # H of (N, W)
+        _recursion(lines, rows_w, rows, cols_ok, False)
+        _recursion(lines, rows_w, rows, cols_ok, True)
+        y = torch.stack(lines, 2)                               # (N, C, H, W)
+    return y
+
+
+# ------------------------------------------------------------------ pooling
+def average_pool2d(x, kernel, pad, stride, out_hw):
+    """AVE pooling with Caffe's windows (see segaware_caffe.layers.pooling.pool2d): the in-image
+    sum of window o, [o*stride - pad, o*stride - pad + kernel), divided by the window clipped to
+    [-pad, size + pad). The sum is a zero-padded average times the kernel area: ONNX's
+    AveragePool has no divisor override."""
+    height, width = int(x.shape[2]), int(x.shape[3])
+    out_h, out_w = out_hw
+    after_h = (out_h - 1) * stride[0] + kernel[0] - height - pad[0]
+    after_w = (out_w - 1) * stride[1] + kernel[1] - width - pad[1]
+    padded = F.pad(x, (pad[1], after_w, pad[0], after_h))
+    sums = F.avg_pool2d(padded, kernel, stride) * float(kernel[0] * kernel[1])
+    sizes = []
+    for out, size, k, p, s in zip((out_h, out_w), (height, width), kernel, pad, stride):
+        start = np.arange(out) * s - p
+        sizes.append(torch.tensor(np.minimum(start + k, size + p) - start, dtype=x.dtype))
+    return sums / (sizes[0][:, None] * sizes[1][None, :])
