@@ -5,17 +5,23 @@ The generated module runs the segmentation-aware ops through `segaware_caffe.ker
 ops, which ONNX has no operator for). For export, each of them is swapped for its twin in
 `onnx_ops`, built from standard ONNX operators:
 
-* functions the generated code calls (`im2dist`, the fused `masked_conv2d`, ...) are rebound in
-  the loaded module's namespace;
+* functions the generated code calls (`im2dist`, the fused `masked_conv2d`, ...) and helpers it
+  defines (`zero_first_element`) are rebound in the loaded module's namespace;
 * layer modules the code instantiates (Im2parity, DistLoss, NormConv, NormConvMeanfield,
-  NospConvMeanfield, DomainTransform, ...) are wrapped in an `OnnxForm` that computes the layer's forward from its
-  settings and parameters with `onnx_ops`.
+  NospConvMeanfield, DomainTransform, and a few standard layers whose code a tracer records
+  wrongly or not at all: ArgMax, AVE Pooling, SPP, BiasChannel, SoftmaxWithLoss) are wrapped in
+  an `OnnxForm` that computes the layer's forward from its settings and parameters.
 
 Refused before anything is traced, all of them named at once: layers with no ONNX form
-(DenseCRF builds a permutohedral lattice whose size depends on the data), layers that read their
-tops from files or arrays on every pass (data layers: ONNX takes those as inputs), layers with
-effects beyond their tops (file writers, user Python layers, state kept between passes), and
-DummyData tops drawn from random fillers (a trace would freeze one draw).
+(DenseCRF builds a permutohedral lattice whose size depends on the data; UniqueLabel and
+AdaptiveBiasChannel select from the data in Python), layers that read their tops from files or
+arrays on every pass (data layers: ONNX takes those as inputs), layers with effects beyond their
+tops (file writers, user Python layers, state kept between passes), and random draws a trace
+would freeze (DummyData with random fillers, TRAIN-phase Dropout and STOCHASTIC pooling).
+
+A trace records what the code did for one input; where a layer decides in Python from the data,
+the graph is silently wrong for other inputs. So the graph is run in onnxruntime against the Net
+before the file is written (`verify_onnx`), and a mismatch is an error.
 """
 import contextlib
 import io

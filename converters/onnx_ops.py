@@ -27,9 +27,9 @@ from segaware_caffe.kernels.domain_transform import domain_transform_constants
 from segaware_caffe.kernels.geometry import ConvGeometry, tap_offsets
 from segaware_caffe.kernels.im2dist import BIG, NORMS
 
-__all__ = ["average_pool2d", "dist_loss", "domain_transform", "im2dist", "im2parity", "masked_conv2d", "message", "message_attention",
-           "norm_conv", "normconv_meanfield", "nosp_conv_meanfield", "patch_columns",
-           "tap_slices", "trunc", "zero_first_element"]
+__all__ = ["average_pool2d", "dist_loss", "domain_transform", "im2dist", "im2parity",
+           "masked_conv2d", "message", "message_attention", "norm_conv", "normconv_meanfield",
+           "nosp_conv_meanfield", "patch_columns", "tap_slices", "trunc", "zero_first_element"]
 
 
 # ---------------------------------------------------------------------------------- patches
@@ -99,7 +99,8 @@ def im2dist(x, kernel_size, pad=(0, 0), stride=(1, 1), dilation=(1, 1), norm="L2
             outputs.append(torch.where(inside[centre], big, zero).expand_as(neighbour[:, :1]))
             continue
         difference = taps[centre] - neighbour
-        distance = (difference.abs() if norm == "L1" else difference * difference).sum(1, keepdim=True)
+        phi = difference.abs() if norm == "L1" else difference * difference
+        distance = phi.sum(1, keepdim=True)
         if norm == "L2":
             distance = distance * 0.5
         outside = torch.where(inside[centre], big, zero) if remove_bounds else zero
@@ -123,7 +124,8 @@ def im2parity(labels, kernel_size, pad=(0, 0), stride=(1, 1), dilation=(1, 1), i
     for neighbour in taps:
         parity = (neighbour == centre).to(labels.dtype)
         if ignore_label is not None:
-            parity = torch.where((neighbour == ignore_label) | (centre == ignore_label), fill, parity)
+            ignored = (neighbour == ignore_label) | (centre == ignore_label)
+            parity = torch.where(ignored, fill, parity)
         outputs.append(torch.where(centre_inside, parity, fill))
     return torch.cat(outputs, dim=1)
 
@@ -262,8 +264,8 @@ def _recursion(lines, weights, length, across_ok, reverse):
         at = prev if reverse else pos
         active = ((length > at).unsqueeze(1) & across_ok).unsqueeze(1)     # (N, 1, K)
         current = lines[pos]
-        lines[pos] = torch.where(active, current + weights[at].unsqueeze(1) * (lines[prev] - current),
-                                 current)
+        step = weights[at].unsqueeze(1) * (lines[prev] - current)
+        lines[pos] = torch.where(active, current + step, current)
 
 
 def domain_transform(x, g, dims, *, num_iter=3, spatial_sigma=50.0, range_sigma=5.0,
