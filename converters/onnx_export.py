@@ -74,7 +74,7 @@ NO_ONNX_FORM = {
                    "depends on the data (the original aborts when it exceeds max_labels)",
 }
 
-# the exported graph against the Net on random inputs: max error relative to max|ref| per output
+# the exported graph against the Net (verify_onnx): max error relative to max|ref| per output
 VERIFY_MAXREL = 1e-4
 
 # fillers that give the same values on every pass (a DummyData top is then a constant)
@@ -460,8 +460,7 @@ def verify_onnx(net, model_bytes, names, *, inputs=None, seed=0, threads=None):
     except ImportError as e:
         return None, f"onnxruntime is not importable ({e})"
     options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or torch.get_num_threads()   # as many as torch uses
     session = onnxruntime.InferenceSession(model_bytes, options,
                                            providers=["CPUExecutionProvider"])
     present = {o.name for o in session.get_outputs()}
