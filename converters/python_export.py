@@ -1,4 +1,4 @@
-"""Write a Caffe net as a standalone, readable PyTorch module (and, from it, ONNX).
+"""Write a Caffe net as a standalone, readable PyTorch module (onnx_export traces it to ONNX).
 
 The source is generated from the net's fx graph (`Net.graph_module`, the interpreter Net.forward
 runs), one emitter per kind of node, so the module computes what sc.Net computes:
@@ -355,13 +355,12 @@ def _live_nodes(net, graph):
 
 
 # Plain-torch twins of segaware_caffe.net's graph helpers, so that an exported module needs only
-# torch: zero_first_element (ONNX traces torch.where, not the library's autograd.Function),
-# refuse_gradient and track_grad
+# torch: zero_first_element (a tracer records torch.where, not the library's autograd.Function,
+# and loses an in-place write into a fresh mask), refuse_gradient and track_grad
 _ZERO_FIRST_ELEMENT = '''def zero_first_element(x):
     """The original's Net::Forward sets element 0 of every net output to 0 before the layers run;
     no layer writes this one, so the 0 stays (the gradient passes unchanged)."""
-    first = torch.zeros_like(x, dtype=torch.bool)
-    first.view(-1)[0] = True
+    first = torch.arange(x.numel(), device=x.device).reshape(x.shape) == 0
     return torch.where(first, x - x.detach(), x)'''
 
 _REFUSE_GRADIENT = '''class _RefuseGradient(torch.autograd.Function):
@@ -485,47 +484,3 @@ def instantiate(export, net):
     state = {k[len("layers."):]: v for k, v in net.state_dict().items() if k.startswith("layers.")}
     model.load_state_dict(state, strict=False)
     return model.eval()
-
-
-# ---------------------------------------------------------------------------- ONNX
-class _TupleOutputs(torch.nn.Module):
-    """ONNX wants a tuple of outputs; the exported module returns a dict."""
-
-    def __init__(self, model, outputs):
-        super().__init__()
-        self.model, self.outputs = model, list(outputs)
-
-    def forward(self, *inputs):
-        result = self.model(*inputs)
-        return tuple(result[o] for o in self.outputs)
-
-
-def export_onnx(net, export, path, *, opset=17, overwrite=False):
-    """Write `export` (from python_source(net)) as ONNX, with the Net's parameters and its input
-    shapes. Refuses, naming them, when layers use segmentation-aware kernels."""
-    import warnings
-    if any(layer.how == "fused" for layer in export.layers):   # ONNX has no masked_conv2d
-        export = python_source(net, class_name=export.class_name, fuse=False)
-    blocked = export.not_plain_torch
-    if blocked:
-        raise UnsupportedError(
-            f"cannot export net {net.name!r} to ONNX: {len(blocked)} layer(s) run segmentation-aware "
-            f"kernels that ONNX has no operator for: "
-            + ", ".join(f"{layer.name} ({layer.type})" for layer in blocked))
-    path = refuse_existing(path, overwrite, "pass --force (overwrite=True) to replace it")
-    model = _TupleOutputs(instantiate(export, net), export.outputs)
-    example = tuple(torch.zeros(net.input_shapes[name]) for name in export.inputs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, example, path, input_names=list(export.inputs),
-                              output_names=list(export.outputs), opset_version=opset,
-                              dynamo=False)
-        except Exception as e:  # the tracer's message plus the layers most likely responsible
-            modules = [f"{layer.name} ({layer.type})" for layer in export.layers if layer.how == "module"]
-            raise UnsupportedError(
-                f"ONNX export of net {net.name!r} failed: {e}. Layers exported as segaware_caffe "
-                f"modules: {', '.join(modules) or 'none'}") from None
-    return path
-
-

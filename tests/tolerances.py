@@ -26,6 +26,9 @@ NET_DIFF_L2 = 1e-2
 FUSED_OUT_MAXREL = 1e-5
 FUSED_GRAD_MAXREL = 1e-4
 EXPORT_MAXREL = 1e-6
+# an ONNX graph run by onnxruntime against the Net (other kernels, other summation orders), by
+# max error relative to max|ref| per output; removed Im2dist taps (BIG) must match exactly
+ONNX_MAXREL = 1e-4
 SOLVER_HISTORY_ABSFRAC = 1e-6
 
 
@@ -86,6 +89,16 @@ def max_relative_error(got, ref, floor=0.0):
     scale = max(float(np.abs(ref[finite]).max()), floor)
     diff = float(np.abs(got[finite] - ref[finite]).max())
     return diff / scale if scale else diff
+
+
+def onnx_relative_error(got, ref):
+    """max|got - ref| / max|ref| over the entries that are not BIG (removed Im2dist taps), which
+    must sit in the same places; NaNs must too."""
+    got, ref = as_array(got), as_array(ref)
+    assert got.shape == ref.shape, f"shape {got.shape}, expected {ref.shape}"
+    big = ref == np.float64(BIG)
+    assert (big == (got == np.float64(BIG))).all(), "removed taps (FLT_MAX/100) differ"
+    return max_relative_error(np.where(big, 0.0, got), np.where(big, 0.0, ref))
 
 
 def is_integer_valued(ref):

@@ -3,9 +3,11 @@
 --python writes a standalone PyTorch module; with WEIGHTS (.caffemodel) the tensors are written
 next to it as <model>.safetensors, which the module's load() reads by default (a .safetensors or
 .pt WEIGHTS file stays where it is: pass its path to load()). --onnx writes ONNX with the given
-(or filler) weights. --input-shape NAME=N,C,H,W builds at another size; deploy nets that hard-code
-sizes tied to their input (the released vgg/res/embs) are moved to it (see `segaware-caffe resize`).
-Inputs no layer reads (the vgg deploy net's `label`) are left out of the module's arguments."""
+(or filler) weights, in standard ONNX operators (the segmentation-aware layers included), checked
+in onnxruntime against the net before it is written unless --no-verify. --input-shape
+NAME=N,C,H,W builds at another size; deploy nets that hard-code sizes tied to their input (the
+released vgg/res/embs) are moved to it (see `segaware-caffe resize`). Inputs no layer reads (the
+vgg deploy net's `label`) are left out of the module's arguments."""
 import os
 
 from segaware_caffe.errors import NetBuildError
@@ -23,6 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--class-name", help="name of the generated class (default: from the net name)")
     add_input_shape_argument(parser, "build (and ONNX-trace) with this input shape")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip running the ONNX graph in onnxruntime against the net")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     add_net_arguments(parser)
 
@@ -34,7 +38,8 @@ def _check_new(path, force):
 
 def run(args):
     from segaware_caffe.converters import caffemodel as cm
-    from segaware_caffe.converters.python_export import build_net, export_onnx, python_source
+    from segaware_caffe.converters.onnx_export import export_onnx
+    from segaware_caffe.converters.python_export import build_net, python_source
 
     if not args.python and not args.onnx:
         raise UsageError("nothing to write: give --python FILE and/or --onnx FILE")
@@ -81,6 +86,18 @@ def run(args):
         if tensor_file:
             print(f"its weights: load({args.weights!r}) (the module names no weights file)")
     if args.onnx:
-        export_onnx(net, export, args.onnx, opset=args.opset, overwrite=args.force)
-        print(f"wrote {args.onnx}")
+        result = export_onnx(net, export, args.onnx, opset=args.opset, overwrite=args.force,
+                             hint=CLI_HINT, verify=not args.no_verify)
+        print(f"wrote {args.onnx}: inputs {', '.join(result.inputs) or 'none'}; outputs "
+              f"{', '.join(result.outputs)}")
+        for blob, name in result.renamed.items():
+            print(f"  output {blob!r} is named {name!r} (an input has its name)")
+        if result.left_out:
+            print(f"  left out {', '.join(map(repr, result.left_out))}: input(s) passed through "
+                  f"unchanged")
+        if result.verified:
+            print(f"  onnxruntime matches the net: max relative error "
+                  f"{max(result.errors.values(), default=0.0):.1e}")
+        else:
+            print(f"  not verified: {result.unverified}")
     return 0
