@@ -105,6 +105,13 @@ class OnnxForm(nn.Module):
     def forward(self, *bottoms):
         return self.form(self.layer, *bottoms)
 
+    def __getattr__(self, name):
+        # the generated forward also reads the layer's blobs by name (refuse_gradient)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
 
 # ---------------------------------------------------------------------------- forms
 @onnx_form("Im2dist")
@@ -510,14 +517,16 @@ def export_onnx(net, export, path, *, opset=DEFAULT_OPSET, overwrite=False, hint
     path = os.fspath(path)
     refuse_existing(path, overwrite, hint)
     model, export = onnx_model(net, export)
-    left_out = [blob for blob in export.outputs if _passed_through(net, blob)]
+    # inputs passed through: those python_source left out already (no layer reads them) and
+    # those it returns unchanged
+    left_out = [blob for blob in net.outputs if _passed_through(net, blob)]
     kept = [blob for blob in export.outputs if blob not in left_out]
     if not kept:
         raise UnsupportedError(f"cannot export net {net.name!r} to ONNX: it computes no output "
                                f"(its outputs {export.outputs} are inputs passed through)")
     model.outputs = kept
     names = _output_names(net, kept)
-    example = tuple(torch.zeros(shape) for shape in net.input_shapes.values())
+    example = tuple(torch.zeros(net.input_shapes[name]) for name in export.inputs)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), _extra_symbolics(opset):
         warnings.simplefilter("ignore")

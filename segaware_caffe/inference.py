@@ -211,6 +211,8 @@ class InferenceConvolution(nn.Module):
         if isinstance(layer, Deconvolution):
             return F.conv_transpose2d(x, weight, bias, layer.stride, layer.pad, 0, layer.group,
                                       layer.dilation)
+        if layer.bottom_is_im2col:     # the columns are the taps: a grouped 1x1 product
+            return F.conv2d(x, weight, bias, groups=layer.group)
         return F.conv2d(x, weight, bias, layer.stride, layer.pad, layer.dilation, layer.group)
 
     def extra_repr(self):
@@ -698,6 +700,9 @@ class _Rewriter:
         for node in self.graph.nodes:
             if node.op == "call_module" and node.target not in self.modules:
                 root[node.target] = self.net.get_submodule(node.target)
+            elif node.op == "get_attr":     # a learnable blob read by the graph itself
+                module, _, attribute = node.target.rpartition(".")
+                root[node.target] = getattr(self.net.get_submodule(module), attribute)
         root.update(self.modules)
         return fx.GraphModule(root, self.graph, class_name=self.class_name)
 

@@ -346,7 +346,6 @@ class Solver:
             reports.append(net.load_weights(weights))
             for name in reports[-1].not_in_net:
                 log.info(f"Ignoring source layer {name}")
-            _log_partial(reports[-1], net)
         loaded = reports[0].loaded
         shown = ", ".join(loaded[:40]) + (f", ... ({len(loaded) - 40} more)" if len(loaded) > 40 else "")
         log.info(f"Copied {len(loaded)} layer(s) from {weights.where}" + (f": {shown}" if loaded else ""))

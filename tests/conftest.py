@@ -92,3 +92,21 @@ def pytest_terminal_summary(terminalreporter):
     on_disk = len(list(GOLDEN.glob("*/*/meta.json")))
     terminalreporter.write_line(f"golden cases of the original Caffe: {passed} of "
                                 f"{len(_golden_outcomes)} run passed ({on_disk} in {GOLDEN})")
+
+
+def _fixture_listing():
+    return {p for case in GOLDEN.glob("*/*") for p in os.listdir(case)}
+
+
+@pytest.fixture(autouse=True)
+def fixtures_stay_unchanged():
+    """The golden folders are the original's output: a test that writes into one (a snapshot, a
+    writer layer's file) fails, naming what it left there."""
+    before = _fixture_listing()
+    yield
+    added = _fixture_listing() - before
+    if added:
+        for case in GOLDEN.glob("*/*"):
+            for name in added & set(os.listdir(case)):
+                (case / name).unlink()
+        pytest.fail(f"the test wrote into tests/fixtures/golden: {sorted(added)}")

@@ -72,12 +72,15 @@ def _debug_parent():
 
 
 def _verb_in(argv):
-    """The verb of a command line: its first word that is not an option (the only options before
-    a verb are --debug and --help), or None."""
-    for word in argv:
+    """The verb of a command line: its first word that is neither an option nor the value of one
+    (the options before a verb are --debug, --help and --max-memory SIZE), or None."""
+    words = iter(argv)
+    for word in words:
         if word == "--":
             return None
-        if not word.startswith("-"):
+        if word == "--max-memory":
+            next(words, None)
+        elif not word.startswith("-"):
             return word
     return None
 

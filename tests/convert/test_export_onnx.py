@@ -670,25 +670,3 @@ def test_cli_names_the_layers_without_an_onnx_form(golden, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot export net 'densecrf' to ONNX: 1 layer(s) have no ONNX form: crf (DenseCRF)" in err
     assert not out.exists()
-
-
-def test_export_onnx_refuses_an_existing_file_and_unsupported_layers(tmp_path):
-    from segaware_caffe.converters.python_export import export_onnx, python_source
-    from segaware_caffe.errors import OutputExistsError, UnsupportedError
-    net = sc.Net('input: "x" input_shape { dim: 1 dim: 3 } layer { name: "ip" type: "InnerProduct" '
-                 'bottom: "x" top: "y" inner_product_param { num_output: 2 } }')
-    path = tmp_path / "net.onnx"
-    path.write_bytes(b"mine")
-    with pytest.raises(OutputExistsError, match=r"net\.onnx: file exists; pass --force "
-                                                r"\(overwrite=True\) to replace it"):
-        export_onnx(net, python_source(net), path)
-    assert path.read_bytes() == b"mine"
-    export_onnx(net, python_source(net), path, overwrite=True)
-    assert path.read_bytes() != b"mine"
-    segaware = sc.Net('input: "x" input_shape { dim: 1 dim: 1 dim: 4 dim: 4 } layer { name: "d" '
-                      'type: "Im2dist" bottom: "x" top: "y" convolution_param { kernel_size: 3 '
-                      'pad: 1 } }')
-    with pytest.raises(UnsupportedError, match=r"1 layer\(s\) run segmentation-aware kernels that "
-                                               r"ONNX has no operator for: d \(Im2dist\)"):
-        export_onnx(segaware, python_source(segaware), tmp_path / "other.onnx")
-    assert not (tmp_path / "other.onnx").exists()

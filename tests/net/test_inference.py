@@ -126,14 +126,20 @@ def test_deconvolution_and_inner_product_fold():
     assert _layers_called(net) == []
 
 
-def test_im2col_convolution_folds():
-    body = """
-    layer { name: "cols" type: "Im2col" bottom: "data" top: "cols" convolution_param {
-      kernel_size: 3 pad: 1 } }
-    layer { name: "conv" type: "Convolution" bottom: "cols" top: "y" convolution_param {
-      num_output: 4 kernel_size: 3 bottom_is_im2col: true } }
+@pytest.mark.parametrize("settings", ["kernel_size: 3", "kernel_size: 3 pad: 2 dilation: 2 group: 2",
+                                      "kernel_size: 3 pad: 1 stride: 2"])
+def test_im2col_convolution_folds(settings):
+    """A convolution on Im2col columns is a (grouped) 1x1 product over the columns, whatever
+    padding, stride and dilation its convolution_param repeats from the Im2col layer."""
+    geometry = settings.replace(" group: 2", "").replace("kernel_size: 3", "kernel_size: 3 pad: 1") \
+        if "pad" not in settings else settings.replace(" group: 2", "")
+    body = f"""
+    layer {{ name: "cols" type: "Im2col" bottom: "data" top: "cols" convolution_param {{
+      {geometry} }} }}
+    layer {{ name: "conv" type: "Convolution" bottom: "cols" top: "y" convolution_param {{
+      num_output: 4 {settings} bottom_is_im2col: true }} }}
     """ + BN_SCALE
-    net = _net(body, (2, 3, 6, 7))
+    net = _net(body, (2, 4, 6, 7))
     _check(net, _inputs(net), float64=True)
     assert _layers_called(net) == ["Im2col"]
 

@@ -29,8 +29,11 @@ def probe(cwd, env=None):
 
 
 def test_generic_names_are_not_ours_outside_the_checkout(tmp_path):
-    """As installed for development (pip install -e .), seen from any other directory."""
-    found = probe(tmp_path)
+    """As installed for development (pip install -e .), seen from any other directory (a
+    PYTHONPATH naming the checkout itself would of course find its folders)."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = probe(tmp_path, env)
     for name in GENERIC:
         origin = found[name]
         assert origin is None or not origin.startswith(str(REPO)), \

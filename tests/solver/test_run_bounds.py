@@ -78,7 +78,23 @@ def test_a_data_layer_batch_beyond_the_limit_names_the_layer(tmp_path):
     assert time.monotonic() - start < 5
 
 
-def test_max_seconds_stops_between_passes(tmp_path, caplog):
+class SlowClock:
+    """time.monotonic for the solver where every reading is 50 ms after the last, so that a
+    bound is reached after a known number of checks however fast the passes run."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        self.now += 0.05
+        return self.now
+
+
+def test_max_seconds_stops_between_passes(tmp_path, caplog, monkeypatch):
+    import types
+
+    import segaware_caffe.solver as solver_module
+    monkeypatch.setattr(solver_module, "time", types.SimpleNamespace(monotonic=SlowClock().monotonic))
     path = write_solver(tmp_path, "iter_size: 1000\n")
     solver = Solver(path, max_seconds=0.3)
     start = time.monotonic()
