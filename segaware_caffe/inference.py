@@ -227,21 +227,22 @@ def _pointwise(x, weight_t, bias, channels_last):
     memory the pixels' channel vectors are the rows of one matrix; a product with few outputs
     (a detection head) is faster as W . rows^T, which gives an image in the standard layout."""
     num, channels, height, width = x.shape
+    outputs = weight_t.shape[1]          # explicit sizes: a batch of 0 has no -1 to infer
     if channels_last:
         rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        rows = rows.reshape(-1, channels)
+        rows = rows.reshape(num * height * width, channels)
         if num == 1 and weight_t.shape[1] < 16:
             weight = weight_t.t()
             y = torch.mm(weight, rows.t()) if bias is None else \
                 torch.addmm(bias.view(-1, 1), weight, rows.t())
-            return y.view(1, -1, height, width)
+            return y.view(1, outputs, height, width)
         y = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
-        return y.view(num, height, width, -1).permute(0, 3, 1, 2)
+        return y.view(num, height, width, outputs).permute(0, 3, 1, 2)
     columns = x.reshape(num, channels, height * width)
     y = torch.matmul(weight_t.t(), columns)
     if bias is not None:
         y += bias.view(1, -1, 1)
-    return y.view(num, -1, height, width)
+    return y.view(num, outputs, height, width)
 
 
 class ChannelAffine(nn.Module):

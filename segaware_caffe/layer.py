@@ -84,8 +84,10 @@ def layer_class(type_name, layer_name="?"):
     except KeyError:
         close = difflib.get_close_matches(type_name, _REGISTRY, n=3, cutoff=0.5)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        shown = layer_name if layer_name.isprintable() else repr(layer_name)
         raise NetBuildError(
-            f"{layer_name} ({type_name}): unknown layer type {type_name!r}{hint}. "
+            f"{shown} ({type_name if type_name.isprintable() else repr(type_name)}): unknown "
+            f"layer type {type_name!r}{hint}. "
             f"Supported types: {', '.join(registered_types())}. "
             f"Register your own with @segaware_caffe.register_layer({type_name!r}).") from None
 

@@ -11,6 +11,8 @@ raise the limit:
     test_iter    forward passes of one test of a test net
     batch_size   items the list-, database- and file-driven data layers read one by one per
                  batch (MemoryData, Input and DummyData are limited by the memory budget)
+    layer_iterations  steps a layer repeats within one forward pass (mean-field iterations,
+                 DenseCRF's max_iter, DomainTransform's num_iter)
 
 Raise a limit with $SEGAWARE_LIMITS, e.g. SEGAWARE_LIMITS="iter_size=4096,batch_size=50000", or
 within a block of code with `raised(iter_size=4096)`. Sizes that become memory are checked by the
@@ -28,12 +30,14 @@ DEFAULTS = {
     "iter_size": 1024,
     "test_iter": 10_000_000,
     "batch_size": 10_000,
+    "layer_iterations": 10_000,
 }
 WHY = {
     "iterations": "iterations",
     "iter_size": "forward-backward passes per update",
     "test_iter": "test passes",
     "batch_size": "items read one by one per batch",
+    "layer_iterations": "steps of one layer's forward",
 }
 _RAISED = contextvars.ContextVar("segaware_limits_raised", default={})
 

@@ -333,6 +333,11 @@ class Net(nn.Module):
                 raise NetBuildError(f"{label}: top {top!r} would have shape {tuple(shape)}: a "
                                     f"negative dimension (the settings do not fit the bottom "
                                     f"shapes {[tuple(s) for s in bottom_shapes]})")
+            if len(shape) >= 2 and any(int(d) == 0 for d in shape[1:]):
+                # an empty batch is fine (every layer handles N = 0); other empty axes are not
+                raise NetBuildError(f"{label}: top {top!r} would have shape {tuple(shape)}: an "
+                                    f"empty axis other than the first (batch) axis is not "
+                                    f"supported")
             shares = lp.type == "Split" or type(module).SHARES_BOTTOM_DATA or \
                 lp.type == "Flatten" or top in lp.bottom
             if not shares:

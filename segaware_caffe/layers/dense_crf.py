@@ -6,6 +6,7 @@ import torch
 from segaware_caffe.kernels.dense_crf import (FLT_MIN, PottsKernel, dense_crf_inference,
                                               pixel_features)
 
+from .. import limits
 from ..layer import CaffeLayer, register_layer
 
 
@@ -69,6 +70,8 @@ class DenseCRF(CaffeLayer):
         elif len(p.bi_w):
             ctx.warn("dense_crf_param: the bilateral kernels (bi_w ...) need an image bottom; without "
                      "one only the positional kernels run")
+        limits.check(p.max_iter, "layer_iterations", "dense_crf_param.max_iter",
+                     f"{ctx.name} ({ctx.type})")
         return cls(max_iter=int(p.max_iter), pos=list(zip(p.pos_w, p.pos_xy_std)),
                    bilateral=list(zip(p.bi_w, p.bi_xy_std, p.bi_rgb_std)) if len(shapes) == 3 else (),
                    output_probability=bool(p.output_probability), where=f"{ctx.name} ({ctx.type})")

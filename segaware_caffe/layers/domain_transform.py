@@ -6,6 +6,7 @@ import torch
 
 from segaware_caffe.kernels.domain_transform import domain_transform
 
+from .. import limits
 from ..layer import CaffeLayer, register_layer
 
 
@@ -37,6 +38,8 @@ class DomainTransform(CaffeLayer):
             raise ctx.error(f"domain_transform_param.min_weight must be >= 0, got {p.min_weight:g}")
         if p.num_iter <= 0:
             raise ctx.error(f"domain_transform_param.num_iter must be > 0, got {p.num_iter}")
+        limits.check(p.num_iter, "layer_iterations", "domain_transform_param.num_iter",
+                     f"{ctx.name} ({ctx.type})")
         x, g, dims = (tuple(s) for s in ctx.bottom_shapes)
         if len(x) != 4:
             raise ctx.error(f"bottom 0 (the input to filter) must be (N, C, H, W), got {x}")

@@ -13,6 +13,7 @@ from torch import nn
 
 from segaware_caffe.kernels.meanfield import MessageSpec, message_grid_fits, normconv_meanfield
 
+from .. import limits
 from ..layer import CaffeLayer, register_layer
 
 _ENTRIES = ("bilateral (entry 0, bottom 2)", "spatial (entry 1, bottom 3)")
@@ -54,6 +55,8 @@ class NormConvMeanfield(CaffeLayer):
         if param.num_iterations < 2:
             raise ctx.error(f"norm_conv_meanfield_param.num_iterations must be >= 2, got "
                             f"{param.num_iterations}")
+        limits.check(param.num_iterations, "layer_iterations",
+                     "norm_conv_meanfield_param.num_iterations", f"{ctx.name} ({ctx.type})")
         if len(param.kernel_size) != 2:
             raise ctx.error(f"norm_conv_meanfield_param.kernel_size must be given exactly twice "
                             f"(bilateral, spatial), got {len(param.kernel_size)}")

@@ -19,6 +19,7 @@ from torch import nn
 
 from segaware_caffe.kernels.meanfield import MessageSpec, message, message_attention, message_grid_fits
 
+from .. import limits
 from ..layer import CaffeLayer, register_layer
 
 _L2 = 2   # NormConvMeanfieldParameter.Norm.L2
@@ -56,6 +57,8 @@ class NospConvMeanfield(CaffeLayer):
         if param.num_iterations < 2:
             raise ctx.error(f"norm_conv_meanfield_param.num_iterations must be >= 2, got "
                             f"{param.num_iterations}")
+        limits.check(param.num_iterations, "layer_iterations",
+                     "norm_conv_meanfield_param.num_iterations", f"{ctx.name} ({ctx.type})")
         if not len(param.kernel_size):
             raise ctx.error("norm_conv_meanfield_param.kernel_size is required (the bilateral "
                             "convolution's square kernel)")

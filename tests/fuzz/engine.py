@@ -18,6 +18,7 @@ bench/fuzz_campaign.py (thousands of cases, each in a memory-limited subprocess)
   with layers left at their fillers and no word about it).
 """
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -655,6 +656,8 @@ def _case_copy(seed, folder):
     """A private copy of the seed's golden case folder (data layers read files beside it;
     writers write there)."""
     target = Path(folder) / "case"
+    if seed.case == target:         # already the private copy (run_case made it)
+        return target
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(seed.case, target)
@@ -923,7 +926,10 @@ def pick_seed(target, seeds, c):
 
 
 def run_case(target, kind, seed, folder, c):
-    """Mutate `seed` with chooser `c` and feed it to `target`: the Outcome."""
+    """Mutate `seed` with chooser `c` and feed it to `target`: the Outcome. Every target runs
+    in a private copy of the seed's golden folder: writer layers and snapshots land there."""
+    if seed.case is not None:
+        seed = dataclasses.replace(seed, case=_case_copy(seed, folder))
     names = (seed.name, str(Path(folder) / seed.name), "fuzz.prototxt", "fuzz_solver.prototxt",
              "fuzz.solverstate")
     if target == "cli-args":

@@ -428,3 +428,26 @@ def test_float32_bench_shapes_within_golden_tolerance():
     for batch, size in itertools.product((1, 5), ((24, 24), (17, 30))):
         net = _net(body, (batch, 3, *size), dtype=torch.float32, seed=batch)
         _check(net, _inputs(net, seed=size[1]))
+
+
+def test_a_batch_of_zero_images():
+    """N = 0 through the 1x1 products, the Im2col product and folded convolutions: empty tops of
+    the right shapes, as the exact graph gives."""
+    body = """
+    layer { name: "c1" type: "Convolution" bottom: "data" top: "y" convolution_param {
+      num_output: 3 kernel_size: 1 } }
+    """ + BN_SCALE + """
+    layer { name: "cols" type: "Im2col" bottom: "y" top: "cols" convolution_param {
+      kernel_size: 3 pad: 1 } }
+    layer { name: "c2" type: "Convolution" bottom: "cols" top: "z" convolution_param {
+      num_output: 2 kernel_size: 3 pad: 1 bottom_is_im2col: true } }
+    """
+    net = _net(body, (0, 4, 5, 6))
+    fast, exact = _both(net, _inputs(net))
+    for name in exact:
+        assert fast[name].shape == exact[name].shape == (0, *net.blob_shapes[name][1:]), name
+    for channels_last in (False, True):          # both layouts of the 1x1 product
+        for outputs in (3, 20):
+            y = inference._pointwise(torch.zeros(0, 4, 5, 6), torch.ones(4, outputs), None,
+                                     channels_last)
+            assert y.shape == (0, outputs, 5, 6)
