@@ -195,7 +195,8 @@ def _check_zip(where, size):
         raise TensorFileError(f"{where}: not a torch zip file (torch.save writes one since torch "
                               f"1.6; an older or a plain pickle file is refused because its sizes "
                               f"cannot be checked before loading)") from None
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, NotImplementedError) as e:
+        # NotImplementedError: a directory entry claiming a zip version Python cannot read
         raise TensorFileError(f"{where}: broken zip directory ({type(e).__name__}: {e})") from None
     for entry in entries:
         stored = entry.compress_type == zipfile.ZIP_STORED

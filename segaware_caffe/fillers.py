@@ -192,7 +192,10 @@ def xy_fill(shape, ctx=None):
     batch gets the map; here every image does, as intended)."""
     if len(shape) != 4 or shape[1] != 2:
         raise _err(ctx, f"the xy filler needs a (N, 2, H, W) blob, got shape {tuple(shape)}")
-    n, _, h, w = shape
+    n, _, h, w = (int(d) for d in shape)
+    if n == 0:
+        return torch.empty((0, 2, h, w), dtype=torch.float32)
+    budget.check_temporary((2, h, w), "the xy filler's coordinate map")
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32),
                             torch.arange(w, dtype=torch.float32), indexing="ij")
     return torch.stack([xs, ys]).unsqueeze(0).expand(n, 2, h, w).contiguous()

@@ -340,6 +340,12 @@ class Net(nn.Module):
                                     f"supported")
             shares = lp.type == "Split" or type(module).SHARES_BOTTOM_DATA or \
                 lp.type == "Flatten" or top in lp.bottom
+            if 0 in shape:
+                # an empty batch takes no memory, but its layers' temporaries (and torch's
+                # stride arithmetic) scale with the other axes: one item must fit
+                one = tuple(max(int(d), 1) for d in shape)
+                self.budget.check(_budget.nbytes(one, itemsize),
+                                  f"top {top!r} of shape {tuple(shape)} (one item of it)", label)
             if not shares:
                 self.budget.reserve_shape(shape, itemsize, f"top {top!r}", label)
                 self.top_bytes += _budget.nbytes(shape, itemsize)

@@ -66,6 +66,10 @@ class Augmentation(CaffeLayer):
                             f"({img0[0]}, 2, {img0[2]}, {img0[3]}), got {flow}")
         height, width = img0[2:]
         if num >= 1:
+            bounds = (aug.min_translation, aug.max_translation)
+            if not all(np.isfinite(np.float32(t)) for t in bounds):
+                raise ctx.error(f"aug_param min_translation and max_translation must be finite "
+                                f"numbers, got [{bounds[0]}, {bounds[1]}]")
             largest = max(abs(translation_shift(t, width))
                           for t in (aug.min_translation, aug.max_translation))
             if largest >= min(height, width):

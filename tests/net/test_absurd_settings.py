@@ -52,3 +52,47 @@ def test_an_unknown_type_with_a_line_break_is_shown_on_one_line():
         sc.Net('input: "x" input_shape { dim: 1 }\nlayer { name: "l" type: "a\\nb" bottom: "x" top: "y" }\n')
     message = str(caught.value)
     assert message.startswith("l ('a\\nb'): unknown layer type 'a\\nb'") and "\n" not in message
+
+
+AUGMENTATION = ('input: "im0" input_shape { dim: 2 dim: 3 dim: 10 dim: 10 }\n'
+                'input: "im1" input_shape { dim: 2 dim: 3 dim: 10 dim: 10 }\n'
+                'input: "flo" input_shape { dim: 2 dim: 2 dim: 10 dim: 10 }\n'
+                'layer { name: "aug" type: "Augmentation" bottom: "im0" bottom: "im1" bottom: "flo" '
+                'top: "a0" top: "a1" top: "aflo" top: "mask" aug_param { num_transformations: 1 '
+                'min_translation: %s max_translation: 0.2 } }\n')
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_translation_that_is_not_a_number_is_refused(value):
+    with pytest.raises(NetBuildError, match=r"aug \(Augmentation\): aug_param min_translation and "
+                                            r"max_translation must be finite numbers"):
+        sc.Net(AUGMENTATION % value)
+
+
+@pytest.mark.parametrize("text", [
+    # an empty batch of enormous images: no memory, but the xy map and torch's strides would be
+    'layer { name: "d" type: "DummyData" top: "xy" dummy_data_param { shape { dim: 0 dim: 2 '
+    'dim: 2000000 dim: 2000000 } data_filler { type: "xy" } } }\n',
+    'input: "x" input_shape { dim: 0 dim: 3 dim: 9 dim: 10 }\n'
+    'layer { name: "i" type: "Interp" bottom: "x" top: "y" interp_param { zoom_factor: 2000000000 } }\n',
+])
+def test_an_empty_batch_of_enormous_items_is_refused(text):
+    from segaware_caffe.errors import MemoryBudgetError
+    with pytest.raises(MemoryBudgetError, match=r"one item of it"):
+        sc.Net(text, max_bytes="1G")
+
+
+def test_a_pt_file_claiming_an_unknown_zip_version(tmp_path):
+    """Python's zip reader raises NotImplementedError for such a directory entry: a file error."""
+    import torch
+
+    from segaware_caffe.converters.tensor_files import read_tensor_file
+    from segaware_caffe.errors import TensorFileError
+    path = tmp_path / "w.pt"
+    torch.save({"a": torch.zeros(2)}, path)
+    data = bytearray(path.read_bytes())
+    central = data.rfind(b"PK\x01\x02")          # the last central directory entry
+    data[central + 6:central + 8] = (64).to_bytes(2, "little")     # "version needed" 6.4
+    path.write_bytes(bytes(data))
+    with pytest.raises(TensorFileError, match=r"w\.pt: broken zip directory \(NotImplementedError"):
+        read_tensor_file(path)
