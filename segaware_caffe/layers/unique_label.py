@@ -51,14 +51,22 @@ class UniqueLabel(CaffeLayer):
         for label in self.ignore_labels:
             ignored |= truncated == label
         forced = torch.tensor(self.force_labels, dtype=labels.dtype, device=labels.device)
+        # every image at once: ignored values become NaN, which sorts last and is no label
+        work = torch.cat([values.masked_fill(ignored, float("nan")),
+                          forced.expand(n, forced.numel())], dim=1)
+        ordered = torch.sort(work, dim=1).values
+        first = ~torch.isnan(ordered)               # the first of each run of equal values
+        first[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+        counts = first.sum(dim=1)
+        over = torch.nonzero(counts > self.max_labels)
+        if over.numel():
+            image = int(over[0, 0])
+            present = ordered[image][first[image]]
+            raise ValueError(f"{self.where}: image {image} has {present.numel()} distinct labels "
+                             f"{present.tolist()}, more than max_labels {self.max_labels}")
         top = torch.full((n, self.max_labels), -1.0, dtype=labels.dtype, device=labels.device)
-        for image in range(n):
-            present = torch.unique(torch.cat([values[image][~ignored[image]], forced]))
-            present = present[~torch.isnan(present)]
-            if present.numel() > self.max_labels:
-                raise ValueError(f"{self.where}: image {image} has {present.numel()} distinct labels "
-                                 f"{present.tolist()}, more than max_labels {self.max_labels}")
-            top[image, :present.numel()] = present
+        rows, columns = torch.nonzero(first, as_tuple=True)
+        top[rows, first.cumsum(dim=1)[rows, columns] - 1] = ordered[rows, columns]
         return top.reshape(n, self.max_labels, 1, 1)
 
     def output_shapes(self, bottom_shapes):

@@ -60,6 +60,21 @@ def test_unique_label_matches_set_reference():
     assert got[2].ravel().tolist() == [0, 7.5] + [-1] * 7
 
 
+def test_unique_label_many_images_at_once():
+    """A batch of images with different numbers of labels, fractional values and repeats of the
+    forced label: each row as the per-image set gives it."""
+    r = rng(2)
+    labels = r.integers(0, 9, size=(300, 1, 4, 5)).astype(np.float32)
+    labels[::3] = np.minimum(labels[::3], 2)                  # few labels in some images
+    labels[1::7, 0, 0, 0] = 3.25
+    labels[2::5, 0, 1, :] = 255
+    layer = build('name: "u" type: "UniqueLabel" bottom: "l" top: "t" '
+                  'unique_label_param { max_labels: 12 ignore_label: 255 force_label: 4 }',
+                  [labels.shape])
+    got = layer(torch.from_numpy(labels)).numpy()
+    np.testing.assert_array_equal(got, unique_label_reference(labels, 12, {255}, [4]))
+
+
 def test_unique_label_errors():
     text = 'name: "u" type: "UniqueLabel" bottom: "l" top: "t" unique_label_param { %s }'
     with pytest.raises(LayerSetupError, match="max_labels is required"):
