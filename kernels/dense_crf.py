@@ -237,8 +237,14 @@ class PottsKernel:
         self.norm = 1 / (self.lattice.filter(ones)[:, 0] + _f32(1e-20).to(features.device))
 
     def add_message(self, out, q):
-        """out + (w * norm) * filter(q)."""
-        return out + (self.weight * self.norm).unsqueeze(1) * self.lattice.filter(q)
+        """out + (w * norm) * filter(q), for q (n, m) or a batch (g, n, m) of value sets that
+        share the lattice (filtered as the g * m columns of one (n, g * m) matrix)."""
+        if q.dim() == 2:
+            return out + (self.weight * self.norm).unsqueeze(1) * self.lattice.filter(q)
+        g, n, m = q.shape
+        filtered = self.lattice.filter(q.permute(1, 0, 2).reshape(n, g * m))
+        filtered = filtered.reshape(n, g, m).permute(1, 0, 2)
+        return out + (self.weight * self.norm).reshape(1, n, 1) * filtered
 
 
 def pixel_features(height, width, xy_std, image=None, rgb_std=None, device="cpu"):
@@ -256,12 +262,18 @@ def pixel_features(height, width, xy_std, image=None, rgb_std=None, device="cpu"
 
 def dense_crf_inference(scores, kernels, max_iter):
     """Mean-field on the scores (n, m) float32 (the unary energy is -scores) with the given
-    PottsKernels; returns Q (n, m)."""
+    PottsKernels; returns Q (n, m). scores (g, n, m): g images whose kernels are the same
+    (one lattice per kernel serves them all), Q (g, n, m)."""
+    shape = scores.shape
     unary = -scores
-    q = exp_and_normalize(unary, -1.0)
+
+    def normalized(values, scale):          # per pixel of each image, over the m labels
+        return exp_and_normalize(values.reshape(-1, shape[-1]), scale).reshape(shape)
+
+    q = normalized(unary, -1.0)
     for _ in range(max_iter):
         nxt = -unary
         for kernel in kernels:
             nxt = kernel.add_message(nxt, q)
-        q = exp_and_normalize(nxt, 1.0)
+        q = normalized(nxt, 1.0)
     return q

@@ -76,8 +76,8 @@ class DenseCRF(CaffeLayer):
                    bilateral=list(zip(p.bi_w, p.bi_xy_std, p.bi_rgb_std)) if len(shapes) == 3 else (),
                    output_probability=bool(p.output_probability), where=f"{ctx.name} ({ctx.type})")
 
-    def _region(self, dims, image, height, width):
-        rows, cols = (int(v) for v in dims[image].reshape(-1)[:2].tolist())
+    def _region(self, valid, image, height, width):
+        rows, cols = (int(v) for v in valid[:2])
         if height <= rows and width <= cols:
             return height, width
         if not (0 <= rows <= height and 0 <= cols <= width):
@@ -92,8 +92,12 @@ class DenseCRF(CaffeLayer):
     def _infer(self, scores, dims, image=None):
         n, channels, height, width = scores.shape
         top = torch.zeros(n, channels, height, width, dtype=torch.float32, device=scores.device)
-        for index in range(n):
-            rows, cols = self._region(dims, index, height, width)
+        # the kernels depend only on the region's size (positions, and image 0's colours): the
+        # images of one size share their lattices and run as one batch
+        groups = {}
+        for index, valid in enumerate(dims.reshape(n, -1)[:, :2].tolist() if n else []):
+            groups.setdefault(self._region(valid, index, height, width), []).append(index)
+        for (rows, cols), indices in groups.items():
             if rows * cols == 0:
                 continue
             kernels = [PottsKernel(pixel_features(rows, cols, std, device=scores.device), w)
@@ -103,11 +107,13 @@ class DenseCRF(CaffeLayer):
                 first = image[0, :, :rows, :cols]
                 kernels += [PottsKernel(pixel_features(rows, cols, std, first, rgb, device=scores.device), w)
                             for w, std, rgb in self.bilateral]
-            region = scores[index, :, :rows, :cols].to(torch.float32).permute(1, 2, 0).reshape(-1, channels)
-            q = dense_crf_inference(region, kernels, self.max_iter)
+            chosen = torch.tensor(indices, device=scores.device)
+            region = scores[chosen, :, :rows, :cols].to(torch.float32).permute(0, 2, 3, 1)
+            q = dense_crf_inference(region.reshape(len(indices), -1, channels), kernels,
+                                    self.max_iter)
             if not self.output_probability:
                 q = torch.log(torch.clamp(q, min=FLT_MIN).double()).to(torch.float32)
-            top[index, :, :rows, :cols] = q.reshape(rows, cols, channels).permute(2, 0, 1)
+            top[chosen, :, :rows, :cols] = q.reshape(-1, rows, cols, channels).permute(0, 3, 1, 2)
         return top.to(scores.dtype)
 
     def output_shapes(self, bottom_shapes):

@@ -297,12 +297,16 @@ CRF = ('name: "crf" type: "DenseCRF" bottom: "u" bottom: "d" %s top: "q" dense_c
     ("max_iter: 3 pos_w: 1 pos_xy_std: 2 pos_w: 0.5 pos_xy_std: 0.7 bi_w: 5 bi_xy_std: 2 bi_rgb_std: 30 "
      "output_probability: false", [(9, 9), (3, 5)], True, False),
     ("max_iter: 1 pos_w: 4 pos_xy_std: 1", [(2, 3), (5, 7)], False, True),
+    # images of one region size run as one batch through shared lattices
+    ("max_iter: 2 pos_w: 2 pos_xy_std: 1.5 bi_w: 3 bi_xy_std: 4 bi_rgb_std: 7",
+     [(5, 7), (9, 9), (4, 6), (4, 6), (5, 7), (2, 3)], True, True),
 ])
 def test_dense_crf_matches_scalar_transcription(params, dims, with_image, prob):
     r = np.random.default_rng(5)
-    scores = (r.standard_normal((2, 3, 5, 7)) * 2).astype(np.float32)
-    image = r.integers(0, 256, (2, 3, 5, 7)).astype(np.float32)
-    d = np.array(dims, np.float32).reshape(2, 2, 1, 1)
+    n = len(dims)
+    scores = (r.standard_normal((n, 3, 5, 7)) * 2).astype(np.float32)
+    image = r.integers(0, 256, (n, 3, 5, 7)).astype(np.float32)
+    d = np.array(dims, np.float32).reshape(n, 2, 1, 1)
     bottoms = [scores, d] + ([image] if with_image else [])
     layer = build(CRF % ('bottom: "img"' if with_image else "", params), [b.shape for b in bottoms])
     got = layer(*map(torch.from_numpy, bottoms)).numpy()
