@@ -40,6 +40,10 @@ def fill(filler, shape, ctx=None, default_type="constant", default_value=0.0, ge
     shape = budget.check_temporary(shape, "the filled blob")
     if filler is None:
         return torch.full(shape, float(default_value), dtype=torch.float32)
+    if (filler.type or default_type) == "xy":
+        # computed, not drawn: returned as made (a copy into a fresh buffer would be one more
+        # op for tracers and ONNX export)
+        return xy_fill(shape, ctx)
     return _fill_into(torch.empty(shape, dtype=torch.float32), filler, ctx, default_type,
                       generator)
 
