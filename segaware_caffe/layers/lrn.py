@@ -39,14 +39,16 @@ class LRN(CaffeLayer):
     def forward(self, x):
         half = (self.local_size - 1) // 2
         squares = x * x
+        # the zero padding is written out: torch's pooling refuses an input smaller than its
+        # kernel even where the padding makes up the difference (fewer channels than local_size)
         if self.region == "ACROSS_CHANNELS":
             # Mean over a window of channels: a 3-D average with a (size, 1, 1) kernel.
-            window_mean = F.avg_pool3d(squares.unsqueeze(1), (self.local_size, 1, 1), stride=1,
-                                       padding=(half, 0, 0), count_include_pad=True).squeeze(1)
+            padded = F.pad(squares.unsqueeze(1), (0, 0, 0, 0, half, half))
+            window_mean = F.avg_pool3d(padded, (self.local_size, 1, 1), stride=1).squeeze(1)
             scale = self.k + self.alpha * window_mean
         else:
-            window_mean = F.avg_pool2d(squares, self.local_size, stride=1, padding=half,
-                                       count_include_pad=True)
+            padded = F.pad(squares, (half, half, half, half))
+            window_mean = F.avg_pool2d(padded, self.local_size, stride=1)
             scale = 1.0 + self.alpha * window_mean
         return x * scale.pow(-self.beta)
 

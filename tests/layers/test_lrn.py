@@ -30,3 +30,18 @@ def test_lrn_within_channel_reference():
         ref[:, :, i, j] = x[:, :, i, j] * (1 + 0.6 * padded[:, :, i:i + 3, j:j + 3].sum((2, 3)) / 9) ** -0.8
     torch.testing.assert_close(layer(x), ref)
     torch.autograd.gradcheck(layer, (x.requires_grad_(True),), fast_mode=True)
+
+
+def test_lrn_windows_wider_than_the_blob():
+    """Fewer channels (or a smaller image) than local_size: the zero padding makes up the
+    window, as in Caffe."""
+    layer = build('name: "l" type: "LRN" bottom: "x" top: "y" lrn_param { local_size: 5 '
+                  'alpha: 0.5 beta: 0.75 k: 2 }', [(2, 2, 3, 4)]).double()
+    x = randn(2, 2, 3, 4)
+    ref = x * (2 + 0.5 / 5 * (x ** 2).sum(1, keepdim=True)) ** -0.75   # every window holds both
+    torch.testing.assert_close(layer(x), ref)
+    within = build('name: "l" type: "LRN" bottom: "x" top: "y" lrn_param { local_size: 7 '
+                   'alpha: 0.5 beta: 0.75 norm_region: WITHIN_CHANNEL }', [(1, 2, 2, 3)]).double()
+    x = randn(1, 2, 2, 3)
+    ref = x * (1 + 0.5 * (x ** 2).sum((2, 3), keepdim=True) / 49) ** -0.75
+    torch.testing.assert_close(within(x), ref)
