@@ -12,6 +12,7 @@ class LRN(CaffeLayer):
     zero-padded)^-beta. WITHIN_CHANNEL: y = x * (1 + alpha * mean of x^2 over a size x size
     window, zero-padded, divisor size^2)^-beta (k unused). Backward is the true derivative."""
     SAME_SHAPE = True
+    SLICED_WINDOW = 32      # across channels: windows up to this size are summed as slices
 
     def __init__(self, *, local_size=5, alpha=1.0, beta=0.75, k=1.0, region="ACROSS_CHANNELS"):
         super().__init__()
@@ -42,9 +43,18 @@ class LRN(CaffeLayer):
         # the zero padding is written out: torch's pooling refuses an input smaller than its
         # kernel even where the padding makes up the difference (fewer channels than local_size)
         if self.region == "ACROSS_CHANNELS":
-            # Mean over a window of channels: a 3-D average with a (size, 1, 1) kernel.
-            padded = F.pad(squares.unsqueeze(1), (0, 0, 0, 0, half, half))
-            window_mean = F.avg_pool3d(padded, (self.local_size, 1, 1), stride=1).squeeze(1)
+            padded = F.pad(squares, (0, 0, 0, 0, half, half))
+            if self.local_size <= self.SLICED_WINDOW:
+                # the window's channels summed as shifted slices, in the order a (size, 1, 1)
+                # average pool sums them (same values), several times faster on CPU
+                channels = squares.shape[1]
+                total = padded[:, :channels].clone()
+                for shift in range(1, self.local_size):
+                    total += padded[:, shift:shift + channels]
+                window_mean = total / self.local_size
+            else:
+                window_mean = F.avg_pool3d(padded.unsqueeze(1), (self.local_size, 1, 1),
+                                           stride=1).squeeze(1)
             scale = self.k + self.alpha * window_mean
         else:
             padded = F.pad(squares, (half, half, half, half))
