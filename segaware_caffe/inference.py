@@ -43,6 +43,7 @@ from .layers.convolution import Convolution, Deconvolution
 from .layers.dropout import Dropout
 from .layers.eltwise import Eltwise
 from .layers.inner_product import InnerProduct
+from .layers.interp import Interp
 from .layers.pooling import FLT_MAX, Pooling, _after
 from .layers.prelu import PReLU
 from .layers.relu import ReLU
@@ -243,6 +244,38 @@ def _pointwise(x, weight_t, bias, channels_last):
     if bias is not None:
         y += bias.view(1, -1, 1)
     return y.view(num, outputs, height, width)
+
+
+class PointwiseOverConcat(nn.Module):
+    """A 1x1 convolution of a channel concatenation, computed part by part: W [a; I(b); ...] + c
+    = W_a a + I(W_b b) + ... + c, where I is an Interp resize of one part. A resize acts on each
+    channel alone and the product mixes channels at each pixel, so the two commute; the product
+    then runs on the part before it is resized (fewer pixels) and the concatenation of the
+    resized parts is never made. `conv` is the InferenceConvolution the rewrite replaces (its
+    prepared blobs, folded chain included), `parts` the channel count of each part and `resizes`
+    the Interp layer of each part, or None."""
+
+    def __init__(self, conv, parts, resizes):
+        super().__init__()
+        object.__setattr__(self, "conv", conv)
+        object.__setattr__(self, "resizes", tuple(resizes))
+        self.parts = tuple(int(c) for c in parts)
+
+    def forward(self, *inputs):
+        weight_t, bias = self.conv.blobs()                 # (C, O)
+        total, start = None, 0
+        for x, channels, resize in zip(inputs, self.parts, self.resizes):
+            y = _pointwise(x.contiguous(), weight_t[start:start + channels], None, False)
+            start += channels
+            if resize is not None:
+                y = resize(y)
+            total = y if total is None else total.add_(y)
+        if bias is not None:
+            total.add_(bias.view(1, -1, 1, 1))
+        return total
+
+    def extra_repr(self):
+        return f"parts={list(self.parts)}, resized={[r is not None for r in self.resizes]}"
 
 
 class ChannelAffine(nn.Module):
@@ -557,6 +590,49 @@ class _Rewriter:
             self.graph.erase_node(node)
         return gone
 
+    def split_concat_products(self):
+        """A 1x1 convolution whose bottom is a channel Concat read by nothing else, where some
+        parts are Interp resizes read by nothing else: the product runs on each part, before its
+        resize (PointwiseOverConcat), when that saves work (a resized part with more channels
+        than the convolution has outputs)."""
+        for node in list(self.graph.nodes):
+            op = self.modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(op, InferenceConvolution) or not op.pointwise or len(node.args) != 1:
+                continue
+            layer = op.layer
+            if layer.bottom_is_im2col or layer.channel_axis != 1:
+                continue
+            concat = node.args[0]
+            if not isinstance(concat, fx.Node) or len(concat.users) != 1 or \
+                    not isinstance(self.module_of(concat), Concat) or \
+                    self.module_of(concat).axis != 1:
+                continue
+            parts, inputs, resizes = [], [], []
+            for part in concat.args:
+                shape = self.blob_shape(part)
+                if shape is None or len(shape) != 4:
+                    break
+                resize = self.module_of(part)
+                if isinstance(resize, Interp) and len(part.users) == 1 and len(part.args) == 1 \
+                        and self.blob_shape(part.args[0]) is not None:
+                    inputs.append(part.args[0])
+                    resizes.append(resize)
+                else:
+                    inputs.append(part)
+                    resizes.append(None)
+                parts.append(shape[1])
+            else:
+                outputs = layer.num_output
+                if not any(r is not None and c > outputs for r, c in zip(resizes, parts)):
+                    continue
+                removed = [p for p, r in zip(concat.args, resizes) if r is not None]
+                new = self.replace(node, "call_module", None, inputs,
+                                   PointwiseOverConcat(op, parts, resizes))
+                self.graph.erase_node(concat)
+                for part in removed:
+                    self.graph.erase_node(part)
+                del new
+
     def commute_activations(self):
         """ReLU / PReLU read only by a MAX pooling: pool first, then the activation on the
         (smaller) pooled top (InferencePooling checks at each call that this is exact)."""
@@ -692,6 +768,7 @@ class _Rewriter:
     def build(self):
         self.strip_bookkeeping()
         self.fold()
+        self.split_concat_products()
         self.commute_activations()
         self.simplify_layers()
         self.in_place()

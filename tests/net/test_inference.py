@@ -451,3 +451,36 @@ def test_a_batch_of_zero_images():
             y = inference._pointwise(torch.zeros(0, 4, 5, 6), torch.ones(4, outputs), None,
                                      channels_last)
             assert y.shape == (0, outputs, 5, 6)
+
+
+CONCAT_OF_RESIZES = """
+layer { name: "c1" type: "Convolution" bottom: "data" top: "a" convolution_param {
+  num_output: 6 kernel_size: 3 pad: 1 } }
+layer { name: "p" type: "Pooling" bottom: "a" top: "b" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "c2" type: "Convolution" bottom: "b" top: "c" convolution_param {
+  num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "up" type: "Interp" bottom: "c" top: "c_up" interp_param { height: 9 width: 11 } }
+layer { name: "p2" type: "Pooling" bottom: "c" top: "d" pooling_param { pool: AVE kernel_size: 2 stride: 2 } }
+layer { name: "up2" type: "Interp" bottom: "d" top: "d_up" interp_param { height: 9 width: 11 } }
+layer { name: "cat" type: "Concat" bottom: "data" bottom: "a" bottom: "c_up" bottom: "d_up" top: "cat" }
+layer { name: "emb" type: "Convolution" bottom: "cat" top: "y" convolution_param {
+  num_output: 4 kernel_size: 1 } }
+"""
+
+
+def test_a_product_of_resized_parts_runs_before_the_resize():
+    """A 1x1 convolution of a Concat of Interp resizes (the vgg embedding head) computes each
+    part's product before its resize and never builds the concatenation."""
+    net = _net(CONCAT_OF_RESIZES + BN_SCALE, (2, 3, 9, 11))
+    gm = net.graph_module(None, inference=True)
+    assert any(type(m).__name__ == "PointwiseOverConcat" for m in gm.modules())
+    assert "Concat" not in _layers_called(net)
+    _check(net, _inputs(net), float64=True)
+
+
+@pytest.mark.parametrize("outputs", [["y", "c_up"], ["y", "cat"]])
+def test_a_resized_part_or_the_concat_asked_for_is_kept(outputs):
+    net = _net(CONCAT_OF_RESIZES, (1, 3, 9, 11))
+    _check(net, _inputs(net), outputs=outputs, float64=True)
+    if "cat" in outputs:
+        assert "Concat" in _layers_called(net, outputs)
