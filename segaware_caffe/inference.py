@@ -246,6 +246,25 @@ def _pointwise(x, weight_t, bias, channels_last):
     return y.view(num, outputs, height, width)
 
 
+def _product_in_standard_layout(x, weight_t):
+    """(N, C, H, W) x (C, O) -> (N, O, H, W) in the standard layout, from an input in either
+    layout without converting it: a channels_last image is the (H*W, C) matrix of its pixels, and
+    W . pixels^T is the top in the standard layout (converting a large channels_last input costs
+    more than the product)."""
+    num, channels, height, width = x.shape
+    outputs = weight_t.shape[1]
+    weight = weight_t.t()
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        columns = x.permute(0, 2, 3, 1).reshape(num, height * width, channels).transpose(1, 2)
+    else:
+        columns = x.contiguous().reshape(num, channels, height * width)
+    # one matrix product per image (a batched product broadcasts the weights first)
+    y = x.new_empty((num, outputs, height * width))
+    for image in range(num):
+        torch.mm(weight, columns[image], out=y[image])
+    return y.view(num, outputs, height, width)
+
+
 class PointwiseOverConcat(nn.Module):
     """A 1x1 convolution of a channel concatenation, computed part by part: W [a; I(b); ...] + c
     = W_a a + I(W_b b) + ... + c, where I is an Interp resize of one part. A resize acts on each
@@ -265,7 +284,7 @@ class PointwiseOverConcat(nn.Module):
         weight_t, bias = self.conv.blobs()                 # (C, O)
         total, start = None, 0
         for x, channels, resize in zip(inputs, self.parts, self.resizes):
-            y = _pointwise(x.contiguous(), weight_t[start:start + channels], None, False)
+            y = _product_in_standard_layout(x, weight_t[start:start + channels])
             start += channels
             if resize is not None:
                 y = resize(y)
@@ -698,7 +717,9 @@ class _Rewriter:
     # nodes that compute the right values whatever the memory layout of their tensor inputs
     _LAYOUT_FREE_FUNCTIONS = (torch.relu, torch.relu_, F.leaky_relu, _leaky_relu_, torch.add,
                               _add_)
-    _LAYOUT_FREE_MODULES = (InferenceConvolution, ChannelAffine, InferencePooling, InferencePReLU)
+    # (PointwiseOverConcat reads either layout and gives its top in the standard one)
+    _LAYOUT_FREE_MODULES = (InferenceConvolution, ChannelAffine, InferencePooling, InferencePReLU,
+                            PointwiseOverConcat)
     _LAYOUT_FREE_LAYERS = (Eltwise, Concat, Softmax)
 
     def _layout_free(self, node):
