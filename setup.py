@@ -44,7 +44,7 @@ setup(
         # OpenCV-equivalent resizing bit for bit
         "test": ["pytest>=7", "pytest-xdist>=3", "grpcio-tools>=1.70", "onnx>=1.15", "onnxruntime>=1.17",
                  "h5py>=3", "lmdb>=1", "plyvel>=1.3", "opencv-python-headless<5",
-                 "hypothesis>=6"],
+                 "hypothesis>=6", "matplotlib>=3.5"],
         "bench": ["opencv-python-headless<5"],
         # `segaware-caffe plot LOG` draws training curves with matplotlib (--csv works without)
         "plot": ["matplotlib>=3.5"],
