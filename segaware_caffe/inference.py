@@ -371,15 +371,20 @@ class InferencePooling(nn.Module):
                 x.mean((-2, -1), keepdim=True)
         kernel, pad, stride = layer.kernel, layer.pad, layer.stride
         out = layer.output_spatial_size(height, width)
-        if self.method == "MAX" and kernel[0] * kernel[1] <= self.MAX_TAPS:
-            return tap_max_pool(x, kernel, pad, stride, out)
+        ceil = None                 # torch's window rule that gives Caffe's windows, if any
         if all(p <= k // 2 for p, k in zip(pad, kernel)):
-            for ceil in (True, False):
-                if _torch_pooled(height, width, kernel, pad, stride, ceil) == out:
-                    if self.method == "MAX":
-                        return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil)
-                    return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil,
-                                        count_include_pad=True)
+            ceil = next((c for c in (True, False)
+                         if _torch_pooled(height, width, kernel, pad, stride, c) == out), None)
+        taps = kernel[0] * kernel[1]
+        # torch's channels_last max pool beats the tap maxima there, but for 2x2 windows
+        torch_first = ceil is not None and taps > 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last)
+        if self.method == "MAX" and taps <= self.MAX_TAPS and not torch_first:
+            return tap_max_pool(x, kernel, pad, stride, out)
+        if ceil is not None:
+            if self.method == "MAX":
+                return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil)
+            return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil, count_include_pad=True)
         if self.method == "MAX":
             borders = (pad[1], _after(out[1], width, kernel[1], pad[1], stride[1]),
                        pad[0], _after(out[0], height, kernel[0], pad[0], stride[0]))
