@@ -124,17 +124,6 @@ def _varint(data, pos):
     raise ValueError("bad varint")
 
 
-def _encode_varint(value):
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def wire_fields(data, base=0, depth=0, out=None):
     """[(kind, start, end, value)] over a protobuf message and, recursively, the payloads that
     parse as messages: kind 'key', 'varint' (a value) or 'length' (a length prefix)."""
@@ -201,12 +190,13 @@ LIES = (0, 1, 2, 7, 127, 128, 255, 65535, 1 << 20, 1 << 31, (1 << 31) - 1, 1 << 
 def lie_about_wire(data, c):
     """Replace a length prefix or a varint value (a dimension, a count, an enum) somewhere in the
     message tree with a lie."""
+    from segaware_caffe.caffe_proto.wire import encode_varint
     fields = [f for f in wire_fields(data) if f[0] in ("length", "varint")]
     if not fields:
         return flip_bits(data, c)
     kind, start, end, value = c.choice(fields)
     choices = list(LIES) + [value + 1, max(0, value - 1), value * 2, value * 1000]
-    return data[:start] + _encode_varint(c.choice(choices)) + data[end:]
+    return data[:start] + encode_varint(c.choice(choices)) + data[end:]
 
 
 def cut_at_field_boundary(data, c):

@@ -9,22 +9,9 @@ import pytest
 from segaware_caffe.caffe_proto import (CaffeFormatError, caffe_pb2, detect_dialect, read_net,
                                         read_solver, read_weights, write_weights)
 from segaware_caffe.caffe_proto.dialects import DIALECTS
+from segaware_caffe.caffe_proto.wire import encode_len_field as field
+from segaware_caffe.caffe_proto.wire import encode_varint as varint
 from segaware_caffe.caffe_proto.wire import iter_fields
-
-
-def varint(value):
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field(number, payload):
-    """A length-delimited field, as any protobuf writer encodes a sub-message or a string."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def varint_field(number, value):
