@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _cuda
 from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, no_autocast,
-                       pad_input, patch_view, tap_offsets, unpad)
+                       pad_input, patch_view, register_tap_conv_autograd, tap_offsets, unpad)
 from .im2dist import im2dist
 
 # Bytes of masked columns per band: about a cache-sized block on CPU (4-8 MB measured best for
@@ -480,23 +480,7 @@ def _(grad_out, x, mask, weight, geometry, group, needs):
             grad_out.new_empty((weight.shape[0],) if needs[3] else (0,), dtype=mask.dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    x, mask, weight, bias, geometry, group = inputs
-    ctx.save_for_backward(x, mask, weight)
-    ctx.geometry, ctx.group, ctx.has_bias = geometry, group, bias is not None
-
-
-def _backward(ctx, grad_out):
-    x, mask, weight = ctx.saved_tensors
-    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
-             bool(ctx.needs_input_grad[2]), bool(ctx.has_bias and ctx.needs_input_grad[3])]
-    if not any(needs):
-        return None, None, None, None, None, None
-    grads = masked_conv2d_backward_op(grad_out, x, mask, weight, ctx.geometry, ctx.group, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
-
-
-masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+register_tap_conv_autograd(masked_conv2d_op, masked_conv2d_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------
