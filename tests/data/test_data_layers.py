@@ -478,28 +478,27 @@ def test_palette_label_png_warns(dataset, tmp_path):
 
 
 # ------------------------------------------------------------------ helpers vs OpenCV's formulas
+def _opencv_linear_source(index, size, src_size):
+    """(first source index, second, weight of the second) of output `index` along one axis for
+    cv::INTER_LINEAR: half-pixel centres, clamped at both edges."""
+    f = (index + 0.5) * src_size / size - 0.5
+    s = int(np.floor(f))
+    f -= s
+    if s < 0:
+        s, f = 0, 0.0
+    if s >= src_size - 1:
+        s, f = src_size - 1, 0.0
+    return s, min(s + 1, src_size - 1), f
+
+
 def opencv_bilinear_reference(src, height, width):
     """cv::INTER_LINEAR in float: half-pixel centres, edge clamping, then rounding."""
     src = src.astype(np.float64)
     out = np.empty((height, width) + src.shape[2:])
     for y in range(height):
-        fy = (y + 0.5) * src.shape[0] / height - 0.5
-        sy = int(np.floor(fy))
-        fy -= sy
-        if sy < 0:
-            sy, fy = 0, 0.0
-        if sy >= src.shape[0] - 1:
-            sy, fy = src.shape[0] - 1, 0.0
-        sy1 = min(sy + 1, src.shape[0] - 1)
+        sy, sy1, fy = _opencv_linear_source(y, height, src.shape[0])
         for x in range(width):
-            fx = (x + 0.5) * src.shape[1] / width - 0.5
-            sx = int(np.floor(fx))
-            fx -= sx
-            if sx < 0:
-                sx, fx = 0, 0.0
-            if sx >= src.shape[1] - 1:
-                sx, fx = src.shape[1] - 1, 0.0
-            sx1 = min(sx + 1, src.shape[1] - 1)
+            sx, sx1, fx = _opencv_linear_source(x, width, src.shape[1])
             out[y, x] = ((1 - fy) * ((1 - fx) * src[sy, sx] + fx * src[sy, sx1])
                          + fy * ((1 - fx) * src[sy1, sx] + fx * src[sy1, sx1]))
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
