@@ -904,6 +904,13 @@ KINDS_OF_TARGET = {
     "cli-args": ("prototxt",),
 }
 
+# the targets fed mutated bytes: (function, whether it takes the seed's kind first, whether the
+# chooser last); each is called as function([kind,] data, folder, seed[, c])
+_DATA_TARGETS = {"reader": (target_reader, True, False), "builder": (target_builder, False, False),
+                 "weights": (target_weights, False, False),
+                 "convert": (target_convert, True, False), "solver": (target_solver, False, False),
+                 "solverstate": (target_solverstate, False, False), "cli": (target_cli, True, True)}
+
 
 def pick_seed(target, seeds, c):
     """(kind, seed) for a target: targets that need a net take seeds from golden cases."""
@@ -925,21 +932,11 @@ def run_case(target, kind, seed, folder, c):
     if target == "cli-args":
         return run_target(target_cli_arguments, folder, seed, c, names=names)
     data = MUTATORS_BY_KIND[kind](seed.data, c)
-    if target == "reader":
-        return run_target(target_reader, kind, data, folder, seed, names=names)
-    if target == "builder":
-        return run_target(target_builder, data, folder, seed, names=names)
-    if target == "weights":
-        return run_target(target_weights, data, folder, seed, names=names)
-    if target == "convert":
-        return run_target(target_convert, kind, data, folder, seed, names=names)
-    if target == "solver":
-        return run_target(target_solver, data, folder, seed, names=names)
-    if target == "solverstate":
-        return run_target(target_solverstate, data, folder, seed, names=names)
-    if target == "cli":
-        return run_target(target_cli, kind, data, folder, seed, c, names=names)
-    raise ValueError(target)
+    if target not in _DATA_TARGETS:
+        raise ValueError(target)
+    function, takes_kind, takes_chooser = _DATA_TARGETS[target]
+    args = ((kind,) if takes_kind else ()) + (data, folder, seed) + ((c,) if takes_chooser else ())
+    return run_target(function, *args, names=names)
 
 
 def clean(folder):
