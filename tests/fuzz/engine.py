@@ -124,63 +124,44 @@ def _varint(data, pos):
     raise ValueError("bad varint")
 
 
+def _top_level_fields(data):
+    """(wire type, start, end, value, field end) of each top-level field a tolerant walk finds,
+    up to the first that does not parse or runs past the data: for a varint field the span of its
+    value, for a length-delimited one the span of its length prefix (value: the length)."""
+    pos = 0
+    while pos < len(data):
+        try:
+            key, _, pos = _varint(data, pos)
+            wire = key & 7
+            value, start, end = _varint(data, pos) if wire in (0, 2) else (None, pos, pos)
+        except ValueError:
+            return
+        if wire not in (0, 1, 2, 5):
+            return
+        pos = end + {0: 0, 1: 8, 2: value, 5: 4}[wire]
+        yield wire, start, end, value, pos
+        if pos > len(data):
+            return
+
+
 def wire_fields(data, base=0, depth=0, out=None):
     """[(kind, start, end, value)] over a protobuf message and, recursively, the payloads that
     parse as messages: kind 'key', 'varint' (a value) or 'length' (a length prefix)."""
     out = [] if out is None else out
-    pos = 0
-    try:
-        while pos < len(data):
-            key, ks, ke = _varint(data, pos)
-            wire = key & 7
-            pos = ke
-            if wire == 0:
-                value, vs, ve = _varint(data, pos)
-                out.append(("varint", base + vs, base + ve, value))
-                pos = ve
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                length, ls, le = _varint(data, pos)
-                out.append(("length", base + ls, base + le, length))
-                payload = data[le:le + length]
-                if depth < 6 and len(payload) < 1 << 20 and payload:
-                    wire_fields(payload, base + le, depth + 1, out)
-                pos = le + length
-            else:
-                break
-            if pos > len(data):
-                break
-    except ValueError:
-        pass
+    for wire, start, end, value, _ in _top_level_fields(data):
+        if wire == 0:
+            out.append(("varint", base + start, base + end, value))
+        elif wire == 2:
+            out.append(("length", base + start, base + end, value))
+            payload = data[end:end + value]
+            if depth < 6 and len(payload) < 1 << 20 and payload:
+                wire_fields(payload, base + end, depth + 1, out)
     return out
 
 
 def top_level_boundaries(data):
     """Offsets where a top-level protobuf field ends (a cut there still parses)."""
-    ends, pos = [], 0
-    try:
-        while pos < len(data):
-            key, _, pos = _varint(data, pos)
-            wire = key & 7
-            if wire == 0:
-                _, _, pos = _varint(data, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                length, _, pos = _varint(data, pos)
-                pos += length
-            else:
-                break
-            if pos <= len(data):
-                ends.append(pos)
-    except ValueError:
-        pass
-    return ends
+    return [pos for *_, pos in _top_level_fields(data) if pos <= len(data)]
 
 
 LIES = (0, 1, 2, 7, 127, 128, 255, 65535, 1 << 20, 1 << 31, (1 << 31) - 1, 1 << 32, (1 << 63) - 1,
