@@ -4,7 +4,7 @@ layers."""
 from segaware_caffe.kernels.im2dist import im2dist
 
 from ..layer import CaffeLayer, register_layer
-from ..params import ConvGeometry, canonical_axis, conv_geometry
+from ..params import WindowSettings, canonical_axis, check_output_not_empty, conv_geometry
 
 _NORM_NAMES = {1: "L1", 2: "L2"}
 
@@ -20,11 +20,7 @@ def patch_geometry_from_proto(layer_param, ctx):
         raise ctx.unsupported(f"only convolution_param.axis 1 is supported, got {cp.axis}")
     geometry = conv_geometry(cp, ctx)
     if shape is not None:
-        out = geometry.output_size(*shape[2:])
-        if min(out) <= 0:
-            raise ctx.error(f"the bottom's spatial size {shape[2:]} gives an empty output {out} "
-                            f"(kernel {geometry.kernel}, pad {geometry.pad}, dilation "
-                            f"{geometry.dilation})")
+        check_output_not_empty(geometry, shape[2:], ctx)
     return geometry
 
 
@@ -39,30 +35,24 @@ def patch_layer_repr(layer, defaults):
     return ", ".join(parts)
 
 
-class PatchLayer(CaffeLayer):
+class PatchLayer(WindowSettings, CaffeLayer):
     """A layer with one output channel per tap of a sliding patch (kernel, pad, stride,
     dilation): (N, C, H, W) -> (N, taps, Ho, Wo). OP_NAME names it in size errors."""
     OP_NAME = ""
 
     def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1)):
         super().__init__()
-        self.kernel = tuple(kernel)
-        self.pad = tuple(pad)
-        self.stride = tuple(stride)
-        self.dilation = tuple(dilation)
-
-    def _geometry(self):
-        return ConvGeometry(self.kernel, self.pad, self.stride, self.dilation)
+        self._set_window(kernel, pad, stride, dilation)
 
     def output_shapes(self, bottom_shapes):
         n, _, height, width = bottom_shapes[0]
-        geometry = self._geometry()
+        geometry = self.geometry
         geometry.check_output_size(height, width, self.OP_NAME)
         return [(n, geometry.taps, *geometry.output_size(height, width))]
 
     def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
         # the CPU path pads the bottom and loops over the taps
-        return self._geometry().tap_loop_workspace(bottom_shapes[0], itemsize)
+        return self.geometry.tap_loop_workspace(bottom_shapes[0], itemsize)
 
 
 @register_layer("Im2dist")
