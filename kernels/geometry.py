@@ -79,6 +79,10 @@ class ConvGeometry:
                 raise ValueError(f"{name} must be {rule}, got {value}")
         return self
 
+    def as_kwargs(self):
+        """kernel=, pad=, stride=, dilation=: the keyword arguments of a windowed layer."""
+        return dict(kernel=self.kernel, pad=self.pad, stride=self.stride, dilation=self.dilation)
+
     # -- as the custom ops carry it: 8 ints (kh, kw, ph, pw, sh, sw, dh, dw)
     def as_list(self):
         return [*self.kernel, *self.pad, *self.stride, *self.dilation]

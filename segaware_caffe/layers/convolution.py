@@ -67,8 +67,7 @@ class _ConvolutionBase(WindowSettings, CaffeLayer):
         if cp.num_output % cp.group:
             raise ctx.error(f"convolution_param.group {cp.group} does not divide num_output "
                             f"{cp.num_output}")
-        kwargs = dict(bias_term=cp.bias_term, kernel=geometry.kernel, pad=geometry.pad,
-                      stride=geometry.stride, dilation=geometry.dilation, group=cp.group,
+        kwargs = dict(bias_term=cp.bias_term, **geometry.as_kwargs(), group=cp.group,
                       channel_axis=channel_axis)
         return kwargs, shape, channels, cp
 

@@ -26,8 +26,7 @@ class Im2col(WindowSettings, CaffeLayer):
             raise ctx.unsupported(f"only convolution_param.axis 1 is supported, got {cp.axis}")
         geometry = conv_geometry(cp, ctx)
         check_output_not_empty(geometry, shape[2:], ctx)
-        return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
-                   dilation=geometry.dilation)
+        return cls(**geometry.as_kwargs())
 
     def output_shapes(self, bottom_shapes):
         n, c, h, w = bottom_shapes[0]

@@ -76,8 +76,7 @@ class Im2dist(PatchLayer):
     def from_proto(cls, layer_param, ctx):
         geometry = patch_geometry_from_proto(layer_param, ctx)
         ip = layer_param.im2dist_param
-        return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
-                   dilation=geometry.dilation, norm=_NORM_NAMES[ip.norm],
+        return cls(**geometry.as_kwargs(), norm=_NORM_NAMES[ip.norm],
                    remove_center=ip.remove_center, remove_bounds=ip.remove_bounds)
 
     def forward(self, x):

@@ -25,8 +25,7 @@ class Im2parity(PatchLayer):
     def from_proto(cls, layer_param, ctx):
         geometry = patch_geometry_from_proto(layer_param, ctx)
         ip = layer_param.im2parity_param
-        return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
-                   dilation=geometry.dilation,
+        return cls(**geometry.as_kwargs(),
                    ignore_label=ip.ignore_label if ip.HasField("ignore_label") else None)
 
     @torch.no_grad()        # the original has no backward: keep no graph
