@@ -1,6 +1,7 @@
 """ImageSegData, TwoImageData and ImageData on a generated 6-image dataset: exact values of
 crop/pad/mirror/mean/scale, TRAIN randomness, epoch order, shuffle, errors."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -432,10 +433,16 @@ def test_missing_image_names_file_and_line(dataset, tmp_path):
         layer()
 
 
-def test_missing_first_image_without_crop_is_a_build_error(dataset, tmp_path):
-    (tmp_path / "list.txt").write_text("/nothing.jpg /nothing.png\n")
-    with pytest.raises(NetBuildError, match=r"data \(TwoImageData\): list .*list\.txt, line 1 "
-                                            r".*cannot read image '.*nothing\.jpg'"):
+@pytest.mark.parametrize("image, problem", [
+    ("nothing.jpg", None),                  # missing
+    ("bad.png", b"not an image"),           # unreadable
+])
+def test_unreadable_first_image_without_crop_is_a_build_error(dataset, tmp_path, image, problem):
+    if problem is not None:
+        (tmp_path / image).write_bytes(problem)
+    (tmp_path / "list.txt").write_text(f"/{image} /{image}\n")
+    with pytest.raises(NetBuildError, match=rf"data \(TwoImageData\): list .*list\.txt, line 1 "
+                                            rf".*cannot read image '.*{re.escape(image)}'"):
         build(f'''layer {{ name: "data" type: "TwoImageData" top: "data" top: "label"
             image_data_param {{ root_folder: "{tmp_path}" source: "{tmp_path}/list.txt" }} }}''')
 
@@ -449,15 +456,6 @@ def test_with_a_crop_the_net_builds_without_its_dataset(tmp_path):
     assert layer.output_shapes([]) == [(1, 3, 9, 9), (1, 3, 9, 9)]
     with pytest.raises(DataError, match=r"cannot read image '.*nothing\.jpg'"):
         layer()
-
-
-def test_unreadable_image_is_reported_at_build(dataset, tmp_path):
-    (tmp_path / "bad.png").write_bytes(b"not an image")
-    (tmp_path / "list.txt").write_text("/bad.png /bad.png\n")
-    with pytest.raises(NetBuildError, match=r"data \(TwoImageData\): list .*line 1.*cannot read "
-                                            r"image '.*bad\.png'"):
-        build(f'''layer {{ name: "data" type: "TwoImageData" top: "data" top: "label"
-            image_data_param {{ root_folder: "{tmp_path}" source: "{tmp_path}/list.txt" }} }}''')
 
 
 def test_batches_of_different_sizes_without_crop_are_a_clear_error(dataset):
