@@ -60,6 +60,17 @@ def read_mean_values(transform_param, channels, ctx):
     return tuple(values)
 
 
+def warn_ignored_transform_fields(transform_param, layer_type, ctx):
+    """Warn about the transform_param fields that the crop-and-mirror data layers ignore, as Caffe
+    does: crop_height / crop_width (only crop_size counts) and scale_factors."""
+    for field in ("crop_height", "crop_width"):
+        if transform_param.HasField(field):
+            ctx.warn(f"transform_param.{field} is ignored by {layer_type} (only crop_size is "
+                     f"honoured, as in Caffe)")
+    if len(transform_param.scale_factors):
+        ctx.warn(f"transform_param.scale_factors is ignored by {layer_type} (as in Caffe)")
+
+
 def read_joint_crop(transform_param, ctx):
     """(crop_height, crop_width) from crop_size or crop_height + crop_width, () for none."""
     crop_size = int(transform_param.crop_size)

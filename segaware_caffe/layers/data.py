@@ -7,6 +7,7 @@ import numpy as np
 from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
 
+from ..data.base import warn_ignored_transform_fields
 from ..data.db import DataError, decode_datum, first_record, record_where, records
 from ..data.images import data_setup_error
 from ..data.listfile import resolve_dir, resolve_file
@@ -106,12 +107,7 @@ class Data(StreamDataLayer):
                                                                     "crop_size", "mirror")
                          else "the fork's Data layer does not implement it")
                 ctx.warn(f"data_param.{field} is ignored (as in Caffe); {where}")
-        for field in ("crop_height", "crop_width"):
-            if tp.HasField(field):
-                ctx.warn(f"transform_param.{field} is ignored by Data (only crop_size is "
-                         f"honoured, as in Caffe)")
-        if len(tp.scale_factors):
-            ctx.warn("transform_param.scale_factors is ignored by Data (as in Caffe)")
+        warn_ignored_transform_fields(tp, "Data", ctx)
         if tp.force_color and tp.force_gray:
             raise ctx.error("transform_param: cannot set both force_color and force_gray")
         if tp.HasField("mean_file") and len(tp.mean_value):
