@@ -262,26 +262,33 @@ def _suggest(message):
         pool = extensions._pool()
     field = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', message)
     if field:
-        try:
-            descriptor = pool.FindMessageTypeByName(field.group(1))
-        except KeyError:
+        found = _close_members(pool.FindMessageTypeByName, *field.groups(), "fields", 3, 0.6)
+        if found is None:
             return ""
-        names = [f.name for f in descriptor.fields]
-        close = difflib.get_close_matches(field.group(2), names, n=3, cutoff=0.6)
+        descriptor, names, close = found
         if close:
             return f"did you mean {' or '.join(close)}?"
         return f"fields of {descriptor.name}: {', '.join(sorted(names))}" if len(names) <= 40 else ""
     enum = re.search(r'Enum type "([\w.]+)" has no value named (\w+)', message)
     if enum:
-        try:
-            descriptor = pool.FindEnumTypeByName(enum.group(1))
-        except KeyError:
+        found = _close_members(pool.FindEnumTypeByName, *enum.groups(), "values", 2, 0.5)
+        if found is None:
             return ""
-        names = [v.name for v in descriptor.values]
-        close = difflib.get_close_matches(enum.group(2), names, n=2, cutoff=0.5)
+        _, names, close = found
         return (f"did you mean {' or '.join(close)}? " if close else "") + \
             f"allowed: {', '.join(names)}"
     return ""
+
+
+def _close_members(find, type_name, name, members, n, cutoff):
+    """(descriptor, its member names, those close to `name`) of the message or enum type that
+    `find` looks up, its `members` the fields or values; None when the type is unknown."""
+    try:
+        descriptor = find(type_name)
+    except KeyError:
+        return None
+    names = [m.name for m in getattr(descriptor, members)]
+    return descriptor, names, difflib.get_close_matches(name, names, n=n, cutoff=cutoff)
 
 
 def _declare_hint(message_name, field, layer_type):
