@@ -28,6 +28,15 @@ def load_mean_file(path):
     return mean
 
 
+def read_mean_file(transform_param, ctx):
+    """(absolute path, C x H x W array) of transform_param.mean_file, or (None, None) unset."""
+    if not transform_param.HasField("mean_file"):
+        return None, None
+    path = os.path.abspath(resolve_file(transform_param.mean_file, ctx,
+                                        "transform_param.mean_file"))
+    return path, load_mean_file(path)
+
+
 @dataclass(frozen=True)
 class DatumItems:
     """The records of the database in key order, forever, each decoded and transformed into
@@ -134,13 +143,10 @@ class Data(StreamDataLayer):
         if len(tp.mean_value) not in (0, 1, channels):
             raise ctx.error(f"transform_param has {len(tp.mean_value)} mean_value entries for "
                             f"{channels}-channel records; give 1 or {channels}")
-        mean_file = None
-        if tp.HasField("mean_file"):
-            mean_file = os.path.abspath(resolve_file(tp.mean_file, ctx, "transform_param.mean_file"))
-            mean = load_mean_file(mean_file)
-            if mean.shape != (channels, height, width):
-                raise ctx.error(f"mean_file {mean_file} holds a blob of shape {mean.shape}; the "
-                                f"records are {(channels, height, width)} (C, H, W)")
+        mean_file, mean = read_mean_file(tp, ctx)
+        if mean is not None and mean.shape != (channels, height, width):
+            raise ctx.error(f"mean_file {mean_file} holds a blob of shape {mean.shape}; the "
+                            f"records are {(channels, height, width)} (C, H, W)")
         top_shapes = [(int(param.batch_size), channels, crop or height, crop or width),
                       (int(param.batch_size),)][:len(ctx.top_names)]
         return cls(source=source, backend=backend, batch_size=int(param.batch_size),
