@@ -6,7 +6,7 @@ rules) is the one the kernels use, kernels/geometry.py."""
 from segaware_caffe.kernels.geometry import ConvGeometry
 
 __all__ = ["ConvGeometry", "WindowSettings", "canonical_axis", "check_output_not_empty", "conv_geometry",
-           "legacy_shape"]
+           "four_axis_bottom", "legacy_shape"]
 
 
 def canonical_axis(axis, ndim, ctx, field="axis"):
@@ -14,6 +14,14 @@ def canonical_axis(axis, ndim, ctx, field="axis"):
     if not -ndim <= axis < ndim:
         raise ctx.error(f"{field} {axis} is out of range for a {ndim}-D bottom (expected {-ndim}..{ndim - 1})")
     return axis % ndim if ndim else 0
+
+
+def four_axis_bottom(ctx):
+    """Bottom 0's shape, refused unless it has 4 axes (N, C, H, W)."""
+    shape = tuple(ctx.bottom_shapes[0])
+    if len(shape) != 4:
+        raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
+    return shape
 
 
 def legacy_shape(shape, ctx, what="the bottom"):

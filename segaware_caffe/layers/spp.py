@@ -4,6 +4,7 @@ import math
 import torch
 
 from ..layer import CaffeLayer, register_layer
+from ..params import four_axis_bottom
 from .pooling import pool2d, pooled_size, stochastic_pool_train
 
 _METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}   # SPPParameter.PoolMethod
@@ -73,9 +74,7 @@ class SPP(CaffeLayer):
     @classmethod
     def from_proto(cls, layer_param, ctx):
         p = layer_param.spp_param
-        shape = tuple(ctx.bottom_shapes[0])
-        if len(shape) != 4:
-            raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
+        shape = four_axis_bottom(ctx)
         if min(shape[2:]) <= 0:
             raise ctx.error(f"the bottom's height and width must be > 0, got shape {shape}")
         if not p.HasField("pyramid_height") or p.pyramid_height < 1:
