@@ -84,8 +84,25 @@ def check_message_grid(spec, convolution, height, width, ctx):
                  f"as if aligned (reproduced); use stride 1 and pad = (kernel_size // 2) * dilation")
 
 
+class MeanfieldLayer(CaffeLayer):
+    """The segmentation-aware CRFs (shared with NospConvMeanfield): the top has the unary's
+    shape; the blobs are (1, 1, C, C) weights = I, CAFFE_BLOBS but the last, and the
+    compatibility = -I (Potts), the last."""
+
+    def __init__(self, *, channels, num_iterations):
+        super().__init__()
+        self.num_iterations = num_iterations
+        eye = torch.eye(channels).reshape(1, 1, channels, channels)
+        for name in self.CAFFE_BLOBS[:-1]:
+            setattr(self, name, nn.Parameter(eye.clone()))
+        self.compatibility = nn.Parameter(-eye)     # Potts
+
+    def output_shapes(self, bottom_shapes):
+        return [tuple(bottom_shapes[0])]
+
+
 @register_layer("NormConvMeanfield")
-class NormConvMeanfield(CaffeLayer):
+class NormConvMeanfield(MeanfieldLayer):
     IGNORES_PROPAGATE_DOWN = (0, 1, 2, 3)   # all four bottoms get a diff
     USES_SEGAWARE_KERNELS = True
     BOTTOMS = (4, 4)
@@ -93,13 +110,8 @@ class NormConvMeanfield(CaffeLayer):
     CAFFE_BLOBS = ("spatial_weight", "bilateral_weight", "compatibility")
 
     def __init__(self, *, channels, num_iterations, bilateral, spatial):
-        super().__init__()
-        self.num_iterations = num_iterations
+        super().__init__(channels=channels, num_iterations=num_iterations)
         self.bilateral, self.spatial = bilateral, spatial
-        eye = torch.eye(channels).reshape(1, 1, channels, channels)
-        self.spatial_weight = nn.Parameter(eye.clone())
-        self.bilateral_weight = nn.Parameter(eye.clone())
-        self.compatibility = nn.Parameter(-eye)     # Potts
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -146,9 +158,6 @@ class NormConvMeanfield(CaffeLayer):
                                   self.bilateral_weight, self.compatibility,
                                   num_iterations=self.num_iterations, bilateral=self.bilateral,
                                   spatial=self.spatial)
-
-    def output_shapes(self, bottom_shapes):
-        return [tuple(bottom_shapes[0])]
 
     def extra_repr(self):
         return (f"channels={self.compatibility.shape[-1]}, num_iterations={self.num_iterations}, "

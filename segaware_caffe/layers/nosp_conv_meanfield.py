@@ -15,13 +15,12 @@ still loaded and saved with the weights). Forward only: the original's backward 
 that does not exist.
 """
 import torch
-from torch import nn
 
 from segaware_caffe.kernels.meanfield import MessageSpec, message, message_attention
 
-from ..layer import CaffeLayer, register_layer
-from .norm_conv_meanfield import (check_bottom_shapes, check_iterations, check_message_grid,
-                                  warn_original_defaults)
+from ..layer import register_layer
+from .norm_conv_meanfield import (MeanfieldLayer, check_bottom_shapes, check_iterations,
+                                  check_message_grid, warn_original_defaults)
 
 
 def _one_or_default(param, field, default, ctx):
@@ -36,19 +35,15 @@ def _one_or_default(param, field, default, ctx):
 
 
 @register_layer("NospConvMeanfield")
-class NospConvMeanfield(CaffeLayer):
+class NospConvMeanfield(MeanfieldLayer):
     BOTTOMS = (3, 3)
     CAFFE_BLOBS = ("bilateral_weight", "compatibility")
     HAS_BACKWARD = False
     USES_SEGAWARE_KERNELS = True
 
     def __init__(self, *, channels, num_iterations, bilateral):
-        super().__init__()
-        self.num_iterations = num_iterations
+        super().__init__(channels=channels, num_iterations=num_iterations)
         self.bilateral = bilateral
-        eye = torch.eye(channels).reshape(1, 1, channels, channels)
-        self.bilateral_weight = nn.Parameter(eye.clone())
-        self.compatibility = nn.Parameter(-eye)     # Potts
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -90,9 +85,6 @@ class NospConvMeanfield(CaffeLayer):
             msg = msg.reshape(n, -1)[:, :channels * height * width].reshape(n, channels, -1)
             x = unary - torch.matmul(compat, torch.matmul(compat, msg)).reshape(unary.shape)
         return x
-
-    def output_shapes(self, bottom_shapes):
-        return [tuple(bottom_shapes[0])]
 
     def extra_repr(self):
         return (f"channels={self.compatibility.shape[-1]}, num_iterations={self.num_iterations}, "
