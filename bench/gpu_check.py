@@ -305,22 +305,14 @@ def cuda_graph_replay(ctx):
 def torch_compile(ctx):
     """torch.compile(fullgraph=True) of a segmentation-aware sc.Net: forward and backward equal
     eager."""
-    from tests.kernels.test_ops_common import SEGAWARE_NET
+    from tests.kernels.test_ops_common import SEGAWARE_NET, eager_and_compiled, net_inputs
     import segaware_caffe as sc
     from segaware_caffe import caffe_proto
     net = sc.Net(caffe_proto.read_net(SEGAWARE_NET), device=ctx.device)
-    generator = torch.Generator().manual_seed(6)
-    inputs = {"x": torch.randn(2, 3, 9, 10, generator=generator).to(ctx.device),
-              "emb": torch.randn(2, 4, 9, 10, generator=generator).to(ctx.device)}
-    eager = net.forward(**inputs)["nc"]
-    eager.sum().backward()
-    eager_grads = [p.grad.clone() for p in net.learnable_params]
-    net.zero_grad()
-    compiled = torch.compile(net, fullgraph=True)
-    out = compiled(**inputs)["nc"]
-    out.sum().backward()
+    inputs = {name: value.to(ctx.device) for name, value in net_inputs().items()}
+    (eager, eager_grads), (out, grads) = eager_and_compiled(net, inputs)
     error = relative_error(out, eager)
-    grad_error = max(relative_error(p.grad, g) for p, g in zip(net.learnable_params, eager_grads))
+    grad_error = max(relative_error(g, e) for g, e in zip(grads, eager_grads))
     assert error <= 1e-5 and grad_error <= 1e-4, (error, grad_error)
     return f"compiled vs eager: output {error:.1e}, parameter gradients {grad_error:.1e}"
 
@@ -329,13 +321,11 @@ def torch_compile(ctx):
 def bf16_autocast(ctx):
     """torch.autocast(bfloat16): the segmentation-aware net runs (nothing refused), the fused
     convolution in bf16, within bf16 precision of float32."""
-    from tests.kernels.test_ops_common import SEGAWARE_NET
+    from tests.kernels.test_ops_common import SEGAWARE_NET, net_inputs
     import segaware_caffe as sc
     from segaware_caffe import caffe_proto
     net = sc.Net(caffe_proto.read_net(SEGAWARE_NET), device=ctx.device)
-    generator = torch.Generator().manual_seed(6)
-    inputs = {"x": torch.randn(2, 3, 9, 10, generator=generator).to(ctx.device),
-              "emb": torch.randn(2, 4, 9, 10, generator=generator).to(ctx.device)}
+    inputs = {name: value.to(ctx.device) for name, value in net_inputs().items()}
     expected = net.forward(**inputs)["nc"].detach()
     with torch.autocast(ctx.device, dtype=torch.bfloat16):
         out = net.forward(outputs=["conv", "nc"], **inputs)

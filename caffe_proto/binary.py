@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from . import caffe_pb2
 from .dialects import READ_ORDER, DialectError, from_dialect, layer_label
 from .errors import CaffeFormatError
-from .wire import (LEN, WireError, encode_varint, expected_wire_types, is_repeated, iter_fields,
+from .wire import (LEN, WireError, encode_len_field, expected_wire_types, is_repeated, iter_fields,
                    read_varint)
 
 # LayerParameter numbers 143..148 mean different things in the fork and in BVLC Caffe. Ours keeps
@@ -341,7 +341,7 @@ def _merge_packed(blob, field_name, array, dtype):
     if not payload:
         return
     number = blob.DESCRIPTOR.fields_by_name[field_name].number
-    blob.MergeFromString(encode_varint(number << 3 | 2) + encode_varint(len(payload)) + payload)
+    blob.MergeFromString(encode_len_field(number, payload))
 
 
 def _as_numpy(value):

@@ -243,22 +243,22 @@ def _build(text, owner):
         if options.get("packed") == "true":
             field.options.packed = True
 
+    def add_enums(enum_types, enums):
+        for enum_name, values in enums:
+            enum = enum_types.add(name=enum_name)
+            for value_name, number in values:
+                enum.value.add(name=value_name, number=number)
+
     def fill_message(proto, name, fields, messages, enums, scope):
         proto.name = name
         inner = f"{scope}.{name}"
-        for enum_name, values in enums:
-            enum = proto.enum_type.add(name=enum_name)
-            for value_name, number in values:
-                enum.value.add(name=value_name, number=number)
+        add_enums(proto.enum_type, enums)
         for m in messages:
             fill_message(proto.nested_type.add(), *m, inner)
         for spec in fields:
             fill_field(proto, spec, inner)
 
-    for enum_name, values in enums:
-        enum = file_proto.enum_type.add(name=enum_name)
-        for value_name, number in values:
-            enum.value.add(name=value_name, number=number)
+    add_enums(file_proto.enum_type, enums)
     for m in messages:
         fill_message(file_proto.message_type.add(), *m, package)
     holder = file_proto.message_type.add(name="LayerFields")

@@ -260,28 +260,36 @@ def _suggest(message):
     if "segaware_user." in message:
         from . import extensions
         pool = extensions._pool()
-    field = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', message)
+    field = _close_members(message, r'Message type "([\w.]+)" has no field named "(\w+)"',
+                           pool.FindMessageTypeByName, "fields", 3, 0.6)
     if field:
-        try:
-            descriptor = pool.FindMessageTypeByName(field.group(1))
-        except KeyError:
-            return ""
-        names = [f.name for f in descriptor.fields]
-        close = difflib.get_close_matches(field.group(2), names, n=3, cutoff=0.6)
+        descriptor, names, close = field
         if close:
             return f"did you mean {' or '.join(close)}?"
         return f"fields of {descriptor.name}: {', '.join(sorted(names))}" if len(names) <= 40 else ""
-    enum = re.search(r'Enum type "([\w.]+)" has no value named (\w+)', message)
+    enum = _close_members(message, r'Enum type "([\w.]+)" has no value named (\w+)',
+                          pool.FindEnumTypeByName, "values", 2, 0.5)
     if enum:
-        try:
-            descriptor = pool.FindEnumTypeByName(enum.group(1))
-        except KeyError:
-            return ""
-        names = [v.name for v in descriptor.values]
-        close = difflib.get_close_matches(enum.group(2), names, n=2, cutoff=0.5)
+        _, names, close = enum
         return (f"did you mean {' or '.join(close)}? " if close else "") + \
             f"allowed: {', '.join(names)}"
     return ""
+
+
+def _close_members(message, pattern, find, members, n, cutoff):
+    """Where `pattern` finds (type name, unknown name) in the error `message`: (descriptor, its
+    member names, those close to the unknown one) of the message or enum type that `find` looks
+    up, its `members` the fields or values; None when the pattern or the type is not found."""
+    unknown = re.search(pattern, message)
+    if unknown is None:
+        return None
+    type_name, name = unknown.groups()
+    try:
+        descriptor = find(type_name)
+    except KeyError:
+        return None
+    names = [m.name for m in getattr(descriptor, members)]
+    return descriptor, names, difflib.get_close_matches(name, names, n=n, cutoff=cutoff)
 
 
 def _declare_hint(message_name, field, layer_type):

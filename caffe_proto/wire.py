@@ -28,6 +28,9 @@ class WireError(CaffeFormatError):
 
 
 def encode_varint(value):
+    """The varint bytes of `value`; a negative value is written as its 64-bit two's complement,
+    as protobuf writes a negative int32/int64 (ten bytes)."""
+    value &= (1 << 64) - 1
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -35,6 +38,12 @@ def encode_varint(value):
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+def encode_len_field(number, payload):
+    """Wire bytes of length-delimited field `number` holding `payload` (a sub-message, a string or
+    a packed array), as any protobuf writer encodes it."""
+    return encode_varint(number << 3 | LEN) + encode_varint(len(payload)) + payload
 
 
 def read_varint(data, pos, end):

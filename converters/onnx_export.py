@@ -233,19 +233,15 @@ def _pooling(layer, x):
 def _spp(layer, x):
     """The layer's forward with the level geometry fixed from the traced input size (a tracer
     turns the size arithmetic into graph ops that shape the pooling wrongly)."""
-    from segaware_caffe.layers.spp import check_levels, level_geometry, level_output
+    from segaware_caffe.layers.spp import check_levels, pyramid
     height, width = int(x.shape[2]), int(x.shape[3])
     problem = check_levels(layer.pyramid_height, layer.method, height, width)
     if problem:
         raise UnsupportedError(f"SPP: {problem}")
-    levels = []
-    for level in range(layer.pyramid_height):
-        kernel, pad, stride = level_geometry(level, height, width)
-        levels.append(_pool(x, layer.method, kernel, pad, stride,
-                            level_output(level, height, width)))
-    if layer.pyramid_height == 1:
-        return levels[0]
-    return torch.cat([t.flatten(1) for t in levels], dim=1)
+
+    def pool(x, kernel, pad, stride, out):
+        return _pool(x, layer.method, kernel, pad, stride, out)
+    return pyramid(x, layer.pyramid_height, height, width, pool)
 
 
 def registered_forms():

@@ -241,6 +241,20 @@ def launch_rows(name, sources, rows, plane, args, *, like, row_begin=0, defines=
            block=(BLOCK_SIZE, 1, 1), args=(row_begin, row_begin + rows, plane, *args), like=like)
 
 
+def launch_tap_planes(name, sources, x, geometry, args, images=0):
+    """The (N, taps, Ho, Wo) output of a row-plane kernel with one row per image and tap of
+    `geometry` over the 4-D `x`, called with (x, out, GEOMETRY_PARAMS, *args). `images` > 0
+    numbers the batch's images from there (tests: offsets beyond 2^31 elements)."""
+    batch, channels, height, width = x.shape
+    out_size = geometry.output_size(height, width)
+    out = x.new_empty((batch, geometry.taps) + out_size)
+    launch_rows(name, sources, batch * geometry.taps, out_size[0] * out_size[1],
+                (at_image(x, images), at_image(out, images),
+                 *geometry_args(geometry, channels, height, width, out_size), *args),
+                like=x, row_begin=images * geometry.taps)
+    return out
+
+
 def launch_flat(name, sources, total, args, *, like, begin=0, defines=()):
     """A flat kernel over [begin, begin + total) (64-bit indices); `args` follow (begin, end)."""
     if total <= 0:

@@ -11,8 +11,8 @@ and tap k = i * kernel_w + j of output (ho, wo) reads input pixel
 image read as 0. The segmentation-aware layers call the tap (kernel_h div 2, kernel_w div 2) the
 patch centre.
 
-This module also holds the strided tap views the CPU paths are built from, and the one input
-check every op uses.
+This module also holds the strided tap views the CPU paths are built from, the one input check
+every op uses, and the autograd wiring the two weighted-tap convolution ops share.
 """
 import functools
 from dataclasses import dataclass
@@ -78,6 +78,10 @@ class ConvGeometry:
             if min(value) < (0 if rule == ">= 0" else 1):
                 raise ValueError(f"{name} must be {rule}, got {value}")
         return self
+
+    def as_kwargs(self):
+        """kernel=, pad=, stride=, dilation=: the keyword arguments of a windowed layer."""
+        return dict(kernel=self.kernel, pad=self.pad, stride=self.stride, dilation=self.dilation)
 
     # -- as the custom ops carry it: 8 ints (kh, kw, ph, pw, sh, sw, dh, dw)
     def as_list(self):
@@ -184,6 +188,27 @@ def no_autocast(function):
 def compute_dtype(dtype):
     """The dtype an op computes in for inputs of `dtype`: float32 for the half types."""
     return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def register_tap_conv_autograd(op, backward_op):
+    """Autograd for a convolution op(x, taps, weight, bias, geometry, group) whose taps tensor
+    (mask or attention) weights every tap: backward_op(grad_out, x, taps, weight, geometry, group,
+    needs) returns (grad_x, grad_taps, grad_weight, grad_bias), computing only those in `needs`."""
+    def setup_context(ctx, inputs, output):
+        x, taps, weight, bias, geometry, group = inputs
+        ctx.save_for_backward(x, taps, weight)
+        ctx.geometry, ctx.group, ctx.has_bias = geometry, group, bias is not None
+
+    def backward(ctx, grad_out):
+        x, taps, weight = ctx.saved_tensors
+        needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+                 bool(ctx.needs_input_grad[2]), bool(ctx.has_bias and ctx.needs_input_grad[3])]
+        if not any(needs):
+            return None, None, None, None, None, None
+        grads = backward_op(grad_out, x, taps, weight, ctx.geometry, ctx.group, needs)
+        return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
 # ---------------------------------------------------------------------------------------------

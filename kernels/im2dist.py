@@ -80,16 +80,8 @@ def _backward_cpu(grad_out, x, geometry, norm_l1):
 
 # `images` > 0 numbers the batch's images from there (tests: offsets beyond 2^31 elements)
 def _forward_cuda(x, geometry, norm_l1, remove_center, remove_bounds, images=0):
-    batch, channels, height, width = x.shape
-    out_size = geometry.output_size(height, width)
-    out = x.new_empty((batch, geometry.taps) + out_size)
-    _cuda.launch_rows("im2dist_forward", ("im2dist.cu",), batch * geometry.taps,
-                      out_size[0] * out_size[1],
-                      (_cuda.at_image(x, images), _cuda.at_image(out, images),
-                       *_cuda.geometry_args(geometry, channels, height, width, out_size),
-                       norm_l1, remove_center, remove_bounds, BIG),
-                      like=x, row_begin=images * geometry.taps)
-    return out
+    return _cuda.launch_tap_planes("im2dist_forward", ("im2dist.cu",), x, geometry,
+                                   (norm_l1, remove_center, remove_bounds, BIG), images)
 
 
 def _backward_cuda(grad_out, x, geometry, norm_l1, images=0):

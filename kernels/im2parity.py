@@ -42,17 +42,10 @@ def _forward_cpu(labels, geometry, ignore_label):
 
 def _forward_cuda(labels, geometry, ignore_label, images=0):
     """`images` > 0 numbers the batch's images from there (tests: offsets beyond 2^31)."""
-    batch, channels, height, width = labels.shape
-    out_size = geometry.output_size(height, width)
-    out = labels.new_empty((batch, geometry.taps) + out_size)
-    _cuda.launch_rows("im2parity_forward", ("im2parity.cu",), batch * geometry.taps,
-                      out_size[0] * out_size[1],
-                      (_cuda.at_image(labels, images), _cuda.at_image(out, images),
-                       *_cuda.geometry_args(geometry, channels, height, width, out_size),
-                       ignore_label is not None,
-                       float(ignore_label) if ignore_label is not None else 0.0),
-                      like=labels, row_begin=images * geometry.taps)
-    return out
+    return _cuda.launch_tap_planes(
+        "im2parity_forward", ("im2parity.cu",), labels, geometry,
+        (ignore_label is not None, float(ignore_label) if ignore_label is not None else 0.0),
+        images)
 
 
 @torch.library.custom_op("segaware::im2parity", mutates_args=())

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _cuda
 from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, no_autocast,
-                       pad_input, patch_view, tap_offsets, unpad)
+                       pad_input, patch_view, register_tap_conv_autograd, tap_offsets, unpad)
 from .im2dist import im2dist
 
 # Bytes of masked columns per band: about a cache-sized block on CPU (4-8 MB measured best for
@@ -100,27 +100,41 @@ def _forward_cpu(x, mask, weight, bias, geometry, group):
     return out
 
 
+def _backward_start(x, mask, weight, geometry, group, needs):
+    """What both band-wise backward paths start from: the grouped weight (group, O/group,
+    C/group * taps), and the mask's and the grouped weight's gradient buffers where needed."""
+    group_columns = x.shape[1] // group * geometry.taps
+    weight_groups = weight.reshape(group, weight.shape[0] // group, group_columns)
+    grad_mask = torch.empty_like(mask) if needs[1] else None
+    grad_weight = torch.zeros_like(weight_groups) if needs[2] else None
+    return group_columns, weight_groups, grad_mask, grad_weight
+
+
+def _output_bands(grad_out, rows, group):
+    """(row_start, row_end, band height, the band of grad_out as (N, group, O/group, pixels)) over
+    the output rows, `rows` at a time."""
+    batch, num_output, out_h, out_w = grad_out.shape
+    for row_start in range(0, out_h, rows):
+        row_end = min(out_h, row_start + rows)
+        band = row_end - row_start
+        yield row_start, row_end, band, grad_out[:, :, row_start:row_end].reshape(
+            batch, group, num_output // group, band * out_w)
+
+
 def _backward_cpu(grad_out, x, mask, weight, geometry, group, needs):
     need_x, need_mask, need_weight = needs
     batch, channels, height, width = x.shape
-    out_h, out_w = mask.shape[2:]
-    num_output = weight.shape[0]
+    out_w = mask.shape[3]
     taps = geometry.taps
-    group_columns = channels // group * taps
+    group_columns, weight_groups, grad_mask, grad_weight = _backward_start(
+        x, mask, weight, geometry, group, needs)
     padded = pad_input(x, geometry)
-    weight_groups = weight.reshape(group, num_output // group, group_columns)
     grad_padded = torch.zeros_like(padded) if need_x else None
-    grad_mask = torch.empty_like(mask) if need_mask else None
-    grad_weight = torch.zeros_like(weight_groups) if need_weight else None
     rows = band_rows(batch, channels, taps, out_w, x.element_size(), CPU_BAND_BYTES)
     buffer = x.new_empty((batch, channels, taps, rows, out_w))
     grad_buffer = (x.new_empty((batch, group, group_columns, rows * out_w))
                    if need_x or need_mask else None)
-    for row_start in range(0, out_h, rows):
-        row_end = min(out_h, row_start + rows)
-        band = row_end - row_start
-        grad_band = grad_out[:, :, row_start:row_end].reshape(
-            batch, group, num_output // group, band * out_w)
+    for row_start, row_end, band, grad_band in _output_bands(grad_out, rows, group):
         if need_weight:
             columns = _masked_columns_cpu(padded, mask, geometry, row_start, row_end,
                                           buffer[:, :, :, :band])
@@ -211,20 +225,13 @@ def _backward_bands_cuda(grad_out, x, mask, weight, geometry, group, needs, imag
     need_x, need_mask, need_weight = needs
     batch, channels, height, width = x.shape
     out_h, out_w = mask.shape[2:]
-    num_output = weight.shape[0]
     taps = geometry.taps
-    group_columns = channels // group * taps
-    weight_groups = weight.reshape(group, num_output // group, group_columns)
+    group_columns, weight_groups, grad_mask, grad_weight = _backward_start(
+        x, mask, weight, geometry, group, needs)
     grad_x = torch.zeros_like(x) if need_x else None
-    grad_mask = torch.empty_like(mask) if need_mask else None
-    grad_weight = torch.zeros_like(weight_groups) if need_weight else None
     rows = band_rows(batch, channels, taps, out_w, x.element_size(), CUDA_BAND_BYTES)
     buffer = x.new_empty(batch * channels * taps * min(rows, out_h) * out_w)
-    for row_start in range(0, out_h, rows):
-        row_end = min(out_h, row_start + rows)
-        band = row_end - row_start
-        grad_band = grad_out[:, :, row_start:row_end].reshape(
-            batch, group, num_output // group, band * out_w)
+    for row_start, row_end, band, grad_band in _output_bands(grad_out, rows, group):
         if need_weight:
             columns = buffer[:batch * channels * taps * band * out_w]
             _masked_columns_cuda(x, mask, geometry, row_start, row_end, columns, images)
@@ -480,23 +487,7 @@ def _(grad_out, x, mask, weight, geometry, group, needs):
             grad_out.new_empty((weight.shape[0],) if needs[3] else (0,), dtype=mask.dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    x, mask, weight, bias, geometry, group = inputs
-    ctx.save_for_backward(x, mask, weight)
-    ctx.geometry, ctx.group, ctx.has_bias = geometry, group, bias is not None
-
-
-def _backward(ctx, grad_out):
-    x, mask, weight = ctx.saved_tensors
-    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
-             bool(ctx.needs_input_grad[2]), bool(ctx.has_bias and ctx.needs_input_grad[3])]
-    if not any(needs):
-        return None, None, None, None, None, None
-    grads = masked_conv2d_backward_op(grad_out, x, mask, weight, ctx.geometry, ctx.group, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
-
-
-masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+register_tap_conv_autograd(masked_conv2d_op, masked_conv2d_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import _cuda
 from .geometry import (ConvGeometry, HALF_DTYPES, check_tensor, compute_dtype, no_autocast,
-                       pad_input, tap_view, unpad)
+                       pad_input, register_tap_conv_autograd, tap_view, unpad)
 from .im2dist import im2dist
 
 
@@ -172,24 +172,7 @@ def _(grad_out, x, attention, weight, geometry, group, needs):
             grad_out.new_empty((weight.shape[0],) if needs[3] else (0,)))
 
 
-def _setup_context(ctx, inputs, output):
-    x, attention, weight, bias, geometry, group = inputs
-    ctx.save_for_backward(x, attention, weight)
-    ctx.geometry, ctx.group, ctx.has_bias = geometry, group, bias is not None
-
-
-def _backward(ctx, grad_out):
-    x, attention, weight = ctx.saved_tensors
-    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
-             bool(ctx.needs_input_grad[2]), bool(ctx.has_bias and ctx.needs_input_grad[3])]
-    if not any(needs):
-        return None, None, None, None, None, None
-    grads = attention_conv_backward_op(grad_out, x, attention, weight, ctx.geometry, ctx.group,
-                                       needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
-
-
-attention_conv_op.register_autograd(_backward, setup_context=_setup_context)
+register_tap_conv_autograd(attention_conv_op, attention_conv_backward_op)
 
 
 def norm_conv(x, emb, weight, bias=None, scale=None, *, kernel_size, pad=0, stride=1, dilation=1,

@@ -1,10 +1,12 @@
-"""Helpers shared by the layers' ``from_proto``: axis canonicalisation and convolution geometry.
+"""Helpers shared by the layers: axis canonicalisation and convolution geometry in ``from_proto``,
+and the sliding-window settings of the layers that keep them.
 
 The geometry itself (ConvGeometry: kernel / pad / stride / dilation and Caffe's output-size
 rules) is the one the kernels use, kernels/geometry.py."""
 from segaware_caffe.kernels.geometry import ConvGeometry
 
-__all__ = ["ConvGeometry", "canonical_axis", "conv_geometry", "legacy_shape"]
+__all__ = ["ConvGeometry", "WindowSettings", "canonical_axis", "check_output_not_empty", "conv_geometry",
+           "four_axis_bottom", "legacy_shape"]
 
 
 def canonical_axis(axis, ndim, ctx, field="axis"):
@@ -12,6 +14,14 @@ def canonical_axis(axis, ndim, ctx, field="axis"):
     if not -ndim <= axis < ndim:
         raise ctx.error(f"{field} {axis} is out of range for a {ndim}-D bottom (expected {-ndim}..{ndim - 1})")
     return axis % ndim if ndim else 0
+
+
+def four_axis_bottom(ctx):
+    """Bottom 0's shape, refused unless it has 4 axes (N, C, H, W)."""
+    shape = tuple(ctx.bottom_shapes[0])
+    if len(shape) != 4:
+        raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
+    return shape
 
 
 def legacy_shape(shape, ctx, what="the bottom"):
@@ -60,3 +70,27 @@ def conv_geometry(cp, ctx):
     if min(dilation) <= 0:
         raise ctx.error(f"convolution_param: dilation must be > 0, got {dilation}")
     return ConvGeometry(kernel, pad, stride, dilation)
+
+
+
+def check_output_not_empty(geometry, spatial_size, ctx):
+    """Refuse a bottom of `spatial_size` (h, w) whose output by `geometry` has no pixel."""
+    out = geometry.output_size(*spatial_size)
+    if min(out) <= 0:
+        raise ctx.error(f"the bottom's spatial size {tuple(spatial_size)} gives an empty output "
+                        f"{out} (kernel {geometry.kernel}, pad {geometry.pad}, dilation "
+                        f"{geometry.dilation})")
+
+class WindowSettings:
+    """Mixin of the layers with a sliding window: kernel, pad, stride and dilation as (h, w)
+    tuples of plain ints, and their ConvGeometry."""
+
+    def _set_window(self, kernel, pad, stride, dilation):
+        self.kernel = tuple(kernel)
+        self.pad = tuple(pad)
+        self.stride = tuple(stride)
+        self.dilation = tuple(dilation)
+
+    @property
+    def geometry(self):
+        return ConvGeometry(self.kernel, self.pad, self.stride, self.dilation)

@@ -73,21 +73,8 @@ class Blob:
         # Caffe's LegacyShape: axes past the blob's count as 1
         return self._shape[axis] if axis < len(self._shape) else 1
 
-    @property
-    def num(self):
-        return self._legacy(0)
-
-    @property
-    def channels(self):
-        return self._legacy(1)
-
-    @property
-    def height(self):
-        return self._legacy(2)
-
-    @property
-    def width(self):
-        return self._legacy(3)
+    num, channels, height, width = (property(lambda self, axis=axis: self._legacy(axis))
+                                    for axis in range(4))
 
     def __repr__(self):
         return f"caffe.Blob(shape={self._shape})"

@@ -131,13 +131,19 @@ def device_from_gpu(gpu):
     return device
 
 
+def _converted(text, convert, what):
+    """convert(text) for an argparse type, refused as "expected <what>" when it does not convert."""
+    import argparse
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
 def int32(text):
     """argparse type: an integer that fits Caffe's int32 fields (NetState.level, ...)."""
     import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _converted(text, int, "an integer")
     if not -2**31 <= value < 2**31:
         raise argparse.ArgumentTypeError(f"expected a 32-bit integer, got {value}")
     return value
@@ -147,10 +153,7 @@ def seconds(text):
     """argparse type: a number of seconds > 0."""
     import argparse
     import math
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    value = _converted(text, float, "a number of seconds")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value

@@ -9,21 +9,26 @@ __all__ = ["emit_abs_val", "emit_bnll", "emit_dropout", "emit_elu", "emit_exp", 
            "emit_threshold"]
 
 
+def _module_on_bottom(spec, module):
+    """The layer as the nn module built by `module` (constructor text), called on its bottom."""
+    return Emission(f"{spec.attr}({spec.bottoms[0]})", module=module)
+
+
 @register_emitter("ReLU")
 def emit_relu(spec):
     slope = spec.kwargs.get("negative_slope", 0.0)
     module = "nn.ReLU()" if slope == 0 else f"nn.LeakyReLU({literal(slope)})"
-    return Emission(f"{spec.attr}({spec.bottoms[0]})", module=module)
+    return _module_on_bottom(spec, module)
 
 
 @register_emitter("Sigmoid")
 def emit_sigmoid(spec):
-    return Emission(f"{spec.attr}({spec.bottoms[0]})", module="nn.Sigmoid()")
+    return _module_on_bottom(spec, "nn.Sigmoid()")
 
 
 @register_emitter("TanH")
 def emit_tanh(spec):
-    return Emission(f"{spec.attr}({spec.bottoms[0]})", module="nn.Tanh()")
+    return _module_on_bottom(spec, "nn.Tanh()")
 
 
 @register_emitter("AbsVal")
@@ -62,14 +67,13 @@ def emit_exp(spec):
 def emit_dropout(spec):
     # nn.Dropout is the identity in eval mode (Caffe's TEST phase) and scales by 1/(1-p) in
     # training, like Caffe's TRAIN phase
-    return Emission(f"{spec.attr}({spec.bottoms[0]})",
-                    module=f"nn.Dropout(p={literal(spec.kwargs.get('dropout_ratio', 0.5))})")
+    return _module_on_bottom(spec,
+                             f"nn.Dropout(p={literal(spec.kwargs.get('dropout_ratio', 0.5))})")
 
 
 @register_emitter("Softmax")
 def emit_softmax(spec):
-    return Emission(f"{spec.attr}({spec.bottoms[0]})",
-                    module=f"nn.Softmax(dim={spec.kwargs.get('axis', 1)})")
+    return _module_on_bottom(spec, f"nn.Softmax(dim={spec.kwargs.get('axis', 1)})")
 
 
 @register_emitter("Log")
@@ -82,8 +86,7 @@ def emit_log(spec):
 
 @register_emitter("ELU")
 def emit_elu(spec):
-    return Emission(f"{spec.attr}({spec.bottoms[0]})",
-                    module=f"nn.ELU(alpha={literal(spec.kwargs.get('alpha', 1.0))})")
+    return _module_on_bottom(spec, f"nn.ELU(alpha={literal(spec.kwargs.get('alpha', 1.0))})")
 
 
 @register_emitter("BNLL")

@@ -2,6 +2,13 @@
 // GEMMs on band-sized column buffers): build the masked columns of output rows
 // [row_start, row_start + band) and turn column gradients back into mask and input gradients.
 
+// A pixel of a band of output rows, for tap (i, j): its row r in the band, its column wo, and the
+// input pixel (h, w) the tap reads there (outside the image means zero padding).
+#define BAND_PIXEL(pixel) \
+  const int r = (pixel) / out_w, wo = (pixel) - r * out_w; \
+  const int h = (row_start + r) * stride_h - pad_h + i * dilation_h; \
+  const int w = wo * stride_w - pad_w + j * dilation_w;
+
 // columns (N, C, taps, band, Wo) = x[n, c, pixel of tap k] * mask[n, k, row_start + r, wo];
 // rows = (image x channel) x tap, plane = band x Wo
 extern "C" __global__ void masked_columns(
@@ -16,9 +23,7 @@ extern "C" __global__ void masked_columns(
     const scalar_t* mask_plane = mask + ((long long)n * taps + k) * out_h * out_w
                                  + (long long)row_start * out_w;
     PIXEL_LOOP(pixel) {
-      const int r = pixel / out_w, wo = pixel - r * out_w;
-      const int h = (row_start + r) * stride_h - pad_h + i * dilation_h;
-      const int w = wo * stride_w - pad_w + j * dilation_w;
+      BAND_PIXEL(pixel)
       acc_t value = 0;
       if (inside(h, w, height, width)) value = (acc_t)x_plane[h * width + w] * mask_plane[pixel];
       columns[(long long)row * plane + pixel] = value;
@@ -43,9 +48,7 @@ extern "C" __global__ void masked_columns_grad_mask(
     scalar_t* grad_mask_plane = grad_mask + (long long)row * out_h * out_w
                                 + (long long)row_start * out_w;
     PIXEL_LOOP(pixel) {
-      const int r = pixel / out_w, wo = pixel - r * out_w;
-      const int h = (row_start + r) * stride_h - pad_h + i * dilation_h;
-      const int w = wo * stride_w - pad_w + j * dilation_w;
+      BAND_PIXEL(pixel)
       acc_t accumulated = 0;
       if (inside(h, w, height, width)) {
         for (int c = 0; c < channels; ++c) {

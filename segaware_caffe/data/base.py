@@ -7,10 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import limits
-from ..layer import CaffeLayer
 from .images import DataError, data_setup_error, is_palette_image
 from .listfile import resolve_file, saturate_uint8
-from .loader import BatchStream, EndlessSampler, ListDataset, StackBatch, default_num_workers
+from .loader import BatchLayer, EndlessSampler, ListDataset, StackBatch, default_num_workers
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,17 @@ def read_mean_values(transform_param, channels, ctx):
     return tuple(values)
 
 
+def warn_ignored_transform_fields(transform_param, layer_type, ctx):
+    """Warn about the transform_param fields that the crop-and-mirror data layers ignore, as Caffe
+    does: crop_height / crop_width (only crop_size counts) and scale_factors."""
+    for field in ("crop_height", "crop_width"):
+        if transform_param.HasField(field):
+            ctx.warn(f"transform_param.{field} is ignored by {layer_type} (only crop_size is "
+                     f"honoured, as in Caffe)")
+    if len(transform_param.scale_factors):
+        ctx.warn(f"transform_param.scale_factors is ignored by {layer_type} (as in Caffe)")
+
+
 def read_joint_crop(transform_param, ctx):
     """(crop_height, crop_width) from crop_size or crop_height + crop_width, () for none."""
     crop_size = int(transform_param.crop_size)
@@ -105,25 +115,21 @@ def draw_seed_and_skip(rand_skip, count, ctx):
     return seed, skip
 
 
-class ListDataLayer(CaffeLayer):
+class ListDataLayer(BatchLayer):
     """A data layer fed by a list file: no bottoms; forward() returns the next batch, tops in
     order. Batches are assembled by a DataLoader (workers: $SEGAWARE_DATA_WORKERS, else
     min(2, CPUs)) and placed on the layer's device and dtype (those of the net)."""
-    BOTTOMS = (0, 0)
 
     def __init__(self, *, reader, count, batch_size, shuffle, skip, seed, top_shapes,
                  num_workers=None):
         super().__init__()
         self.reader = reader
-        self.count, self.batch_size, self.shuffle = count, batch_size, shuffle
-        self.top_shapes = [tuple(s) for s in top_shapes]
-        # follows net.to(device, dtype); never saved
-        self.register_buffer("_placement", torch.empty(0), persistent=False)
+        self.count, self.shuffle = count, shuffle
         workers = default_num_workers() if num_workers is None else num_workers
-        self.stream = BatchStream(ListDataset(reader, count),
-                                  EndlessSampler(count, shuffle=shuffle, skip=skip, seed=seed),
-                                  batch_size=batch_size, num_workers=workers,
-                                  collate=StackBatch(reader.layer_label))
+        self._start_stream(ListDataset(reader, count),
+                           EndlessSampler(count, shuffle=shuffle, skip=skip, seed=seed),
+                           batch_size=batch_size, top_shapes=top_shapes, num_workers=workers,
+                           collate=StackBatch(reader.layer_label))
 
     @classmethod
     def build(cls, ctx, *, reader, count, settings, crop_shapes=None, **kwargs):
@@ -145,19 +151,6 @@ class ListDataLayer(CaffeLayer):
         seed, skip = draw_seed_and_skip(settings.rand_skip, count, ctx)
         return cls(reader=reader, count=count, batch_size=settings.batch_size,
                    shuffle=settings.shuffle, skip=skip, seed=seed, top_shapes=shapes, **kwargs)
-
-    def output_shapes(self, bottom_shapes):
-        return list(self.top_shapes)
-
-    def forward(self):
-        batch = self.stream.next()[:len(self.top_shapes)]
-        placement = self._placement
-        tops = tuple(t.to(device=placement.device, dtype=placement.dtype) for t in batch)
-        return tops if len(tops) > 1 else tops[0]
-
-    def close(self):
-        """Stop the loader's worker processes."""
-        self.stream.close()
 
     def extra_repr(self):
         return (f"items={self.count}, batch_size={self.batch_size}"

@@ -14,36 +14,40 @@ class ListLine:
     tokens: tuple        # whitespace-separated tokens
 
 
+def _candidates(path, ctx, what, kind):
+    """Where Caffe (the working directory) and then the prototxt's directory put `path`."""
+    if not path:
+        raise ctx.error(f"{what} is empty; expected the path of a {kind}")
+    return [path] if os.path.isabs(path) else [path, os.path.join(ctx.base_dir, path)]
+
+
+def _not_found(path, ctx, what):
+    if os.path.isabs(path):
+        return ctx.error(f"{what} {path!r} does not exist")
+    return ctx.error(f"{what} {path!r} not found in the working directory ({os.getcwd()}) "
+                     f"nor beside the prototxt ({os.path.abspath(ctx.base_dir)})")
+
+
 def resolve_file(path, ctx, what):
     """`path` as given if it exists (Caffe opens it relative to the working directory), else
     relative to the prototxt's directory. Raises a layer error naming both places."""
-    if not path:
-        raise ctx.error(f"{what} is empty; expected the path of a file")
-    candidates = [path] if os.path.isabs(path) else [path, os.path.join(ctx.base_dir, path)]
+    candidates = _candidates(path, ctx, what, "file")
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
-    if os.path.isabs(path):
-        raise ctx.error(f"{what} {path!r} does not exist")
-    raise ctx.error(f"{what} {path!r} not found in the working directory ({os.getcwd()}) "
-                    f"nor beside the prototxt ({os.path.abspath(ctx.base_dir)})")
+    raise _not_found(path, ctx, what)
 
 
 def resolve_dir(path, ctx, what):
     """Like `resolve_file`, for a directory (an LMDB or LevelDB database)."""
-    if not path:
-        raise ctx.error(f"{what} is empty; expected the path of a directory")
-    candidates = [path] if os.path.isabs(path) else [path, os.path.join(ctx.base_dir, path)]
+    candidates = _candidates(path, ctx, what, "directory")
     for candidate in candidates:
         if os.path.isdir(candidate):
             return candidate
     for candidate in candidates:
         if os.path.exists(candidate):
             raise ctx.error(f"{what} {candidate!r} is a file; expected a database directory")
-    if os.path.isabs(path):
-        raise ctx.error(f"{what} {path!r} does not exist")
-    raise ctx.error(f"{what} {path!r} not found in the working directory ({os.getcwd()}) "
-                    f"nor beside the prototxt ({os.path.abspath(ctx.base_dir)})")
+    raise _not_found(path, ctx, what)
 
 
 def resolve_item(path, base_dir):

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import SegawareError
+from ..layer import CaffeLayer
 from .images import DataError
 
 WORKERS_ENV = "SEGAWARE_DATA_WORKERS"
@@ -146,3 +147,31 @@ class BatchStream:
         state = dict(self.__dict__)
         state["_iterator"] = None
         return state
+
+
+class BatchLayer(CaffeLayer):
+    """A data layer fed by a BatchStream: no bottoms; forward() returns the next batch, tops in
+    order, on the layer's device and dtype (those of the net). Subclasses call `_start_stream`
+    from __init__."""
+    BOTTOMS = (0, 0)
+
+    def _start_stream(self, dataset, sampler, *, batch_size, top_shapes, num_workers, collate):
+        self.batch_size = batch_size
+        self.top_shapes = [tuple(s) for s in top_shapes]
+        # follows net.to(device, dtype); never saved
+        self.register_buffer("_placement", torch.empty(0), persistent=False)
+        self.stream = BatchStream(dataset, sampler, batch_size=batch_size, num_workers=num_workers,
+                                  collate=collate)
+
+    def output_shapes(self, bottom_shapes):
+        return list(self.top_shapes)
+
+    def forward(self):
+        batch = self.stream.next()[:len(self.top_shapes)]
+        placement = self._placement
+        tops = tuple(t.to(device=placement.device, dtype=placement.dtype) for t in batch)
+        return tops if len(tops) > 1 else tops[0]
+
+    def close(self):
+        """Stop the loader's worker processes (a later forward starts the stream again)."""
+        self.stream.close()

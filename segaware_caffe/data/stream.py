@@ -11,8 +11,7 @@ reproducible.
 import torch
 from torch.utils.data import IterableDataset
 
-from ..layer import CaffeLayer
-from .loader import BatchStream, StackBatch, default_num_workers
+from .loader import BatchLayer, StackBatch, default_num_workers
 
 
 def draw_seed():
@@ -32,30 +31,13 @@ class ItemStream(IterableDataset):
         return iter(self.produce(torch.Generator().manual_seed(self.seed)))
 
 
-class StreamDataLayer(CaffeLayer):
+class StreamDataLayer(BatchLayer):
     """No bottoms; forward() returns the next batch, tops in order, on the net's device and dtype.
     Subclasses call `_setup_stream(...)` from __init__."""
-    BOTTOMS = (0, 0)
 
     def _setup_stream(self, *, produce, seed, batch_size, top_shapes, label, num_workers=None):
-        self.batch_size = batch_size
-        self.top_shapes = [tuple(s) for s in top_shapes]
         self.label = label
-        # follows net.to(device, dtype); never saved
-        self.register_buffer("_placement", torch.empty(0), persistent=False)
         workers = default_num_workers() if num_workers is None else num_workers
-        self.stream = BatchStream(ItemStream(produce, seed), None, batch_size=batch_size,
-                                  num_workers=min(workers, 1), collate=StackBatch(label))
-
-    def output_shapes(self, bottom_shapes):
-        return list(self.top_shapes)
-
-    def forward(self):
-        batch = self.stream.next()[:len(self.top_shapes)]
-        placement = self._placement
-        tops = tuple(t.to(device=placement.device, dtype=placement.dtype) for t in batch)
-        return tops if len(tops) > 1 else tops[0]
-
-    def close(self):
-        """Stop the loader's worker process (a later forward starts the stream again)."""
-        self.stream.close()
+        self._start_stream(ItemStream(produce, seed), None, batch_size=batch_size,
+                           top_shapes=top_shapes, num_workers=min(workers, 1),
+                           collate=StackBatch(label))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..fillers import fill_parameter
 from ..layer import CaffeLayer, register_layer
-from ..params import ConvGeometry, canonical_axis, conv_geometry
+from ..params import WindowSettings, canonical_axis, conv_geometry
 
 
 def optional_filler(message, field):
@@ -19,7 +19,7 @@ def optional_filler(message, field):
     return getattr(message, field) if message.HasField(field) else None
 
 
-class _ConvolutionBase(CaffeLayer):
+class _ConvolutionBase(WindowSettings, CaffeLayer):
     BOTTOMS = (1, None)
     TOPS = (1, None)
     CAFFE_BLOBS = ("weight", "bias")
@@ -27,10 +27,7 @@ class _ConvolutionBase(CaffeLayer):
     def __init__(self, *, weight_shape, bias_term=True, kernel, pad=(0, 0), stride=(1, 1),
                  dilation=(1, 1), group=1, channel_axis=1):
         super().__init__()
-        self.kernel = tuple(kernel)
-        self.pad = tuple(pad)
-        self.stride = tuple(stride)
-        self.dilation = tuple(dilation)
+        self._set_window(kernel, pad, stride, dilation)
         self.group = group
         self.channel_axis = channel_axis
         self.weight = self.new_parameter(weight_shape, "weight")
@@ -70,8 +67,7 @@ class _ConvolutionBase(CaffeLayer):
         if cp.num_output % cp.group:
             raise ctx.error(f"convolution_param.group {cp.group} does not divide num_output "
                             f"{cp.num_output}")
-        kwargs = dict(bias_term=cp.bias_term, kernel=geometry.kernel, pad=geometry.pad,
-                      stride=geometry.stride, dilation=geometry.dilation, group=cp.group,
+        kwargs = dict(bias_term=cp.bias_term, **geometry.as_kwargs(), group=cp.group,
                       channel_axis=channel_axis)
         return kwargs, shape, channels, cp
 
@@ -87,10 +83,6 @@ class _ConvolutionBase(CaffeLayer):
             raise ctx.error(f"the bottom's spatial size {(height, width)} gives an empty output "
                             f"{out} (kernel {self.kernel}, pad {self.pad}, stride {self.stride}, "
                             f"dilation {self.dilation})")
-
-    @property
-    def geometry(self):
-        return ConvGeometry(self.kernel, self.pad, self.stride, self.dilation)
 
     def output_spatial_size(self, height, width):
         """Caffe's floor rule for convolution, its inverse for deconvolution."""

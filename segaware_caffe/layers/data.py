@@ -7,6 +7,7 @@ import numpy as np
 from segaware_caffe import caffe_proto
 from segaware_caffe.caffe_proto import caffe_pb2
 
+from ..data.base import warn_ignored_transform_fields
 from ..data.db import DataError, decode_datum, first_record, record_where, records
 from ..data.images import data_setup_error
 from ..data.listfile import resolve_dir, resolve_file
@@ -25,6 +26,15 @@ def load_mean_file(path):
     if mean.ndim == 4 and mean.shape[0] == 1:
         mean = mean[0]
     return mean
+
+
+def read_mean_file(transform_param, ctx):
+    """(absolute path, C x H x W array) of transform_param.mean_file, or (None, None) unset."""
+    if not transform_param.HasField("mean_file"):
+        return None, None
+    path = os.path.abspath(resolve_file(transform_param.mean_file, ctx,
+                                        "transform_param.mean_file"))
+    return path, load_mean_file(path)
 
 
 @dataclass(frozen=True)
@@ -106,12 +116,7 @@ class Data(StreamDataLayer):
                                                                     "crop_size", "mirror")
                          else "the fork's Data layer does not implement it")
                 ctx.warn(f"data_param.{field} is ignored (as in Caffe); {where}")
-        for field in ("crop_height", "crop_width"):
-            if tp.HasField(field):
-                ctx.warn(f"transform_param.{field} is ignored by Data (only crop_size is "
-                         f"honoured, as in Caffe)")
-        if len(tp.scale_factors):
-            ctx.warn("transform_param.scale_factors is ignored by Data (as in Caffe)")
+        warn_ignored_transform_fields(tp, "Data", ctx)
         if tp.force_color and tp.force_gray:
             raise ctx.error("transform_param: cannot set both force_color and force_gray")
         if tp.HasField("mean_file") and len(tp.mean_value):
@@ -138,13 +143,10 @@ class Data(StreamDataLayer):
         if len(tp.mean_value) not in (0, 1, channels):
             raise ctx.error(f"transform_param has {len(tp.mean_value)} mean_value entries for "
                             f"{channels}-channel records; give 1 or {channels}")
-        mean_file = None
-        if tp.HasField("mean_file"):
-            mean_file = os.path.abspath(resolve_file(tp.mean_file, ctx, "transform_param.mean_file"))
-            mean = load_mean_file(mean_file)
-            if mean.shape != (channels, height, width):
-                raise ctx.error(f"mean_file {mean_file} holds a blob of shape {mean.shape}; the "
-                                f"records are {(channels, height, width)} (C, H, W)")
+        mean_file, mean = read_mean_file(tp, ctx)
+        if mean is not None and mean.shape != (channels, height, width):
+            raise ctx.error(f"mean_file {mean_file} holds a blob of shape {mean.shape}; the "
+                            f"records are {(channels, height, width)} (C, H, W)")
         top_shapes = [(int(param.batch_size), channels, crop or height, crop or width),
                       (int(param.batch_size),)][:len(ctx.top_names)]
         return cls(source=source, backend=backend, batch_size=int(param.batch_size),

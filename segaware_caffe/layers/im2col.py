@@ -2,11 +2,11 @@
 import torch.nn.functional as F
 
 from ..layer import CaffeLayer, register_layer
-from ..params import canonical_axis, conv_geometry
+from ..params import WindowSettings, canonical_axis, check_output_not_empty, conv_geometry
 
 
 @register_layer("Im2col")
-class Im2col(CaffeLayer):
+class Im2col(WindowSettings, CaffeLayer):
     """Zero-padded patches of every input channel, channel-major then kernel row then kernel
     column (F.unfold's order); Ho, Wo by the convolution rule. Backward is col2im (overlapping
     contributions summed). Geometry from `convolution_param` (num_output and bottom_is_im2col
@@ -14,10 +14,7 @@ class Im2col(CaffeLayer):
 
     def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1)):
         super().__init__()
-        self.kernel = tuple(kernel)
-        self.pad = tuple(pad)
-        self.stride = tuple(stride)
-        self.dilation = tuple(dilation)
+        self._set_window(kernel, pad, stride, dilation)
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
@@ -28,13 +25,8 @@ class Im2col(CaffeLayer):
         if canonical_axis(cp.axis, len(shape), ctx, "convolution_param.axis") != 1:
             raise ctx.unsupported(f"only convolution_param.axis 1 is supported, got {cp.axis}")
         geometry = conv_geometry(cp, ctx)
-        out = geometry.output_size(*shape[2:])
-        if min(out) <= 0:
-            raise ctx.error(f"the bottom's spatial size {shape[2:]} gives an empty output {out} "
-                            f"(kernel {geometry.kernel}, pad {geometry.pad}, dilation "
-                            f"{geometry.dilation})")
-        return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
-                   dilation=geometry.dilation)
+        check_output_not_empty(geometry, shape[2:], ctx)
+        return cls(**geometry.as_kwargs())
 
     def output_shapes(self, bottom_shapes):
         n, c, h, w = bottom_shapes[0]

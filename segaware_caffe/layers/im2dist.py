@@ -1,9 +1,10 @@
 """Im2dist: per-tap centre-to-neighbour distances, (N, C, H, W) -> (N, K, Ho, Wo);
-also the convolution_param geometry reading shared by the segaware patch layers."""
+also the convolution_param geometry reading and the base class shared by the segaware patch
+layers."""
 from segaware_caffe.kernels.im2dist import im2dist
 
 from ..layer import CaffeLayer, register_layer
-from ..params import ConvGeometry, canonical_axis, conv_geometry
+from ..params import WindowSettings, canonical_axis, check_output_not_empty, conv_geometry
 
 _NORM_NAMES = {1: "L1", 2: "L2"}
 
@@ -19,11 +20,7 @@ def patch_geometry_from_proto(layer_param, ctx):
         raise ctx.unsupported(f"only convolution_param.axis 1 is supported, got {cp.axis}")
     geometry = conv_geometry(cp, ctx)
     if shape is not None:
-        out = geometry.output_size(*shape[2:])
-        if min(out) <= 0:
-            raise ctx.error(f"the bottom's spatial size {shape[2:]} gives an empty output {out} "
-                            f"(kernel {geometry.kernel}, pad {geometry.pad}, dilation "
-                            f"{geometry.dilation})")
+        check_output_not_empty(geometry, shape[2:], ctx)
     return geometry
 
 
@@ -38,22 +35,39 @@ def patch_layer_repr(layer, defaults):
     return ", ".join(parts)
 
 
+class PatchLayer(WindowSettings, CaffeLayer):
+    """A layer with one output channel per tap of a sliding patch (kernel, pad, stride,
+    dilation): (N, C, H, W) -> (N, taps, Ho, Wo). OP_NAME names it in size errors."""
+    OP_NAME = ""
+
+    def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1)):
+        super().__init__()
+        self._set_window(kernel, pad, stride, dilation)
+
+    def output_shapes(self, bottom_shapes):
+        n, _, height, width = bottom_shapes[0]
+        geometry = self.geometry
+        geometry.check_output_size(height, width, self.OP_NAME)
+        return [(n, geometry.taps, *geometry.output_size(height, width))]
+
+    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
+        # the CPU path pads the bottom and loops over the taps
+        return self.geometry.tap_loop_workspace(bottom_shapes[0], itemsize)
+
+
 @register_layer("Im2dist")
-class Im2dist(CaffeLayer):
+class Im2dist(PatchLayer):
     """y[n, i*kw + j, ho, wo] = sum_c phi(x[c, centre] - x[c, neighbour_ij]), phi = |d| (L1) or
     0.5 d² (L2, the default). Out-of-image neighbours give 0 (BIG = FLT_MAX/100 with
     remove_bounds), the centre tap gives BIG with remove_center, and a patch whose centre is
     outside the image gives 0 on every tap. L1 backward uses sign(0) = 0 (the original's GPU)."""
     IGNORES_PROPAGATE_DOWN = (0,)
     USES_SEGAWARE_KERNELS = True
+    OP_NAME = "im2dist"
 
     def __init__(self, *, kernel, pad=(0, 0), stride=(1, 1), dilation=(1, 1), norm="L2",
                  remove_center=False, remove_bounds=False):
-        super().__init__()
-        self.kernel = tuple(kernel)
-        self.pad = tuple(pad)
-        self.stride = tuple(stride)
-        self.dilation = tuple(dilation)
+        super().__init__(kernel=kernel, pad=pad, stride=stride, dilation=dilation)
         self.norm = norm
         self.remove_center = remove_center
         self.remove_bounds = remove_bounds
@@ -62,24 +76,12 @@ class Im2dist(CaffeLayer):
     def from_proto(cls, layer_param, ctx):
         geometry = patch_geometry_from_proto(layer_param, ctx)
         ip = layer_param.im2dist_param
-        return cls(kernel=geometry.kernel, pad=geometry.pad, stride=geometry.stride,
-                   dilation=geometry.dilation, norm=_NORM_NAMES[ip.norm],
+        return cls(**geometry.as_kwargs(), norm=_NORM_NAMES[ip.norm],
                    remove_center=ip.remove_center, remove_bounds=ip.remove_bounds)
-
-    def output_shapes(self, bottom_shapes):
-        n, _, height, width = bottom_shapes[0]
-        geometry = ConvGeometry(self.kernel, self.pad, self.stride, self.dilation)
-        geometry.check_output_size(height, width, "im2dist")
-        return [(n, geometry.taps, *geometry.output_size(height, width))]
 
     def forward(self, x):
         return im2dist(x, self.kernel, self.pad, self.stride, self.dilation, norm=self.norm,
                        remove_center=self.remove_center, remove_bounds=self.remove_bounds)
-
-    def forward_workspace(self, bottom_shapes, top_shapes, itemsize):
-        # the CPU path pads the bottom and loops over the taps
-        return ConvGeometry(self.kernel, self.pad, self.stride, self.dilation).tap_loop_workspace(
-            bottom_shapes[0], itemsize)
 
     def extra_repr(self):
         return patch_layer_repr(self, (("norm", "L2"), ("remove_center", False),

@@ -3,7 +3,8 @@ import numpy as np
 
 from segaware_caffe import caffe_proto
 
-from ..data.base import ListDataLayer, read_list_settings, read_mean_values
+from ..data.base import (ListDataLayer, read_list_settings, read_mean_values,
+                         warn_ignored_transform_fields)
 from ..data.listfile import c_atoi, read_lines, resolve_file
 from ..data.readers import ClassItemReader
 from ..data.transforms import CropMirrorTransform
@@ -50,12 +51,7 @@ class ImageData(ListDataLayer):
 
         tp = layer_param.transform_param
         channels = 3 if settings.is_color else 1
-        for field in ("crop_height", "crop_width"):
-            if tp.HasField(field):
-                ctx.warn(f"transform_param.{field} is ignored by ImageData (only crop_size is "
-                         f"honoured, as in Caffe)")
-        if len(tp.scale_factors):
-            ctx.warn("transform_param.scale_factors is ignored by ImageData (as in Caffe)")
+        warn_ignored_transform_fields(tp, "ImageData", ctx)
         mean_image = None
         if tp.HasField("mean_file"):
             if len(tp.mean_value):

@@ -2,6 +2,7 @@
 import torch.nn.functional as F
 
 from ..layer import CaffeLayer, register_layer
+from ..params import four_axis_bottom
 
 
 @register_layer("Interp")
@@ -54,9 +55,7 @@ class Interp(CaffeLayer):
         else:
             raise ctx.error("interp_param needs an output size rule: zoom_factor, shrink_factor "
                             "(or both), or height and width")
-        shape = tuple(ctx.bottom_shapes[0])
-        if len(shape) != 4:
-            raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
+        shape = four_axis_bottom(ctx)
         layer = cls(**kwargs)
         in_h, in_w = (size + ip.pad_beg + ip.pad_end for size in shape[2:])
         if in_h <= 0 or in_w <= 0:

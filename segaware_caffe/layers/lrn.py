@@ -2,6 +2,7 @@
 import torch.nn.functional as F
 
 from ..layer import CaffeLayer, register_layer
+from ..params import four_axis_bottom
 
 ACROSS_CHANNELS, WITHIN_CHANNEL = 0, 1
 
@@ -31,9 +32,7 @@ class LRN(CaffeLayer):
         lp = layer_param.lrn_param
         if lp.local_size % 2 != 1:
             raise ctx.error(f"lrn_param.local_size must be odd, got {lp.local_size}")
-        shape = tuple(ctx.bottom_shapes[0])
-        if len(shape) != 4:
-            raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
+        four_axis_bottom(ctx)
         region = "WITHIN_CHANNEL" if lp.norm_region == WITHIN_CHANNEL else "ACROSS_CHANNELS"
         return cls(local_size=lp.local_size, alpha=lp.alpha, beta=lp.beta, k=lp.k, region=region)
 

@@ -27,13 +27,9 @@ class LSTM(RecurrentLayer):
 
     def unroll(self, x, cont, static, initial):
         h, c = initial
-        inputs = torch.nn.functional.linear(x, self.W_xc, self.b_c)        # (T, N, 4H)
-        static_term = None if static is None else static @ self.W_xc_static.t()
+        gates_of = self.recurrence(x, static, self.W_xc, self.b_c, self.W_xc_static, self.W_hc)
         outputs = []
         for t in range(x.shape[0]):
-            gates = (cont[t].unsqueeze(-1) * h) @ self.W_hc.t() + inputs[t]
-            if static_term is not None:
-                gates = gates + static_term
-            c, h = lstm_step(c, gates, cont[t])
+            c, h = lstm_step(c, gates_of(t, h, cont[t]), cont[t])          # gates (N, 4H)
             outputs.append(h)
         return torch.stack(outputs), [h, c]

@@ -19,14 +19,18 @@ def _non_default(**settings):
     return ", ".join(f"{name}={value}" for name, (value, default) in settings.items() if value != default)
 
 
-@register_layer("AbsVal")
-class AbsVal(CaffeLayer):
-    """y = |x|; dx = sign(x) * dy with sign(0) = 0 (torch.abs's gradient does exactly that)."""
+class _ElementwiseNeuron(CaffeLayer):
+    """A neuron layer without settings: same shape in and out, nothing to read from the prototxt."""
     SAME_SHAPE = True
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
         return cls()
+
+
+@register_layer("AbsVal")
+class AbsVal(_ElementwiseNeuron):
+    """y = |x|; dx = sign(x) * dy with sign(0) = 0 (torch.abs's gradient does exactly that)."""
 
     def forward(self, x):
         return torch.abs(x)
@@ -173,26 +177,16 @@ class Log(CaffeLayer):
 
 
 @register_layer("Sigmoid")
-class Sigmoid(CaffeLayer):
+class Sigmoid(_ElementwiseNeuron):
     """y = 1 / (1 + exp(-x)); dx = dy * y * (1 - y)."""
-    SAME_SHAPE = True
-
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        return cls()
 
     def forward(self, x):
         return torch.sigmoid(x)
 
 
 @register_layer("TanH")
-class TanH(CaffeLayer):
+class TanH(_ElementwiseNeuron):
     """y = tanh(x); dx = dy * (1 - y^2)."""
-    SAME_SHAPE = True
-
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        return cls()
 
     def forward(self, x):
         return torch.tanh(x)
@@ -239,13 +233,8 @@ class _BNLLFunction(torch.autograd.Function):
 
 
 @register_layer("BNLL")
-class BNLL(CaffeLayer):
+class BNLL(_ElementwiseNeuron):
     """y = log(1 + exp(x)) (binomial normal log likelihood); dx = dy * e/(e+1), e = exp(min(x, 50))."""
-    SAME_SHAPE = True
-
-    @classmethod
-    def from_proto(cls, layer_param, ctx):
-        return cls()
 
     def forward(self, x):
         return _BNLLFunction.apply(x)

@@ -73,8 +73,7 @@ class NormConv(CaffeLayer):
                             f"{(out_h, out_w)} (kernel {geometry.kernel}, pad {geometry.pad}, "
                             f"stride {geometry.stride}, dilation {geometry.dilation})")
         layer = cls(weight_shape=(cp.num_output, channels // group, *geometry.kernel),
-                    bias_term=cp.bias_term, scale_term=ncp.scale_term, kernel=geometry.kernel,
-                    pad=geometry.pad, stride=geometry.stride, dilation=geometry.dilation,
+                    bias_term=cp.bias_term, scale_term=ncp.scale_term, **geometry.as_kwargs(),
                     group=group, norm=_NORMS[ncp.norm], remove_center=ncp.remove_center,
                     remove_bounds=ncp.remove_bounds)
         fill_parameter(layer.weight, _optional_filler(cp, "weight_filler"), ctx)

@@ -15,14 +15,12 @@ still loaded and saved with the weights). Forward only: the original's backward 
 that does not exist.
 """
 import torch
-from torch import nn
 
-from segaware_caffe.kernels.meanfield import MessageSpec, message, message_attention, message_grid_fits
+from segaware_caffe.kernels.meanfield import MessageSpec, message, message_attention
 
-from .. import limits
-from ..layer import CaffeLayer, register_layer
-
-_L2 = 2   # NormConvMeanfieldParameter.Norm.L2
+from ..layer import register_layer
+from .norm_conv_meanfield import (MeanfieldLayer, check_bottom_shapes, check_iterations,
+                                  check_message_grid, warn_original_defaults)
 
 
 def _one_or_default(param, field, default, ctx):
@@ -37,43 +35,27 @@ def _one_or_default(param, field, default, ctx):
 
 
 @register_layer("NospConvMeanfield")
-class NospConvMeanfield(CaffeLayer):
+class NospConvMeanfield(MeanfieldLayer):
     BOTTOMS = (3, 3)
     CAFFE_BLOBS = ("bilateral_weight", "compatibility")
     HAS_BACKWARD = False
     USES_SEGAWARE_KERNELS = True
 
     def __init__(self, *, channels, num_iterations, bilateral):
-        super().__init__()
-        self.num_iterations = num_iterations
+        super().__init__(channels=channels, num_iterations=num_iterations)
         self.bilateral = bilateral
-        eye = torch.eye(channels).reshape(1, 1, channels, channels)
-        self.bilateral_weight = nn.Parameter(eye.clone())
-        self.compatibility = nn.Parameter(-eye)     # Potts
 
     @classmethod
     def from_proto(cls, layer_param, ctx):
         param = layer_param.norm_conv_meanfield_param
-        if param.num_iterations < 2:
-            raise ctx.error(f"norm_conv_meanfield_param.num_iterations must be >= 2, got "
-                            f"{param.num_iterations}")
-        limits.check(param.num_iterations, "layer_iterations",
-                     "norm_conv_meanfield_param.num_iterations", f"{ctx.name} ({ctx.type})")
+        check_iterations(param, ctx)
         if not len(param.kernel_size):
             raise ctx.error("norm_conv_meanfield_param.kernel_size is required (the bilateral "
                             "convolution's square kernel)")
         if len(param.kernel_size) > 1:
             ctx.warn(f"norm_conv_meanfield_param.kernel_size is given {len(param.kernel_size)} times: "
                      f"this layer has one convolution and uses only the first")
-        if not len(param.dilation):
-            ctx.warn("norm_conv_meanfield_param.dilation not given: the original's default is 0, "
-                     "which makes every tap read the patch centre and misaligns the messages "
-                     "(reproduced); give dilation explicitly")
-        if not len(param.scale):
-            ctx.warn("norm_conv_meanfield_param.scale not given: the original's default is 0 "
-                     "(uniform attention over the taps, reproduced)")
-        if any(norm != _L2 for norm in param.norm):
-            ctx.warn("norm_conv_meanfield_param.norm is ignored: the original always uses L2")
+        warn_original_defaults(param, ctx)
         spec = MessageSpec(kernel=int(param.kernel_size[0]),
                            pad=int(_one_or_default(param, "pad", 0, ctx)),
                            stride=int(_one_or_default(param, "stride", 1, ctx)),
@@ -86,25 +68,9 @@ class NospConvMeanfield(CaffeLayer):
                             f"dilation >= 0, got kernel_size {spec.kernel}, stride {spec.stride}, "
                             f"pad {spec.pad}, dilation {spec.dilation}")
         shapes = [tuple(s) for s in ctx.bottom_shapes]
-        if any(len(s) != 4 for s in shapes):
-            raise ctx.error(f"all three bottoms must be 4-D (N, C, H, W), got {shapes}")
-        unary, q0, feat = shapes
-        if q0 != unary:
-            raise ctx.error(f"bottom 1 (initial Q) must have the unary's shape {unary}, got {q0}")
-        if feat[0] != unary[0] or feat[2:] != unary[2:]:
-            raise ctx.error(f"bottom 2 (features) must have the unary's batch and spatial size "
-                            f"{(unary[0], unary[2], unary[3])}, got {feat}")
-        height, width = unary[2:]
-        grid, fits = message_grid_fits(spec, height, width)
-        where = (f"the convolution (kernel {spec.kernel}, pad {spec.pad}, stride {spec.stride}, "
-                 f"dilation {spec.dilation}) gives a {grid[0]}x{grid[1]} message for a "
-                 f"{height}x{width} input")
-        if not fits:
-            raise ctx.error(f"{where}; the original would read past it. Use stride 1 and "
-                            f"pad = (kernel_size // 2) * dilation")
-        if grid != (height, width):
-            ctx.warn(f"{where}: the original reads its first {height}x{width} values per channel "
-                     f"as if aligned (reproduced); use stride 1 and pad = (kernel_size // 2) * dilation")
+        check_bottom_shapes(shapes, "three", ctx)
+        unary = shapes[0]
+        check_message_grid(spec, "the convolution", unary[2], unary[3], ctx)
         return cls(channels=unary[1], num_iterations=int(param.num_iterations), bilateral=spec)
 
     @torch.no_grad()        # the original has no backward: keep no graph
@@ -119,9 +85,6 @@ class NospConvMeanfield(CaffeLayer):
             msg = msg.reshape(n, -1)[:, :channels * height * width].reshape(n, channels, -1)
             x = unary - torch.matmul(compat, torch.matmul(compat, msg)).reshape(unary.shape)
         return x
-
-    def output_shapes(self, bottom_shapes):
-        return [tuple(bottom_shapes[0])]
 
     def extra_repr(self):
         return (f"channels={self.compatibility.shape[-1]}, num_iterations={self.num_iterations}, "

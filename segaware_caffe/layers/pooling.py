@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layer import CaffeLayer, register_layer
+from ..params import four_axis_bottom
 
 FLT_MAX = 3.4028234663852886e38
 FLT_MIN = 1.1754943508222875e-38
@@ -174,9 +175,7 @@ class Pooling(CaffeLayer):
             raise ctx.error(f"pooling_param.pool must be MAX, AVE or STOCHASTIC, got {pp.pool}")
         if method != "MAX" and len(ctx.top_names) > 1:
             raise ctx.error(f"{method} pooling has one top, got {len(ctx.top_names)}")
-        shape = tuple(ctx.bottom_shapes[0])
-        if len(shape) != 4:
-            raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
+        shape = four_axis_bottom(ctx)
         pad = _pair(pp, ctx, "pad", "pad", 0)
         stride = _pair(pp, ctx, "stride", "stride", 1)
         if pp.global_pooling:

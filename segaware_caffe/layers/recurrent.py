@@ -153,6 +153,19 @@ class RecurrentLayer(CaffeLayer):
         input (N, Ds) or None, and the initial states [(N, H)]."""
         raise NotImplementedError
 
+    @staticmethod
+    def recurrence(x, static, w_x, b_x, w_static, w_h):
+        """step(t, h, cont_t) = (cont_t * h) W_h^T + (x_t W_x^T + b_x) [+ static W_static^T], the
+        pre-activation of step t, summed in that order; the input and static products are taken
+        once for all steps."""
+        inputs = torch.nn.functional.linear(x, w_x, b_x)
+        static_term = None if static is None else static @ w_static.t()
+
+        def step(t, h, cont_t):
+            pre = (cont_t.unsqueeze(-1) * h) @ w_h.t() + inputs[t]
+            return pre if static_term is None else pre + static_term
+        return step
+
     def _check_runtime(self, x, cont, rest):
         if x.dim() < 2 or math.prod(x.shape[2:]) != self.input_size:
             raise ValueError(f"{self.where}: bottom x must be (T, N, ...) with {self.input_size} "

@@ -26,14 +26,10 @@ class RNN(RecurrentLayer):
 
     def unroll(self, x, cont, static, initial):
         (h,) = initial
-        inputs = torch.nn.functional.linear(x, self.W_xh, self.b_h)        # (T, N, H)
-        static_term = None if static is None else static @ self.W_xh_static.t()
+        pre_of = self.recurrence(x, static, self.W_xh, self.b_h, self.W_xh_static, self.W_hh)
         hidden = []
         for t in range(x.shape[0]):
-            pre = (cont[t].unsqueeze(-1) * h) @ self.W_hh.t() + inputs[t]
-            if static_term is not None:
-                pre = pre + static_term
-            h = torch.tanh(pre)
+            h = torch.tanh(pre_of(t, h, cont[t]))
             hidden.append(h)
         output = torch.tanh(torch.nn.functional.linear(torch.stack(hidden), self.W_ho, self.b_o))
         return output, [h]

@@ -4,6 +4,7 @@ import math
 import torch
 
 from ..layer import CaffeLayer, register_layer
+from ..params import four_axis_bottom
 from .pooling import pool2d, pooled_size, stochastic_pool_train
 
 _METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}   # SPPParameter.PoolMethod
@@ -41,6 +42,16 @@ def check_levels(pyramid_height, method, height, width):
     return None
 
 
+def pyramid(x, pyramid_height, height, width, pool):
+    """The pyramid's levels, pool(x, kernel, pad, stride, output size) each, flattened per item
+    and concatenated (a single level is returned unflattened, as the original does)."""
+    levels = [pool(x, *level_geometry(level, height, width), level_output(level, height, width))
+              for level in range(pyramid_height)]
+    if pyramid_height == 1:
+        return levels[0]
+    return torch.cat([t.flatten(1) for t in levels], dim=1)
+
+
 @register_layer("SPP")
 class SPP(CaffeLayer):
     """Level l = 0 .. pyramid_height-1 pools the (N, C, H, W) bottom with kernel ceil(H / 2^l)
@@ -63,9 +74,7 @@ class SPP(CaffeLayer):
     @classmethod
     def from_proto(cls, layer_param, ctx):
         p = layer_param.spp_param
-        shape = tuple(ctx.bottom_shapes[0])
-        if len(shape) != 4:
-            raise ctx.error(f"the bottom must have 4 axes (N, C, H, W), got shape {shape}")
+        shape = four_axis_bottom(ctx)
         if min(shape[2:]) <= 0:
             raise ctx.error(f"the bottom's height and width must be > 0, got shape {shape}")
         if not p.HasField("pyramid_height") or p.pyramid_height < 1:
@@ -84,18 +93,12 @@ class SPP(CaffeLayer):
         problem = check_levels(self.pyramid_height, self.method, height, width)
         if problem:
             raise ValueError(f"SPP: {problem}")
-        levels = []
-        for level in range(self.pyramid_height):
-            kernel, pad, stride = level_geometry(level, height, width)
-            out = level_output(level, height, width)
+
+        def pool(x, kernel, pad, stride, out):
             if self.method == "STOCHASTIC":
-                pooled = stochastic_pool_train(x, kernel, stride, out)
-            else:
-                pooled = pool2d(x, self.method, kernel, pad, stride, out)
-            levels.append(pooled)
-        if self.pyramid_height == 1:
-            return levels[0]
-        return torch.cat([t.flatten(1) for t in levels], dim=1)
+                return stochastic_pool_train(x, kernel, stride, out)
+            return pool2d(x, self.method, kernel, pad, stride, out)
+        return pyramid(x, self.pyramid_height, height, width, pool)
 
     def extra_repr(self):
         return f"pyramid_height={self.pyramid_height}, method={self.method}"

@@ -11,7 +11,7 @@ from ..data.stream import StreamDataLayer, draw_seed
 from ..data.windows import WindowCrop, WindowFileError, parse_window_file
 from .. import limits
 from ..layer import register_layer
-from .data import load_mean_file
+from .data import load_mean_file, read_mean_file
 
 CROP_MODES = ("warp", "square")
 
@@ -145,10 +145,8 @@ class WindowData(StreamDataLayer):
         if len(tp.mean_value) not in (0, 1, 3):
             raise ctx.error(f"transform_param has {len(tp.mean_value)} mean_value entries; give 1 "
                             f"or 3 (B, G, R)")
-        mean_file = None
-        if tp.HasField("mean_file"):
-            mean_file = os.path.abspath(resolve_file(tp.mean_file, ctx, "transform_param.mean_file"))
-            mean = load_mean_file(mean_file)
+        mean_file, mean = read_mean_file(tp, ctx)
+        if mean is not None:
             offset = (mean.shape[-1] - crop) // 2 if mean.ndim == 3 else 0
             if mean.ndim != 3 or mean.shape[0] != 3 or mean.shape[2] < crop \
                     or mean.shape[1] < offset + crop:

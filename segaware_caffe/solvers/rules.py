@@ -72,10 +72,14 @@ class UpdateRule:
     place) into the value Caffe subtracts from the data, updating this blob's history tensors."""
     TYPE = ""
     HISTORY_SETS = 1     # history tensors per learnable blob (AdaDelta/Adam keep two lists)
+    TAKES_MOMENTUM = True    # False: Caffe refuses a nonzero momentum for this type
 
     def __init__(self, param, where):
         self.momentum = f32(param.momentum)
         self.delta = f32(param.delta)
+        if not self.TAKES_MOMENTUM and self.momentum != 0:
+            raise SolverError(f"{where}: momentum cannot be used with {self.TYPE} "
+                              f"(got {self.momentum})")
 
     def update(self, g, history, local_rate, iteration):
         raise NotImplementedError
@@ -106,11 +110,7 @@ class Nesterov(UpdateRule):
 class AdaGrad(UpdateRule):
     """h += g²; w -= local_rate * g / (sqrt(h) + delta)."""
     TYPE = "AdaGrad"
-
-    def __init__(self, param, where):
-        super().__init__(param, where)
-        if self.momentum != 0:
-            raise SolverError(f"{where}: momentum cannot be used with AdaGrad (got {self.momentum})")
+    TAKES_MOMENTUM = False
 
     def update(self, g, history, local_rate, iteration):
         (h,) = history
@@ -122,11 +122,10 @@ class AdaGrad(UpdateRule):
 class RMSProp(UpdateRule):
     """h = rms_decay*h + (1-rms_decay)*g²; w -= local_rate * g / (sqrt(h) + delta)."""
     TYPE = "RMSProp"
+    TAKES_MOMENTUM = False
 
     def __init__(self, param, where):
         super().__init__(param, where)
-        if self.momentum != 0:
-            raise SolverError(f"{where}: momentum cannot be used with RMSProp (got {self.momentum})")
         self.rms_decay = f32(param.rms_decay)   # proto has no default: 0 when unset
         if not 0 <= self.rms_decay <= 1:
             raise SolverError(f"{where}: rms_decay must be in [0, 1], got {self.rms_decay}")

@@ -7,10 +7,8 @@ The standard-operator twins (converters/onnx_ops.py) are first checked against t
 float64 over many geometries; each layer then runs alone, exported, at random shapes and
 parameters; then the golden layer nets and the released deploy nets."""
 import itertools
-import json
 import random
 import re
-import shutil
 import time
 
 import numpy as np
@@ -22,13 +20,13 @@ from segaware_caffe import caffe_proto, kernels
 from segaware_caffe.converters import onnx_ops
 from segaware_caffe.converters.onnx_export import (NO_ONNX_FORM, export_onnx, onnx_refusals,
                                                    registered_forms)
-from segaware_caffe.converters.python_export import build_net
 from segaware_caffe.errors import OutputExistsError, UnsupportedError
 from segaware_caffe.kernels.meanfield import MessageSpec, normconv_meanfield
 from segaware_caffe.kernels.norm_conv import norm_conv
 from segaware_caffe.resize import resize_deploy
 from segaware_caffe.tools.cli import main
-from tests.conftest import GOLDEN, REFERENCE, reference_files
+from tests.conftest import REFERENCE, reference_files
+from tests.convert.test_export_python import GOLDEN_LAYERS, golden_case_net
 from tests.net.test_released_configs import init_for_forward
 from tests.tolerances import ONNX_MAXREL, max_relative_error, onnx_relative_error
 
@@ -528,7 +526,6 @@ def test_a_graph_that_differs_from_the_net_is_not_written(tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------------ golden layer nets
-GOLDEN_LAYERS = sorted((GOLDEN / "layers").glob("*/meta.json"))
 # golden nets that are refused, and the layer each names
 REFUSED = {"adaptive_bias_channel": "abc (AdaptiveBiasChannel)", "data_lmdb": "db (Data)", "densecrf": "crf (DenseCRF)", "flodata": "flo (FloData)",
            "hdf5data": "h5 (HDF5Data)", "hdf5output": "h5out (HDF5Output)",
@@ -543,14 +540,7 @@ NOT_TRACED = {"segaccuracy_ignore255": "SegAccuracy"}
 @pytest.mark.parametrize("meta_path", GOLDEN_LAYERS, ids=lambda p: p.parent.name)
 def test_golden_layer_nets(meta_path, tmp_path, monkeypatch):
     onnxruntime_or_skip()
-    case = meta_path.parent
-    meta = json.loads(meta_path.read_text())
-    shutil.copytree(case, tmp_path / "case")
-    monkeypatch.chdir(tmp_path / "case")
-    net = build_net(case / "net.prototxt", phase=meta["phase"].lower(),
-                    variables=meta.get("variables") or None)
-    if (case / "weights.caffemodel").exists():
-        net.load_weights(case / "weights.caffemodel")
+    case, meta, net = golden_case_net(meta_path, tmp_path, monkeypatch)
     if case.name in REFUSED:
         with pytest.raises(UnsupportedError, match=re.escape(f"no ONNX form: {REFUSED[case.name]}")):
             export_onnx(net, None, tmp_path / "net.onnx")

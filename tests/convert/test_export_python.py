@@ -45,20 +45,25 @@ def written_datasets(net):
     return written
 
 
-@pytest.mark.parametrize("meta_path", GOLDEN_LAYERS, ids=lambda p: p.parent.name)
-def test_golden_layer_nets(meta_path, tmp_path, monkeypatch):
-    """Every golden layer net, exported: emitters and fallbacks on awkward settings."""
+def golden_case_net(meta_path, tmp_path, monkeypatch):
+    """(case folder, meta, net with its weights) of a golden case. Data layers read (and
+    HDF5Output writes) files relative to the working directory: it becomes a copy of the case
+    folder, as the original ran there."""
     case = meta_path.parent
     meta = json.loads(meta_path.read_text())
-    # data layers read (and HDF5Output writes) files relative to the working directory: run in a
-    # copy of the case folder, as the original did
     shutil.copytree(case, tmp_path / "case")
     monkeypatch.chdir(tmp_path / "case")
     net = build_net(case / "net.prototxt", phase=meta["phase"].lower(),
                     variables=meta.get("variables") or None)
-    weights = case / "weights.caffemodel"
-    if weights.exists():
-        net.load_weights(weights)
+    if (case / "weights.caffemodel").exists():
+        net.load_weights(case / "weights.caffemodel")
+    return case, meta, net
+
+
+@pytest.mark.parametrize("meta_path", GOLDEN_LAYERS, ids=lambda p: p.parent.name)
+def test_golden_layer_nets(meta_path, tmp_path, monkeypatch):
+    """Every golden layer net, exported: emitters and fallbacks on awkward settings."""
+    case, meta, net = golden_case_net(meta_path, tmp_path, monkeypatch)
     export = python_source(net)
     model = instantiate(export, net)
     if net.phase == "TRAIN":

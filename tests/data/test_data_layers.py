@@ -1,6 +1,7 @@
 """ImageSegData, TwoImageData and ImageData on a generated 6-image dataset: exact values of
 crop/pad/mirror/mean/scale, TRAIN randomness, epoch order, shuffle, errors."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -432,10 +433,16 @@ def test_missing_image_names_file_and_line(dataset, tmp_path):
         layer()
 
 
-def test_missing_first_image_without_crop_is_a_build_error(dataset, tmp_path):
-    (tmp_path / "list.txt").write_text("/nothing.jpg /nothing.png\n")
-    with pytest.raises(NetBuildError, match=r"data \(TwoImageData\): list .*list\.txt, line 1 "
-                                            r".*cannot read image '.*nothing\.jpg'"):
+@pytest.mark.parametrize("image, problem", [
+    ("nothing.jpg", None),                  # missing
+    ("bad.png", b"not an image"),           # unreadable
+])
+def test_unreadable_first_image_without_crop_is_a_build_error(dataset, tmp_path, image, problem):
+    if problem is not None:
+        (tmp_path / image).write_bytes(problem)
+    (tmp_path / "list.txt").write_text(f"/{image} /{image}\n")
+    with pytest.raises(NetBuildError, match=rf"data \(TwoImageData\): list .*list\.txt, line 1 "
+                                            rf".*cannot read image '.*{re.escape(image)}'"):
         build(f'''layer {{ name: "data" type: "TwoImageData" top: "data" top: "label"
             image_data_param {{ root_folder: "{tmp_path}" source: "{tmp_path}/list.txt" }} }}''')
 
@@ -449,15 +456,6 @@ def test_with_a_crop_the_net_builds_without_its_dataset(tmp_path):
     assert layer.output_shapes([]) == [(1, 3, 9, 9), (1, 3, 9, 9)]
     with pytest.raises(DataError, match=r"cannot read image '.*nothing\.jpg'"):
         layer()
-
-
-def test_unreadable_image_is_reported_at_build(dataset, tmp_path):
-    (tmp_path / "bad.png").write_bytes(b"not an image")
-    (tmp_path / "list.txt").write_text("/bad.png /bad.png\n")
-    with pytest.raises(NetBuildError, match=r"data \(TwoImageData\): list .*line 1.*cannot read "
-                                            r"image '.*bad\.png'"):
-        build(f'''layer {{ name: "data" type: "TwoImageData" top: "data" top: "label"
-            image_data_param {{ root_folder: "{tmp_path}" source: "{tmp_path}/list.txt" }} }}''')
 
 
 def test_batches_of_different_sizes_without_crop_are_a_clear_error(dataset):
@@ -478,28 +476,27 @@ def test_palette_label_png_warns(dataset, tmp_path):
 
 
 # ------------------------------------------------------------------ helpers vs OpenCV's formulas
+def _opencv_linear_source(index, size, src_size):
+    """(first source index, second, weight of the second) of output `index` along one axis for
+    cv::INTER_LINEAR: half-pixel centres, clamped at both edges."""
+    f = (index + 0.5) * src_size / size - 0.5
+    s = int(np.floor(f))
+    f -= s
+    if s < 0:
+        s, f = 0, 0.0
+    if s >= src_size - 1:
+        s, f = src_size - 1, 0.0
+    return s, min(s + 1, src_size - 1), f
+
+
 def opencv_bilinear_reference(src, height, width):
     """cv::INTER_LINEAR in float: half-pixel centres, edge clamping, then rounding."""
     src = src.astype(np.float64)
     out = np.empty((height, width) + src.shape[2:])
     for y in range(height):
-        fy = (y + 0.5) * src.shape[0] / height - 0.5
-        sy = int(np.floor(fy))
-        fy -= sy
-        if sy < 0:
-            sy, fy = 0, 0.0
-        if sy >= src.shape[0] - 1:
-            sy, fy = src.shape[0] - 1, 0.0
-        sy1 = min(sy + 1, src.shape[0] - 1)
+        sy, sy1, fy = _opencv_linear_source(y, height, src.shape[0])
         for x in range(width):
-            fx = (x + 0.5) * src.shape[1] / width - 0.5
-            sx = int(np.floor(fx))
-            fx -= sx
-            if sx < 0:
-                sx, fx = 0, 0.0
-            if sx >= src.shape[1] - 1:
-                sx, fx = src.shape[1] - 1, 0.0
-            sx1 = min(sx + 1, src.shape[1] - 1)
+            sx, sx1, fx = _opencv_linear_source(x, width, src.shape[1])
             out[y, x] = ((1 - fy) * ((1 - fx) * src[sy, sx] + fx * src[sy, sx1])
                          + fy * ((1 - fx) * src[sy1, sx] + fx * src[sy1, sx1]))
     return np.clip(np.round(out), 0, 255).astype(np.uint8)

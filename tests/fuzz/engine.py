@@ -124,74 +124,44 @@ def _varint(data, pos):
     raise ValueError("bad varint")
 
 
-def _encode_varint(value):
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+def _top_level_fields(data):
+    """(wire type, start, end, value, field end) of each top-level field a tolerant walk finds,
+    up to the first that does not parse or runs past the data: for a varint field the span of its
+    value, for a length-delimited one the span of its length prefix (value: the length)."""
+    pos = 0
+    while pos < len(data):
+        try:
+            key, _, pos = _varint(data, pos)
+            wire = key & 7
+            value, start, end = _varint(data, pos) if wire in (0, 2) else (None, pos, pos)
+        except ValueError:
+            return
+        if wire not in (0, 1, 2, 5):
+            return
+        pos = end + {0: 0, 1: 8, 2: value, 5: 4}[wire]
+        yield wire, start, end, value, pos
+        if pos > len(data):
+            return
 
 
 def wire_fields(data, base=0, depth=0, out=None):
     """[(kind, start, end, value)] over a protobuf message and, recursively, the payloads that
     parse as messages: kind 'key', 'varint' (a value) or 'length' (a length prefix)."""
     out = [] if out is None else out
-    pos = 0
-    try:
-        while pos < len(data):
-            key, ks, ke = _varint(data, pos)
-            wire = key & 7
-            pos = ke
-            if wire == 0:
-                value, vs, ve = _varint(data, pos)
-                out.append(("varint", base + vs, base + ve, value))
-                pos = ve
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                length, ls, le = _varint(data, pos)
-                out.append(("length", base + ls, base + le, length))
-                payload = data[le:le + length]
-                if depth < 6 and len(payload) < 1 << 20 and payload:
-                    wire_fields(payload, base + le, depth + 1, out)
-                pos = le + length
-            else:
-                break
-            if pos > len(data):
-                break
-    except ValueError:
-        pass
+    for wire, start, end, value, _ in _top_level_fields(data):
+        if wire == 0:
+            out.append(("varint", base + start, base + end, value))
+        elif wire == 2:
+            out.append(("length", base + start, base + end, value))
+            payload = data[end:end + value]
+            if depth < 6 and len(payload) < 1 << 20 and payload:
+                wire_fields(payload, base + end, depth + 1, out)
     return out
 
 
 def top_level_boundaries(data):
     """Offsets where a top-level protobuf field ends (a cut there still parses)."""
-    ends, pos = [], 0
-    try:
-        while pos < len(data):
-            key, _, pos = _varint(data, pos)
-            wire = key & 7
-            if wire == 0:
-                _, _, pos = _varint(data, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            elif wire == 2:
-                length, _, pos = _varint(data, pos)
-                pos += length
-            else:
-                break
-            if pos <= len(data):
-                ends.append(pos)
-    except ValueError:
-        pass
-    return ends
+    return [pos for *_, pos in _top_level_fields(data) if pos <= len(data)]
 
 
 LIES = (0, 1, 2, 7, 127, 128, 255, 65535, 1 << 20, 1 << 31, (1 << 31) - 1, 1 << 32, (1 << 63) - 1,
@@ -201,12 +171,13 @@ LIES = (0, 1, 2, 7, 127, 128, 255, 65535, 1 << 20, 1 << 31, (1 << 31) - 1, 1 << 
 def lie_about_wire(data, c):
     """Replace a length prefix or a varint value (a dimension, a count, an enum) somewhere in the
     message tree with a lie."""
+    from segaware_caffe.caffe_proto.wire import encode_varint
     fields = [f for f in wire_fields(data) if f[0] in ("length", "varint")]
     if not fields:
         return flip_bits(data, c)
     kind, start, end, value = c.choice(fields)
     choices = list(LIES) + [value + 1, max(0, value - 1), value * 2, value * 1000]
-    return data[:start] + _encode_varint(c.choice(choices)) + data[end:]
+    return data[:start] + encode_varint(c.choice(choices)) + data[end:]
 
 
 def cut_at_field_boundary(data, c):
@@ -914,6 +885,13 @@ KINDS_OF_TARGET = {
     "cli-args": ("prototxt",),
 }
 
+# the targets fed mutated bytes: (function, whether it takes the seed's kind first, whether the
+# chooser last); each is called as function([kind,] data, folder, seed[, c])
+_DATA_TARGETS = {"reader": (target_reader, True, False), "builder": (target_builder, False, False),
+                 "weights": (target_weights, False, False),
+                 "convert": (target_convert, True, False), "solver": (target_solver, False, False),
+                 "solverstate": (target_solverstate, False, False), "cli": (target_cli, True, True)}
+
 
 def pick_seed(target, seeds, c):
     """(kind, seed) for a target: targets that need a net take seeds from golden cases."""
@@ -935,21 +913,11 @@ def run_case(target, kind, seed, folder, c):
     if target == "cli-args":
         return run_target(target_cli_arguments, folder, seed, c, names=names)
     data = MUTATORS_BY_KIND[kind](seed.data, c)
-    if target == "reader":
-        return run_target(target_reader, kind, data, folder, seed, names=names)
-    if target == "builder":
-        return run_target(target_builder, data, folder, seed, names=names)
-    if target == "weights":
-        return run_target(target_weights, data, folder, seed, names=names)
-    if target == "convert":
-        return run_target(target_convert, kind, data, folder, seed, names=names)
-    if target == "solver":
-        return run_target(target_solver, data, folder, seed, names=names)
-    if target == "solverstate":
-        return run_target(target_solverstate, data, folder, seed, names=names)
-    if target == "cli":
-        return run_target(target_cli, kind, data, folder, seed, c, names=names)
-    raise ValueError(target)
+    if target not in _DATA_TARGETS:
+        raise ValueError(target)
+    function, takes_kind, takes_chooser = _DATA_TARGETS[target]
+    args = ((kind,) if takes_kind else ()) + (data, folder, seed) + ((c,) if takes_chooser else ())
+    return run_target(function, *args, names=names)
 
 
 def clean(folder):

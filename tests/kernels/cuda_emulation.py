@@ -155,7 +155,11 @@ static T __shfl_xor_sync(unsigned, T value, int lane_mask) {
 
 static float emu_tf32_value(unsigned bits) { return __uint_as_float(bits & 0xffffe000u); }
 
-static void emu_mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
+// Every lane's A and B registers of one mma, seen by the whole warp after a barrier. Two slot
+// sets alternate per thread, so a lane that runs ahead into its next mma cannot overwrite what a
+// slower lane still reads. Returns lane 0's slots of this warp.
+struct EmuWarpRegisters { const unsigned (*a)[4]; const unsigned (*b)[2]; };
+static EmuWarpRegisters emu_exchange(const unsigned a[4], const unsigned b[2]) {
   static unsigned a_slots[2][1024][4], b_slots[2][1024][2];
   static int parity[1024];
   const int t = emu::current, p = parity[t];
@@ -163,24 +167,35 @@ static void emu_mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned
   std::memcpy(a_slots[p][t], a, sizeof(unsigned) * 4);
   std::memcpy(b_slots[p][t], b, sizeof(unsigned) * 2);
   emu::sync();
-  const int base = t & ~31, lane = t & 31;
-  float A[16][8], B[8][8];
-  for (int L = 0; L < 32; ++L) {
-    const int g = L >> 2, q = L & 3;
-    A[g][q] = emu_tf32_value(a_slots[p][base + L][0]);
-    A[g + 8][q] = emu_tf32_value(a_slots[p][base + L][1]);
-    A[g][q + 4] = emu_tf32_value(a_slots[p][base + L][2]);
-    A[g + 8][q + 4] = emu_tf32_value(a_slots[p][base + L][3]);
-    B[q][g] = emu_tf32_value(b_slots[p][base + L][0]);
-    B[q + 4][g] = emu_tf32_value(b_slots[p][base + L][1]);
-  }
-  const int g = lane >> 2, q = lane & 3;
+  const int base = t & ~31;
+  return {a_slots[p] + base, b_slots[p] + base};
+}
+
+// d += this lane's C fragment of A (16 x K) times B (K x 8).
+template <int K>
+static void emu_accumulate(float d[4], const float (&A)[16][K], const float (&B)[K][8]) {
+  const int lane = emu::current & 31, g = lane >> 2, q = lane & 3;
   for (int r = 0; r < 4; ++r) {
     const int row = g + (r / 2) * 8, col = 2 * q + r % 2;
     float sum = 0;
-    for (int k = 0; k < 8; ++k) sum += A[row][k] * B[k][col];
+    for (int k = 0; k < K; ++k) sum += A[row][k] * B[k][col];
     d[r] += sum;
   }
+}
+
+static void emu_mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
+  const EmuWarpRegisters regs = emu_exchange(a, b);
+  float A[16][8], B[8][8];
+  for (int L = 0; L < 32; ++L) {
+    const int g = L >> 2, q = L & 3;
+    A[g][q] = emu_tf32_value(regs.a[L][0]);
+    A[g + 8][q] = emu_tf32_value(regs.a[L][1]);
+    A[g][q + 4] = emu_tf32_value(regs.a[L][2]);
+    A[g + 8][q + 4] = emu_tf32_value(regs.a[L][3]);
+    B[q][g] = emu_tf32_value(regs.b[L][0]);
+    B[q + 4][g] = emu_tf32_value(regs.b[L][1]);
+  }
+  emu_accumulate(d, A, B);
 }
 
 static float emu_f16_to_float(unsigned short bits) {
@@ -194,19 +209,12 @@ static float emu_16bit_value(unsigned short bits, bool bf16) {
 }
 
 static void emu_mma_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2], bool bf16) {
-  static unsigned a_slots[2][1024][4], b_slots[2][1024][2];
-  static int parity[1024];
-  const int t = emu::current, p = parity[t];
-  parity[t] ^= 1;
-  std::memcpy(a_slots[p][t], a, sizeof(unsigned) * 4);
-  std::memcpy(b_slots[p][t], b, sizeof(unsigned) * 2);
-  emu::sync();
-  const int base = t & ~31, lane = t & 31;
+  const EmuWarpRegisters regs = emu_exchange(a, b);
   float A[16][16], B[16][8];
   for (int L = 0; L < 32; ++L) {
     const int g = L >> 2, q = L & 3;
-    const unsigned* ra = a_slots[p][base + L];
-    const unsigned* rb = b_slots[p][base + L];
+    const unsigned* ra = regs.a[L];
+    const unsigned* rb = regs.b[L];
     for (int half = 0; half < 2; ++half) {
       const int shift = 16 * half;
       A[g][2 * q + half] = emu_16bit_value((unsigned short)(ra[0] >> shift), bf16);
@@ -217,13 +225,7 @@ static void emu_mma_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2
       B[2 * q + 8 + half][g] = emu_16bit_value((unsigned short)(rb[1] >> shift), bf16);
     }
   }
-  const int g = lane >> 2, q = lane & 3;
-  for (int r = 0; r < 4; ++r) {
-    const int row = g + (r / 2) * 8, col = 2 * q + r % 2;
-    float sum = 0;
-    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
-    d[r] += sum;
-  }
+  emu_accumulate(d, A, B);
 }
 """
 

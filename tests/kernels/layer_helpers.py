@@ -2,21 +2,10 @@
 with golden numbers at the golden tolerance (tests/tolerances.py)."""
 import itertools
 
-
-from segaware_caffe.caffe_proto import read_net
-from segaware_caffe import BuildContext
-from segaware_caffe.layer import layer_class
+from tests.layers.helpers import build as build_layer
 from tests.tolerances import assert_close
 
-
-def build_layer(text_or_param, bottom_shapes, phase="TEST"):
-    """A layer from `layer { ... }` body text (or a LayerParameter), set up for bottom_shapes."""
-    layer_param = (read_net(f"layer {{ {text_or_param} }}").layer[0]
-                   if isinstance(text_or_param, str) else text_or_param)
-    ctx = BuildContext(name=layer_param.name, type=layer_param.type, phase=phase,
-                       bottom_shapes=[tuple(s) for s in bottom_shapes],
-                       bottom_names=list(layer_param.bottom), top_names=list(layer_param.top))
-    return layer_class(layer_param.type, layer_param.name).from_proto(layer_param, ctx)
+__all__ = ["assert_golden_close", "build_layer", "window_taps"]
 
 
 assert_golden_close = assert_close    # the golden tolerance of tests/tolerances.py

@@ -17,6 +17,7 @@ from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda
 
 meanfield_module = importlib.import_module("segaware_caffe.kernels.meanfield")
+from tests.layers.helpers import build
 from tests.tolerances import assert_close
 
 
@@ -34,12 +35,9 @@ RELEASED = ("num_iterations: 2 remove_center: true remove_bounds: true remove_ce
 
 
 def build_layer(text, bottom_shapes, layer_name="crf"):
-    net = caffe_proto.read_net(text)
-    param = next(lp for lp in net.layer if lp.name == layer_name)
-    ctx = BuildContext(name=param.name, type=param.type, phase="TEST",
-                       bottom_shapes=[tuple(s) for s in bottom_shapes],
-                       bottom_names=list(param.bottom), top_names=list(param.top))
-    return NormConvMeanfield.from_proto(param, ctx)
+    """Layer `layer_name` of the net text `text`, set up for bottom_shapes."""
+    return build(next(lp for lp in caffe_proto.read_net(text).layer if lp.name == layer_name),
+                 bottom_shapes)
 
 
 def shapes(n=1, c=4, h=9, w=8, eb=3, es=2):

@@ -10,13 +10,13 @@ from segaware_caffe import caffe_proto
 from segaware_caffe.kernels.geometry import ConvGeometry
 from segaware_caffe.kernels.im2dist import BIG, im2dist
 from segaware_caffe.kernels.norm_conv import attention_conv_op, norm_conv
-from segaware_caffe import BuildContext, LayerSetupError
+from segaware_caffe import LayerSetupError
 from segaware_caffe.errors import UnsupportedError
-from segaware_caffe.layers.norm_conv import NormConv
 from tests.conftest import cpu_and_cuda
 from tests.kernels.cuda_emulation import emulate_cuda
 
 norm_conv_module = importlib.import_module("segaware_caffe.kernels.norm_conv")
+from tests.layers.helpers import build
 from tests.tolerances import assert_close
 
 
@@ -24,12 +24,9 @@ assert_golden = assert_close    # the golden tolerance of tests/tolerances.py
 
 
 def build_layer(prototxt, layer_name, bottom_shapes):
-    net = caffe_proto.read_net(prototxt)
-    param = next(lp for lp in net.layer if lp.name == layer_name)
-    ctx = BuildContext(name=param.name, type=param.type, phase="TEST",
-                       bottom_shapes=[tuple(s) for s in bottom_shapes],
-                       bottom_names=list(param.bottom), top_names=list(param.top))
-    return NormConv.from_proto(param, ctx)
+    """Layer `layer_name` of the net text `prototxt`, set up for bottom_shapes."""
+    return build(next(lp for lp in caffe_proto.read_net(prototxt).layer if lp.name == layer_name),
+                 bottom_shapes)
 
 
 def layer_text(conv="num_output: 4 kernel_size: 3 pad: 1", norm_conv_param=""):

@@ -389,22 +389,27 @@ def net_inputs():
             "emb": torch.randn(2, 4, 9, 10, generator=generator)}
 
 
+
+def eager_and_compiled(net, inputs):
+    """Top "nc" of `net` and the gradients of its sum for the learnable parameters, run eagerly
+    and through torch.compile(fullgraph=True): ((top, gradients), (top, gradients))."""
+    eager = net.forward(**inputs)["nc"]
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in net.learnable_params]
+    net.zero_grad()
+    out = torch.compile(net, fullgraph=True)(**inputs)["nc"]
+    out.sum().backward()
+    return (eager, eager_grads), (out, [p.grad for p in net.learnable_params])
+
 def test_compile_segaware_net_fullgraph(tmp_path):
     """A segmentation-aware net through sc.Net (fused masked convolution, Im2dist, NormConv)
     compiled with torch.compile(fullgraph=True) and the default (inductor) backend on the
     CPU: forward and backward equal eager."""
     net = tiny_net(tmp_path)
     assert [g.anchor for g in net.fused_groups] == ["conv"]
-    inputs = net_inputs()
-    eager = net.forward(**inputs)["nc"]
-    eager.sum().backward()
-    eager_grads = [p.grad.clone() for p in net.learnable_params]
-    net.zero_grad()
-    compiled = torch.compile(net, fullgraph=True)
-    out = compiled(**inputs)["nc"]
-    out.sum().backward()
+    (eager, eager_grads), (out, grads) = eager_and_compiled(net, net_inputs())
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    for got, expected in zip((p.grad for p in net.learnable_params), eager_grads):
+    for got, expected in zip(grads, eager_grads):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import segaware_caffe as sc
-from segaware_caffe import BuildContext, LayerSetupError, NetBuildError
+from segaware_caffe import LayerSetupError, NetBuildError
 from segaware_caffe.caffe_proto import caffe_pb2, read_net, write_weights
+from segaware_caffe.caffe_proto.wire import encode_len_field
 from segaware_caffe.errors import NoBackwardError
-from segaware_caffe.layer import layer_class
+from tests.layers.helpers import build, randn
 from tests.tolerances import assert_close
 
 try:
@@ -26,20 +27,6 @@ try:
 except ImportError:   # pragma: no cover - opencv-python-headless is a test dependency
     cv2 = None
 needs_cv2 = pytest.mark.skipif(cv2 is None, reason="needs opencv-python(-headless) for cv2.dnn")
-
-
-def build(text, bottom_shapes, top_names=None):
-    layer_param = read_net(f"layer {{ {text} }}").layer[0]
-    ctx = BuildContext(name=layer_param.name, type=layer_param.type, phase="TEST",
-                       bottom_shapes=[tuple(s) for s in bottom_shapes],
-                       bottom_names=list(layer_param.bottom),
-                       top_names=list(top_names if top_names is not None else layer_param.top))
-    return layer_class(layer_param.type, layer_param.name).from_proto(layer_param, ctx)
-
-
-def randn(*shape, seed=0, dtype=torch.float64, requires_grad=False):
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    return x.requires_grad_(requires_grad)
 
 
 def sigmoid(v):
@@ -604,18 +591,8 @@ def _bvlc_layer_bytes(layer):
         if field.number > 1000 and field.message_type is not None:
             moved.ClearField(field.name)
             payload = value.SerializeToString()
-            extra += _varint(((field.number - 1000) << 3) | 2) + _varint(len(payload)) + payload
+            extra += encode_len_field(field.number - 1000, payload)
     return moved.SerializeToString() + extra
-
-
-def _varint(value):
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def test_bvlc_lstm_caffemodel_loads_by_layer_name(tmp_path):
@@ -640,7 +617,7 @@ def test_bvlc_lstm_caffemodel_loads_by_layer_name(tmp_path):
         blob.shape.dim.extend(array.shape)
         blob.data.extend(array.ravel().tolist())
     payload = _bvlc_layer_bytes(layer)
-    data = _varint((100 << 3) | 2) + _varint(len(payload)) + payload   # NetParameter.layer = 100
+    data = encode_len_field(100, payload)   # NetParameter.layer = 100
     path = tmp_path / "bvlc_lstm.caffemodel"
     path.write_bytes(data)
     net = sc.Net(read_net(prototxt), weights=str(path))

@@ -14,20 +14,12 @@ import pytest
 import torch
 
 import segaware_caffe as sc
-from segaware_caffe import BuildContext, LayerSetupError
+from segaware_caffe import LayerSetupError
 from segaware_caffe.caffe_proto import read_net
 from segaware_caffe.errors import NoBackwardError
 from segaware_caffe.kernels.domain_transform import domain_transform
-from segaware_caffe.layer import layer_class
+from tests.layers.helpers import build
 from segaware_caffe.layers.adaptive_bias_channel import GlibcRand, random_shuffle
-
-
-def build(text, bottom_shapes):
-    lp = read_net(f"layer {{ {text} }}").layer[0]
-    ctx = BuildContext(name=lp.name, type=lp.type, phase="TEST",
-                       bottom_shapes=[tuple(s) for s in bottom_shapes],
-                       bottom_names=list(lp.bottom), top_names=list(lp.top))
-    return layer_class(lp.type, lp.name).from_proto(lp, ctx)
 
 
 def rng(seed):

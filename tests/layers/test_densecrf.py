@@ -10,21 +10,13 @@ import pytest
 import torch
 
 import segaware_caffe as sc
-from segaware_caffe import BuildContext, LayerSetupError
+from segaware_caffe import LayerSetupError
 from segaware_caffe.caffe_proto import read_net
 from segaware_caffe.errors import NoBackwardError
 from segaware_caffe.kernels.dense_crf import Permutohedral, exp_and_normalize, fast_exp, pixel_features
-from segaware_caffe.layer import layer_class
+from tests.layers.helpers import build
 
 f32 = np.float32
-
-
-def build(text, bottom_shapes):
-    lp = read_net(f"layer {{ {text} }}").layer[0]
-    ctx = BuildContext(name=lp.name, type=lp.type, phase="TEST",
-                       bottom_shapes=[tuple(s) for s in bottom_shapes],
-                       bottom_names=list(lp.bottom), top_names=list(lp.top))
-    return layer_class(lp.type, lp.name).from_proto(lp, ctx)
 
 
 # ------------------------------------------------------------------ scalar transcription

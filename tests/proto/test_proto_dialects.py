@@ -9,22 +9,9 @@ import pytest
 from segaware_caffe.caffe_proto import (CaffeFormatError, caffe_pb2, detect_dialect, read_net,
                                         read_solver, read_weights, write_weights)
 from segaware_caffe.caffe_proto.dialects import DIALECTS
+from segaware_caffe.caffe_proto.wire import encode_len_field as field
+from segaware_caffe.caffe_proto.wire import encode_varint as varint
 from segaware_caffe.caffe_proto.wire import iter_fields
-
-
-def varint(value):
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field(number, payload):
-    """A length-delimited field, as any protobuf writer encodes a sub-message or a string."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def varint_field(number, value):
@@ -261,7 +248,8 @@ def test_ssd_fields_have_ssds_number_or_a_renumbering_the_dialect_maps(message, 
 
 def test_every_ssd_field_is_present_by_name(reference):
     """Against SSD's own caffe.proto where the reference material has it."""
-    from tests.proto.test_proto_schema import _compile, _messages, _normalised, _need_protoc
+    from tests.proto.test_proto_schema import (_compile, _field_problems, _messages, _normalised,
+                                               _need_protoc)
     from google.protobuf import descriptor_pb2
     path = reference / "ssd_caffe.proto"
     if not path.is_file():
@@ -273,21 +261,16 @@ def test_every_ssd_field_is_present_by_name(reference):
     ours = _messages(_normalised(
         descriptor_pb2.FileDescriptorProto.FromString(caffe_pb2.DESCRIPTOR.serialized_pb), "caffe"))
     reading = DIALECTS["ssd"].numbering(reading=True)
-    problems = []
-    for name, message in _messages(ssd).items():
-        mine = {f.name: f for f in ours[name].field} if name in ours else None
-        if mine is None:
-            problems.append(f"message {name} missing")
-            continue
-        for f in message.field:
-            if f.name not in mine:
-                problems.append(f"{name}.{f.name} missing")
-            elif (f.type, f.type_name) != (mine[f.name].type, mine[f.name].type_name):
-                problems.append(f"{name}.{f.name}: type differs")
-            elif f.number != mine[f.name].number and \
-                    reading.get(f"caffe.{name}", {}).get(f.number) != mine[f.name].number and \
-                    not (name == "LayerParameter" and mine[f.name].number == 1000 + f.number):
-                problems.append(f"{name}.{f.name}: number {mine[f.name].number}, SSD {f.number}")
+
+    def compare(name, f, mine):
+        if (f.type, f.type_name) != (mine.type, mine.type_name):
+            return [f"{name}.{f.name}: type differs"]
+        if f.number != mine.number and \
+                reading.get(f"caffe.{name}", {}).get(f.number) != mine.number and \
+                not (name == "LayerParameter" and mine.number == 1000 + f.number):
+            return [f"{name}.{f.name}: number {mine.number}, SSD {f.number}"]
+        return []
+    problems = _field_problems(_messages(ssd), ours, compare)
     assert not problems, "\n".join(problems)
 
 

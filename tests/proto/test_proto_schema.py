@@ -96,26 +96,37 @@ def test_caffe_pb2_matches_caffe_proto(ours):
         "caffe_pb2.py differs from protoc's output: run python tools/gen_caffe_pb2.py"
 
 
-def test_every_fork_message_field_and_enum_is_ours_unchanged(reference, ours):
-    _need_protoc()
-    fork = _normalised(_compile(reference / "caffe.proto", "forkcaffe"), "forkcaffe")
-    our_messages, our_enums = _messages(ours), _enums(ours)
+def _field_problems(theirs, ours, compare):
+    """Over every field of every message of `theirs` (name -> DescriptorProto): "message M
+    missing", "M.f missing", or what compare(message name, their field, our field) lists."""
     problems = []
-    for name, message in _messages(fork).items():
-        if name not in our_messages:
+    for name, message in theirs.items():
+        if name not in ours:
             problems.append(f"message {name} missing")
             continue
-        mine = {f.name: f for f in our_messages[name].field}
+        mine = {f.name: f for f in ours[name].field}
         for field in message.field:
             if field.name not in mine:
                 problems.append(f"{name}.{field.name} missing")
-                continue
-            for attr in ("number", "type", "label", "default_value", "type_name"):
-                if getattr(field, attr) != getattr(mine[field.name], attr):
-                    problems.append(f"{name}.{field.name}: {attr} {getattr(field, attr)!r} "
-                                    f"in the fork, {getattr(mine[field.name], attr)!r} here")
-            if field.options.packed != mine[field.name].options.packed:
-                problems.append(f"{name}.{field.name}: packed differs")
+            else:
+                problems.extend(compare(name, field, mine[field.name]))
+    return problems
+
+
+def test_every_fork_message_field_and_enum_is_ours_unchanged(reference, ours):
+    _need_protoc()
+    fork = _normalised(_compile(reference / "caffe.proto", "forkcaffe"), "forkcaffe")
+    our_enums = _enums(ours)
+
+    def compare(name, field, mine):
+        problems = [f"{name}.{field.name}: {attr} {getattr(field, attr)!r} in the fork, "
+                    f"{getattr(mine, attr)!r} here"
+                    for attr in ("number", "type", "label", "default_value", "type_name")
+                    if getattr(field, attr) != getattr(mine, attr)]
+        if field.options.packed != mine.options.packed:
+            problems.append(f"{name}.{field.name}: packed differs")
+        return problems
+    problems = _field_problems(_messages(fork), _messages(ours), compare)
     for name, enum in _enums(fork).items():
         if name not in our_enums:
             problems.append(f"enum {name} missing")
@@ -130,22 +141,16 @@ def test_every_fork_message_field_and_enum_is_ours_unchanged(reference, ours):
 def test_every_bvlc_field_is_present_by_name_with_the_same_type(reference, ours):
     _need_protoc()
     bvlc = _normalised(_compile(reference / "bvlc_caffe.proto", "bvlccaffe"), "bvlccaffe")
-    our_messages, our_enums = _messages(ours), _enums(ours)
-    problems = []
-    for name, message in _messages(bvlc).items():
-        if name not in our_messages:
-            problems.append(f"message {name} missing")
-            continue
-        mine = {f.name: f for f in our_messages[name].field}
-        for field in message.field:
-            if field.name not in mine:
-                problems.append(f"{name}.{field.name} missing")
-            elif (field.type, field.type_name) != (mine[field.name].type, mine[field.name].type_name):
-                problems.append(f"{name}.{field.name}: type differs")
-            elif field.number != mine[field.name].number and \
-                    mine[field.name].number != 1000 + field.number:
-                problems.append(f"{name}.{field.name}: number {mine[field.name].number}, "
-                                f"expected {field.number} or {1000 + field.number}")
+    our_enums = _enums(ours)
+
+    def compare(name, field, mine):
+        if (field.type, field.type_name) != (mine.type, mine.type_name):
+            return [f"{name}.{field.name}: type differs"]
+        if field.number != mine.number and mine.number != 1000 + field.number:
+            return [f"{name}.{field.name}: number {mine.number}, "
+                    f"expected {field.number} or {1000 + field.number}"]
+        return []
+    problems = _field_problems(_messages(bvlc), _messages(ours), compare)
     for name, enum in _enums(bvlc).items():
         mine = {v.name: v.number for v in our_enums.get(name, descriptor_pb2.EnumDescriptorProto()).value}
         for value in enum.value:

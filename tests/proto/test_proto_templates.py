@@ -7,6 +7,7 @@ import pytest
 
 from segaware_caffe.caffe_proto import (caffe_pb2, read_net, read_variables, read_weights,
                          weights_to_arrays)
+from segaware_caffe.caffe_proto.wire import encode_len_field
 
 
 def test_dict_variables_substitute_everywhere_but_unset_ones_in_comments_stay():
@@ -57,23 +58,10 @@ def test_released_template_with_variable_file(reference, tmp_path):
     assert net.name == "res" and len(net.layer) > 100
 
 
-def _raw_field(number, payload):
-    """Wire bytes of a length-delimited field (what BVLC's protoc writes for a sub-message)."""
-    def varint(value):
-        out = bytearray()
-        while True:
-            byte = value & 0x7F
-            value >>= 7
-            out.append(byte | (0x80 if value else 0))
-            if not value:
-                return bytes(out)
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
 def _bvlc_layer(name, layer_type, number, sub_message, blobs=()):
     layer = caffe_pb2.LayerParameter(name=name, type=layer_type)
     layer.blobs.extend(blobs)
-    return layer.SerializeToString() + _raw_field(number, sub_message.SerializeToString())
+    return layer.SerializeToString() + encode_len_field(number, sub_message.SerializeToString())
 
 
 def test_bvlc_caffemodel_with_clashing_field_numbers_decodes_correctly():
@@ -92,7 +80,7 @@ def test_bvlc_caffemodel_with_clashing_field_numbers_decodes_correctly():
         _bvlc_layer("ip", "InnerProduct", 143, input_param, blobs=[weight]),  # fits neither
     ]
     data = caffe_pb2.NetParameter(name="bvlc").SerializeToString() + b"".join(
-        _raw_field(100, layer) for layer in layers)
+        encode_len_field(100, layer) for layer in layers)
     with pytest.warns(UserWarning, match=r"layer 'ip' \(InnerProduct\): field number 143 is "
                       r"interp_param in the segaware fork and input_param in BVLC Caffe"):
         net = read_weights(data)

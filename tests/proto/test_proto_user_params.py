@@ -10,6 +10,8 @@ import torch
 import segaware_caffe as sc
 from segaware_caffe.caffe_proto import CaffeFormatError, caffe_pb2, read_net, read_weights
 from segaware_caffe.caffe_proto.extensions import DeclarationError, declare
+from segaware_caffe.caffe_proto.wire import encode_len_field as field
+from segaware_caffe.caffe_proto.wire import encode_varint as varint
 
 
 def unique(prefix):
@@ -110,16 +112,6 @@ def test_declared_params_in_binary_files_of_that_fork(tmp_path):
     type_name, param = unique("Upsample"), unique("upsample_param_")
     _upsample_layer(type_name, param, 3300)
     # the other fork's caffemodel: LayerParameter field 3300 holds its UpsampleParameter
-    def varint(value):
-        out = bytearray()
-        while True:
-            byte, value = value & 0x7F, value >> 7
-            out.append(byte | (0x80 if value else 0))
-            if not value:
-                return bytes(out)
-
-    def field(number, payload):
-        return varint(number << 3 | 2) + varint(len(payload)) + payload
     upsample = varint(1 << 3) + varint(4) + field(4, b"tagged")          # scale 4, tag "tagged"
     weight = caffe_pb2.BlobProto()
     weight.shape.dim.append(2)
