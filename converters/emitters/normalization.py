@@ -108,12 +108,15 @@ LRN = register_helper("caffe_lrn", '''def caffe_lrn(x, local_size, alpha, beta, 
     size window, zero-padded)^-beta."""
     half = (local_size - 1) // 2
     squares = x * x
+    # the zero padding written out: torch's pooling refuses an input smaller than its kernel
     if across_channels:
-        mean = F.avg_pool3d(squares.unsqueeze(1), (local_size, 1, 1), stride=1,
-                            padding=(half, 0, 0), count_include_pad=True).squeeze(1)
-        scale = k + alpha * mean
+        padded = F.pad(squares, (0, 0, 0, 0, half, half))
+        total = padded[:, :x.shape[1]].clone()
+        for shift in range(1, local_size):
+            total += padded[:, shift:shift + x.shape[1]]
+        scale = k + alpha * (total / local_size)
     else:
-        mean = F.avg_pool2d(squares, local_size, stride=1, padding=half, count_include_pad=True)
+        mean = F.avg_pool2d(F.pad(squares, (half, half, half, half)), local_size, stride=1)
         scale = 1.0 + alpha * mean
     return x * scale.pow(-beta)''')
 

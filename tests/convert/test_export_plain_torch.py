@@ -34,7 +34,8 @@ layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }
 STANDARD = """
 name: "standard"
 input: "data" input_shape { dim: 2 dim: 4 dim: 9 dim: 10 }
-layer { name: "lrn" type: "LRN" bottom: "data" top: "lrn" lrn_param { local_size: 3 alpha: 0.5 } }
+layer { name: "lrn0" type: "LRN" bottom: "data" top: "lrn0" lrn_param { local_size: 7 alpha: 0.5 } }
+layer { name: "lrn" type: "LRN" bottom: "lrn0" top: "lrn" lrn_param { local_size: 3 alpha: 0.5 } }
 layer { name: "lrn2" type: "LRN" bottom: "lrn" top: "lrn2"
         lrn_param { local_size: 3 norm_region: WITHIN_CHANNEL } }
 layer { name: "up" type: "Interp" bottom: "lrn2" top: "up" interp_param { zoom_factor: 2 } }
