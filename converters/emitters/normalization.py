@@ -2,7 +2,11 @@
 plain-torch definitions written into the exported module. Their parameters keep the layers'
 names (mean_sum, variance_sum, scale_factor, scale, bias, slope), so the converted tensors load
 unchanged, and they compute what the layer modules compute (forward and gradient)."""
+import inspect
+
 import numpy as np
+
+from segaware_caffe.layers.lrn import caffe_lrn
 
 from .registry import Emission, literal, register_emitter, register_helper
 
@@ -102,23 +106,7 @@ PRELU = register_helper("CaffePReLU", '''class CaffePReLU(nn.Module):
             self.slope.reshape(1, -1, *[1] * (x.dim() - 2))
         return torch.where(x > 0, x, x * slope)''')
 
-LRN = register_helper("caffe_lrn", '''def caffe_lrn(x, local_size, alpha, beta, k, across_channels):
-    """Caffe's LRN. Across channels: x * (k + alpha/size * sum of x^2 over `size` neighbouring
-    channels, zero-padded)^-beta; within a channel: x * (1 + alpha * mean of x^2 over a size x
-    size window, zero-padded)^-beta."""
-    half = (local_size - 1) // 2
-    squares = x * x
-    # the zero padding written out: torch's pooling refuses an input smaller than its kernel
-    if across_channels:
-        padded = F.pad(squares, (0, 0, 0, 0, half, half))
-        total = padded[:, :x.shape[1]].clone()
-        for shift in range(1, local_size):
-            total += padded[:, shift:shift + x.shape[1]]
-        scale = k + alpha * (total / local_size)
-    else:
-        mean = F.avg_pool2d(F.pad(squares, (half, half, half, half)), local_size, stride=1)
-        scale = 1.0 + alpha * mean
-    return x * scale.pow(-beta)''')
+LRN = register_helper("caffe_lrn", inspect.getsource(caffe_lrn))
 
 FUNCTIONAL = ("import torch.nn.functional as F",)
 
