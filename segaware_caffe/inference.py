@@ -229,28 +229,21 @@ def _pointwise(x, weight_t, bias, channels_last):
     (a detection head) is faster as W . rows^T, which gives an image in the standard layout."""
     num, channels, height, width = x.shape
     outputs = weight_t.shape[1]          # explicit sizes: a batch of 0 has no -1 to infer
-    if channels_last:
+    if channels_last and not (num == 1 and outputs < 16):
         rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         rows = rows.reshape(num * height * width, channels)
-        if num == 1 and weight_t.shape[1] < 16:
-            weight = weight_t.t()
-            y = torch.mm(weight, rows.t()) if bias is None else \
-                torch.addmm(bias.view(-1, 1), weight, rows.t())
-            return y.view(1, outputs, height, width)
         y = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
         return y.view(num, height, width, outputs).permute(0, 3, 1, 2)
-    columns = x.reshape(num, channels, height * width)
-    y = torch.matmul(weight_t.t(), columns)
-    if bias is not None:
-        y += bias.view(1, -1, 1)
-    return y.view(num, outputs, height, width)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return _product_in_standard_layout(x, weight_t, bias)
 
 
-def _product_in_standard_layout(x, weight_t):
-    """(N, C, H, W) x (C, O) -> (N, O, H, W) in the standard layout, from an input in either
-    layout without converting it: a channels_last image is the (H*W, C) matrix of its pixels, and
-    W . pixels^T is the top in the standard layout (converting a large channels_last input costs
-    more than the product)."""
+def _product_in_standard_layout(x, weight_t, bias=None):
+    """(N, C, H, W) x (C, O) (+ bias) -> (N, O, H, W) in the standard layout, from an input in
+    either layout without converting it: a channels_last image is the (H*W, C) matrix of its
+    pixels, and W . pixels^T is the top in the standard layout (converting a large channels_last
+    input costs more than the product)."""
     num, channels, height, width = x.shape
     outputs = weight_t.shape[1]
     weight = weight_t.t()
@@ -261,7 +254,10 @@ def _product_in_standard_layout(x, weight_t):
     # one matrix product per image (a batched product broadcasts the weights first)
     y = x.new_empty((num, outputs, height * width))
     for image in range(num):
-        torch.mm(weight, columns[image], out=y[image])
+        if bias is None:
+            torch.mm(weight, columns[image], out=y[image])
+        else:
+            torch.addmm(bias.view(-1, 1), weight, columns[image], out=y[image])
     return y.view(num, outputs, height, width)
 
 
@@ -627,9 +623,8 @@ class _Rewriter:
             if layer.bottom_is_im2col or layer.channel_axis != 1:
                 continue
             concat = node.args[0]
-            if not isinstance(concat, fx.Node) or len(concat.users) != 1 or \
-                    not isinstance(self.module_of(concat), Concat) or \
-                    self.module_of(concat).axis != 1:
+            joined = self.module_of(concat) if isinstance(concat, fx.Node) else None
+            if not isinstance(joined, Concat) or joined.axis != 1 or len(concat.users) != 1:
                 continue
             parts, inputs, resizes = [], [], []
             for part in concat.args:
@@ -650,12 +645,11 @@ class _Rewriter:
                 if not any(r is not None and c > outputs for r, c in zip(resizes, parts)):
                     continue
                 removed = [p for p, r in zip(concat.args, resizes) if r is not None]
-                new = self.replace(node, "call_module", None, inputs,
-                                   PointwiseOverConcat(op, parts, resizes))
+                self.replace(node, "call_module", None, inputs,
+                             PointwiseOverConcat(op, parts, resizes))
                 self.graph.erase_node(concat)
                 for part in removed:
                     self.graph.erase_node(part)
-                del new
 
     def commute_activations(self):
         """ReLU / PReLU read only by a MAX pooling: pool first, then the activation on the
