@@ -627,8 +627,6 @@ def _case_copy(seed, folder):
     """A private copy of the seed's golden case folder (data layers read files beside it;
     writers write there)."""
     target = Path(folder) / "case"
-    if seed.case == target:         # already the private copy (run_case made it)
-        return target
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(seed.case, target)
@@ -640,7 +638,7 @@ def target_builder(data, folder, seed):
     import torch
 
     import segaware_caffe as sc
-    case = _case_copy(seed, folder)
+    case = seed.case                # run_case's private copy
     path = _write(case, "fuzz.prototxt", data)
     with working_directory(case):
         net = sc.Net(path, variables=seed.extra.get("variables"), phase=seed.extra.get("phase", "test"))
@@ -696,7 +694,7 @@ def target_solver(data, folder, seed):
     import torch
 
     from segaware_caffe.solver import Solver
-    case = _case_copy(seed, folder)
+    case = seed.case                # run_case's private copy
     path = _write(case, "fuzz_solver.prototxt", data)
     with working_directory(case):
         solver = Solver(path, max_seconds=RUN_BOUND_S)
@@ -709,7 +707,7 @@ def target_solver(data, folder, seed):
 def target_solverstate(data, folder, seed):
     """Restore a mutated .solverstate into its golden solver."""
     from segaware_caffe.solver import Solver
-    case = _case_copy(seed, folder)
+    case = seed.case                # run_case's private copy
     state = _write(case, "fuzz.solverstate", data)
     with working_directory(case):
         Solver(case / "solver.prototxt").restore(state)
