@@ -23,6 +23,7 @@ source only as a sanitised identifier or a repr()'d literal, never as code.
 """
 import builtins
 import dataclasses
+import inspect
 import keyword
 import operator
 import os
@@ -36,7 +37,7 @@ import torch
 from segaware_caffe.errors import NetBuildError, UnsupportedError
 from segaware_caffe.files import refuse_existing
 from segaware_caffe.layer import layer_class, registered_types
-from segaware_caffe.net import refuse_gradient, track_grad, zero_first_element
+from segaware_caffe.net import _RefuseGradient, refuse_gradient, track_grad, zero_first_element
 from segaware_caffe.weights import blob_attributes
 
 from .caffemodel import build_net  # noqa: F401  (the net export builds, re-exported)
@@ -354,48 +355,18 @@ def _live_nodes(net, graph):
     return live
 
 
-# Plain-torch twins of segaware_caffe.net's graph helpers, so that an exported module needs only
-# torch: zero_first_element (a tracer records torch.where, not the library's autograd.Function,
-# and loses an in-place write into a fresh mask), refuse_gradient and track_grad
+# segaware_caffe.net's graph helpers as exported modules define them, so that they need only
+# torch: a plain-torch twin of zero_first_element (a tracer records torch.where, not the
+# library's autograd.Function, and loses an in-place write into a fresh mask); refuse_gradient
+# and track_grad are the library's own source
 _ZERO_FIRST_ELEMENT = '''def zero_first_element(x):
     """The original's Net::Forward sets element 0 of every net output to 0 before the layers run;
     no layer writes this one, so the 0 stays (the gradient passes unchanged)."""
     first = torch.arange(x.numel(), device=x.device).reshape(x.shape) == 0
     return torch.where(first, x - x.detach(), x)'''
 
-_REFUSE_GRADIENT = '''class _RefuseGradient(torch.autograd.Function):
-    """Identity; its backward raises: the original Caffe cannot backpropagate there."""
-
-    @staticmethod
-    def forward(ctx, x, message):
-        ctx.message = message
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        try:   # segaware_caffe's own error where it is installed, else a RuntimeError
-            from segaware_caffe.errors import NoBackwardError
-        except ImportError:
-            NoBackwardError = RuntimeError
-        raise NoBackwardError(ctx.message)
-
-
-def refuse_gradient(top, refusals):
-    """`top`, whose gradient is refused when a bottom of `refusals` ((bottom, message), ...)
-    requires one (the original's Backward would abort there)."""
-    if not (torch.is_grad_enabled() and top.is_floating_point()):
-        return top
-    for bottom, message in refusals:
-        if isinstance(bottom, torch.Tensor) and bottom.requires_grad:
-            source = top if top.requires_grad else top.detach().requires_grad_(True)
-            return _RefuseGradient.apply(source, message)
-    return top'''
-
-_TRACK_GRAD = '''def track_grad(x):
-    """A data layer's top as a leaf that records its gradient (force_backward nets)."""
-    if torch.is_grad_enabled() and x.is_floating_point() and not x.requires_grad:
-        x = x.detach().requires_grad_(True)
-    return x'''
+_REFUSE_GRADIENT = inspect.getsource(_RefuseGradient) + "\n\n" + inspect.getsource(refuse_gradient)
+_TRACK_GRAD = inspect.getsource(track_grad)
 
 
 def _render(net, class_name, writer, source_note, default_weights, unused=()):

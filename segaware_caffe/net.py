@@ -35,7 +35,7 @@ from segaware_caffe.caffe_proto import caffe_pb2
 
 from . import backward, budget as _budget, layers as _layers  # noqa: F401  (importing layers registers every type)
 from .canonical import FROM_PROTOTXT, canonical_net
-from .errors import NetBuildError, NoBackwardError
+from .errors import NetBuildError
 from .fillers import deferred_fills
 from .layer import BuildContext, CaffeLayer, layer_class
 from .layers.input import Input  # noqa: F401  (where it lived before: segaware_caffe.net.Input)
@@ -78,6 +78,8 @@ def _identifier(name, taken):
 
 
 # ---------------------------------------------------------------------------- graph helpers
+# track_grad, _RefuseGradient and refuse_gradient use torch only: `export --python` writes their
+# source into exported modules, which must run without segaware_caffe.
 def track_grad(x):
     """A data layer's top as a leaf that records its gradient (force_backward nets)."""
     if torch.is_grad_enabled() and x.is_floating_point() and not x.requires_grad:
@@ -95,6 +97,10 @@ class _RefuseGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        try:   # segaware_caffe's own error where it is installed (an exported module's copy)
+            from segaware_caffe.errors import NoBackwardError
+        except ImportError:
+            NoBackwardError = RuntimeError
         raise NoBackwardError(ctx.message)
 
 
