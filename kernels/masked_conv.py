@@ -70,33 +70,67 @@ def _masked_columns_cpu(padded, mask, geometry, row_start, row_end, columns):
     return columns
 
 
+def _inside_range(out_start, out_end, size, pad, stride, offset):
+    """Output positions [lo, hi) of [out_start, out_end) whose tap at padded offset `offset`
+    reads a pixel inside [0, size), and the pixel the first reads."""
+    # pixel = o * stride + offset - pad must satisfy 0 <= pixel < size
+    lo = max(out_start, -((offset - pad) // stride))
+    hi = min(out_end, (size - 1 + pad - offset) // stride + 1)
+    return lo, hi, lo * stride + offset - pad
+
+
+def _masked_columns_unpadded(x, mask, geometry, row_start, row_end, columns):
+    """_masked_columns_cpu from the unpadded input: each tap multiplies the pixels inside the
+    image and zeroes the columns of pixels outside (no padded copy of the input is made)."""
+    height, width = x.shape[2:]
+    out_w = mask.shape[3]
+    (stride_h, stride_w), (pad_h, pad_w) = geometry.stride, geometry.pad
+    for k, (_, _, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
+        target = columns[:, :, k]
+        lo, hi, first_row = _inside_range(row_start, row_end, height, pad_h, stride_h, offset_h)
+        clo, chi, first_col = _inside_range(0, out_w, width, pad_w, stride_w, offset_w)
+        if lo >= hi or clo >= chi:
+            target.zero_()
+            continue
+        a, b = lo - row_start, hi - row_start
+        target[:, :, :a].zero_()
+        target[:, :, b:].zero_()
+        target[:, :, a:b, :clo].zero_()
+        target[:, :, a:b, chi:].zero_()
+        pixels = x[:, :, first_row:first_row + (hi - lo - 1) * stride_h + 1:stride_h,
+                   first_col:first_col + (chi - clo - 1) * stride_w + 1:stride_w]
+        torch.mul(pixels, mask[:, k, lo:hi, clo:chi].unsqueeze(1), out=target[:, :, a:b, clo:chi])
+    return columns
+
+
 def _forward_cpu(x, mask, weight, bias, geometry, group):
     batch, channels, _, _ = x.shape
     out_h, out_w = mask.shape[2:]
     num_output = weight.shape[0]
     taps = geometry.taps
-    padded = pad_input(x, geometry)
-    weight_groups = weight.reshape(group, num_output // group, channels // group * taps)
-    bias_groups = bias.view(group, -1, 1) if bias is not None else None
+    group_columns = channels // group * taps
+    weight_groups = weight.reshape(group, num_output // group, group_columns)
     out = x.new_empty((batch, num_output, out_h, out_w))
     rows = band_rows(batch, channels, taps, out_w, x.element_size(), CPU_BAND_BYTES)
-    buffer = x.new_empty((batch, channels, taps, rows, out_w))
+    buffer = x.new_empty((batch, channels * taps, rows, out_w))
     for row_start in range(0, out_h, rows):
         row_end = min(out_h, row_start + rows)
         band = row_end - row_start
-        columns = _masked_columns_cpu(padded, mask, geometry, row_start, row_end,
-                                      buffer[:, :, :, :band])
-        columns = columns.reshape(batch, group, channels // group * taps, band * out_w)
-        out_groups = out[:, :, row_start:row_end].view(batch, group, num_output // group, band,
-                                                       out_w)
+        columns = buffer[:, :, :band]
+        _masked_columns_unpadded(x, mask, geometry, row_start, row_end,
+                                 columns.unflatten(1, (channels, taps)))
+        # (N, group, column rows of a group, band pixels)
+        columns = columns.flatten(2).unflatten(1, (group, -1))
+        # (N, group, O/group, band pixels): rows of H*W stride, which BLAS writes directly
+        out_groups = out[:, :, row_start:row_end].view(batch, group, num_output // group,
+                                                       band * out_w)
         # 2-D products (torch.mm) rather than a broadcast matmul: batched GEMM is slower on CPU
         for n in range(batch):
             for g in range(group):
-                if bias_groups is None:
-                    band_out = torch.mm(weight_groups[g], columns[n, g])
-                else:
-                    band_out = torch.addmm(bias_groups[g], weight_groups[g], columns[n, g])
-                out_groups[n, g] = band_out.view(-1, band, out_w)
+                torch.mm(weight_groups[g], columns[n, g], out=out_groups[n, g])
+    # the bias in one pass (addmm's copy of it into each band's strided rows is slow)
+    if bias is not None:
+        out += bias.view(1, -1, 1, 1)
     return out
 
 

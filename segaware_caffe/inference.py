@@ -51,10 +51,20 @@ from .layers.scale import Scale
 from .layers.softmax import Softmax
 from .layers.split import Split
 
-__all__ = ["inference_graph", "parameters_changed", "CHANNELS_LAST"]
+__all__ = ["inference_graph", "parameters_changed", "CHANNELS_LAST", "PACKED_CONVOLUTION"]
 
 # whether 2-D convolutions of the inference graph run in channels_last memory (see above)
 CHANNELS_LAST = True
+# whether channels_last float32 CPU convolutions run as oneDNN's convolution with weights
+# reordered once into its blocked format (and a following ReLU as its post-op); torch's
+# convolution reorders the weights at every call, which costs most on small images
+PACKED_CONVOLUTION = True
+
+
+def _packed_convolution_available():
+    return torch.backends.mkldnn.is_available() and \
+        hasattr(torch.ops.mkldnn, "_convolution_pointwise") and \
+        hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
 
 _GENERATION = [0]
 
@@ -69,6 +79,29 @@ def parameters_changed():
 def _stamp(tensors):
     """What identifies the current values of `tensors`: version counters, storage, generation."""
     return (_GENERATION[0],) + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+class _BlobWatch:
+    """The learnable blobs of some layers (their Caffe order), read at each call where each
+    lives -- the module's parameter, buffer or attribute dict -- rather than through
+    nn.Module's attribute lookup, which costs microseconds per blob on every forward of a small
+    net. A blob replaced by a new tensor is seen (the dict entry changes), and `stamp()` says
+    whether any value changed since the last look."""
+
+    def __init__(self, modules):
+        self.slots = []
+        for module in modules:
+            for name in module.CAFFE_BLOBS:
+                home = next((d for d in (module._parameters, module._buffers, module.__dict__)
+                             if name in d), None)
+                if home is not None:
+                    self.slots.append((home, name))
+
+    def tensors(self):
+        return [t for t in (home.get(name) for home, name in self.slots) if t is not None]
+
+    def stamp(self):
+        return _stamp(self.tensors())
 
 
 # ---------------------------------------------------------------------------- affine layers
@@ -125,12 +158,17 @@ def _chain_affine(chain, channels):
     return a, b
 
 
-def _affine_sources(chain):
-    return [t for module in chain for t in module.caffe_blobs()]
-
-
 # ---------------------------------------------------------------------------- modules
-class InferenceConvolution(nn.Module):
+class _InferenceModule(nn.Module):
+    """A module of the inference graph: called straight (no hooks to run), which saves nn.Module's
+    call machinery on every node of every forward (a few microseconds each, which add up on a
+    small net)."""
+
+    def __call__(self, *args):
+        return self.forward(*args)
+
+
+class InferenceConvolution(_InferenceModule):
     """A Convolution / Deconvolution / InnerProduct layer's computation with weights and bias
     prepared once: the affine `chain` after it folded in, and a 2-D convolution's weights in
     channels_last memory when `channels_last`. A 1x1 convolution without stride, padding or
@@ -143,22 +181,47 @@ class InferenceConvolution(nn.Module):
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "chain", tuple(chain))
         self.kind = type(layer).__name__
+        # negative slope of a ReLU applied to the top (written in place / as oneDNN's post-op)
+        self.activation = None
+        self._packed = None             # (weight it was made from, input shape, packed weight)
+        self._packed_failed = False
+        self._packed_verified = False   # whether a call with the current packing succeeded
         self.pointwise = isinstance(layer, Convolution) and layer.group == 1 and (
             layer.bottom_is_im2col or (layer.kernel == (1, 1) and layer.stride == (1, 1)
                                        and layer.pad == (0, 0)))
+        self.tap_product = (
+            isinstance(layer, Convolution) and not self.pointwise and not layer.bottom_is_im2col
+            and layer.group == 1 and layer.stride == (1, 1) and len(layer.kernel) == 2
+            and layer.num_output <= self.TAP_PRODUCT_OUTPUTS
+            and layer.weight.shape[1] >= self.TAP_PRODUCT_CHANNELS)
         self.set_channels_last(channels_last)
+
+    # A stride-1 convolution with few outputs from many channels (DeepLab's dilated ASPP
+    # classifiers, SSD's loc/conf heads) runs as one product of all taps' weights with the
+    # pixels, Z = [W_0; ...; W_k] x, and sums of the taps' shifted planes of Z: oneDNN's
+    # kernels block the outputs by 16 or more and leave most of that work idle (measured: 2048
+    # channels to 21 outputs, 3x3, 65x65: 20 ms vs 24-44 ms)
+    TAP_PRODUCT_OUTPUTS = 32
+    TAP_PRODUCT_CHANNELS = 256
 
     def set_channels_last(self, channels_last):
         conv = isinstance(self.layer, Convolution)
-        self.channels_last = channels_last and conv
+        # the tap product reads either layout and gives its top in the standard one
+        self.channels_last = channels_last and conv and not self.tap_product
         # the layer's own blobs serve as they are (no copy to keep up to date)
         self._direct = not self.chain and not self.channels_last and not self.pointwise and \
-            not (conv and self.layer.bottom_is_im2col)
+            not self.tap_product and not (conv and self.layer.bottom_is_im2col)
         self._stamp = None
         self._blobs = None
 
     def _sources(self):
-        return list(self.layer.caffe_blobs()) + _affine_sources(self.chain)
+        return self._watch().tensors()
+
+    def _watch(self):
+        watch = self.__dict__.get("_blob_watch")
+        if watch is None:
+            watch = self._blob_watch = _BlobWatch((self.layer,) + self.chain)
+        return watch
 
     @torch.no_grad()
     def _prepare(self):
@@ -179,6 +242,8 @@ class InferenceConvolution(nn.Module):
             weight, bias = w.to(layer.weight.dtype), bias.to(layer.weight.dtype)
         if self.pointwise:
             return weight.reshape(layer.num_output, -1).t(), bias     # (C, O)
+        if self.tap_product:      # (taps * O, C): tap-major rows
+            return weight.permute(2, 3, 0, 1).reshape(-1, weight.shape[1]).contiguous(), bias
         if isinstance(layer, Convolution) and layer.bottom_is_im2col:
             weight = weight.reshape(layer.num_output, -1, 1, 1)
         if self.channels_last:
@@ -191,7 +256,7 @@ class InferenceConvolution(nn.Module):
             weight = layer.weight.t() if isinstance(layer, InnerProduct) and layer.transpose \
                 else layer.weight
             return weight, layer.bias
-        stamp = _stamp(self._sources())
+        stamp = self._watch().stamp()
         if stamp != self._stamp:
             self._blobs = self._prepare()
             self._stamp = stamp
@@ -203,23 +268,82 @@ class InferenceConvolution(nn.Module):
         if isinstance(layer, InnerProduct):
             lead = x.shape[:layer.axis]
             y = F.linear(x.reshape(-1, weight.shape[1]), weight, bias)
-            return y.reshape(*lead, weight.shape[0])
-        if self.pointwise:
-            return _pointwise(x, weight, bias, self.channels_last)
+            y = y.reshape(*lead, weight.shape[0])
+        elif self.pointwise:
+            y = _pointwise(x, weight, bias, self.channels_last)
+        elif self.tap_product:
+            y = _tap_product_convolution(x, weight, bias, layer)
+        elif isinstance(layer, Deconvolution):
+            y = F.conv_transpose2d(self._in_layout(x), weight, bias, layer.stride, layer.pad, 0,
+                                   layer.group, layer.dilation)
+        elif layer.bottom_is_im2col:     # the columns are the taps: a grouped 1x1 product
+            y = F.conv2d(self._in_layout(x), weight, bias, groups=layer.group)
+        else:
+            packed = self._packed_weight(x, weight) if self.channels_last else None
+            if packed is not None:
+                if self._packed_verified:
+                    return self._packed_call(x, packed, bias)
+                try:                    # the first call with a new packing: it runs, or not at all
+                    y = self._packed_call(x, packed, bias)
+                except RuntimeError:
+                    self._packed_failed, self._packed = True, None
+                else:
+                    self._packed_verified = True
+                    return y
+            y = F.conv2d(self._in_layout(x), weight, bias, layer.stride, layer.pad,
+                         layer.dilation, layer.group)
+        if self.activation is None:
+            return y
+        return torch.relu_(y) if self.activation == 0 else \
+            F.leaky_relu(y, self.activation, inplace=True)
+
+    def _in_layout(self, x):
         # torch's convolution gives its top the layout of its input: choose it here
-        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else \
-            x.contiguous()
-        if isinstance(layer, Deconvolution):
-            return F.conv_transpose2d(x, weight, bias, layer.stride, layer.pad, 0, layer.group,
-                                      layer.dilation)
-        if layer.bottom_is_im2col:     # the columns are the taps: a grouped 1x1 product
-            return F.conv2d(x, weight, bias, groups=layer.group)
-        return F.conv2d(x, weight, bias, layer.stride, layer.pad, layer.dilation, layer.group)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else \
+            standard_layout(x)
+
+    def _packed_weight(self, x, weight):
+        """oneDNN's reordered weights for inputs of x's shape, made once per weight tensor and
+        shape; None where that path does not apply (or failed once: torch's call then runs)."""
+        if not PACKED_CONVOLUTION:
+            return None
+        packed = self._packed
+        if packed is not None and packed[0] is weight and packed[1] == x.shape:
+            return packed[2]
+        if self._packed_failed or x.device.type != "cpu" or \
+                x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 4 or \
+                x.numel() == 0 or not _packed_convolution_available():
+            return None
+        layer = self.layer
+        try:
+            blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.to_mkldnn(), list(layer.pad), list(layer.stride), list(layer.dilation),
+                layer.group, list(x.shape))
+        except RuntimeError:
+            self._packed_failed = True
+            return None
+        self._packed, self._packed_verified = (weight, x.shape, blocked), False
+        return blocked
+
+    def _packed_call(self, x, packed, bias):
+        layer = self.layer
+        if self.activation is None:
+            attr, scalars = "none", []
+        elif self.activation == 0:
+            attr, scalars = "relu", []
+        else:
+            attr, scalars = "leaky_relu", [self.activation]
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, bias, layer.pad, layer.stride, layer.dilation, layer.group, attr,
+            scalars, "")
 
     def extra_repr(self):
         folded = ", ".join(type(m).__name__ for m in self.chain)
-        return (f"{self.kind}" + (f", folded: {folded}" if folded else "")
+        then = "" if self.activation is None else \
+            (", then ReLU" if self.activation == 0 else f", then ReLU({self.activation:g})")
+        return (f"{self.kind}" + (f", folded: {folded}" if folded else "") + then
                 + (", pointwise" if self.pointwise else "")
+                + (", tap product" if self.tap_product else "")
                 + (", channels_last" if self.channels_last else ""))
 
 
@@ -239,6 +363,46 @@ def _pointwise(x, weight_t, bias, channels_last):
     return _product_in_standard_layout(x, weight_t, bias)
 
 
+def _pixel_rows(x):
+    """(N, H*W, C) view of an (N, C, H, W) image in either layout: each pixel's channels."""
+    num, channels, height, width = x.shape
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(num, height * width, channels)
+    return x.contiguous().reshape(num, channels, height * width).transpose(1, 2)
+
+
+def _tap_product_convolution(x, taps_weight, bias, layer):
+    """A stride-1, one-group 2-D convolution as Z = taps_weight x (all taps' outputs at every
+    input pixel, one product per image) and y[o] = bias + sum over taps of Z_tap[o + shift]
+    over the outputs whose tap falls inside the image (zero padding adds nothing)."""
+    num, channels, height, width = x.shape
+    kh, kw = layer.kernel
+    (pad_h, pad_w), (dil_h, dil_w) = layer.pad, layer.dilation
+    outputs = taps_weight.shape[0] // (kh * kw)
+    out_h = height + 2 * pad_h - dil_h * (kh - 1)
+    out_w = width + 2 * pad_w - dil_w * (kw - 1)
+    columns = _pixel_rows(x).transpose(1, 2)               # (N, C, H*W)
+    z = x.new_empty((num, kh * kw * outputs, height * width))
+    for image in range(num):
+        torch.mm(taps_weight, columns[image], out=z[image])
+    z = z.view(num, kh * kw, outputs, height, width)
+    y = x.new_empty((num, outputs, max(out_h, 0), max(out_w, 0)))
+    if bias is None:
+        y.zero_()
+    else:
+        y.copy_(bias.view(1, -1, 1, 1).expand_as(y))
+    for i in range(kh):
+        # output rows [lo, hi) read input rows lo - pad + i * dilation, inside [0, height)
+        lo, hi = max(0, pad_h - i * dil_h), min(out_h, height + pad_h - i * dil_h)
+        for j in range(kw):
+            clo, chi = max(0, pad_w - j * dil_w), min(out_w, width + pad_w - j * dil_w)
+            if lo >= hi or clo >= chi:
+                continue
+            r, c = lo - pad_h + i * dil_h, clo - pad_w + j * dil_w
+            y[:, :, lo:hi, clo:chi] += z[:, i * kw + j, :, r:r + hi - lo, c:c + chi - clo]
+    return y
+
+
 def _product_in_standard_layout(x, weight_t, bias=None):
     """(N, C, H, W) x (C, O) (+ bias) -> (N, O, H, W) in the standard layout, from an input in
     either layout without converting it: a channels_last image is the (H*W, C) matrix of its
@@ -246,22 +410,18 @@ def _product_in_standard_layout(x, weight_t, bias=None):
     input costs more than the product)."""
     num, channels, height, width = x.shape
     outputs = weight_t.shape[1]
-    weight = weight_t.t()
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        columns = x.permute(0, 2, 3, 1).reshape(num, height * width, channels).transpose(1, 2)
-    else:
-        columns = x.contiguous().reshape(num, channels, height * width)
+    columns = _pixel_rows(x).transpose(1, 2)
     # one matrix product per image (a batched product broadcasts the weights first)
     y = x.new_empty((num, outputs, height * width))
     for image in range(num):
         if bias is None:
-            torch.mm(weight, columns[image], out=y[image])
+            torch.mm(weight_t.t(), columns[image], out=y[image])
         else:
-            torch.addmm(bias.view(-1, 1), weight, columns[image], out=y[image])
+            torch.addmm(bias.view(-1, 1), weight_t.t(), columns[image], out=y[image])
     return y.view(num, outputs, height, width)
 
 
-class PointwiseOverConcat(nn.Module):
+class PointwiseOverConcat(_InferenceModule):
     """A 1x1 convolution of a channel concatenation, computed part by part: W [a; I(b); ...] + c
     = W_a a + I(W_b b) + ... + c, where I is an Interp resize of one part. A resize acts on each
     channel alone and the product mixes channels at each pixel, so the two commute; the product
@@ -278,22 +438,54 @@ class PointwiseOverConcat(nn.Module):
 
     def forward(self, *inputs):
         weight_t, bias = self.conv.blobs()                 # (C, O)
-        total, start = None, 0
-        for x, channels, resize in zip(inputs, self.parts, self.resizes):
-            y = _product_in_standard_layout(x, weight_t[start:start + channels])
+        outputs = weight_t.shape[1]
+        bounds, start = [], 0
+        for channels in self.parts:
+            bounds.append((start, start + channels))
             start += channels
-            if resize is not None:
-                y = resize(y)
-            total = y if total is None else total.add_(y)
+        # the sum is kept in channels_last memory, as (N, pixels, O) rows: every product is
+        # then one matrix product per image whatever its part's layout, and the resized parts
+        # are resized in channels_last memory (torch's bilinear resize is several times faster
+        # there); it goes to the standard layout once at the end
+        total = None
+        for i in sorted(range(len(self.parts)), key=lambda i: self.resizes[i] is not None):
+            x, resize, (lo, hi) = inputs[i], self.resizes[i], bounds[i]
+            num, _, height, width = x.shape
+            rows = _pixel_rows(x)
+            if resize is None:
+                size = (height, width)
+                if total is None:
+                    total = x.new_empty((num, height * width, outputs))
+                    for n in range(num):
+                        if bias is None:
+                            torch.mm(rows[n], weight_t[lo:hi], out=total[n])
+                        else:
+                            torch.addmm(bias, rows[n], weight_t[lo:hi], out=total[n])
+                    bias = None
+                else:
+                    for n in range(num):
+                        torch.addmm(total[n], rows[n], weight_t[lo:hi], out=total[n])
+                continue
+            product = x.new_empty((num, height * width, outputs))
+            for n in range(num):
+                torch.mm(rows[n], weight_t[lo:hi], out=product[n])
+            resized = resize(product.view(num, height, width, outputs).permute(0, 3, 1, 2))
+            size = tuple(resized.shape[2:])
+            if total is None:
+                total = resized.permute(0, 2, 3, 1).reshape(num, -1, outputs)
+            else:
+                total.view(num, *resized.shape[2:], outputs).add_(resized.permute(0, 2, 3, 1))
+        height, width = size
+        image = total.view(total.shape[0], height, width, outputs).permute(0, 3, 1, 2)
         if bias is not None:
-            total.add_(bias.view(1, -1, 1, 1))
-        return total
+            image = image + bias.view(1, -1, 1, 1)
+        return standard_layout(image)
 
     def extra_repr(self):
         return f"parts={list(self.parts)}, resized={[r is not None for r in self.resizes]}"
 
 
-class ChannelAffine(nn.Module):
+class ChannelAffine(_InferenceModule):
     """A chain of fixed per-channel affine layers (BatchNorm with stored statistics, Scale,
     Bias) as one pass: y = b + x * a."""
 
@@ -303,9 +495,10 @@ class ChannelAffine(nn.Module):
         self.channels = channels
         self._stamp = None
         self._blobs = None
+        self._blob_watch = _BlobWatch(self.chain)
 
     def forward(self, x):
-        stamp = _stamp(_affine_sources(self.chain))
+        stamp = self._blob_watch.stamp()
         if stamp != self._stamp:
             with torch.no_grad():
                 a, b = _chain_affine(self.chain, self.channels)
@@ -319,7 +512,7 @@ class ChannelAffine(nn.Module):
         return ", ".join(type(m).__name__ for m in self.chain)
 
 
-class InferencePooling(nn.Module):
+class InferencePooling(_InferenceModule):
     """MAX pooling without indices, or AVE pooling, with Caffe's windows (layers/pooling.py).
 
     MAX: the maximum of the window's taps taken as strided views of the input, each clipped to
@@ -335,16 +528,30 @@ class InferencePooling(nn.Module):
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "activation", activation)
         self.method = layer.method
+        self._plans = {}                 # (input shape, channels_last) -> _plan's answer
 
     def forward(self, x):
         layer, activation = self.layer, self.activation
-        if activation is not None and not self._commutes(x):
+        plan = self._plan(x)
+        if activation is not None and not self._commutes(plan):
             x = _activation(activation, x)       # it no longer commutes: apply it first
             activation = None
-        top = self._pool(layer, x)
+        top = plan[0](x)
         return top if activation is None else _activation(activation, top, in_place=True)
 
-    def _commutes(self, x):
+    def _plan(self, x):
+        """(pool, windows_nonempty) for inputs of x's shape and layout: the function that pools
+        such an input, and whether every window holds a pixel. Made once per shape."""
+        cl = x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last)
+        key = (x.shape, cl)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = (self._pool_function(self.layer, x.shape, cl),
+                                 self._windows_nonempty(x.shape))
+        return plan
+
+    def _commutes(self, plan):
         """Whether the activation may run after the pooling: it is monotone (slopes >= 0) and
         no window is empty (an empty window's -FLT_MAX would go through it)."""
         activation = self.activation
@@ -353,18 +560,23 @@ class InferencePooling(nn.Module):
                 return False
         elif activation.negative_slope < 0:
             return False
+        return plan[1]
+
+    def _windows_nonempty(self, shape):
         layer = self.layer
         if layer.global_pooling:
             return True
-        out = layer.output_spatial_size(*x.shape[-2:])
+        out = layer.output_spatial_size(*shape[-2:])
         return all((o - 1) * s - p < size for o, s, p, size in
-                   zip(out, layer.stride, layer.pad, x.shape[-2:]))
+                   zip(out, layer.stride, layer.pad, shape[-2:]))
 
-    def _pool(self, layer, x):
-        height, width = x.shape[-2:]
+    def _pool_function(self, layer, shape, channels_last):
+        height, width = shape[-2:]
+        method = self.method
         if layer.global_pooling:
-            return x.amax((-2, -1), keepdim=True) if self.method == "MAX" else \
-                x.mean((-2, -1), keepdim=True)
+            if method == "MAX":
+                return lambda x: x.amax((-2, -1), keepdim=True)
+            return lambda x: x.mean((-2, -1), keepdim=True)
         kernel, pad, stride = layer.kernel, layer.pad, layer.stride
         out = layer.output_spatial_size(height, width)
         ceil = None                 # torch's window rule that gives Caffe's windows, if any
@@ -373,19 +585,19 @@ class InferencePooling(nn.Module):
                          if _torch_pooled(height, width, kernel, pad, stride, c) == out), None)
         taps = kernel[0] * kernel[1]
         # torch's channels_last max pool beats the tap maxima there, but for 2x2 windows
-        torch_first = ceil is not None and taps > 4 and not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last)
-        if self.method == "MAX" and taps <= self.MAX_TAPS and not torch_first:
-            return tap_max_pool(x, kernel, pad, stride, out)
+        torch_first = ceil is not None and taps > 4 and channels_last
+        if method == "MAX" and taps <= self.MAX_TAPS and not torch_first:
+            return lambda x: tap_max_pool(x, kernel, pad, stride, out)
         if ceil is not None:
-            if self.method == "MAX":
-                return F.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil)
-            return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil, count_include_pad=True)
-        if self.method == "MAX":
+            if method == "MAX":
+                return lambda x: torch.max_pool2d(x, kernel, stride, pad, ceil_mode=ceil)
+            return lambda x: F.avg_pool2d(x, kernel, stride, pad, ceil_mode=ceil,
+                                          count_include_pad=True)
+        if method == "MAX":
             borders = (pad[1], _after(out[1], width, kernel[1], pad[1], stride[1]),
                        pad[0], _after(out[0], height, kernel[0], pad[0], stride[0]))
-            return F.max_pool2d(F.pad(x, borders, value=-FLT_MAX), kernel, stride)
-        return layer(x)
+            return lambda x: torch.max_pool2d(F.pad(x, borders, value=-FLT_MAX), kernel, stride)
+        return layer
 
     def extra_repr(self):
         after = f", then {type(self.activation).__name__}" if self.activation is not None else ""
@@ -458,7 +670,7 @@ def _activation(layer, x, in_place=False):
     return F.leaky_relu(x, layer.negative_slope, inplace=in_place)
 
 
-class InferencePReLU(nn.Module):
+class InferencePReLU(_InferenceModule):
     """PReLU as torch's one-pass kernel, with the layer's slope."""
 
     def __init__(self, layer):
@@ -474,7 +686,19 @@ def channels_last(x):
 
 
 def standard_layout(x):
-    return x.contiguous() if isinstance(x, torch.Tensor) else x
+    """x in the standard (contiguous) layout. A channels_last image is each image's (H*W, C)
+    matrix transposed: torch's 4-D copy from channels_last is several times slower than its
+    2-D transpose (54 vs 7 ms for 64 x 321 x 321 on one thread)."""
+    if not isinstance(x, torch.Tensor) or x.is_contiguous():
+        return x
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous()
+    num, channels, height, width = x.shape
+    out = torch.empty((num, channels, height, width), dtype=x.dtype, device=x.device)
+    for image in range(num):
+        out[image].view(channels, height * width).copy_(
+            x[image].permute(1, 2, 0).reshape(height * width, channels).t())
+    return out
 
 
 def _leaky_relu_(x, slope):
@@ -684,6 +908,8 @@ class _Rewriter:
                 else:
                     self.replace(node, "call_function", F.leaky_relu,
                                  (node.args[0], module.negative_slope))
+            elif isinstance(module, Softmax) and len(node.args) == 1:
+                self.replace(node, "call_function", torch.softmax, (node.args[0], module.axis))
             elif isinstance(module, Eltwise) and module.operation == "SUM" and \
                     not module.coeffs and len(node.args) == 2:
                 self.replace(node, "call_function", torch.add, node.args)
@@ -699,10 +925,35 @@ class _Rewriter:
         if node.op == "call_module" and node.target.startswith("inference."):
             return isinstance(self.modules[node.target], (InferenceConvolution, ChannelAffine,
                                                           InferencePooling))
-        return node.op == "call_function" and node.target is torch.add
+        return node.op == "call_function" and node.target in (torch.add, _add_)
+
+    def fuse_activations(self):
+        """A ReLU / leaky ReLU whose bottom is a convolution's fresh top: the convolution
+        applies it (oneDNN's post-op, or in place on its top)."""
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or node.target not in (torch.relu, F.leaky_relu) or \
+                    not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            source = node.args[0]
+            op = self.modules.get(source.target) if source.op == "call_module" else None
+            if not isinstance(op, InferenceConvolution) or op.activation is not None or \
+                    not self._fresh(source):
+                continue
+            slope = node.args[1] if node.target is F.leaky_relu else 0
+            if len(node.args) > 2 or node.kwargs or not isinstance(slope, (int, float)):
+                continue
+            op.activation = float(slope)
+            source.meta["blob"] = node.meta.get("blob")
+            self.bypass(node, source)
 
     def in_place(self):
         for node in list(self.graph.nodes):
+            if node.op == "call_function" and node.target is torch.add and len(node.args) == 2 \
+                    and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args) \
+                    and node.args[0] is not node.args[1] and not self._fresh(node.args[0]) \
+                    and self._fresh(node.args[1]):
+                # a sum is commutative (exactly, in floating point): the fresh bottom goes first
+                node.args = (node.args[1], node.args[0])
             if node.op != "call_function" or not node.args or \
                     not isinstance(node.args[0], fx.Node) or not self._fresh(node.args[0]):
                 continue
@@ -715,7 +966,7 @@ class _Rewriter:
 
     # nodes that compute the right values whatever the memory layout of their tensor inputs
     _LAYOUT_FREE_FUNCTIONS = (torch.relu, torch.relu_, F.leaky_relu, _leaky_relu_, torch.add,
-                              _add_)
+                              _add_, torch.softmax)
     # (PointwiseOverConcat reads either layout and gives its top in the standard one)
     _LAYOUT_FREE_MODULES = (InferenceConvolution, ChannelAffine, InferencePooling, InferencePReLU,
                             PointwiseOverConcat)
@@ -750,8 +1001,11 @@ class _Rewriter:
                 if user in seen:
                     continue
                 seen.add(user)
+                # convolutions and products over a concatenation take any layout and give
+                # their top the layout they choose
                 if user.op == "call_module" and user.target in self.modules and \
-                        isinstance(self.modules[user.target], InferenceConvolution):
+                        isinstance(self.modules[user.target],
+                                   (InferenceConvolution, PointwiseOverConcat)):
                     continue
                 if not self._layout_free(user):
                     return True
@@ -791,6 +1045,7 @@ class _Rewriter:
         self.split_concat_products()
         self.commute_activations()
         self.simplify_layers()
+        self.fuse_activations()
         self.in_place()
         self.layouts()
         self.graph.lint()

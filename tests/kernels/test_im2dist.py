@@ -219,3 +219,32 @@ def test_functional_rejects_bad_inputs(kwargs, error, message):
     arguments.update(kwargs)
     with pytest.raises(error, match=message):
         im2dist(**arguments)
+
+
+@pytest.mark.parametrize("shape,kernel,dilation", [
+    ((3, 5, 7, 6), (3, 3), (1, 1)), ((1, 2, 9, 8), (5, 3), (2, 1)), ((2, 3, 4, 5), (7, 7), (1, 1)),
+    ((1, 2, 3, 11), (3, 5), (3, 2)),
+])
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+@pytest.mark.parametrize("remove_center,remove_bounds", [(False, False), (True, True)])
+def test_same_geometry_path_equals_the_general_path(monkeypatch, shape, kernel, dilation, norm,
+                                                    remove_center, remove_bounds):
+    """Stride 1 with the patch centred on its pixel takes the path that computes half the taps
+    (mirror taps shifted) in bands of rows: the general path's result up to the order of the
+    channel sums (float32 rounding), for offsets beyond the image and with bands of one row."""
+    module = importlib.import_module("segaware_caffe.kernels.im2dist")
+    pad = ((kernel[0] // 2) * dilation[0], (kernel[1] // 2) * dilation[1])
+    geometry = ConvGeometry(kernel, pad, (1, 1), dilation)
+    x = make_input(shape, torch.float32, "cpu", True).detach()
+    assert module._is_same_geometry(geometry, *shape[2:])
+    args = (x, geometry, norm == "L1", remove_center, remove_bounds)
+    fast = module._forward_cpu(*args)
+    monkeypatch.setattr(module, "CPU_BAND_BYTES", 1)
+    banded = module._forward_cpu(*args)
+    monkeypatch.setattr(module, "_is_same_geometry", lambda *a: False)
+    general = module._forward_cpu(*args)
+    for result in (fast, banded):
+        torch.testing.assert_close(result, general, rtol=2e-6, atol=1e-6)
+        assert torch.equal(result == BIG, general == BIG)
+    reference = reference_im2dist(x, geometry, norm, remove_center, remove_bounds)
+    np.testing.assert_allclose(general.double().numpy(), reference, rtol=1e-5, atol=1e-5)

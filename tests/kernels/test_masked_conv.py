@@ -20,6 +20,8 @@ GEOMETRIES = [
     ((2, 3, 8, 9), 4, (2, 3), (0, 1), (2, 1), (1, 1), 1),
     ((2, 2, 11, 10), 3, (3, 3), (1, 2), (2, 2), (1, 2), 1),
     ((1, 4, 6, 5), 4, (1, 1), (0, 0), (1, 1), (1, 1), 4),
+    # dilated taps reaching past the image (the released fc6 at small sizes): whole taps outside
+    ((2, 2, 4, 5), 3, (3, 3), (6, 6), (1, 1), (6, 6), 1),
 ]
 
 

@@ -484,3 +484,104 @@ def test_a_resized_part_or_the_concat_asked_for_is_kept(outputs):
     _check(net, _inputs(net), outputs=outputs, float64=True)
     if "cat" in outputs:
         assert "Concat" in _layers_called(net, outputs)
+
+
+RELU_AFTER = {
+    "relu": 'layer { name: "r" type: "ReLU" bottom: "y" top: "y" }',
+    "leaky": 'layer { name: "r" type: "ReLU" bottom: "y" top: "y" relu_param { negative_slope: 0.2 } }',
+    "none": "",
+}
+
+
+@pytest.mark.parametrize("kernel,stride,pad,dilation,group,bias,num", CONVS)
+@pytest.mark.parametrize("after", sorted(RELU_AFTER))
+def test_float32_convolutions_with_reordered_weights_and_fused_relu(
+        kernel, stride, pad, dilation, group, bias, num, after, monkeypatch):
+    """float32 channels_last convolutions run with oneDNN's reordered weights and the ReLU that
+    follows as its post-op (or in place on the top): the exact graph's values, the ReLU node
+    gone; with the reordered path switched off, torch's convolution gives the same."""
+    body = f"""
+    layer {{ name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {{
+      num_output: {num} kernel_size: {kernel} stride: {stride} pad: {pad} dilation: {dilation}
+      group: {group} bias_term: {str(bias).lower()} }} }}
+    """ + RELU_AFTER[after]
+    net = _net(body, (2, 4, 9, 8), dtype=torch.float32)
+    inputs = _inputs(net)
+    _check(net, inputs)
+    gm = net.graph_module(inference=True)
+    names = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.relu_ not in names and torch.relu not in names
+    op = gm.get_submodule("inference.conv")
+    slope = {"relu": 0.0, "leaky": 0.2, "none": None}[after]
+    assert op.activation == (None if slope is None else pytest.approx(slope, rel=1e-6))
+    if op.channels_last and not op.pointwise and inference._packed_convolution_available():
+        assert op._packed is not None and not op._packed_failed
+    fast, _ = _both(net, inputs)
+    monkeypatch.setattr(inference, "PACKED_CONVOLUTION", False)
+    calls = []
+    monkeypatch.setattr(inference.InferenceConvolution, "_packed_call",
+                        lambda *args: calls.append(args))
+    with torch.no_grad():
+        plain = net.forward(**inputs)
+    assert not calls and net.graph_module(inference=True) is gm
+    assert_close(fast["y"], plain["y"], "packed vs torch's convolution")
+
+
+def test_reordered_weights_follow_parameters_and_input_shapes():
+    """The reordered weights are made again after a parameter change and for a new input shape;
+    the pooling plan is made per input shape."""
+    body = """
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "y" convolution_param {
+      num_output: 6 kernel_size: 3 pad: 1 } }
+    layer { name: "r" type: "ReLU" bottom: "y" top: "y" }
+    layer { name: "pool" type: "Pooling" bottom: "y" top: "p" pooling_param {
+      pool: MAX kernel_size: 3 stride: 2 } }
+    """
+    net = _net(body, (1, 3, 10, 10), dtype=torch.float32)
+    inputs = _inputs(net)
+    _check(net, inputs)
+    with torch.no_grad():
+        net.params["conv"][0].mul_(-1)
+    _check(net, inputs)
+    net.params["conv"][1].data.add_(1)
+    inference.parameters_changed()
+    _check(net, inputs)
+    for shape in ((2, 3, 13, 7), (1, 3, 10, 10)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            fast = net.forward(data=x)["p"]
+            exact = net.graph_module()(x)["p"]
+        assert fast.shape == exact.shape
+        assert_close(fast, exact, f"input {shape}")
+
+
+@pytest.mark.parametrize("kernel,pad,dilation,bias,num", [
+    ((3, 3), (1, 1), (1, 1), True, 5), ((3, 3), (6, 6), (6, 6), False, 21),
+    ((3, 1), (2, 0), (2, 1), True, 3), ((5, 5), (0, 1), (1, 1), True, 8),
+    ((3, 3), (9, 9), (9, 9), True, 4),       # taps wholly outside a 7x8 image
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_few_output_convolutions_as_one_product_of_all_taps(kernel, pad, dilation, bias, num,
+                                                            dtype):
+    """Many channels to few outputs at stride 1 (ASPP classifiers, SSD heads): one product of
+    every tap's weights with the pixels and shifted sums, from either input layout (after a
+    channels_last convolution or not), with a ReLU after it or not."""
+    assert num <= inference.InferenceConvolution.TAP_PRODUCT_OUTPUTS
+    channels = inference.InferenceConvolution.TAP_PRODUCT_CHANNELS
+    kernel_text = f"kernel_h: {kernel[0]} kernel_w: {kernel[1]} pad_h: {pad[0]} pad_w: {pad[1]}"
+    tail = f"""
+    layer {{ name: "head" type: "Convolution" bottom: "x" top: "y" convolution_param {{
+      num_output: {num} {kernel_text} dilation: {dilation[0]} dilation: {dilation[1]}
+      bias_term: {str(bias).lower()} }} }}
+    """
+    first = f"""
+    layer {{ name: "c1" type: "Convolution" bottom: "data" top: "x" convolution_param {{
+      num_output: {channels} kernel_size: 1 }} }}
+    """
+    for body in (first + tail, first + 'layer { name: "r" type: "ReLU" bottom: "x" top: "x" }'
+                 + tail + 'layer { name: "r2" type: "ReLU" bottom: "y" top: "y" }'):
+        net = _net(body, (2, 3, 7, 8), dtype=dtype)
+        gm = net.graph_module(inference=True)
+        head = gm.get_submodule("inference.head")
+        assert head.tap_product and not head.channels_last
+        _check(net, _inputs(net), float64=dtype == torch.float64)
