@@ -59,12 +59,28 @@ class MessageSpec:
 
 
 # ------------------------------------------------------------------------------------------ CPU
+# bytes of one band of message rows: every tap is added into a band while it stays in a core's
+# L2 cache (the 169-tap bilateral message of the res net at 257x257, one core: 63 ms, against
+# 89 ms for whole planes, which stream the message from memory once per tap)
+CPU_BAND_BYTES = 512 << 10
+
+
 def _message_forward_cpu(q, attention, geometry):
-    out_size = tuple(attention.shape[-2:])
+    batch, channels = q.shape[:2]
+    out_h, out_w = out_size = tuple(attention.shape[-2:])
     padded = pad_input(q, geometry)
-    out = q.new_zeros(*q.shape[:2], *out_size)
-    for k in range(geometry.taps):
-        out.addcmul_(tap_view(padded, geometry, k, out_size), attention[:, k:k + 1])
+    out = q.new_zeros(batch, channels, *out_size)
+    rows = max(1, CPU_BAND_BYTES // max(1, batch * channels * out_w * q.element_size()))
+    kw = geometry.kernel[1]
+    (stride_h, _), (dil_h, dil_w) = geometry.stride, geometry.dilation
+    for row_start in range(0, out_h, rows):
+        row_end = min(out_h, row_start + rows)
+        band = out[:, :, row_start:row_end]
+        for k in range(geometry.taps):
+            i, j = divmod(k, kw)
+            pixels = patch_view(padded, row_start * stride_h + i * dil_h, j * dil_w,
+                                (row_end - row_start, out_w), geometry.stride)
+            band.addcmul_(pixels, attention[:, k:k + 1, row_start:row_end])
     return out
 
 

@@ -17,11 +17,16 @@ compute, up to float32 rounding:
    `parameters_changed()`). A chain after any other producer becomes one multiply-add.
 3. MAX pooling computes no indices and, where torch's window rule gives Caffe's output size,
    pads inside the kernel instead of writing a padded copy; AVE pooling is one avg_pool2d there;
-   PReLU and leaky ReLU are one-pass kernels; Eltwise SUM of unweighted bottoms is torch.add.
-4. ReLU, leaky ReLU and Eltwise SUM write into their bottom where that memory is a fresh result
-   nobody else reads (what Caffe's in-place tops do).
+   PReLU and leaky ReLU are one-pass kernels; Eltwise SUM of unweighted bottoms is torch.add;
+   Softmax is torch.softmax. Each pooling works out its windows once per input shape.
+4. A ReLU / leaky ReLU whose bottom is a convolution's top read by nothing else is applied by
+   the convolution (oneDNN's post-op, or in place). ReLU, leaky ReLU and Eltwise SUM write into
+   a bottom whose memory is a fresh result nobody else reads (what Caffe's in-place tops do; a
+   sum takes whichever of its two bottoms is fresh).
 5. 2-D convolutions run in channels_last memory (oneDNN's CPU kernels are several times faster
-   there for few channels, and no slower elsewhere), with the weights converted once; tensors
+   there for few channels, and no slower elsewhere); float32 CPU ones call oneDNN with weights
+   reordered once into its blocked format. A stride-1 convolution with few outputs from many
+   channels is one product of all taps' weights with the pixels and shifted sums. Tensors
    return to the standard layout before any node not known to accept channels_last, and before
    the net's outputs.
 

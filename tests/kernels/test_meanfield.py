@@ -154,6 +154,22 @@ def test_message_function(device, geometry):
                                     fast_mode=True)
 
 
+@pytest.mark.parametrize("geometry", MESSAGE_GEOMETRIES + [ConvGeometry((3, 3), (0, 0), (1, 1), (0, 0))])
+def test_message_in_bands_of_rows_equals_whole_planes(monkeypatch, geometry):
+    """The CPU message adds every tap into bands of output rows: bands of one row, and of two
+    (the last one shorter), give the whole planes' values exactly (same order per element)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 3, 9, 7, generator=gen, dtype=torch.float64)
+    out_h, out_w = geometry.output_size(9, 7)
+    attention = torch.rand(2, geometry.taps, out_h, out_w, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(meanfield_module, "CPU_BAND_BYTES", 1 << 40)
+    whole = meanfield_module._message_forward_cpu(q, attention, geometry)
+    row_bytes = 2 * 3 * out_w * 8
+    for rows in (1, 2):
+        monkeypatch.setattr(meanfield_module, "CPU_BAND_BYTES", rows * row_bytes)
+        assert torch.equal(meanfield_module._message_forward_cpu(q, attention, geometry), whole)
+
+
 @pytest.mark.needs_cuda
 def test_cuda_matches_cpu():
     bilateral, spatial = SPEC_PAIRS[0]
