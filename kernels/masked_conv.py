@@ -30,10 +30,11 @@ from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, n
                        pad_input, patch_view, register_tap_conv_autograd, tap_offsets, unpad)
 from .im2dist import im2dist
 
-# Bytes of masked columns per band: about a cache-sized block on CPU (4-8 MB measured best for
-# vgg conv1_2 on one thread); on CUDA (float64) a band is large (fewer launches) but still far
-# below the unfused (N, C*K, Ho*Wo) tensors.
-CPU_BAND_BYTES = 8 << 20
+# Bytes of masked columns per band. CPU: long enough for the products to run near the GEMM
+# rate, short against the unfused (N, C*K, Ho*Wo) tensors (vgg's fused layers at 321x321: 16 MB
+# is 5-15% faster than 8 MB at 2 threads and as fast at one; 64 MB is slower); on CUDA (float64)
+# a band is large (fewer launches) but still far below the unfused tensors.
+CPU_BAND_BYTES = 16 << 20
 CUDA_BAND_BYTES = 256 << 20
 
 # "auto": implicit GEMM for float32 / half, bands for float64; "igemm" or "bands" force one
