@@ -22,7 +22,8 @@ compute, up to float32 rounding:
 4. A ReLU / leaky ReLU whose bottom is a convolution's top read by nothing else is applied by
    the convolution (oneDNN's post-op, or in place). ReLU, leaky ReLU and Eltwise SUM write into
    a bottom whose memory is a fresh result nobody else reads (what Caffe's in-place tops do; a
-   sum takes whichever of its two bottoms is fresh).
+   sum takes whichever of its two bottoms is fresh), and such a sum read only by a ReLU is one
+   fused pass (a residual block's end).
 5. 2-D convolutions run in channels_last memory (oneDNN's CPU kernels are several times faster
    there for few channels, and no slower elsewhere); float32 CPU ones call oneDNN with weights
    reordered once into its blocked format. A stride-1 convolution with few outputs from many
@@ -729,6 +730,15 @@ def _add_(a, b):
     return a.add_(b)
 
 
+def _add_relu_(a, b):
+    """relu(a + b) written into a, in one pass (torch's fused kernel)."""
+    return torch.ops.aten._add_relu_(a, b)
+
+
+def _fused_add_relu_available():
+    return hasattr(torch.ops.aten, "_add_relu_")
+
+
 # ---------------------------------------------------------------------------- the rewrite
 class _Rewriter:
     def __init__(self, net, exact, use_channels_last):
@@ -945,7 +955,7 @@ class _Rewriter:
         if node.op == "call_module" and node.target.startswith("inference."):
             return isinstance(self.modules[node.target], (InferenceConvolution, ChannelAffine,
                                                           InferencePooling))
-        return node.op == "call_function" and node.target in (torch.add, _add_)
+        return node.op == "call_function" and node.target in (torch.add, _add_, _add_relu_)
 
     def fuse_activations(self):
         """A ReLU / leaky ReLU whose bottom is a convolution's fresh top: the convolution
@@ -984,9 +994,23 @@ class _Rewriter:
             elif node.target is torch.add:
                 self.replace(node, "call_function", _add_, node.args)
 
+    def fuse_add_relu(self):
+        """An in-place sum read only by an in-place ReLU (a residual block's end): one pass."""
+        if not _fused_add_relu_available():
+            return
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or node.target is not torch.relu_ or \
+                    len(node.args) != 1:
+                continue
+            total = node.args[0]
+            if isinstance(total, fx.Node) and total.op == "call_function" and \
+                    total.target is _add_ and len(total.users) == 1:
+                self.replace(node, "call_function", _add_relu_, total.args)
+                self.graph.erase_node(total)
+
     # nodes that compute the right values whatever the memory layout of their tensor inputs
     _LAYOUT_FREE_FUNCTIONS = (torch.relu, torch.relu_, F.leaky_relu, _leaky_relu_, torch.add,
-                              _add_, torch.softmax)
+                              _add_, _add_relu_, torch.softmax)
     # (PointwiseOverConcat reads either layout and gives its top in the standard one)
     _LAYOUT_FREE_MODULES = (InferenceConvolution, ChannelAffine, InferencePooling, InferencePReLU,
                             PointwiseOverConcat)
@@ -1067,6 +1091,7 @@ class _Rewriter:
         self.simplify_layers()
         self.fuse_activations()
         self.in_place()
+        self.fuse_add_relu()
         self.layouts()
         self.graph.lint()
         root = {}

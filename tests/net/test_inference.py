@@ -585,3 +585,32 @@ def test_few_output_convolutions_as_one_product_of_all_taps(kernel, pad, dilatio
         head = gm.get_submodule("inference.head")
         assert head.tap_product and not head.channels_last
         _check(net, _inputs(net), float64=dtype == torch.float64)
+
+
+@pytest.mark.parametrize("fresh_first", [True, False])
+def test_residual_sum_and_relu_are_one_in_place_pass(fresh_first):
+    """A residual block's end, Eltwise SUM of a shortcut read elsewhere too and a fresh branch,
+    then ReLU: the sum writes into the fresh bottom (whichever side it is on) and the ReLU joins
+    it in one fused pass; the shortcut keeps its values for its other reader."""
+    branch = 'bottom: "b"'
+    shortcut = 'bottom: "a"'
+    bottoms = f"{branch} {shortcut}" if fresh_first else f"{shortcut} {branch}"
+    body = f"""
+    layer {{ name: "c1" type: "Convolution" bottom: "data" top: "a" convolution_param {{
+      num_output: 4 kernel_size: 1 }} }}
+    layer {{ name: "r1" type: "ReLU" bottom: "a" top: "a" }}
+    layer {{ name: "c2" type: "Convolution" bottom: "a" top: "b" convolution_param {{
+      num_output: 4 kernel_size: 3 pad: 1 }} }}
+    layer {{ name: "sum" type: "Eltwise" {bottoms} top: "s" }}
+    layer {{ name: "r2" type: "ReLU" bottom: "s" top: "s" }}
+    layer {{ name: "c3" type: "Convolution" bottom: "a" top: "t" convolution_param {{
+      num_output: 2 kernel_size: 1 }} }}
+    """
+    for dtype in (torch.float64, torch.float32):
+        net = _net(body, (2, 3, 5, 6), dtype=dtype)
+        _check(net, _inputs(net), float64=dtype == torch.float64)
+        gm = net.graph_module(inference=True)
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        if inference._fused_add_relu_available():
+            assert inference._add_relu_ in targets
+            assert inference._add_ not in targets and torch.relu_ not in targets
