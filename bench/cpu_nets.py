@@ -5,6 +5,7 @@ the machine's float32 GEMM rate, and peak RSS of the released deploy nets, fused
     python bench/cpu_nets.py --nets vgg --backward # + forward/backward of vgg
     python bench/cpu_nets.py --threads 2 --variants fused
     python bench/cpu_nets.py --nets my_deploy.prototxt --size 97
+    python bench/cpu_nets.py --keep-freed-memory   # the allocator as the segaware-caffe command sets it
     python bench/cpu_nets.py --quick               # small inputs, small GEMM (smoke run, seconds)
 
 Each variant (net, fused or unfused, forward or forward+backward, thread count) runs in its own
@@ -63,6 +64,8 @@ def child(args):
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        sc.keep_freed_memory()
     gemm = gemm_rate(torch, args.gemm_size, args.gemm_repeat)
     net_param = caffe_proto.read_net(net_file(args.net))
     if args.size:
@@ -103,6 +106,7 @@ def run_variant(net, fuse, backward, size, threads, args):
            "--repeat", str(args.repeat), "--threads", str(threads),
            "--gemm-size", str(args.gemm_size), "--gemm-repeat", str(args.gemm_repeat)] + \
           (["--fuse"] if fuse else []) + (["--backward"] if backward else []) + \
+          (["--keep-freed-memory"] if args.keep_freed_memory else []) + \
           (["--size", str(size)] if size else [])
     env = dict(os.environ)
     if args.omp_wait_policy:
@@ -144,6 +148,9 @@ def main(argv=None):
                         default=["unfused", "fused"])
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"),
                         help="OMP_WAIT_POLICY for the timed processes (default: inherited)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="the allocator as the segaware-caffe command sets it: freed memory "
+                             "stays in the process (segaware_caffe.keep_freed_memory)")
     parser.add_argument("--gemm-size", type=int, default=2048)
     parser.add_argument("--gemm-repeat", type=int, default=3,
                         help="GEMM timings before and again after the net (median of all)")
@@ -167,6 +174,7 @@ def main(argv=None):
     policy = args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY", "(unset)")
     print(f"input size: {', '.join(str(s) if s else 'declared' for s in sizes)}; repeats: {args.repeat}; GEMM: float32 "
           f"{args.gemm_size}^3 torch.mm, median of {2 * args.gemm_repeat}; OMP_WAIT_POLICY={policy}; "
+          f"freed memory {'kept (as the command line)' if args.keep_freed_memory else 'returned (the default)'}; "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(HEADER, flush=True)
     variants = [(net, False) for net in args.nets] + \

@@ -42,6 +42,9 @@ def case_plan(engine, seeds, index, seed_value, targets):
 
 def worker(number, tasks, results, scratch, seed_value, targets, memory_gb):
     os.environ.setdefault("SEGAWARE_DATA_WORKERS", "0")   # no loader subprocesses per case
+    # the CLI target runs main() in this process: a kept heap would carry every case's peak
+    # memory into the next ones, under the worker's memory cap
+    os.environ.setdefault("SEGAWARE_KEEP_FREED_MEMORY", "0")
     from tests.fuzz import engine
     seeds = engine.build_seeds(Path(scratch) / f"seeds{number}")
     folder = Path(scratch) / f"work{number}"
@@ -119,6 +122,7 @@ def summarize(records, elapsed, top):
 def replay(index, args, targets):
     """Run one case in this process and show what it raised, with the traceback."""
     os.environ.setdefault("SEGAWARE_DATA_WORKERS", "0")
+    os.environ.setdefault("SEGAWARE_KEEP_FREED_MEMORY", "0")
     from tests.fuzz import engine
     scratch = Path(tempfile.mkdtemp(prefix="segaware-fuzz-"))
     try:

@@ -30,6 +30,7 @@ _API = {
     "Net": "net",
     "WeightsReport": "weights",
     "Solver": "solver",
+    "keep_freed_memory": "allocator",
 }
 __all__ = sorted(_API)
 

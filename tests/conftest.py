@@ -6,6 +6,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tests call the command line's main() in the test process; its allocator switch (freed memory
+# kept, segaware_caffe.allocator) would then hold every test's peak memory for the session.
+# tests/cli/test_allocator.py checks the switch in processes of its own.
+os.environ.setdefault("SEGAWARE_KEEP_FREED_MEMORY", "0")
+
 
 # Numbers the original segaware Caffe produced (inputs, weights, outputs, gradients, solver
 # steps), kept in the repository: see tests/fixtures/README.md.

@@ -181,8 +181,18 @@ def _memory_budget(max_bytes):
     return limit(max_bytes)
 
 
+def allocator_defaults():
+    """Large tensors reuse the process's freed memory (segaware_caffe.allocator) unless
+    SEGAWARE_KEEP_FREED_MEMORY=0: the command owns its process, and the memory a forward
+    peaks at is what the next one needs again."""
+    if os.environ.get("SEGAWARE_KEEP_FREED_MEMORY", "1").strip() != "0":
+        from segaware_caffe.allocator import keep_freed_memory
+        keep_freed_memory()
+
+
 def main(argv=None):
     openmp_defaults()
+    allocator_defaults()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     label = PROG
