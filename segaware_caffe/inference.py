@@ -37,6 +37,8 @@ untouched. The graph holds no autograd rules of its own: it is for forwards with
 """
 import copy
 import operator
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +211,13 @@ class InferenceConvolution(_InferenceModule):
     # channels to 21 outputs, 3x3, 65x65: 20 ms vs 24-44 ms)
     TAP_PRODUCT_OUTPUTS = 32
     TAP_PRODUCT_CHANNELS = 256
+
+    def __getstate__(self):
+        # oneDNN's reordered weights are opaque tensors (no storage to copy or pickle): a copy
+        # of the net makes its own on its first call
+        state = self.__dict__.copy()
+        state["_packed"], state["_packed_verified"] = None, False
+        return state
 
     def set_channels_last(self, channels_last):
         conv = isinstance(self.layer, Convolution)
@@ -427,6 +436,11 @@ def _product_in_standard_layout(x, weight_t, bias=None):
     return y.view(num, outputs, height, width)
 
 
+# PointwiseOverConcat -> threading.local of its kept temporaries (outside the module, which then
+# deep-copies and pickles as before)
+_THREAD_BUFFERS = weakref.WeakKeyDictionary()
+
+
 class PointwiseOverConcat(_InferenceModule):
     """A 1x1 convolution of a channel concatenation, computed part by part: W [a; I(b); ...] + c
     = W_a a + I(W_b b) + ... + c, where I is an Interp resize of one part. A resize acts on each
@@ -441,16 +455,20 @@ class PointwiseOverConcat(_InferenceModule):
         object.__setattr__(self, "conv", conv)
         object.__setattr__(self, "resizes", tuple(resizes))
         self.parts = tuple(int(c) for c in parts)
-        self._workspaces = {}
 
     def _workspace(self, name, shape, like):
-        """A temporary kept between calls (it never leaves forward): a large top then reuses
-        its pages instead of faulting in fresh zeroed ones on every call (the res net's 64 x
-        513 x 513 sum: most of this module's time at 2 threads)."""
-        buffer = self._workspaces.get(name)
+        """A temporary kept between calls (it never leaves forward; one per calling thread, so
+        a net may run in several threads at once, and freed with the thread or the module): a
+        large top then reuses its pages instead of faulting in fresh zeroed ones on every call
+        (the res net's 64 x 513 x 513 sum)."""
+        local = _THREAD_BUFFERS.get(self)
+        if local is None:
+            local = _THREAD_BUFFERS[self] = threading.local()
+        kept = local.__dict__.setdefault("buffers", {})
+        buffer = kept.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or \
                 buffer.device != like.device:
-            buffer = self._workspaces[name] = like.new_empty(shape)
+            buffer = kept[name] = like.new_empty(shape)
         return buffer
 
     def _resized(self, resize, image):

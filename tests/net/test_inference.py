@@ -614,3 +614,28 @@ def test_residual_sum_and_relu_are_one_in_place_pass(fresh_first):
         if inference._fused_add_relu_available():
             assert inference._add_relu_ in targets
             assert inference._add_ not in targets and torch.relu_ not in targets
+
+
+def test_the_embedding_head_runs_in_several_threads_at_once_and_deep_copies():
+    """The product over a concatenation of resizes keeps temporaries between calls, one set per
+    thread: the same net run from four threads at once gives each thread the single-threaded
+    values; a net that ran deep-copies."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+    net = _net(CONCAT_OF_RESIZES, (1, 2, 9, 11), dtype=torch.float32)
+    inputs = [_inputs(net, seed=s) for s in range(8)]
+    with torch.no_grad():
+        expected = [net.forward(**x)["y"] for x in inputs]
+
+    def run(x):
+        with torch.no_grad():
+            return [net.forward(**x)["y"] for _ in range(20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, inputs))
+    for got, want in zip(results, expected):
+        for y in got:
+            assert torch.equal(y, want)
+    clone = copy.deepcopy(net)
+    with torch.no_grad():
+        assert torch.equal(clone.forward(**inputs[0])["y"], expected[0])
