@@ -639,3 +639,97 @@ def test_the_embedding_head_runs_in_several_threads_at_once_and_deep_copies():
     clone = copy.deepcopy(net)
     with torch.no_grad():
         assert torch.equal(clone.forward(**inputs[0])["y"], expected[0])
+
+
+def _random_net_text(rng):
+    """A random chain of the layers the rewrites touch: convolutions of random geometry (some
+    with many channels and few outputs), in-place and out-of-place ReLUs, residual sums, MAX /
+    AVE pooling, BatchNorm + Scale, a concatenation, inner products."""
+    lines, top, channels, index = [], "data", 3, 0
+
+    def name(kind):
+        nonlocal index
+        index += 1
+        return f"{kind}{index}"
+
+    for _ in range(rng.randint(2, 6)):
+        choice = rng.choice(["conv", "conv", "wide", "relu", "sum", "pool", "bn", "cat"])
+        if choice in ("conv", "wide"):
+            out = rng.choice([2, 5]) if choice == "wide" else rng.choice([3, 8, 16])
+            if choice == "wide" and channels < 256:      # many channels first
+                widen = name("c")
+                lines.append(f'layer {{ name: "{widen}" type: "Convolution" bottom: "{top}" '
+                             f'top: "{widen}" convolution_param {{ num_output: 256 '
+                             f'kernel_size: 1 }} }}')
+                top, channels = widen, 256
+            k, d = rng.choice([1, 3]), rng.choice([1, 2])
+            pad = rng.choice([0, (k // 2) * d])
+            layer = name("c")
+            lines.append(f'layer {{ name: "{layer}" type: "Convolution" bottom: "{top}" '
+                         f'top: "{layer}" convolution_param {{ num_output: {out} kernel_size: {k} '
+                         f'pad: {pad} dilation: {d} }} }}')
+            top, channels = layer, out
+        elif choice == "relu":
+            in_place = rng.random() < 0.7
+            layer = name("r")
+            lines.append(f'layer {{ name: "{layer}" type: "ReLU" bottom: "{top}" '
+                         f'top: "{top if in_place else layer}" }}')
+            top = top if in_place else layer
+        elif choice == "sum":
+            branch = name("b")
+            lines.append(f'layer {{ name: "{branch}" type: "Convolution" bottom: "{top}" '
+                         f'top: "{branch}" convolution_param {{ num_output: {channels} '
+                         f'kernel_size: 3 pad: 1 }} }}')
+            layer = name("s")
+            first, second = (top, branch) if rng.random() < 0.5 else (branch, top)
+            lines.append(f'layer {{ name: "{layer}" type: "Eltwise" bottom: "{first}" '
+                         f'bottom: "{second}" top: "{layer}" }}')
+            lines.append(f'layer {{ name: "{name("r")}" type: "ReLU" bottom: "{layer}" '
+                         f'top: "{layer}" }}')
+            top = layer
+        elif choice == "pool":
+            layer = name("p")
+            method = rng.choice(["MAX", "AVE"])
+            lines.append(f'layer {{ name: "{layer}" type: "Pooling" bottom: "{top}" top: "{layer}" '
+                         f'pooling_param {{ pool: {method} kernel_size: {rng.choice([2, 3])} '
+                         f'stride: {rng.choice([1, 2])} pad: {rng.choice([0, 1])} }} }}')
+            top = layer
+        elif choice == "bn":
+            bn, sc_ = name("bn"), name("sc")
+            lines.append(f'layer {{ name: "{bn}" type: "BatchNorm" bottom: "{top}" top: "{top}" }}')
+            lines.append(f'layer {{ name: "{sc_}" type: "Scale" bottom: "{top}" top: "{top}" '
+                         f'scale_param {{ bias_term: true }} }}')
+        else:
+            side = name("c")
+            lines.append(f'layer {{ name: "{side}" type: "Convolution" bottom: "{top}" '
+                         f'top: "{side}" convolution_param {{ num_output: 4 kernel_size: 1 }} }}')
+            layer = name("cat")
+            lines.append(f'layer {{ name: "{layer}" type: "Concat" bottom: "{top}" '
+                         f'bottom: "{side}" top: "{layer}" }}')
+            top, channels = layer, channels + 4
+    # (no ReLU on the output: a top that it zeroes almost everywhere would compare float32
+    # rounding of the large values before it against the few small ones left)
+    lines.append(f'layer {{ name: "ip" type: "InnerProduct" bottom: "{top}" top: "ip" '
+                 f'inner_product_param {{ num_output: 3 }} }}')
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_nets_keep_the_exact_graphs_values(seed):
+    """Random chains of convolutions, activations, residual sums, pooling, affine layers and
+    concatenations: every rewrite together (folding, fused activations, in-place and fused
+    sums, tap products, layouts) gives the exact graph's outputs, float64 and float32."""
+    rng = random.Random(seed)
+    for _ in range(50):         # a chain whose pooling shrinks the image to nothing: draw again
+        body = _random_net_text(rng)
+        shape = (rng.choice([1, 2]), 3, rng.randint(6, 11), rng.randint(6, 11))
+        try:
+            _net(body, shape, seed=seed)
+            break
+        except sc.NetBuildError:
+            continue
+    else:
+        raise AssertionError("no buildable random net in 50 draws")
+    for dtype in (torch.float64, torch.float32):
+        net = _net(body, shape, dtype=dtype, seed=seed)
+        _check(net, _inputs(net, seed=seed), float64=dtype == torch.float64)
