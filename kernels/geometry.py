@@ -222,6 +222,15 @@ def tap_offsets(geometry):
     return [(i, j, i * dh, j * dw) for i in range(kh) for j in range(kw)]
 
 
+def inside_range(out_start, out_end, size, pad, stride, offset):
+    """Output positions [lo, hi) of [out_start, out_end) along one axis whose tap at padded
+    offset `offset` reads a pixel inside [0, size) (pixel = o * stride + offset - pad), and the
+    pixel the first of them reads. Empty (lo >= hi) when none does."""
+    lo = max(out_start, -((offset - pad) // stride))      # ceil((pad - offset) / stride)
+    hi = min(out_end, (size - 1 + pad - offset) // stride + 1)
+    return lo, hi, lo * stride + offset - pad
+
+
 def axis_inside(size, out_size, kernel, pad, stride, dilation, device):
     """Bool (kernel, out_size): tap row i at output row o lies inside [0, size)."""
     position = (torch.arange(out_size, device=device)[None, :] * stride - pad

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from . import _cuda
-from .geometry import (ConvGeometry, check_tensor, compute_dtype, no_autocast, pad_input,
-                       patch_view, tap_inside, tap_offsets, unpad)
+from .geometry import (ConvGeometry, check_tensor, compute_dtype, inside_range, no_autocast,
+                       pad_input, patch_view, tap_inside, tap_offsets, unpad)
 
 # FLT_MAX / 100 rounded to float32, the value the original writes for removed taps
 BIG = float(torch.tensor(torch.finfo(torch.float32).max / 100, dtype=torch.float32))
@@ -57,38 +57,39 @@ def _is_same_geometry(geometry, height, width):
 
 
 def _forward_cpu_same(x, geometry, norm_l1, remove_center, remove_bounds):
-    """The 'same' geometry without a padded copy, computing half the taps: tap k at pixel p
-    compares p with p + d_k, and the mirror tap (offset -d_k) at p + d_k compares the same
-    two pixels, phi(a - b) = phi(b - a), so its plane is tap k's shifted by d_k."""
+    """The 'same' geometry without a padded copy, computing one tap of each mirror pair: tap k
+    at pixel p compares p with p + d_k, and the mirror tap (offset -d_k) at p + d_k compares
+    the same two pixels, phi(a - b) = phi(b - a), so its plane is tap k's shifted by d_k."""
     batch, channels, height, width = x.shape
     kh, kw = geometry.kernel
-    ci, cj = geometry.centre_tap
+    (pad_h, pad_w), (ci, cj) = geometry.pad, geometry.centre_tap
     out = x.new_empty((batch, kh * kw, height, width))
     fill = BIG if remove_bounds else 0.0
     rows = _band_rows(x, width)
     buffer = x.new_empty((batch, channels, min(rows, height), width))
     done = set()
-    for k, (i, j, _, _) in enumerate(tap_offsets(geometry)):
+    for k, (i, j, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
         plane = out[:, k]
-        if (i, j) == (ci, cj):      # the centre with itself: distance 0
-            plane.fill_(BIG if remove_center else 0.0)
+        if remove_center and (i, j) == (ci, cj):
+            plane.fill_(BIG)
             continue
-        dh, dw = (i - ci) * geometry.dilation[0], (j - cj) * geometry.dilation[1]
-        # pixels whose neighbour p + d lies in the image; the rest take the fill value
-        r0, r1 = max(0, -dh), height - max(0, dh)
-        c0, c1 = max(0, -dw), width - max(0, dw)
+        # (the centre tap itself is computed: phi(x - x) is 0, but NaN where x is not finite)
+        # pixels [r0, r1) x [c0, c1) whose neighbour (from (n0, m0) on) lies in the image;
+        # the rest take the fill value
+        r0, r1, n0 = inside_range(0, height, height, pad_h, 1, offset_h)
+        c0, c1, m0 = inside_range(0, width, width, pad_w, 1, offset_w)
         plane.fill_(fill)
         if r0 >= r1 or c0 >= c1:
             continue
         mi, mj = 2 * ci - i, 2 * cj - j
         mirror = mi * kw + mj
         if 0 <= mi < kh and 0 <= mj < kw and mirror in done:
-            plane[:, r0:r1, c0:c1] = out[:, mirror, r0 + dh:r1 + dh, c0 + dw:c1 + dw]
+            plane[:, r0:r1, c0:c1] = out[:, mirror, n0:n0 + r1 - r0, m0:m0 + c1 - c0]
         else:
             for start in range(r0, r1, rows):
                 end = min(r1, start + rows)
                 _distance_into(x[:, :, start:end, c0:c1],
-                               x[:, :, start + dh:end + dh, c0 + dw:c1 + dw],
+                               x[:, :, n0 + start - r0:n0 + end - r0, m0:m0 + c1 - c0],
                                buffer[:, :, :end - start, :c1 - c0],
                                plane[:, start:end, c0:c1], norm_l1)
         done.add(k)

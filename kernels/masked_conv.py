@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from . import _cuda
-from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, no_autocast,
-                       pad_input, patch_view, register_tap_conv_autograd, tap_offsets, unpad)
+from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, inside_range,
+                       no_autocast, pad_input, patch_view, register_tap_conv_autograd,
+                       tap_offsets, unpad)
 from .im2dist import im2dist
 
 # Bytes of masked columns per band. CPU: long enough for the products to run near the GEMM
@@ -62,42 +63,33 @@ def _band_view(padded, offset_h, offset_w, row_start, row_end, out_w, stride):
 # ---------------------------------------------------------------------------------------------
 # CPU (vectorised torch; loops over bands of output rows and the K taps)
 
-def _masked_columns_cpu(padded, mask, geometry, row_start, row_end, columns):
-    """Fill columns (N, C, K, rows, Wo) with x[c, p + offset_k] * mask[k, p] for the band."""
-    out_w = mask.shape[3]
-    for k, (_, _, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
-        pixels = _band_view(padded, offset_h, offset_w, row_start, row_end, out_w, geometry.stride)
-        torch.mul(pixels, mask[:, k, row_start:row_end].unsqueeze(1), out=columns[:, :, k])
-    return columns
-
-
-def _inside_range(out_start, out_end, size, pad, stride, offset):
-    """Output positions [lo, hi) of [out_start, out_end) whose tap at padded offset `offset`
-    reads a pixel inside [0, size), and the pixel the first reads."""
-    # pixel = o * stride + offset - pad must satisfy 0 <= pixel < size
-    lo = max(out_start, -((offset - pad) // stride))
-    hi = min(out_end, (size - 1 + pad - offset) // stride + 1)
-    return lo, hi, lo * stride + offset - pad
-
-
-def _masked_columns_unpadded(x, mask, geometry, row_start, row_end, columns):
-    """_masked_columns_cpu from the unpadded input: each tap multiplies the pixels inside the
-    image and zeroes the columns of pixels outside (no padded copy of the input is made)."""
+def _masked_columns_cpu(x, mask, geometry, row_start, row_end, columns):
+    """Fill columns (N, C, K, rows, Wo) with x[c, p + offset_k] * mask[k, p] for the band of
+    output rows, from the unpadded input (no padded copy is made): the pixels inside the image
+    are multiplied, and a pixel outside is im2col's zero times the mask (0, or NaN where the
+    mask is not finite, as the original's product gives)."""
     height, width = x.shape[2:]
     out_w = mask.shape[3]
     (stride_h, stride_w), (pad_h, pad_w) = geometry.stride, geometry.pad
+
+    def outside(target, k, rows, cols):
+        part = target[:, :, rows, cols]
+        band_mask = mask[:, k, row_start:row_end][:, rows, cols].unsqueeze(1)
+        torch.mul(band_mask.expand_as(part), 0.0, out=part)
+
+    everything = slice(None)
     for k, (_, _, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
         target = columns[:, :, k]
-        lo, hi, first_row = _inside_range(row_start, row_end, height, pad_h, stride_h, offset_h)
-        clo, chi, first_col = _inside_range(0, out_w, width, pad_w, stride_w, offset_w)
+        lo, hi, first_row = inside_range(row_start, row_end, height, pad_h, stride_h, offset_h)
+        clo, chi, first_col = inside_range(0, out_w, width, pad_w, stride_w, offset_w)
         if lo >= hi or clo >= chi:
-            target.zero_()
+            outside(target, k, everything, everything)
             continue
         a, b = lo - row_start, hi - row_start
-        target[:, :, :a].zero_()
-        target[:, :, b:].zero_()
-        target[:, :, a:b, :clo].zero_()
-        target[:, :, a:b, chi:].zero_()
+        outside(target, k, slice(None, a), everything)
+        outside(target, k, slice(b, None), everything)
+        outside(target, k, slice(a, b), slice(None, clo))
+        outside(target, k, slice(a, b), slice(chi, None))
         pixels = x[:, :, first_row:first_row + (hi - lo - 1) * stride_h + 1:stride_h,
                    first_col:first_col + (chi - clo - 1) * stride_w + 1:stride_w]
         torch.mul(pixels, mask[:, k, lo:hi, clo:chi].unsqueeze(1), out=target[:, :, a:b, clo:chi])
@@ -118,8 +110,8 @@ def _forward_cpu(x, mask, weight, bias, geometry, group):
         row_end = min(out_h, row_start + rows)
         band = row_end - row_start
         columns = buffer[:, :, :band]
-        _masked_columns_unpadded(x, mask, geometry, row_start, row_end,
-                                 columns.unflatten(1, (channels, taps)))
+        _masked_columns_cpu(x, mask, geometry, row_start, row_end,
+                            columns.unflatten(1, (channels, taps)))
         # (N, group, column rows of a group, band pixels)
         columns = columns.flatten(2).unflatten(1, (group, -1))
         # (N, group, O/group, band pixels): rows of H*W stride, which BLAS writes directly
@@ -171,7 +163,7 @@ def _backward_cpu(grad_out, x, mask, weight, geometry, group, needs):
                    if need_x or need_mask else None)
     for row_start, row_end, band, grad_band in _output_bands(grad_out, rows, group):
         if need_weight:
-            columns = _masked_columns_cpu(padded, mask, geometry, row_start, row_end,
+            columns = _masked_columns_cpu(x, mask, geometry, row_start, row_end,
                                           buffer[:, :, :, :band])
             columns = columns.reshape(batch, group, group_columns, band * out_w)
             for n in range(batch):

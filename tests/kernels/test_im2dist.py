@@ -229,13 +229,17 @@ def test_functional_rejects_bad_inputs(kwargs, error, message):
 @pytest.mark.parametrize("remove_center,remove_bounds", [(False, False), (True, True)])
 def test_same_geometry_path_equals_the_general_path(monkeypatch, shape, kernel, dilation, norm,
                                                     remove_center, remove_bounds):
-    """Stride 1 with the patch centred on its pixel takes the path that computes half the taps
-    (mirror taps shifted) in bands of rows: the general path's result up to the order of the
-    channel sums (float32 rounding), for offsets beyond the image and with bands of one row."""
+    """Stride 1 with the patch centred on its pixel takes the path that computes one tap of
+    each mirror pair (the other is its plane shifted) in bands of rows: the general path's
+    result up to the order of the channel sums (float32 rounding), for offsets beyond the image,
+    non-finite inputs and bands of one row."""
     module = importlib.import_module("segaware_caffe.kernels.im2dist")
     pad = ((kernel[0] // 2) * dilation[0], (kernel[1] // 2) * dilation[1])
     geometry = ConvGeometry(kernel, pad, (1, 1), dilation)
     x = make_input(shape, torch.float32, "cpu", True).detach()
+    # entries that are not finite: the centre tap's phi(x - x) is NaN there, as the general
+    # path's difference gives, and the mirror taps carry inf and NaN like the taps they copy
+    x[0, 0, 1, 2], x[-1, -1, -1, 0], x[0, -1, 2, -1] = float("inf"), float("nan"), -float("inf")
     assert module._is_same_geometry(geometry, *shape[2:])
     args = (x, geometry, norm == "L1", remove_center, remove_bounds)
     fast = module._forward_cpu(*args)
@@ -244,7 +248,10 @@ def test_same_geometry_path_equals_the_general_path(monkeypatch, shape, kernel, 
     monkeypatch.setattr(module, "_is_same_geometry", lambda *a: False)
     general = module._forward_cpu(*args)
     for result in (fast, banded):
-        torch.testing.assert_close(result, general, rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(result, general, rtol=2e-6, atol=1e-6, equal_nan=True)
         assert torch.equal(result == BIG, general == BIG)
-    reference = reference_im2dist(x, geometry, norm, remove_center, remove_bounds)
-    np.testing.assert_allclose(general.double().numpy(), reference, rtol=1e-5, atol=1e-5)
+    assert torch.isnan(general).any()
+    with np.errstate(invalid="ignore"):              # inf - inf in the reference
+        reference = reference_im2dist(x, geometry, norm, remove_center, remove_bounds)
+    np.testing.assert_allclose(general.double().numpy(), reference, rtol=1e-5, atol=1e-5,
+                               equal_nan=True)

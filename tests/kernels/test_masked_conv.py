@@ -248,3 +248,29 @@ def test_emb_needs_lambda_and_matching_size():
         masked_conv2d(x, weight, emb=torch.zeros(1, 2, 5, 5), pad=1)
     with pytest.raises(ValueError, match=r"emb must be \(N=1, E, 5, 5\)"):
         masked_conv2d(x, weight, emb=torch.zeros(1, 2, 4, 5), lam=0.1, pad=1)
+
+
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+def test_cpu_columns_are_the_zero_padded_im2col_times_the_mask(geometry_case):
+    """The CPU band columns, built without a padded copy, are the padded input's taps times the
+    mask element for element: a pixel outside the image is 0 * mask, so a mask that is not
+    finite there gives NaN as the original's product does."""
+    from segaware_caffe.kernels.geometry import ConvGeometry, pad_input, patch_view, tap_offsets
+    shape, _, kernel, pad, stride, dilation, _ = geometry_case
+    geometry = ConvGeometry(kernel, pad, stride, dilation)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    out_h, out_w = geometry.output_size(*shape[2:])
+    mask = torch.rand(shape[0], geometry.taps, out_h, out_w, generator=gen, dtype=torch.float64)
+    mask[0, 0, 0, 0], mask[-1, -1, -1, -1] = float("nan"), float("inf")
+    mask[0, geometry.taps // 2, out_h // 2, out_w // 2] = float("inf")
+    padded = pad_input(x, geometry)
+    expected = torch.stack([patch_view(padded, oh, ow, (out_h, out_w), geometry.stride)
+                            * mask[:, k].unsqueeze(1)
+                            for k, (_, _, oh, ow) in enumerate(tap_offsets(geometry))], 2)
+    for start, end in ((0, out_h), (1, out_h)):
+        columns = torch.empty(shape[0], shape[1], geometry.taps, end - start, out_w,
+                              dtype=torch.float64)
+        masked_conv_module._masked_columns_cpu(x, mask, geometry, start, end, columns)
+        torch.testing.assert_close(columns, expected[:, :, :, start:end], rtol=0, atol=0,
+                                   equal_nan=True)
