@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .kernels.geometry import inside_range
 from .layers.batch_norm import BatchNorm
 from .layers.bias import Bias
 from .layers.concat import Concat
@@ -84,17 +85,13 @@ def parameters_changed():
     _GENERATION[0] += 1
 
 
-def _stamp(tensors):
-    """What identifies the current values of `tensors`: version counters, storage, generation."""
-    return (_GENERATION[0],) + tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-
-
 class _BlobWatch:
     """The learnable blobs of some layers (their Caffe order), read at each call where each
     lives -- the module's parameter, buffer or attribute dict -- rather than through
     nn.Module's attribute lookup, which costs microseconds per blob on every forward of a small
-    net. A blob replaced by a new tensor is seen (the dict entry changes), and `stamp()` says
-    whether any value changed since the last look."""
+    net. A blob replaced by a new tensor is seen (the dict entry changes), and `changed()` says
+    whether any value changed since it last answered (by version counters, storage and
+    `parameters_changed()`'s generation)."""
 
     def __init__(self, modules):
         self.slots = []
@@ -104,12 +101,20 @@ class _BlobWatch:
                              if name in d), None)
                 if home is not None:
                     self.slots.append((home, name))
+        self._seen = None
 
-    def tensors(self):
-        return [t for t in (home.get(name) for home, name in self.slots) if t is not None]
+    def changed(self):
+        tensors = [t for t in (home.get(name) for home, name in self.slots) if t is not None]
+        stamp = (_GENERATION[0],) + tuple((t._version, t.data_ptr(), t.dtype, t.device)
+                                          for t in tensors)
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        return True
 
-    def stamp(self):
-        return _stamp(self.tensors())
+    def forget(self):
+        """The next `changed()` answers True."""
+        self._seen = None
 
 
 # ---------------------------------------------------------------------------- affine layers
@@ -194,6 +199,7 @@ class InferenceConvolution(_InferenceModule):
         self._packed = None             # (weight it was made from, input shape, packed weight)
         self._packed_failed = False
         self._packed_verified = False   # whether a call with the current packing succeeded
+        self._blob_watch = _BlobWatch((layer,) + self.chain)
         self.pointwise = isinstance(layer, Convolution) and layer.group == 1 and (
             layer.bottom_is_im2col or (layer.kernel == (1, 1) and layer.stride == (1, 1)
                                        and layer.pad == (0, 0)))
@@ -226,17 +232,8 @@ class InferenceConvolution(_InferenceModule):
         # the layer's own blobs serve as they are (no copy to keep up to date)
         self._direct = not self.chain and not self.channels_last and not self.pointwise and \
             not self.tap_product and not (conv and self.layer.bottom_is_im2col)
-        self._stamp = None
+        self._blob_watch.forget()
         self._blobs = None
-
-    def _sources(self):
-        return self._watch().tensors()
-
-    def _watch(self):
-        watch = self.__dict__.get("_blob_watch")
-        if watch is None:
-            watch = self._blob_watch = _BlobWatch((self.layer,) + self.chain)
-        return watch
 
     @torch.no_grad()
     def _prepare(self):
@@ -271,10 +268,8 @@ class InferenceConvolution(_InferenceModule):
             weight = layer.weight.t() if isinstance(layer, InnerProduct) and layer.transpose \
                 else layer.weight
             return weight, layer.bias
-        stamp = self._watch().stamp()
-        if stamp != self._stamp:
+        if self._blob_watch.changed():
             self._blobs = self._prepare()
-            self._stamp = stamp
         return self._blobs
 
     def forward(self, x):
@@ -378,10 +373,17 @@ def _pointwise(x, weight_t, bias, channels_last):
     return _product_in_standard_layout(x, weight_t, bias)
 
 
+def _in_channels_last(x):
+    """Whether x is a 4-D tensor in channels_last memory (and not also contiguous, as a tensor
+    with one channel or one pixel is in both)."""
+    return x.dim() == 4 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _pixel_rows(x):
     """(N, H*W, C) view of an (N, C, H, W) image in either layout: each pixel's channels."""
     num, channels, height, width = x.shape
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if _in_channels_last(x):
         return x.permute(0, 2, 3, 1).reshape(num, height * width, channels)
     return x.contiguous().reshape(num, channels, height * width).transpose(1, 2)
 
@@ -407,13 +409,11 @@ def _tap_product_convolution(x, taps_weight, bias, layer):
     else:
         y.copy_(bias.view(1, -1, 1, 1).expand_as(y))
     for i in range(kh):
-        # output rows [lo, hi) read input rows lo - pad + i * dilation, inside [0, height)
-        lo, hi = max(0, pad_h - i * dil_h), min(out_h, height + pad_h - i * dil_h)
+        lo, hi, r = inside_range(0, out_h, height, pad_h, 1, i * dil_h)
         for j in range(kw):
-            clo, chi = max(0, pad_w - j * dil_w), min(out_w, width + pad_w - j * dil_w)
+            clo, chi, c = inside_range(0, out_w, width, pad_w, 1, j * dil_w)
             if lo >= hi or clo >= chi:
                 continue
-            r, c = lo - pad_h + i * dil_h, clo - pad_w + j * dil_w
             y[:, :, lo:hi, clo:chi] += z[:, i * kw + j, :, r:r + hi - lo, c:c + chi - clo]
     return y
 
@@ -455,6 +455,11 @@ class PointwiseOverConcat(_InferenceModule):
         object.__setattr__(self, "conv", conv)
         object.__setattr__(self, "resizes", tuple(resizes))
         self.parts = tuple(int(c) for c in parts)
+        # each part's rows of the weights, and the order the parts are summed in: those at the
+        # top's size first (their products accumulate into the sum), then the resized ones
+        starts = [sum(self.parts[:i]) for i in range(len(self.parts))]
+        self.bounds = tuple((start, start + c) for start, c in zip(starts, self.parts))
+        self.order = tuple(sorted(range(len(self.parts)), key=lambda i: resizes[i] is not None))
 
     def _workspace(self, name, shape, like):
         """A temporary kept between calls (it never leaves forward; one per calling thread, so
@@ -472,32 +477,21 @@ class PointwiseOverConcat(_InferenceModule):
         return buffer
 
     def _resized(self, resize, image):
-        """resize(image) for a channels_last image, into a kept buffer where the resize is a
-        plain bilinear one (no cropping), else by the layer itself."""
-        num, outputs, height, width = image.shape
-        if resize.pad_beg or resize.pad_end:
-            return resize(image)
-        out_h, out_w = resize.output_spatial_size(height, width)
-        if (out_h, out_w) == (height, width):
-            return resize(image)
+        """The Interp layer's top of a channels_last image, written into a kept buffer."""
+        num, outputs, out_h, out_w = resize.output_shapes([tuple(image.shape)])[0]
         top = self._workspace("resized", (num, out_h, out_w, outputs), image).permute(0, 3, 1, 2)
-        torch._C._nn.upsample_bilinear2d(image, [out_h, out_w], True, None, None, out=top)
-        return top
+        return resize.resize(image, out=top)
 
     def forward(self, *inputs):
         weight_t, bias = self.conv.blobs()                 # (C, O)
         outputs = weight_t.shape[1]
-        bounds, start = [], 0
-        for channels in self.parts:
-            bounds.append((start, start + channels))
-            start += channels
         # the sum is kept in channels_last memory, as (N, pixels, O) rows: every product is
         # then one matrix product per image whatever its part's layout, and the resized parts
         # are resized in channels_last memory (torch's bilinear resize is several times faster
         # there); it goes to the standard layout once at the end
         total = None
-        for i in sorted(range(len(self.parts)), key=lambda i: self.resizes[i] is not None):
-            x, resize, (lo, hi) = inputs[i], self.resizes[i], bounds[i]
+        for i in self.order:
+            x, resize, (lo, hi) = inputs[i], self.resizes[i], self.bounds[i]
             num, _, height, width = x.shape
             rows = _pixel_rows(x)
             if resize is None:
@@ -545,17 +539,14 @@ class ChannelAffine(_InferenceModule):
         super().__init__()
         object.__setattr__(self, "chain", tuple(chain))
         self.channels = channels
-        self._stamp = None
         self._blobs = None
         self._blob_watch = _BlobWatch(self.chain)
 
     def forward(self, x):
-        stamp = self._blob_watch.stamp()
-        if stamp != self._stamp:
+        if self._blob_watch.changed():
             with torch.no_grad():
                 a, b = _chain_affine(self.chain, self.channels)
                 self._blobs = a.to(x.dtype), b.to(x.dtype)
-            self._stamp = stamp
         a, b = self._blobs
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(b.reshape(shape), x, a.reshape(shape))
@@ -583,7 +574,7 @@ class InferencePooling(_InferenceModule):
         self._plans = {}                 # (input shape, channels_last) -> _plan's answer
 
     def forward(self, x):
-        layer, activation = self.layer, self.activation
+        activation = self.activation
         plan = self._plan(x)
         if activation is not None and not self._commutes(plan):
             x = _activation(activation, x)       # it no longer commutes: apply it first
@@ -594,8 +585,7 @@ class InferencePooling(_InferenceModule):
     def _plan(self, x):
         """(pool, windows_nonempty) for inputs of x's shape and layout: the function that pools
         such an input, and whether every window holds a pixel. Made once per shape."""
-        cl = x.dim() == 4 and not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last)
+        cl = _in_channels_last(x)
         key = (x.shape, cl)
         plan = self._plans.get(key)
         if plan is None:
@@ -656,14 +646,6 @@ class InferencePooling(_InferenceModule):
         return self.method + after
 
 
-def _tap_range(out, size, pad, stride, tap):
-    """Output positions [lo, hi) whose window's tap `tap` falls inside [0, size), and the input
-    position of the first."""
-    lo = max(0, -((tap - pad) // stride))            # ceil((pad - tap) / stride)
-    hi = min(out, (size - 1 + pad - tap) // stride + 1)
-    return lo, hi, lo * stride - pad + tap
-
-
 def tap_max_pool(x, kernel, pad, stride, out_hw):
     """Caffe's MAX pooling of (N, C, H, W) as running maxima over the kernel's taps, one spatial
     axis at a time: a window is a rectangle clipped to the image, so its maximum is the maximum
@@ -678,9 +660,7 @@ def _running_max(x, axis, kernel, pad, stride, out):
     """Maxima along one axis of (N, C, H, W) over windows of `kernel` taps, `stride` apart,
     starting `pad` before the first element and clipped to the axis."""
     size = x.shape[axis]
-    layout = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()
-                                     and x.is_contiguous(memory_format=torch.channels_last)) \
-        else torch.contiguous_format
+    layout = torch.channels_last if _in_channels_last(x) else torch.contiguous_format
     shape = list(x.shape)
     shape[axis] = out
     top = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
@@ -692,7 +672,7 @@ def _running_max(x, axis, kernel, pad, stride, out):
 
     taps = []
     for tap in range(kernel):
-        lo, hi, first = _tap_range(out, size, pad, stride, tap)
+        lo, hi, first = inside_range(0, out, size, pad, stride, tap)
         if lo < hi:
             taps.append((lo, hi, along(x, first, first + (hi - lo - 1) * stride + 1, stride)))
     full = [t for t in taps if (t[0], t[1]) == (0, out)]
@@ -758,7 +738,7 @@ def standard_layout(x):
     2-D transpose (54 vs 7 ms for 64 x 321 x 321 on one thread)."""
     if not isinstance(x, torch.Tensor) or x.is_contiguous():
         return x
-    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+    if not _in_channels_last(x):
         return x.contiguous()
     num, channels, height, width = x.shape
     out = torch.empty((num, channels, height, width), dtype=x.dtype, device=x.device)

@@ -1,4 +1,5 @@
 """Interp (DeepLab v2): bilinear resize with align-corners sampling."""
+import torch
 import torch.nn.functional as F
 
 from ..layer import CaffeLayer, register_layer
@@ -82,6 +83,11 @@ class Interp(CaffeLayer):
         return size
 
     def forward(self, x):
+        return self.resize(x)
+
+    def resize(self, x, out=None):
+        """The top of bottom x; with `out` (a tensor of the top's shape, in the memory layout
+        the caller chose) it is written there instead of into a new tensor."""
         height, width = x.shape[-2:]
         in_h = height + self.pad_beg + self.pad_end
         in_w = width + self.pad_beg + self.pad_end
@@ -89,8 +95,10 @@ class Interp(CaffeLayer):
         start = -self.pad_beg
         crop = x[..., start:start + in_h, start:start + in_w]
         if (out_h, out_w) == (in_h, in_w):
-            return crop.clone()
-        return F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=True)
+            return crop.clone() if out is None else out.copy_(crop)
+        if out is None:
+            return F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=True)
+        return torch._C._nn.upsample_bilinear2d(crop, [out_h, out_w], True, None, None, out=out)
 
     def extra_repr(self):
         names = ("zoom_factor", "shrink_factor", "height", "width")

@@ -733,3 +733,21 @@ def test_random_nets_keep_the_exact_graphs_values(seed):
     for dtype in (torch.float64, torch.float32):
         net = _net(body, shape, dtype=dtype, seed=seed)
         _check(net, _inputs(net, seed=seed), float64=dtype == torch.float64)
+
+
+@pytest.mark.parametrize("param", ["height: 9 width: 13", "zoom_factor: 2 pad_beg: -1 pad_end: -1",
+                                   "shrink_factor: 1"])
+def test_interp_writes_its_top_into_a_given_buffer(param):
+    """Interp.resize(x, out=...) (the embedding head's kept buffers): the layer's top, whatever
+    the buffer's layout, for a plain resize, a cropped one and the identity."""
+    net = sc.Net('name: "t" input: "data" input_shape { dim: 2 dim: 3 dim: 6 dim: 7 }\n'
+                 f'layer {{ name: "up" type: "Interp" bottom: "data" top: "up" '
+                 f'interp_param {{ {param} }} }}')
+    layer = net.layers["up"]
+    x = torch.randn(2, 3, 6, 7).contiguous(memory_format=torch.channels_last)
+    expected = layer(x)
+    num, channels, height, width = net.blob_shapes["up"]
+    buffer = torch.full((num, height, width, channels), float("nan")).permute(0, 3, 1, 2)
+    got = layer.resize(x, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
