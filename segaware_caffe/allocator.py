@@ -15,7 +15,6 @@ user's back: the `segaware-caffe` command calls it (unless SEGAWARE_KEEP_FREED_M
 Python program calls it itself. Elsewhere than glibc it does nothing and returns False.
 """
 import ctypes
-import ctypes.util
 import sys
 
 __all__ = ["keep_freed_memory"]
@@ -32,7 +31,7 @@ def _glibc():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)           # the C library this process already runs on
         libc.gnu_get_libc_version          # glibc only (musl has no such function)
         return libc
     except (OSError, AttributeError):
