@@ -1,5 +1,6 @@
-"""Segmentation-aware ops as torch custom ops (torch.ops.segaware.*): vectorised torch on CPU,
-CuPy CUDA kernels on GPU, each with its backward op, so torch.compile sees them whole.
+"""Segmentation-aware ops as torch custom ops (torch.ops.segaware.*): vectorised torch on CPU
+(with compiled loops, _native.py, where torch would need many passes), CuPy CUDA kernels on GPU,
+each with its backward op, so torch.compile sees them whole.
 
 Each module holds one op: im2dist, im2parity, dist_loss, masked_conv (the fused segmentation-aware
 convolution), norm_conv and meanfield (NormConv / NormConvMeanfield; import those from their

@@ -9,7 +9,11 @@ i.e. y[n, o, p] = b[o] + sum_{c, k} W[o, c, k] * x[n, c, p + offset_k] * mask[n,
 Here no such tensor exists:
 
 * CPU: the masked columns are built a band of output rows at a time, each band multiplied by the
-  weights at once (torch.mm), so only a band-sized buffer exists; backward recomputes the bands.
+  weights at once (torch.mm), so only a band-sized buffer (kept per thread) exists; backward
+  recomputes the bands. Building the columns and turning column gradients into input and mask
+  gradients are compiled loops (kernels/cpu/masked_conv.c) where a C compiler exists, else the
+  torch loops below, which compute the same (products below the smallest normal number aside:
+  the compiled loop flushes them to zero, see there).
 * CUDA, float32 / float16 / bfloat16: implicit GEMMs on tensor cores (kernels/cuda/
   masked_conv_igemm.cu) that apply the mask while loading each input tile into shared memory and
   never write columns to global memory, for the output and for all three gradients. float32
@@ -22,10 +26,12 @@ The mask chain (K x Ho x Wo, small) runs as ordinary differentiable ops on top o
 its gradients follow the original's rules: AbsVal's sign(0) = 0 (torch.abs) and Im2dist L1 with
 sign(0) = 0. The fused part is linear in x, mask and W, so its backward is the exact derivative.
 """
+import threading
+
 import torch
 from torch import Tensor
 
-from . import _cuda
+from . import _cuda, _native
 from .geometry import (HALF_DTYPES, ConvGeometry, check_tensor, compute_dtype, inside_range,
                        no_autocast, pad_input, patch_view, register_tap_conv_autograd,
                        tap_offsets, unpad)
@@ -46,6 +52,24 @@ IGEMM_BM, IGEMM_BN, IGEMM_THREADS = 64, 128, 128
 IGEMM_MODES = {"simt": 0, "tf32": 1, "3xtf32": 2, "bf16": 3, "f16": 4}
 # weight-gradient partial sums kept at most (bytes); more splits fill the GPU better
 IGEMM_PARTIAL_BYTES = 256 << 20
+
+
+_kept = threading.local()
+
+
+def band_buffer(numel, like, slot=0):
+    """A flat CPU buffer of `numel` elements of like's dtype for one call's bands, kept per thread
+    (and `slot`, for a second buffer in the same call) between calls when it fits the band
+    budget: a fresh 16 MB buffer faults in its pages on every call (several ms per layer).
+    Nothing outside one call of this module holds it."""
+    if numel * like.element_size() > CPU_BAND_BYTES:
+        return like.new_empty(numel)
+    buffers = _kept.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((like.dtype, slot))
+    if buffer is None or buffer.numel() < numel:
+        buffer = like.new_empty(max(numel, CPU_BAND_BYTES // like.element_size()))
+        buffers[(like.dtype, slot)] = buffer
+    return buffer[:numel]
 
 
 def band_rows(batch, channels, taps, out_w, itemsize, budget):
@@ -96,7 +120,31 @@ def _masked_columns_cpu(x, mask, geometry, row_start, row_end, columns):
     return columns
 
 
-def _forward_cpu(x, mask, weight, bias, geometry, group):
+def _masked_columns_native(x, mask, geometry, row_start, row_end, columns):
+    """_masked_columns_cpu as one compiled loop (kernels/cpu/masked_conv.c), element for element
+    the same products; False where there is none (the caller then runs the torch loop)."""
+    loop = _native.function("masked_conv.c", "masked_columns", x.dtype)
+    if loop is None or not (x.is_contiguous() and mask.is_contiguous()
+                            and columns.is_contiguous()):
+        return False
+    batch, channels, height, width = x.shape
+    out_h, out_w = mask.shape[2:]
+    loop(_native.threads(), batch * channels, x.data_ptr(), mask.data_ptr(), columns.data_ptr(),
+         channels, height, width, out_h, out_w, *geometry.kernel, *geometry.pad,
+         *geometry.stride, *geometry.dilation, row_start, row_end)
+    return True
+
+
+def masked_columns_cpu(x, mask, geometry, row_start, row_end, columns):
+    """Masked columns (N, C, K, rows, Wo) of a band: compiled where available, else torch."""
+    if not _masked_columns_native(x, mask, geometry, row_start, row_end, columns):
+        _masked_columns_cpu(x, mask, geometry, row_start, row_end, columns)
+    return columns
+
+
+def _forward_cpu(x, mask, weight, bias, geometry, group, activation=None):
+    """The band loop. `activation` (inference only): None, or the negative slope of a ReLU /
+    leaky ReLU applied to the top, like the bias on each band while it is still in cache."""
     batch, channels, _, _ = x.shape
     out_h, out_w = mask.shape[2:]
     num_output = weight.shape[0]
@@ -105,13 +153,15 @@ def _forward_cpu(x, mask, weight, bias, geometry, group):
     weight_groups = weight.reshape(group, num_output // group, group_columns)
     out = x.new_empty((batch, num_output, out_h, out_w))
     rows = band_rows(batch, channels, taps, out_w, x.element_size(), CPU_BAND_BYTES)
-    buffer = x.new_empty((batch, channels * taps, rows, out_w))
+    # flat, so that a short last band is a contiguous (N, C*K, band, Wo) block as well
+    buffer = band_buffer(batch * channels * taps * rows * out_w, x)
     for row_start in range(0, out_h, rows):
         row_end = min(out_h, row_start + rows)
         band = row_end - row_start
-        columns = buffer[:, :, :band]
-        _masked_columns_cpu(x, mask, geometry, row_start, row_end,
-                            columns.unflatten(1, (channels, taps)))
+        columns = buffer[:batch * channels * taps * band * out_w].view(
+            batch, channels * taps, band, out_w)
+        masked_columns_cpu(x, mask, geometry, row_start, row_end,
+                           columns.unflatten(1, (channels, taps)))
         # (N, group, column rows of a group, band pixels)
         columns = columns.flatten(2).unflatten(1, (group, -1))
         # (N, group, O/group, band pixels): rows of H*W stride, which BLAS writes directly
@@ -121,9 +171,34 @@ def _forward_cpu(x, mask, weight, bias, geometry, group):
         for n in range(batch):
             for g in range(group):
                 torch.mm(weight_groups[g], columns[n, g], out=out_groups[n, g])
-    # the bias in one pass (addmm's copy of it into each band's strided rows is slow)
-    if bias is not None:
-        out += bias.view(1, -1, 1, 1)
+        # bias and activation on the band while it is in cache (addmm's copy of the bias into
+        # each band's strided rows is slower than this add)
+        top = out[:, :, row_start:row_end]
+        if bias is not None:
+            top += bias.view(1, -1, 1, 1)
+        if activation == 0:
+            torch.relu_(top)
+        elif activation is not None:
+            torch.nn.functional.leaky_relu_(top, activation)
+    return out
+
+
+def masked_conv2d_inference(x, mask, weight, bias, geometry, group, activation=None):
+    """The forward of masked_conv2d_op without autograd or dispatch, for the inference graph
+    (no gradient is taken), with an optional ReLU / leaky ReLU (negative slope `activation`)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
+            mask.dtype == x.dtype and weight.dtype == x.dtype and \
+            (bias is None or bias.dtype == x.dtype):
+        bias = bias.contiguous() if bias is not None else None
+        return _forward_cpu(x.contiguous(), mask.contiguous(), weight.contiguous(), bias,
+                            geometry, group, activation)
+    out = masked_conv2d(x, weight, bias, mask=mask, kernel_size=geometry.kernel,
+                        pad=geometry.pad, stride=geometry.stride, dilation=geometry.dilation,
+                        group=group)
+    if activation == 0:
+        return torch.relu_(out)
+    if activation is not None:
+        return torch.nn.functional.leaky_relu_(out, activation)
     return out
 
 
@@ -148,6 +223,42 @@ def _output_bands(grad_out, rows, group):
             batch, group, num_output // group, band * out_w)
 
 
+def _input_gradients_native(grad_columns, x, mask, geometry, row_start, row_end, grad_x,
+                            grad_mask):
+    """The band's grad_x (accumulated into the unpadded grad_x) and grad_mask rows from its
+    column gradients, as compiled loops; False where there are none."""
+    loops = [_native.function("masked_conv.c", name, x.dtype)
+             for name in ("masked_columns_grad_x", "masked_columns_grad_mask")]
+    if None in loops or not (x.is_contiguous() and mask.is_contiguous()):
+        return False
+    batch, channels, height, width = x.shape
+    out_h, out_w = mask.shape[2:]
+    sizes = (channels, height, width, out_h, out_w, *geometry.kernel, *geometry.pad,
+             *geometry.stride, *geometry.dilation, row_start, row_end)
+    if grad_x is not None:
+        loops[0](_native.threads(), batch * channels, grad_columns.data_ptr(), mask.data_ptr(),
+                 grad_x.data_ptr(), *sizes)
+    if grad_mask is not None:
+        loops[1](_native.threads(), batch * geometry.taps, grad_columns.data_ptr(),
+                 x.data_ptr(), grad_mask.data_ptr(), *sizes)
+    return True
+
+
+def _input_gradients_torch(grad_columns, padded, mask, geometry, row_start, row_end,
+                           grad_padded, grad_mask):
+    """The same in torch, tap by tap, on the zero-padded input and its gradient."""
+    out_w = mask.shape[3]
+    for k, (_, _, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
+        if grad_mask is not None:
+            pixels = _band_view(padded, offset_h, offset_w, row_start, row_end, out_w,
+                                geometry.stride)
+            grad_mask[:, k, row_start:row_end] = (grad_columns[:, :, k] * pixels).sum(1)
+        if grad_padded is not None:
+            target = _band_view(grad_padded, offset_h, offset_w, row_start, row_end, out_w,
+                                geometry.stride)
+            target.addcmul_(grad_columns[:, :, k], mask[:, k, row_start:row_end].unsqueeze(1))
+
+
 def _backward_cpu(grad_out, x, mask, weight, geometry, group, needs):
     need_x, need_mask, need_weight = needs
     batch, channels, height, width = x.shape
@@ -155,38 +266,40 @@ def _backward_cpu(grad_out, x, mask, weight, geometry, group, needs):
     taps = geometry.taps
     group_columns, weight_groups, grad_mask, grad_weight = _backward_start(
         x, mask, weight, geometry, group, needs)
-    padded = pad_input(x, geometry)
-    grad_padded = torch.zeros_like(padded) if need_x else None
+    # compiled loops accumulate into grad_x itself; the torch loop into a padded copy
+    grad_x = torch.zeros_like(x) if need_x else None
+    padded = grad_padded = None
     rows = band_rows(batch, channels, taps, out_w, x.element_size(), CPU_BAND_BYTES)
-    buffer = x.new_empty((batch, channels, taps, rows, out_w))
-    grad_buffer = (x.new_empty((batch, group, group_columns, rows * out_w))
-                   if need_x or need_mask else None)
+    numel = batch * channels * taps * rows * out_w
+    buffer = band_buffer(numel, x) if need_weight else None
+    grad_buffer = band_buffer(numel, x, slot=1) if need_x or need_mask else None
     for row_start, row_end, band, grad_band in _output_bands(grad_out, rows, group):
+        band_numel = batch * channels * taps * band * out_w
         if need_weight:
-            columns = _masked_columns_cpu(x, mask, geometry, row_start, row_end,
-                                          buffer[:, :, :, :band])
+            columns = masked_columns_cpu(x, mask, geometry, row_start, row_end,
+                                         buffer[:band_numel].view(batch, channels, taps, band,
+                                                                  out_w))
             columns = columns.reshape(batch, group, group_columns, band * out_w)
             for n in range(batch):
                 for g in range(group):
                     grad_weight[g].addmm_(grad_band[n, g], columns[n, g].t())
         if need_x or need_mask:
-            grad_columns = grad_buffer if band == rows else x.new_empty(
-                (batch, group, group_columns, band * out_w))
+            grad_columns = grad_buffer[:band_numel].view(batch, group, group_columns,
+                                                         band * out_w)
             for n in range(batch):
                 for g in range(group):
                     torch.mm(weight_groups[g].t(), grad_band[n, g], out=grad_columns[n, g])
             grad_columns = grad_columns.view(batch, channels, taps, band, out_w)
-            for k, (_, _, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
-                if need_mask:
-                    pixels = _band_view(padded, offset_h, offset_w, row_start, row_end, out_w,
-                                        geometry.stride)
-                    grad_mask[:, k, row_start:row_end] = (grad_columns[:, :, k] * pixels).sum(1)
-                if need_x:
-                    target = _band_view(grad_padded, offset_h, offset_w, row_start, row_end, out_w,
-                                        geometry.stride)
-                    target.addcmul_(grad_columns[:, :, k],
-                                    mask[:, k, row_start:row_end].unsqueeze(1))
-    grad_x = unpad(grad_padded, geometry, height, width).contiguous() if need_x else None
+            if _input_gradients_native(grad_columns, x, mask, geometry, row_start, row_end,
+                                       grad_x, grad_mask):
+                continue
+            if padded is None:
+                padded = pad_input(x, geometry)
+                grad_padded = torch.zeros_like(padded) if need_x else None
+            _input_gradients_torch(grad_columns, padded, mask, geometry, row_start, row_end,
+                                   grad_padded, grad_mask)
+    if grad_padded is not None:
+        grad_x = unpad(grad_padded, geometry, height, width).contiguous()
     if need_weight:
         grad_weight = grad_weight.reshape(weight.shape)
     return grad_x, grad_mask, grad_weight

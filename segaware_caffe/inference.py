@@ -44,7 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .kernels.geometry import inside_range
+from .fusion import FusedMaskedConv
+from .kernels.geometry import ConvGeometry, inside_range
+from .kernels.masked_conv import masked_conv2d_inference
 from .layers.batch_norm import BatchNorm
 from .layers.bias import Bias
 from .layers.concat import Concat
@@ -531,6 +533,26 @@ class PointwiseOverConcat(_InferenceModule):
         return f"parts={list(self.parts)}, resized={[r is not None for r in self.resizes]}"
 
 
+class InferenceMaskedConv(_InferenceModule):
+    """A fused segmentation-aware convolution without autograd, with the ReLU / leaky ReLU that
+    reads its fresh top applied band by band (`activation`: the negative slope, or None)."""
+
+    def __init__(self, fused):
+        super().__init__()
+        object.__setattr__(self, "fused", fused)   # its convolution owns the parameters
+        self.geometry = ConvGeometry(tuple(fused.kernel_size), tuple(fused.pad),
+                                     tuple(fused.stride), tuple(fused.dilation))
+        self.activation = None
+
+    def forward(self, x, mask):
+        blobs = self.fused.conv.caffe_blobs()
+        return masked_conv2d_inference(x, mask, blobs[0], blobs[1] if len(blobs) > 1 else None,
+                                       self.geometry, self.fused.group, self.activation)
+
+    def extra_repr(self):
+        return f"{self.fused.extra_repr()}, activation={self.activation}"
+
+
 class ChannelAffine(_InferenceModule):
     """A chain of fixed per-channel affine layers (BatchNorm with stored statistics, Scale,
     Bias) as one pass: y = b + x * a."""
@@ -958,6 +980,8 @@ class _Rewriter:
                 self.replace(node, "call_module", None, node.args, InferencePooling(module))
             elif isinstance(module, PReLU):
                 self.replace(node, "call_module", None, node.args, InferencePReLU(module))
+            elif isinstance(module, FusedMaskedConv) and len(node.args) == 2 and not node.kwargs:
+                self.replace(node, "call_module", None, node.args, InferenceMaskedConv(module))
             elif isinstance(module, ReLU):
                 if module.negative_slope == 0:
                     self.replace(node, "call_function", torch.relu, node.args)
@@ -980,20 +1004,21 @@ class _Rewriter:
             return False
         if node.op == "call_module" and node.target.startswith("inference."):
             return isinstance(self.modules[node.target], (InferenceConvolution, ChannelAffine,
-                                                          InferencePooling))
+                                                          InferencePooling, InferenceMaskedConv))
         return node.op == "call_function" and node.target in (torch.add, _add_, _add_relu_)
 
     def fuse_activations(self):
         """A ReLU / leaky ReLU whose bottom is a convolution's fresh top: the convolution
-        applies it (oneDNN's post-op, or in place on its top)."""
+        applies it (oneDNN's post-op, in place on its top, or on each band of a fused
+        segmentation-aware convolution)."""
         for node in list(self.graph.nodes):
             if node.op != "call_function" or node.target not in (torch.relu, F.leaky_relu) or \
                     not node.args or not isinstance(node.args[0], fx.Node):
                 continue
             source = node.args[0]
             op = self.modules.get(source.target) if source.op == "call_module" else None
-            if not isinstance(op, InferenceConvolution) or op.activation is not None or \
-                    not self._fresh(source):
+            if not isinstance(op, (InferenceConvolution, InferenceMaskedConv)) or \
+                    op.activation is not None or not self._fresh(source):
                 continue
             slope = node.args[1] if node.target is F.leaky_relu else 0
             if len(node.args) > 2 or node.kwargs or not isinstance(slope, (int, float)):

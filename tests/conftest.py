@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 # kept, segaware_caffe.allocator) would then hold every test's peak memory for the session.
 # tests/cli/test_allocator.py checks the switch in processes of its own.
 os.environ.setdefault("SEGAWARE_KEEP_FREED_MEMORY", "0")
+
+# The compiled CPU loops (kernels/_native.py) build into a folder of this test process, removed
+# at its end, so that a run leaves nothing in the user's cache (subprocesses inherit it).
+if "SEGAWARE_CACHE" not in os.environ:
+    os.environ["SEGAWARE_CACHE"] = tempfile.mkdtemp(prefix="segaware-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SEGAWARE_CACHE"], True)
 
 
 # Numbers the original segaware Caffe produced (inputs, weights, outputs, gradients, solver

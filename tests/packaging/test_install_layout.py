@@ -59,6 +59,10 @@ def test_a_built_wheel_holds_only_segaware_caffe(tmp_path):
     for name in GENERIC:
         assert (target / "segaware_caffe" / name / "__init__.py").is_file(), name
     assert (target / "segaware_caffe" / "caffe_proto" / "caffe.proto").is_file()
+    # the sources the kernels compile at run time (CUDA through CuPy, CPU loops through cc)
+    kernels = target / "segaware_caffe" / "kernels"
+    assert (kernels / "cuda" / "masked_conv_igemm.cu").is_file()
+    assert (kernels / "cpu" / "masked_conv.c").is_file()
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     found = probe(tmp_path, env=env)
     assert all(found[name] is None for name in GENERIC), found

@@ -1,0 +1,171 @@
+/* Masked columns of the fused segmentation-aware convolution (CPU), for one band of output rows.
+ *
+ * columns[n][c][k][r][w] = x[n][c][ih][iw] * mask[n][k][row_start + r][w], where tap k = i * kw + j
+ * of output (ho, wo) reads ih = ho * stride_h - pad_h + i * dilation_h (iw likewise); a pixel
+ * outside the image is im2col's zero times the mask (0, or NaN where the mask is not finite).
+ * A product below the smallest normal number becomes a zero of its sign: a mask exp(-|lam d|)
+ * underflows to subnormal numbers for distant embeddings, and a subnormal operand makes the CPU's
+ * GEMM several times slower (each such term is below 1.2e-38 in float32).
+ * The (image, channel) pairs are split over `threads` OpenMP threads: the runtime torch loaded
+ * (libgomp), so these share torch's thread pool instead of competing with its spinning threads.
+ * Compiled once per element type: scalar_t is typedef'd in front of this file.
+ */
+#include <math.h>
+#include <stddef.h>
+
+/* g * m + t rounded once where the CPU has fused multiply-adds, as torch's addcmul computes it */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MUL_ADD(a, b, c) SCALAR_FMA(a, b, c)
+#else
+#define MUL_ADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* x, or a zero of its sign where |x| is subnormal (NaN and infinities stay) */
+static inline scalar_t flushed(scalar_t x)
+{
+    return (x < SCALAR_MIN && x > -SCALAR_MIN) ? x * 0 : x;
+}
+
+/* Output columns [lo, hi) whose tap at offset_w reads inside the image
+ * (0 <= w * stride_w + offset_w < width), clipped to [0, out_w). */
+static void inside_columns(long offset_w, long stride_w, long width, long out_w,
+                           long *lo, long *hi)
+{
+    *lo = offset_w < 0 ? (-offset_w + stride_w - 1) / stride_w : 0;
+    *hi = offset_w < width ? (width - 1 - offset_w) / stride_w + 1 : 0;
+    if (*hi > out_w) *hi = out_w;
+    if (*lo > *hi) *lo = *hi;
+}
+
+void masked_columns(long threads, long items,
+                    const scalar_t *restrict x, const scalar_t *restrict mask,
+                    scalar_t *restrict columns, long channels,
+                    long height, long width, long out_h, long out_w,
+                    long kernel_h, long kernel_w, long pad_h, long pad_w,
+                    long stride_h, long stride_w, long dilation_h, long dilation_w,
+                    long row_start, long row_end)
+{
+    const long taps = kernel_h * kernel_w, rows = row_end - row_start;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < items; ++item) {
+        const long n = item / channels, c = item % channels;
+        const scalar_t *image = x + (size_t)item * height * width;
+        const scalar_t *image_mask = mask + (size_t)n * taps * out_h * out_w;
+        scalar_t *target = columns + (size_t)item * taps * rows * out_w;
+        for (long k = 0; k < taps; ++k) {
+            const long offset_h = (k / kernel_w) * dilation_h - pad_h;
+            const long offset_w = (k % kernel_w) * dilation_w - pad_w;
+            long lo, hi;
+            inside_columns(offset_w, stride_w, width, out_w, &lo, &hi);
+            for (long r = 0; r < rows; ++r) {
+                const long ho = row_start + r, ih = ho * stride_h + offset_h;
+                const scalar_t *m = image_mask + ((size_t)k * out_h + ho) * out_w;
+                scalar_t *out = target + ((size_t)k * rows + r) * out_w;
+                if (ih < 0 || ih >= height) {
+                    for (long w = 0; w < out_w; ++w) out[w] = (scalar_t)0 * m[w];
+                    continue;
+                }
+                const scalar_t *row = image + (size_t)ih * width;
+                for (long w = 0; w < lo; ++w) out[w] = (scalar_t)0 * m[w];
+                if (stride_w == 1) {
+                    for (long w = lo; w < hi; ++w)
+                        out[w] = flushed(row[w + offset_w] * m[w]);
+                } else {
+                    for (long w = lo; w < hi; ++w)
+                        out[w] = flushed(row[w * stride_w + offset_w] * m[w]);
+                }
+                for (long w = hi; w < out_w; ++w) out[w] = (scalar_t)0 * m[w];
+            }
+        }
+    }
+}
+
+/* The two input-side gradients of one band from its column gradients
+ * grad_columns[n][c][k][r][w] (the weights' transpose times the output gradient):
+ *
+ *   grad_x[n][c][ih][iw] += grad_columns[n][c][k][r][w] * mask[n][k][row_start + r][w]
+ *     over the taps reading inside the image, in tap order (items: (image, channel) pairs);
+ *   grad_mask[n][k][row_start + r][w] = sum over c, in channel order, of
+ *     grad_columns[n][c][k][r][w] * x[n][c][ih][iw], where a pixel outside reads 0
+ *     (items: (image, tap) pairs).
+ */
+void masked_columns_grad_x(long threads, long items,
+                           const scalar_t *restrict grad_columns, const scalar_t *restrict mask,
+                           scalar_t *restrict grad_x, long channels,
+                           long height, long width, long out_h, long out_w,
+                           long kernel_h, long kernel_w, long pad_h, long pad_w,
+                           long stride_h, long stride_w, long dilation_h, long dilation_w,
+                           long row_start, long row_end)
+{
+    const long taps = kernel_h * kernel_w, rows = row_end - row_start;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < items; ++item) {
+        const long n = item / channels;
+        scalar_t *image = grad_x + (size_t)item * height * width;
+        const scalar_t *image_mask = mask + (size_t)n * taps * out_h * out_w;
+        const scalar_t *source = grad_columns + (size_t)item * taps * rows * out_w;
+        for (long k = 0; k < taps; ++k) {
+            const long offset_h = (k / kernel_w) * dilation_h - pad_h;
+            const long offset_w = (k % kernel_w) * dilation_w - pad_w;
+            long lo, hi;
+            inside_columns(offset_w, stride_w, width, out_w, &lo, &hi);
+            for (long r = 0; r < rows; ++r) {
+                const long ho = row_start + r, ih = ho * stride_h + offset_h;
+                if (ih < 0 || ih >= height) continue;
+                const scalar_t *m = image_mask + ((size_t)k * out_h + ho) * out_w;
+                const scalar_t *g = source + ((size_t)k * rows + r) * out_w;
+                scalar_t *row = image + (size_t)ih * width;
+                if (stride_w == 1) {
+                    scalar_t *at = row + lo + offset_w;
+                    for (long w = lo; w < hi; ++w, ++at) *at = MUL_ADD(g[w], m[w], *at);
+                } else {
+                    scalar_t *at = row + lo * stride_w + offset_w;
+                    for (long w = lo; w < hi; ++w, at += stride_w) *at = MUL_ADD(g[w], m[w], *at);
+                }
+            }
+        }
+    }
+}
+
+void masked_columns_grad_mask(long threads, long items,
+                              const scalar_t *restrict grad_columns, const scalar_t *restrict x,
+                              scalar_t *restrict grad_mask, long channels,
+                              long height, long width, long out_h, long out_w,
+                              long kernel_h, long kernel_w, long pad_h, long pad_w,
+                              long stride_h, long stride_w, long dilation_h, long dilation_w,
+                              long row_start, long row_end)
+{
+    const long taps = kernel_h * kernel_w, rows = row_end - row_start;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < items; ++item) {
+        const long n = item / taps, k = item % taps;
+        const long offset_h = (k / kernel_w) * dilation_h - pad_h;
+        const long offset_w = (k % kernel_w) * dilation_w - pad_w;
+        long lo, hi;
+        inside_columns(offset_w, stride_w, width, out_w, &lo, &hi);
+        scalar_t *target = grad_mask + ((size_t)item * out_h + row_start) * out_w;
+        for (long i = 0; i < rows * out_w; ++i) target[i] = 0;
+        for (long c = 0; c < channels; ++c) {
+            const scalar_t *image = x + ((size_t)n * channels + c) * height * width;
+            const scalar_t *source = grad_columns
+                + (((size_t)n * channels + c) * taps + k) * rows * out_w;
+            for (long r = 0; r < rows; ++r) {
+                const long ih = (row_start + r) * stride_h + offset_h;
+                const scalar_t *g = source + (size_t)r * out_w;
+                scalar_t *out = target + (size_t)r * out_w;
+                if (ih < 0 || ih >= height) {
+                    for (long w = 0; w < out_w; ++w) out[w] += g[w] * 0;
+                    continue;
+                }
+                const scalar_t *row = image + (size_t)ih * width;
+                for (long w = 0; w < lo; ++w) out[w] += g[w] * 0;
+                if (stride_w == 1) {
+                    for (long w = lo; w < hi; ++w) out[w] += g[w] * row[w + offset_w];
+                } else {
+                    for (long w = lo; w < hi; ++w) out[w] += g[w] * row[w * stride_w + offset_w];
+                }
+                for (long w = hi; w < out_w; ++w) out[w] += g[w] * 0;
+            }
+        }
+    }
+}

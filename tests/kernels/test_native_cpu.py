@@ -1,0 +1,174 @@
+"""The compiled CPU loops (kernels/_native.py, kernels/cpu/*.c): they build with the machine's C
+compiler, compute what the torch code beside them computes, and their absence (no compiler, a
+failed build, switched off) leaves the torch code running with the same numbers."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import segaware_caffe.kernels._native as native
+import segaware_caffe.kernels.masked_conv as masked_conv_module
+from segaware_caffe.kernels import masked_conv2d
+from segaware_caffe.kernels.geometry import ConvGeometry
+from tests.kernels.test_masked_conv import GEOMETRIES
+
+HAVE_COMPILER = native._compiler() is not None
+NEEDS_COMPILER = pytest.mark.skipif(
+    not HAVE_COMPILER or not native.ENABLED,
+    reason="no C compiler (cc, gcc, clang)" if not HAVE_COMPILER else "compiled loops switched off "
+    "(SEGAWARE_NATIVE_CPU=0)")
+
+
+@pytest.fixture
+def fresh_builds(monkeypatch, tmp_path):
+    """Builds into an empty cache folder, forgetting the libraries loaded so far."""
+    monkeypatch.setenv("SEGAWARE_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    native._failures.clear()
+    yield tmp_path / "cpu"
+    native._library.cache_clear()
+    native._failures.clear()
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_builds_where_a_compiler_exists(fresh_builds, dtype):
+    loop = native.function("masked_conv.c", "masked_columns", dtype)
+    assert loop is not None, native.status()
+    built = list(fresh_builds.glob("masked_conv-*.so"))
+    assert len(built) == 1 and ("float" if dtype == torch.float32 else "double") in built[0].name
+    # a second process loads the cached library instead of compiling again
+    stamp = built[0].stat().st_mtime_ns
+    code = ("import torch, segaware_caffe.kernels._native as n; "
+            f"assert n.function('masked_conv.c', 'masked_columns', torch.{str(dtype)[6:]})")
+    subprocess.run([sys.executable, "-c", code], check=True, env={
+        **__import__("os").environ, "SEGAWARE_CACHE": str(fresh_builds.parent)})
+    assert [p.stat().st_mtime_ns for p in fresh_builds.glob("masked_conv-*.so")] == [stamp]
+    assert not list(fresh_builds.glob(".build-*")), "a build folder was left behind"
+
+
+def test_a_failed_build_falls_back_to_torch_and_says_why(fresh_builds, monkeypatch):
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` command to stand for a broken compiler")
+    monkeypatch.setattr(native, "ENABLED", True)
+    monkeypatch.setenv("CC", false)
+    assert native.function("masked_conv.c", "masked_columns", torch.float32) is None
+    (why,) = native.status().values()
+    assert "-O3" in why
+    x, mask = torch.randn(1, 3, 7, 8), torch.rand(1, 9, 7, 8)
+    weight, bias = torch.randn(5, 3, 3, 3), torch.randn(5)
+    out = masked_conv2d(x, weight, bias, mask=mask, pad=1)
+    monkeypatch.delenv("CC")
+    native._library.cache_clear()
+    monkeypatch.setattr(native, "ENABLED", False)
+    torch.testing.assert_close(out, masked_conv2d(x, weight, bias, mask=mask, pad=1), rtol=0,
+                               atol=0)
+
+
+def _columns(x, mask, geometry, start, end, compiled):
+    columns = torch.full((x.shape[0], x.shape[1], geometry.taps, end - start, mask.shape[3]),
+                         123.0, dtype=x.dtype)
+    if compiled:
+        assert masked_conv_module._masked_columns_native(x, mask, geometry, start, end, columns)
+    else:
+        masked_conv_module._masked_columns_cpu(x, mask, geometry, start, end, columns)
+    return columns
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+def test_compiled_columns_equal_the_torch_columns(geometry_case, dtype):
+    """Element for element, including 0 * mask outside the image where the mask is NaN / inf,
+    for whole images and for bands that start and end inside."""
+    shape, _, kernel, pad, stride, dilation, _ = geometry_case
+    geometry = ConvGeometry(kernel, pad, stride, dilation)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    out_h, out_w = geometry.output_size(*shape[2:])
+    mask = torch.rand(shape[0], geometry.taps, out_h, out_w, generator=gen, dtype=dtype)
+    mask[0, 0, 0, 0], mask[-1, -1, -1, -1] = float("nan"), float("inf")
+    x[0, 0, 0, 0] = float("inf")
+    for start, end in ((0, out_h), (1, out_h), (0, max(1, out_h - 1)), (out_h // 2, out_h // 2 + 1)):
+        torch.testing.assert_close(_columns(x, mask, geometry, start, end, True),
+                                   _columns(x, mask, geometry, start, end, False),
+                                   rtol=0, atol=0, equal_nan=True)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_subnormal_products_become_zeros_of_their_sign(dtype):
+    tiny = torch.finfo(dtype).tiny
+    geometry = ConvGeometry((1, 1))
+    x = torch.tensor([1.0, -1.0, 3.0, -2.0, 1e-3, 0.0], dtype=dtype).view(1, 1, 1, 6)
+    mask = torch.tensor([tiny / 4, tiny / 4, tiny, tiny, tiny * 1e-3, float("nan")],
+                        dtype=dtype).view(1, 1, 1, 6)
+    columns = _columns(x, mask, geometry, 0, 1, True).flatten()
+    expected = torch.tensor([0.0, -0.0, 3 * tiny, -2 * tiny, 0.0, float("nan")], dtype=dtype)
+    torch.testing.assert_close(columns, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(columns[:2]), torch.tensor([False, True])), "a sign was lost"
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_thread_count_does_not_change_the_result(threads):
+    geometry = ConvGeometry((3, 3), (1, 1))
+    x, mask = torch.randn(2, 5, 9, 11), torch.rand(2, 9, 9, 11)
+    reference = _columns(x, mask, geometry, 2, 7, False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        compiled = _columns(x, mask, geometry, 2, 7, True)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(compiled, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", [None, 0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_inference_call_is_the_op_and_its_activation(activation, dtype, monkeypatch):
+    """masked_conv2d_inference (bias and ReLU / leaky ReLU applied band by band) gives exactly
+    the op's output followed by the activation, with bands shorter than the image."""
+    monkeypatch.setattr(masked_conv_module, "CPU_BAND_BYTES", 4096)
+    gen = torch.Generator().manual_seed(1)
+    geometry = ConvGeometry((3, 3), (2, 2), (1, 1), (2, 2))
+    x = torch.randn(2, 4, 13, 12, generator=gen, dtype=dtype)
+    mask = torch.rand(2, 9, 13, 12, generator=gen, dtype=dtype)
+    weight = torch.randn(6, 2, 3, 3, generator=gen, dtype=dtype)
+    bias = torch.randn(6, generator=gen, dtype=dtype)
+    expected = masked_conv2d(x, weight, bias, mask=mask, pad=2, dilation=2, group=2)
+    if activation is not None:
+        expected = torch.nn.functional.leaky_relu(expected, activation)
+    for _ in range(2):      # the second call reuses the kept band buffer
+        out = masked_conv_module.masked_conv2d_inference(x, mask, weight, bias, geometry, 2,
+                                                         activation)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+def test_compiled_backward_equals_the_torch_backward(geometry_case, dtype, monkeypatch):
+    """grad_x, grad_mask and grad_weight of the band loop with the compiled loops against the
+    torch loops, with bands shorter than the image and non-finite column gradients."""
+    shape, num_output, kernel, pad, stride, dilation, group = geometry_case
+    geometry = ConvGeometry(kernel, pad, stride, dilation)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    out_h, out_w = geometry.output_size(*shape[2:])
+    mask = torch.rand(shape[0], geometry.taps, out_h, out_w, generator=gen, dtype=dtype)
+    weight = torch.randn(num_output, shape[1] // group, *kernel, generator=gen, dtype=dtype)
+    grad_out = torch.randn(shape[0], num_output, out_h, out_w, generator=gen, dtype=dtype)
+    grad_out[0, 0, 0, 0] = float("inf")
+    monkeypatch.setattr(masked_conv_module, "CPU_BAND_BYTES",
+                        shape[0] * shape[1] * geometry.taps * out_w * x.element_size() * 2)
+    results = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(native, "ENABLED", compiled)
+        results[compiled] = masked_conv_module._backward_cpu(grad_out, x, mask, weight, geometry,
+                                                             group, (True, True, True))
+    for name, a, b in zip(("grad_x", "grad_mask", "grad_weight"), results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
