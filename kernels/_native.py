@@ -17,7 +17,8 @@ library is written under a temporary name and renamed, so processes compiling at
 a partial file. The loops split their work with OpenMP (-fopenmp): the library then binds to the
 libgomp torch has loaded, so they run on torch's thread pool rather than beside its spinning
 threads; where -fopenmp fails they run on one thread.
-"""import ctypes
+"""
+import ctypes
 import functools
 import hashlib
 import os
