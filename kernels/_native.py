@@ -44,6 +44,9 @@ SIGNATURES = {
         "masked_columns_grad_x": "ll" + "ppp" + "l" * 15,
         "masked_columns_grad_mask": "ll" + "ppp" + "l" * 15,
     },
+    "meanfield.c": {
+        "message_forward": "ll" + "ppp" + "l" * 12,
+    },
 }
 
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))

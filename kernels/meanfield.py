@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _cuda
+from . import _cuda, _native
 from .geometry import (ConvGeometry, HALF_DTYPES, check_tensor, no_autocast, pad_input, patch_view,
                        tap_view, unpad)
 from .im2dist import im2dist
@@ -65,10 +65,36 @@ class MessageSpec:
 CPU_BAND_BYTES = 512 << 10
 
 
+def _message_forward_native(padded, attention, geometry, out):
+    """The message as one compiled loop (kernels/cpu/meanfield.c), the torch loop's result bit
+    for bit; False where there is none."""
+    loop = _native.function("meanfield.c", "message_forward", padded.dtype)
+    if loop is None or attention.dtype != padded.dtype or not attention.is_contiguous():
+        return False
+    batch, channels, padded_h, padded_w = padded.shape
+    out_h, out_w = out.shape[-2:]
+    (kh, kw), stride, dilation = geometry.kernel, geometry.stride, geometry.dilation
+    # every tap's pixels must lie in the padded grid (the torch views would fail otherwise)
+    if (out_h - 1) * stride[0] + (kh - 1) * dilation[0] >= padded_h or \
+            (out_w - 1) * stride[1] + (kw - 1) * dilation[1] >= padded_w:
+        return False
+    threads = _native.threads()
+    rows = max(1, CPU_BAND_BYTES // max(1, channels * out_w * padded.element_size()))
+    rows = max(1, min(rows, -(-out_h // (4 * threads))))     # a few bands per thread
+    bands = -(-out_h // rows)
+    loop(threads, batch * bands, padded.data_ptr(), attention.data_ptr(), out.data_ptr(),
+         channels, padded_h, padded_w, out_h, out_w, kh, kw, *stride, *dilation, rows)
+    return True
+
+
 def _message_forward_cpu(q, attention, geometry):
     batch, channels = q.shape[:2]
     out_h, out_w = out_size = tuple(attention.shape[-2:])
     padded = pad_input(q, geometry)
+    if q.dtype in (torch.float32, torch.float64) and batch * channels * out_h * out_w:
+        out = q.new_empty(batch, channels, *out_size)
+        if _message_forward_native(padded.contiguous(), attention, geometry, out):
+            return out
     out = q.new_zeros(batch, channels, *out_size)
     rows = max(1, CPU_BAND_BYTES // max(1, batch * channels * out_w * q.element_size()))
     kw = geometry.kernel[1]

@@ -10,6 +10,7 @@ import torch
 
 import segaware_caffe.kernels._native as native
 import segaware_caffe.kernels.masked_conv as masked_conv_module
+import segaware_caffe.kernels.meanfield as meanfield_module
 from segaware_caffe.kernels import masked_conv2d
 from segaware_caffe.kernels.geometry import ConvGeometry
 from tests.kernels.test_masked_conv import GEOMETRIES
@@ -172,3 +173,28 @@ def test_compiled_backward_equals_the_torch_backward(geometry_case, dtype, monke
                                                              group, (True, True, True))
     for name, a, b in zip(("grad_x", "grad_mask", "grad_weight"), results[True], results[False]):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry", [
+    ConvGeometry((3, 2), (1, 0), (2, 1), (2, 1)), ConvGeometry((5, 5), (1, 1), (2, 2)),
+    ConvGeometry((3, 3), (1, 1)), ConvGeometry((3, 3), (0, 0), (1, 1), (0, 0)),   # dilation 0
+    ConvGeometry((13, 13), (54, 54), (1, 1), (9, 9))])      # the released bilateral message
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_crf_message_equals_the_torch_loop(geometry, dtype, threads, monkeypatch):
+    """Bit for bit (the same fused multiply-adds in tap order), with NaN in the attention."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 12, 11, generator=gen, dtype=dtype)
+    out_h, out_w = geometry.output_size(12, 11)
+    attention = torch.rand(2, geometry.taps, out_h, out_w, generator=gen, dtype=dtype)
+    attention[1, 0, 0, 0] = float("nan")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        compiled = meanfield_module._message_forward_cpu(q, attention, geometry)
+        monkeypatch.setattr(native, "ENABLED", False)
+        expected = meanfield_module._message_forward_cpu(q, attention, geometry)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=0, equal_nan=True)
