@@ -198,6 +198,9 @@ class InferenceConvolution(_InferenceModule):
         self.kind = type(layer).__name__
         # negative slope of a ReLU applied to the top (written in place / as oneDNN's post-op)
         self.activation = None
+        # "add" / "add_relu": forward(x, residual) adds the top into `residual` (a tensor the
+        # graph owns and no longer reads), with the ReLU after the sum (a residual block's end)
+        self.residual = None
         self._packed = None             # (weight it was made from, input shape, packed weight)
         self._packed_failed = False
         self._packed_verified = False   # whether a call with the current packing succeeded
@@ -274,7 +277,9 @@ class InferenceConvolution(_InferenceModule):
             self._blobs = self._prepare()
         return self._blobs
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        if residual is not None:
+            return self._residual_forward(x, residual)
         weight, bias = self.blobs()
         layer = self.layer
         if isinstance(layer, InnerProduct):
@@ -309,14 +314,45 @@ class InferenceConvolution(_InferenceModule):
         return torch.relu_(y) if self.activation == 0 else \
             F.leaky_relu(y, self.activation, inplace=True)
 
+    def _residual_forward(self, x, residual):
+        """relu(top + residual) (or top + residual), written into residual: one oneDNN call
+        with the sum and the ReLU as its post-ops where both tensors are channels_last float32
+        CPU images; otherwise the top, then the sum."""
+        weight, bias = self.blobs()
+        packed = None
+        if _in_channels_last(x) and _in_channels_last(residual) and \
+                residual.dtype == torch.float32 and x.dtype == torch.float32:
+            # a 1x1 convolution's prepared (C, O) product weights as the kernel they came from
+            packed = self._packed_weight(x, weight, _pointwise_kernel if self.pointwise else None)
+        if packed is not None and residual.shape == self._top_shape(x):
+            layer = self.layer
+            unary = "relu" if self.residual == "add_relu" else "none"
+            try:        # (oneDNN refuses a setting when it makes the primitive, before writing)
+                return torch.ops.mkldnn._convolution_pointwise_.binary(
+                    residual, x, packed, bias, layer.pad, layer.stride, layer.dilation,
+                    layer.group, "add", 1.0, unary, [], "")
+            except RuntimeError:
+                self._packed_failed, self._packed = True, None
+        top = self.forward(x)
+        return _add_relu_(top, residual) if self.residual == "add_relu" else top.add_(residual)
+
+    def _top_shape(self, x):
+        layer = self.layer
+        height, width = (
+            (size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, p, s, d in
+            zip(x.shape[2:], layer.kernel, layer.pad, layer.stride, layer.dilation))
+        return torch.Size((x.shape[0], layer.num_output, height, width))
+
     def _in_layout(self, x):
         # torch's convolution gives its top the layout of its input: choose it here
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else \
             standard_layout(x)
 
-    def _packed_weight(self, x, weight):
+    def _packed_weight(self, x, weight, kernel=None):
         """oneDNN's reordered weights for inputs of x's shape, made once per weight tensor and
-        shape; None where that path does not apply (or failed once: torch's call then runs)."""
+        shape; None where that path does not apply (or failed once: torch's call then runs).
+        `kernel(weight)`: the 4-D kernel of a prepared weight of another shape (made only to be
+        reordered)."""
         if not PACKED_CONVOLUTION:
             return None
         packed = self._packed
@@ -327,9 +363,10 @@ class InferenceConvolution(_InferenceModule):
                 x.numel() == 0 or not _packed_convolution_available():
             return None
         layer = self.layer
+        source = weight if kernel is None else kernel(weight)
         try:
             blocked = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                weight.to_mkldnn(), list(layer.pad), list(layer.stride), list(layer.dilation),
+                source.to_mkldnn(), list(layer.pad), list(layer.stride), list(layer.dilation),
                 layer.group, list(x.shape))
         except RuntimeError:
             self._packed_failed = True
@@ -373,6 +410,12 @@ def _pointwise(x, weight_t, bias, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return _product_in_standard_layout(x, weight_t, bias)
+
+
+def _pointwise_kernel(weight_t):
+    """The (O, C, 1, 1) channels_last kernel of a 1x1 convolution's (C, O) product weights."""
+    return weight_t.t().reshape(*weight_t.shape[::-1], 1, 1).contiguous(
+        memory_format=torch.channels_last)
 
 
 def _in_channels_last(x):
@@ -1059,6 +1102,60 @@ class _Rewriter:
                 self.replace(node, "call_function", _add_relu_, total.args)
                 self.graph.erase_node(total)
 
+    # modules whose top is memory they allocated, and the functions whose result is such memory
+    _ALLOCATING_MODULES = (InferenceConvolution, InferencePooling, ChannelAffine,
+                           InferenceMaskedConv)
+    _ALLOCATING_FUNCTIONS = (torch.add, _add_, _add_relu_)
+
+    def _owned_and_dead_after(self, value, node, order):
+        """Whether the graph may overwrite `value` at `node`: it is memory a node of the graph
+        allocated (not an input, not a view), and every other reader reads it before `node`
+        and keeps nothing of it (convolutions and poolings read and write elsewhere)."""
+        if value.op == "call_module":
+            if not isinstance(self.modules.get(value.target), self._ALLOCATING_MODULES):
+                return False
+        elif value.op != "call_function" or value.target not in self._ALLOCATING_FUNCTIONS:
+            return False
+        for user in value.users:
+            if user is node:
+                continue
+            if order[user] > order[node] or user.op != "call_module" or \
+                    not isinstance(self.modules.get(user.target), self._ALLOCATING_MODULES):
+                return False
+        return True
+
+    def fuse_residual_sums(self):
+        """A sum (+ ReLU) of a 2-D convolution's fresh top and a tensor the graph owns and reads
+        no more (a residual block's end): the convolution adds its top into that tensor, with the
+        ReLU, as oneDNN post-ops (no separate pass over the sum)."""
+        if not _packed_convolution_available() or not PACKED_CONVOLUTION:
+            return
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or node.target not in (_add_, _add_relu_) or \
+                    len(node.args) != 2 or node.kwargs:
+                continue
+            for conv, residual in (node.args, node.args[::-1]):
+                op = self.modules.get(conv.target) if isinstance(conv, fx.Node) and \
+                    conv.op == "call_module" else None
+                if not isinstance(op, InferenceConvolution) or not isinstance(residual, fx.Node) \
+                        or not isinstance(op.layer, Convolution) or op.layer.bottom_is_im2col \
+                        or op.tap_product or not op.channels_last or op.activation is not None \
+                        or op.residual is not None or len(conv.users) != 1 \
+                        or len(conv.args) != 1 or conv.args[0] is residual \
+                        or order[residual] > order[conv] \
+                        or not self._owned_and_dead_after(residual, node, order):
+                    continue
+                op.residual = "add_relu" if node.target is _add_relu_ else "add"
+                with self.graph.inserting_before(node):
+                    new = self.graph.call_module(conv.target, (conv.args[0], residual))
+                new.meta.update(node.meta)
+                node.replace_all_uses_with(new)
+                self.graph.erase_node(node)
+                self.graph.erase_node(conv)
+                order = {n: i for i, n in enumerate(self.graph.nodes)}
+                break
+
     # nodes that compute the right values whatever the memory layout of their tensor inputs
     _LAYOUT_FREE_FUNCTIONS = (torch.relu, torch.relu_, F.leaky_relu, _leaky_relu_, torch.add,
                               _add_, _add_relu_, torch.softmax)
@@ -1144,6 +1241,7 @@ class _Rewriter:
         self.in_place()
         self.fuse_add_relu()
         self.layouts()
+        self.fuse_residual_sums()
         self.graph.lint()
         root = {}
         for node in self.graph.nodes:

@@ -616,6 +616,81 @@ def test_residual_sum_and_relu_are_one_in_place_pass(fresh_first):
             assert inference._add_ not in targets and torch.relu_ not in targets
 
 
+RESIDUAL_BLOCKS = """
+layer { name: "c1" type: "Convolution" bottom: "data" top: "a" convolution_param {
+  num_output: 16 kernel_size: 1 } }
+layer { name: "r1" type: "ReLU" bottom: "a" top: "a" }
+layer { name: "c2a" type: "Convolution" bottom: "a" top: "b0" convolution_param {
+  num_output: 8 kernel_size: 1 } }
+layer { name: "c2" type: "Convolution" bottom: "b0" top: "b" convolution_param {
+  num_output: 16 kernel_size: 3 pad: 1 } }
+layer { name: "sum" type: "Eltwise" bottom: "b" bottom: "a" top: "s" }
+layer { name: "r2" type: "ReLU" bottom: "s" top: "s" }
+layer { name: "c3a" type: "Convolution" bottom: "s" top: "t0" convolution_param {
+  num_output: 8 kernel_size: 3 pad: 1 } }
+layer { name: "c3" type: "Convolution" bottom: "t0" top: "t" convolution_param {
+  num_output: 16 kernel_size: 1 } }
+layer { name: "sum2" type: "Eltwise" bottom: "s" bottom: "t" top: "u" }
+layer { name: "c4" type: "Convolution" bottom: "u" top: "y" convolution_param {
+  num_output: 3 kernel_size: 1 } }
+"""
+
+
+def _residual_modes(net):
+    gm = net.graph_module(inference=True)
+    return sorted(m.residual for m in gm.modules()
+                  if isinstance(m, inference.InferenceConvolution) and m.residual)
+
+
+def test_residual_sums_become_the_convolutions_post_ops():
+    """Two blocks' ends (a branch ending in a 3x3 convolution + shortcut, then ReLU; one ending
+    in a 1x1 convolution + shortcut, without ReLU):
+    in float32 the branch convolution adds its top into the shortcut, which the graph owns and
+    reads no more, with the ReLU as oneDNN post-ops; the values stay the exact graph's, twice
+    in a row, and the input is left as it was."""
+    if not inference._packed_convolution_available():
+        pytest.skip("this torch build has no oneDNN convolution with post-ops")
+    net = _net(RESIDUAL_BLOCKS, (2, 5, 9, 8), dtype=torch.float32)
+    assert _residual_modes(net) == ["add", "add_relu"]
+    inputs = _inputs(net)
+    kept = inputs["data"].clone()
+    _check(net, inputs)
+    _check(net, inputs)
+    assert torch.equal(inputs["data"], kept)
+    net64 = _net(RESIDUAL_BLOCKS, (2, 5, 9, 8))         # float64: the top, then the sum
+    _check(net64, _inputs(net64), float64=True)
+
+
+@pytest.mark.parametrize("case", ["input", "read_after", "own_input"])
+def test_residual_sums_stay_where_the_shortcut_is_not_the_graphs_to_overwrite(case):
+    """Not fused: a shortcut that is the net's input (the caller's tensor), one read again
+    after the sum, or the branch convolution's own input."""
+    if case == "input":
+        body = """
+        layer { name: "c" type: "Convolution" bottom: "data" top: "b" convolution_param {
+          num_output: 5 kernel_size: 3 pad: 1 } }
+        layer { name: "sum" type: "Eltwise" bottom: "b" bottom: "data" top: "y" }
+        layer { name: "r" type: "ReLU" bottom: "y" top: "y" }"""
+    else:
+        reader = "a" if case == "read_after" else "s"
+        body = f"""
+        layer {{ name: "c1" type: "Convolution" bottom: "data" top: "a" convolution_param {{
+          num_output: 5 kernel_size: 1 }} }}
+        layer {{ name: "c2" type: "Convolution" bottom: "a" top: "b" convolution_param {{
+          num_output: 5 kernel_size: 3 pad: 1 }} }}
+        layer {{ name: "sum" type: "Eltwise" bottom: "b" bottom: "a" top: "s" }}
+        layer {{ name: "c3" type: "Convolution" bottom: "{reader}" top: "y" convolution_param {{
+          num_output: 2 kernel_size: 1 }} }}"""
+        # own_input: the shortcut "a" is read by nothing after the sum, but the branch
+        # convolution c2 reads it while it would write into it
+    net = _net(body, (1, 5, 7, 6), dtype=torch.float32)
+    inputs = _inputs(net)
+    kept = inputs["data"].clone()
+    _check(net, inputs)
+    assert torch.equal(inputs["data"], kept)
+    assert _residual_modes(net) == []
+
+
 def test_the_embedding_head_runs_in_several_threads_at_once_and_deep_copies():
     """The product over a concatenation of resizes keeps temporaries between calls, one set per
     thread: the same net run from four threads at once gives each thread the single-threaded
