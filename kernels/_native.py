@@ -47,7 +47,13 @@ SIGNATURES = {
     "meanfield.c": {
         "message_forward": "ll" + "ppp" + "l" * 12,
     },
+    "pooling.c": {
+        "max_pool": "ll" + "pp" + "l" * 10,
+    },
 }
+
+# functions that return 0, or -1 where they could not allocate their scratch memory
+RETURNS_STATUS = {"max_pool"}
 
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
 _BASE_FLAGS = ("-std=c99", "-fPIC", "-shared", "-fno-strict-aliasing")
@@ -134,7 +140,7 @@ def _library(source_name, dtype):
     for name, signature in SIGNATURES[source_name].items():
         function = getattr(library, name)
         function.argtypes = [types[kind] for kind in signature]
-        function.restype = None
+        function.restype = ctypes.c_int if name in RETURNS_STATUS else None
     return library
 
 

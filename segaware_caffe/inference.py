@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .fusion import FusedMaskedConv
+from .kernels._native import function as native_function, threads as native_threads
 from .kernels.geometry import ConvGeometry, inside_range
 from .kernels.masked_conv import masked_conv2d_inference
 from .layers.batch_norm import BatchNorm
@@ -693,6 +694,16 @@ class InferencePooling(_InferenceModule):
         taps = kernel[0] * kernel[1]
         # torch's channels_last max pool beats the tap maxima there, but for 2x2 windows
         torch_first = ceil is not None and taps > 4 and channels_last
+        if method == "MAX" and not channels_last:
+            fallback = self._torch_pool_function(kernel, pad, stride, out, ceil, taps,
+                                                 torch_first, height, width)
+            return lambda x: compiled_max_pool(x, kernel, pad, stride, out, fallback)
+        return self._torch_pool_function(kernel, pad, stride, out, ceil, taps, torch_first,
+                                         height, width)
+
+    def _torch_pool_function(self, kernel, pad, stride, out, ceil, taps, torch_first, height,
+                             width):
+        layer, method = self.layer, self.method
         if method == "MAX" and taps <= self.MAX_TAPS and not torch_first:
             return lambda x: tap_max_pool(x, kernel, pad, stride, out)
         if ceil is not None:
@@ -709,6 +720,20 @@ class InferencePooling(_InferenceModule):
     def extra_repr(self):
         after = f", then {type(self.activation).__name__}" if self.activation is not None else ""
         return self.method + after
+
+
+def compiled_max_pool(x, kernel, pad, stride, out_hw, fallback):
+    """Caffe's MAX pooling of a standard-layout (N, C, H, W) image as one compiled loop
+    (kernels/cpu/pooling.c); fallback(x) where that loop is missing or x does not suit it."""
+    loop = native_function("pooling.c", "max_pool", x.dtype)
+    if loop is None or x.device.type != "cpu" or not x.is_contiguous():
+        return fallback(x)
+    num, channels, height, width = x.shape
+    top = x.new_empty((num, channels, *out_hw))
+    if loop(native_threads(), num * channels, x.data_ptr(), top.data_ptr(), height, width,
+            *out_hw, *kernel, *pad, *stride) != 0:
+        raise MemoryError(f"MAX pooling: no memory for a row of {width} values")
+    return top
 
 
 def tap_max_pool(x, kernel, pad, stride, out_hw):

@@ -198,3 +198,23 @@ def test_compiled_crf_message_equals_the_torch_loop(geometry, dtype, threads, mo
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(compiled, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel,pad,stride", [((3, 3), (1, 1), (2, 2)), ((2, 2), (0, 0), (2, 2)),
+                                               ((3, 2), (1, 0), (1, 2)), ((5, 5), (2, 2), (3, 3)),
+                                               ((7, 7), (3, 3), (1, 1))])
+def test_compiled_max_pooling_equals_the_tap_maxima(kernel, pad, stride, dtype):
+    """Caffe's windows clipped to the image, -FLT_MAX for a window with nothing inside (the
+    last windows of a ceil-rounded output), NaN where a window holds one."""
+    from segaware_caffe.inference import compiled_max_pool, tap_max_pool
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 11, 9, generator=gen, dtype=dtype)
+    x[0, 1, 4, 4] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    out = tuple(-(-(size + 2 * p - k) // s) + 1 for size, k, p, s in
+                zip((11, 9), kernel, pad, stride))      # Caffe's ceil rule
+    expected = tap_max_pool(x, kernel, pad, stride, out)
+    got = compiled_max_pool(x, kernel, pad, stride, out, fallback=None)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
