@@ -5,18 +5,19 @@ Why: some CPU steps are plain loops that torch can only express as several strid
 masked columns of the fused convolution are 9 broadcast products per band, bound by memory at a
 few GB/s); one C loop does them at cache speed. Only such loops live here; products stay torch
 matmuls (BLAS). Each loop computes what the torch code beside it computes, element for element
-(where a source says otherwise, it says why), so a machine without a compiler (or
+(where a source says otherwise, it says why; sums over channels may run in another order than
+torch's reductions, within float rounding), so a machine without a compiler (or
 `ENABLED = False`, or SEGAWARE_NATIVE_CPU=0) runs the torch code with the same numbers, slower.
 
 Each source is compiled once per element type, with `scalar_t`, SCALAR_MIN (its smallest normal
-number) and SCALAR_FMA (its fused multiply-add) defined in front, for this CPU (-march=native,
-retried without it) into a cache folder: $SEGAWARE_CACHE, else $XDG_CACHE_HOME/segaware-caffe,
-else ~/.cache/segaware-caffe. A library's name carries a hash of its source, the compiler, the
-flags and the CPU, so a changed source or another machine sharing the folder builds its own; a
-library is written under a temporary name and renamed, so processes compiling at once never load
-a partial file. The loops split their work with OpenMP (-fopenmp): the library then binds to the
-libgomp torch has loaded, so they run on torch's thread pool rather than beside its spinning
-threads; where -fopenmp fails they run on one thread.
+number), SCALAR_FMA (its fused multiply-add) and SCALAR_ABS defined in front, for this CPU
+(-march=native, retried without it) into a cache folder: $SEGAWARE_CACHE, else
+$XDG_CACHE_HOME/segaware-caffe, else ~/.cache/segaware-caffe. A library's name carries a hash of
+its source, the compiler, the flags and the CPU, so a changed source or another machine sharing
+the folder builds its own; a library is written under a temporary name and renamed, so processes
+compiling at once never load a partial file. The loops split their work with OpenMP (-fopenmp):
+the library then binds to the libgomp torch has loaded, so they run on torch's thread pool rather
+than beside its spinning threads; where -fopenmp fails they run on one thread.
 """
 import ctypes
 import functools
@@ -47,6 +48,9 @@ SIGNATURES = {
     "meanfield.c": {
         "message_forward": "ll" + "ppp" + "l" * 12,
     },
+    "im2dist.c": {
+        "distance_taps": "ll" + "ppppp" + "l" * 7,
+    },
     "pooling.c": {
         "max_pool": "ll" + "pp" + "l" * 10,
     },
@@ -56,7 +60,8 @@ SIGNATURES = {
 RETURNS_STATUS = {"max_pool"}
 
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
-_BASE_FLAGS = ("-std=c99", "-fPIC", "-shared", "-fno-strict-aliasing")
+# no contraction of a * b + c into one rounding unless a source asks for it (SCALAR_FMA)
+_BASE_FLAGS = ("-std=c99", "-fPIC", "-shared", "-fno-strict-aliasing", "-ffp-contract=off")
 
 # why the last build failed, for `status()`
 _failures = {}
@@ -101,6 +106,7 @@ def _build(source_name, dtype):
     code = (f"#include <float.h>\ntypedef {scalar} scalar_t;\n"
             f"#define SCALAR_MIN {'FLT_MIN' if scalar == 'float' else 'DBL_MIN'}\n"
             f"#define SCALAR_FMA {'fmaf' if scalar == 'float' else 'fma'}\n"
+            f"#define SCALAR_ABS {'fabsf' if scalar == 'float' else 'fabs'}\n"
             + (SOURCE_DIR / source_name).read_text())
     errors = []
     for flags in _FLAG_SETS:

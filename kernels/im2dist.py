@@ -16,7 +16,7 @@ float16 / bfloat16 inputs are computed in float32 and the result cast back.
 import torch
 from torch import Tensor
 
-from . import _cuda
+from . import _cuda, _native
 from .geometry import (ConvGeometry, check_tensor, compute_dtype, inside_range, no_autocast,
                        pad_input, patch_view, tap_inside, tap_offsets, unpad)
 
@@ -65,9 +65,7 @@ def _forward_cpu_same(x, geometry, norm_l1, remove_center, remove_bounds):
     (pad_h, pad_w), (ci, cj) = geometry.pad, geometry.centre_tap
     out = x.new_empty((batch, kh * kw, height, width))
     fill = BIG if remove_bounds else 0.0
-    rows = _band_rows(x, width)
-    buffer = x.new_empty((batch, channels, min(rows, height), width))
-    done = set()
+    computed, copied, done = [], [], set()
     for k, (i, j, offset_h, offset_w) in enumerate(tap_offsets(geometry)):
         plane = out[:, k]
         if remove_center and (i, j) == (ci, cj):
@@ -83,17 +81,46 @@ def _forward_cpu_same(x, geometry, norm_l1, remove_center, remove_bounds):
             continue
         mi, mj = 2 * ci - i, 2 * cj - j
         mirror = mi * kw + mj
+        region = (k, r0, r1, c0, c1, n0, m0)
         if 0 <= mi < kh and 0 <= mj < kw and mirror in done:
-            plane[:, r0:r1, c0:c1] = out[:, mirror, n0:n0 + r1 - r0, m0:m0 + c1 - c0]
+            copied.append((region, mirror))
         else:
+            computed.append(region)
+        done.add(k)
+    if computed and not _distances_native(x, out, computed, norm_l1):
+        rows = _band_rows(x, width)
+        buffer = x.new_empty((batch, channels, min(rows, height), width))
+        for k, r0, r1, c0, c1, n0, m0 in computed:
             for start in range(r0, r1, rows):
                 end = min(r1, start + rows)
                 _distance_into(x[:, :, start:end, c0:c1],
                                x[:, :, n0 + start - r0:n0 + end - r0, m0:m0 + c1 - c0],
                                buffer[:, :, :end - start, :c1 - c0],
-                               plane[:, start:end, c0:c1], norm_l1)
-        done.add(k)
+                               out[:, k, start:end, c0:c1], norm_l1)
+    for (k, r0, r1, c0, c1, n0, m0), mirror in copied:
+        out[:, k, r0:r1, c0:c1] = out[:, mirror, n0:n0 + r1 - r0, m0:m0 + c1 - c0]
     return out
+
+
+def _distances_native(x, out, computed, norm_l1):
+    """The computed taps' inside regions as one compiled loop (kernels/cpu/im2dist.c); False
+    where there is none."""
+    loop = _native.function("im2dist.c", "distance_taps", x.dtype)
+    if loop is None or not x.is_contiguous():
+        return False
+    batch, channels, height, width = x.shape
+    # each tap's neighbour shift in pixels, from its inside region
+    taps = torch.tensor([[k, n0 - r0, m0 - c0] for k, r0, _, c0, _, n0, m0 in computed],
+                        dtype=torch.long).t().contiguous()
+    threads = _native.threads()
+    # a band's sums stay in cache; a few bands per thread
+    rows = max(1, CPU_BAND_BYTES // (len(computed) * width * x.element_size()))
+    rows = max(1, min(rows, -(-height // (4 * threads))))
+    bands = -(-height // rows)
+    loop(threads, batch * bands, x.data_ptr(), out.data_ptr(), taps[0].data_ptr(),
+         taps[1].data_ptr(), taps[2].data_ptr(), len(computed), out.shape[1], channels, height,
+         width, int(norm_l1), rows)
+    return True
 
 
 def _forward_cpu(x, geometry, norm_l1, remove_center, remove_bounds):

@@ -1,6 +1,7 @@
 """The compiled CPU loops (kernels/_native.py, kernels/cpu/*.c): they build with the machine's C
 compiler, compute what the torch code beside them computes, and their absence (no compiler, a
 failed build, switched off) leaves the torch code running with the same numbers."""
+import importlib
 import shutil
 import subprocess
 import sys
@@ -218,3 +219,31 @@ def test_compiled_max_pooling_equals_the_tap_maxima(kernel, pad, stride, dtype):
     expected = tap_max_pool(x, kernel, pad, stride, out)
     got = compiled_max_pool(x, kernel, pad, stride, out, fallback=None)
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm_l1", [True, False])
+@pytest.mark.parametrize("kernel,dilation,channels", [((3, 3), (1, 1), 64), ((5, 3), (2, 1), 3),
+                                                      ((7, 7), (1, 1), 2), ((3, 5), (3, 2), 5)])
+def test_compiled_same_geometry_distances_equal_the_torch_loop(kernel, dilation, channels,
+                                                               norm_l1, dtype, monkeypatch):
+    """Im2dist's 'same' geometry: the compiled channel sums against the torch loop's, with
+    neighbours beyond the image, removed centre and bounds, and non-finite entries (the sums'
+    order may differ from torch's reduction: float rounding)."""
+    im2dist_module = importlib.import_module("segaware_caffe.kernels.im2dist")
+    pad = ((kernel[0] // 2) * dilation[0], (kernel[1] // 2) * dilation[1])
+    geometry = ConvGeometry(kernel, pad, (1, 1), dilation)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, channels, 9, 11, generator=gen, dtype=dtype)
+    x[0, 0, 1, 2], x[1, -1, -1, 0] = float("inf"), float("nan")
+    for remove in (False, True):
+        args = (x, geometry, norm_l1, remove, remove)
+        compiled = im2dist_module._forward_cpu_same(*args)
+        with monkeypatch.context() as patch:
+            patch.setattr(native, "ENABLED", False)
+            expected = im2dist_module._forward_cpu_same(*args)
+        tolerance = 1e-6 if dtype == torch.float32 else 1e-14
+        torch.testing.assert_close(compiled, expected, rtol=tolerance, atol=tolerance,
+                                   equal_nan=True)
+        assert torch.equal(torch.isnan(compiled), torch.isnan(expected))
