@@ -52,7 +52,7 @@ SIGNATURES = {
         "distance_taps": "ll" + "ppppp" + "l" * 7,
     },
     "pooling.c": {
-        "max_pool": "ll" + "pp" + "l" * 10,
+        "max_pool": "ll" + "pp" + "l" * 11,
     },
 }
 

@@ -694,7 +694,7 @@ class InferencePooling(_InferenceModule):
         taps = kernel[0] * kernel[1]
         # torch's channels_last max pool beats the tap maxima there, but for 2x2 windows
         torch_first = ceil is not None and taps > 4 and channels_last
-        if method == "MAX" and not channels_last:
+        if method == "MAX":
             fallback = self._torch_pool_function(kernel, pad, stride, out, ceil, taps,
                                                  torch_first, height, width)
             return lambda x: compiled_max_pool(x, kernel, pad, stride, out, fallback)
@@ -723,14 +723,23 @@ class InferencePooling(_InferenceModule):
 
 
 def compiled_max_pool(x, kernel, pad, stride, out_hw, fallback):
-    """Caffe's MAX pooling of a standard-layout (N, C, H, W) image as one compiled loop
-    (kernels/cpu/pooling.c); fallback(x) where that loop is missing or x does not suit it."""
+    """Caffe's MAX pooling of an (N, C, H, W) image in either layout as one compiled loop
+    (kernels/cpu/pooling.c), its top in the same layout; fallback(x) where that loop is missing
+    or x does not suit it."""
     loop = native_function("pooling.c", "max_pool", x.dtype)
-    if loop is None or x.device.type != "cpu" or not x.is_contiguous():
+    if loop is None or x.device.type != "cpu" or x.dim() != 4:
         return fallback(x)
     num, channels, height, width = x.shape
-    top = x.new_empty((num, channels, *out_hw))
-    if loop(native_threads(), num * channels, x.data_ptr(), top.data_ptr(), height, width,
+    if x.is_contiguous():
+        top = x.new_empty((num, channels, *out_hw))
+        planes, inner = num * channels, 1
+    elif _in_channels_last(x):
+        top = torch.empty((num, channels, *out_hw), dtype=x.dtype,
+                          memory_format=torch.channels_last)
+        planes, inner = num, channels
+    else:
+        return fallback(x)
+    if loop(native_threads(), planes, x.data_ptr(), top.data_ptr(), inner, height, width,
             *out_hw, *kernel, *pad, *stride) != 0:
         raise MemoryError(f"MAX pooling: no memory for a row of {width} values")
     return top

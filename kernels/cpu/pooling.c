@@ -1,5 +1,6 @@
-/* Caffe's MAX pooling of (planes, height, width) images without indices (the inference graph's
- * pooling, CPU): window (oh, ow) covers rows [oh * stride_h - pad_h, + kernel_h) clipped to the
+/* Caffe's MAX pooling without indices (the inference graph's pooling, CPU) of `planes` images of
+ * height x width pixels, each pixel `inner` contiguous values (1: one channel of an image in the
+ * standard layout; C: all channels of an image in channels_last memory): window (oh, ow) covers rows [oh * stride_h - pad_h, + kernel_h) clipped to the
  * image, columns likewise; its maximum starts at -FLT_MAX (an empty window keeps it) and a NaN
  * in the window gives NaN, as torch's max pooling does. Each output row first takes the maxima
  * down its window's rows (one vectorised pass per row, into a row buffer), then across the
@@ -19,13 +20,14 @@ static inline scalar_t maximum(scalar_t m, scalar_t v)
 
 /* 0 on success, -1 where a row buffer could not be allocated (nothing is then written) */
 int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *restrict top,
-             long height, long width, long out_h, long out_w, long kernel_h, long kernel_w,
-             long pad_h, long pad_w, long stride_h, long stride_w)
+             long inner, long height, long width, long out_h, long out_w, long kernel_h,
+             long kernel_w, long pad_h, long pad_w, long stride_h, long stride_w)
 {
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        scalar_t *down = malloc((size_t)(width > 0 ? width : 1) * sizeof(scalar_t));
+        const long span = width * inner;     /* elements of one image row */
+        scalar_t *down = malloc((size_t)(span > 0 ? span : 1) * sizeof(scalar_t));
         if (down == NULL) {
             #pragma omp atomic write
             failed = 1;
@@ -34,19 +36,19 @@ int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
         if (!failed) {
             #pragma omp for schedule(static)
             for (long plane = 0; plane < planes; ++plane) {
-                const scalar_t *image = x + (size_t)plane * height * width;
-                scalar_t *out = top + (size_t)plane * out_h * out_w;
+                const scalar_t *image = x + (size_t)plane * height * span;
+                scalar_t *out = top + (size_t)plane * out_h * out_w * inner;
                 for (long oh = 0; oh < out_h; ++oh) {
                     long h0 = oh * stride_h - pad_h, h1 = h0 + kernel_h;
                     if (h0 < 0) h0 = 0;
                     if (h1 > height) h1 = height;
-                    for (long w = 0; w < width; ++w) down[w] = (scalar_t)-FLT_MAX;
+                    for (long w = 0; w < span; ++w) down[w] = (scalar_t)-FLT_MAX;
                     for (long h = h0; h < h1; ++h) {
-                        const scalar_t *in = image + (size_t)h * width;
-                        for (long w = 0; w < width; ++w) down[w] = maximum(down[w], in[w]);
+                        const scalar_t *in = image + (size_t)h * span;
+                        for (long w = 0; w < span; ++w) down[w] = maximum(down[w], in[w]);
                     }
-                    scalar_t *row = out + (size_t)oh * out_w;
-                    for (long ow = 0; ow < out_w; ++ow) row[ow] = (scalar_t)-FLT_MAX;
+                    scalar_t *row = out + (size_t)oh * out_w * inner;
+                    for (long ow = 0; ow < out_w * inner; ++ow) row[ow] = (scalar_t)-FLT_MAX;
                     /* tap j of window ow reads column ow * stride_w - pad_w + j: over the
                      * windows where that column is inside the image */
                     for (long j = 0; j < kernel_w; ++j) {
@@ -54,8 +56,17 @@ int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
                         long lo = offset < 0 ? (-offset + stride_w - 1) / stride_w : 0;
                         long hi = offset < width ? (width - 1 - offset) / stride_w + 1 : 0;
                         if (hi > out_w) hi = out_w;
-                        for (long ow = lo; ow < hi; ++ow)
-                            row[ow] = maximum(row[ow], down[ow * stride_w + offset]);
+                        if (inner == 1) {
+                            for (long ow = lo; ow < hi; ++ow)
+                                row[ow] = maximum(row[ow], down[ow * stride_w + offset]);
+                        } else {
+                            for (long ow = lo; ow < hi; ++ow) {
+                                scalar_t *target = row + ow * inner;
+                                const scalar_t *source = down + (ow * stride_w + offset) * inner;
+                                for (long c = 0; c < inner; ++c)
+                                    target[c] = maximum(target[c], source[c]);
+                            }
+                        }
                     }
                 }
             }

@@ -219,6 +219,11 @@ def test_compiled_max_pooling_equals_the_tap_maxima(kernel, pad, stride, dtype):
     expected = tap_max_pool(x, kernel, pad, stride, out)
     got = compiled_max_pool(x, kernel, pad, stride, out, fallback=None)
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    # channels_last in, channels_last out
+    last = compiled_max_pool(x.contiguous(memory_format=torch.channels_last), kernel, pad,
+                             stride, out, fallback=None)
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(last, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @NEEDS_COMPILER
