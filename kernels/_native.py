@@ -51,13 +51,16 @@ SIGNATURES = {
     "im2dist.c": {
         "distance_taps": "ll" + "ppppp" + "l" * 7,
     },
+    "interp.c": {
+        "bilinear": "ll" + "pp" + "l" * 8,
+    },
     "pooling.c": {
         "max_pool": "ll" + "pp" + "l" * 11,
     },
 }
 
 # functions that return 0, or -1 where they could not allocate their scratch memory
-RETURNS_STATUS = {"max_pool"}
+RETURNS_STATUS = {"max_pool", "bilinear"}
 
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
 # no contraction of a * b + c into one rounding unless a source asks for it (SCALAR_FMA)

@@ -526,7 +526,7 @@ class PointwiseOverConcat(_InferenceModule):
         """The Interp layer's top of a channels_last image, written into a kept buffer."""
         num, outputs, out_h, out_w = resize.output_shapes([tuple(image.shape)])[0]
         top = self._workspace("resized", (num, out_h, out_w, outputs), image).permute(0, 3, 1, 2)
-        return resize.resize(image, out=top)
+        return compiled_resize(resize, image, out=top)
 
     def forward(self, *inputs):
         weight_t, bias = self.conv.blobs()                 # (C, O)
@@ -827,6 +827,50 @@ class InferencePReLU(_InferenceModule):
         return prelu(x, self.layer.slope)
 
 
+class InferenceInterp(_InferenceModule):
+    """An Interp layer's resize as one compiled loop (reading only the rows and columns it
+    samples, in either layout, its top in the input's); the layer's own resize elsewhere."""
+
+    def __init__(self, layer):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+
+    def forward(self, x):
+        return compiled_resize(self.layer, x)
+
+
+def compiled_resize(layer, x, out=None):
+    """Interp `layer`'s top of x (written into `out` when given: the top's shape, contiguous in
+    x's layout), through kernels/cpu/interp.c for a 4-D float CPU image that needs a resize."""
+    loop = native_function("interp.c", "bilinear", x.dtype) if x.dim() == 4 else None
+    if loop is None or x.device.type != "cpu":
+        return layer.resize(x, out=out)
+    num, channels, height, width = x.shape
+    in_h, in_w = height + layer.pad_beg + layer.pad_end, width + layer.pad_beg + layer.pad_end
+    out_h, out_w = layer.output_spatial_size(in_h, in_w)
+    start = -layer.pad_beg
+    crop = x[..., start:start + in_h, start:start + in_w]
+    shape = (num, channels, out_h, out_w)
+    if (out_h, out_w) == (in_h, in_w) or crop.numel() == 0:
+        return layer.resize(x, out=out)
+    if x.is_contiguous():
+        layout, planes, inner, plane_stride = torch.contiguous_format, num * channels, 1, \
+            crop.stride(1)
+    elif _in_channels_last(x):
+        layout, planes, inner, plane_stride = torch.channels_last, num, channels, crop.stride(0)
+    else:
+        return layer.resize(x, out=out)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, memory_format=layout)
+    elif tuple(out.shape) != shape or out.dtype != x.dtype or \
+            not out.is_contiguous(memory_format=layout):
+        return layer.resize(x, out=out)
+    if loop(native_threads(), planes, crop.data_ptr(), out.data_ptr(), inner, in_h, in_w,
+            plane_stride, crop.stride(2), crop.stride(3), out_h, out_w) != 0:
+        raise MemoryError(f"Interp: no memory for the tables of {out_w} columns")
+    return out
+
+
 def channels_last(x):
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
@@ -1057,6 +1101,8 @@ class _Rewriter:
                 self.replace(node, "call_module", None, node.args, InferencePooling(module))
             elif isinstance(module, PReLU):
                 self.replace(node, "call_module", None, node.args, InferencePReLU(module))
+            elif isinstance(module, Interp) and len(node.args) == 1:
+                self.replace(node, "call_module", None, node.args, InferenceInterp(module))
             elif isinstance(module, FusedMaskedConv) and len(node.args) == 2 and not node.kwargs:
                 self.replace(node, "call_module", None, node.args, InferenceMaskedConv(module))
             elif isinstance(module, ReLU):
@@ -1195,7 +1241,7 @@ class _Rewriter:
                               _add_, _add_relu_, torch.softmax)
     # (PointwiseOverConcat reads either layout and gives its top in the standard one)
     _LAYOUT_FREE_MODULES = (InferenceConvolution, ChannelAffine, InferencePooling, InferencePReLU,
-                            PointwiseOverConcat)
+                            PointwiseOverConcat, InferenceInterp)
     _LAYOUT_FREE_LAYERS = (Eltwise, Concat, Softmax)
 
     def _layout_free(self, node):

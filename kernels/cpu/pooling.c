@@ -1,11 +1,12 @@
 /* Caffe's MAX pooling without indices (the inference graph's pooling, CPU) of `planes` images of
  * height x width pixels, each pixel `inner` contiguous values (1: one channel of an image in the
- * standard layout; C: all channels of an image in channels_last memory): window (oh, ow) covers rows [oh * stride_h - pad_h, + kernel_h) clipped to the
- * image, columns likewise; its maximum starts at -FLT_MAX (an empty window keeps it) and a NaN
- * in the window gives NaN, as torch's max pooling does. Each output row first takes the maxima
- * down its window's rows (one vectorised pass per row, into a row buffer), then across the
- * window's columns one tap at a time (vectorised over the windows). A maximum is exact, so the result is the torch path's whatever the order
- * of the taps. Planes are split over `threads` OpenMP threads.
+ * standard layout; C: all channels of an image in channels_last memory). Window (oh, ow) covers
+ * rows [oh * stride_h - pad_h, + kernel_h) clipped to the image, columns likewise; its maximum
+ * starts at -FLT_MAX (an empty window keeps it) and a NaN in the window gives NaN, as torch's max
+ * pooling does. Each output row first takes the maxima down its window's rows (one vectorised
+ * pass per row, into a row buffer), then across the window's columns one tap at a time
+ * (vectorised over the windows). A maximum is exact, so the result is the torch path's whatever
+ * the order of the taps. Planes are split over `threads` OpenMP threads.
  * Compiled once per element type: scalar_t is typedef'd in front of this file.
  */
 #include <float.h>

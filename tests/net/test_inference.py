@@ -826,3 +826,34 @@ def test_interp_writes_its_top_into_a_given_buffer(param):
     got = layer.resize(x, out=buffer)
     assert got.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("param", ["height: 9 width: 13", "height: 1 width: 4",
+                                   "zoom_factor: 3 pad_beg: -1 pad_end: -2", "shrink_factor: 3",
+                                   "shrink_factor: 2 zoom_factor: 3", "shrink_factor: 1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["standard", "channels_last"])
+def test_compiled_interp_is_the_layers_resize(param, dtype, layout):
+    """The inference graph's Interp (a compiled loop reading the rows and columns it samples,
+    through a crop's strides): the layer's top within rounding, in the input's layout, and into
+    a given buffer; NaN and inf reach the pixels that read them."""
+    net = sc.Net(f'name: "t" input: "data" input_shape {{ dim: 2 dim: 3 dim: 10 dim: 11 }}\n'
+                 f'layer {{ name: "up" type: "Interp" bottom: "data" top: "up" '
+                 f'interp_param {{ {param} }} }}', dtype=dtype)
+    layer = net.layers["up"]
+    x = torch.randn(2, 3, 10, 11, dtype=dtype)
+    x[0, 1, 4, 5], x[1, 2, 9, 10] = float("nan"), float("inf")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = layer(x)
+    got = inference.compiled_resize(layer, x)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance, equal_nan=True)
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                             else torch.contiguous_format)
+    buffer = torch.empty_like(got)
+    assert inference.compiled_resize(layer, x, out=buffer).data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer, got, rtol=0, atol=0, equal_nan=True)
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward(data=x)["up"], expected, rtol=tolerance,
+                                   atol=tolerance, equal_nan=True)
