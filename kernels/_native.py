@@ -51,6 +51,9 @@ SIGNATURES = {
     "im2dist.c": {
         "distance_taps": "ll" + "ppppp" + "l" * 7,
     },
+    "layout.c": {
+        "rows_to_planes": "ll" + "ppp" + "ll",
+    },
     "interp.c": {
         "bilinear": "ll" + "pp" + "l" * 8,
     },
