@@ -55,7 +55,7 @@ SIGNATURES = {
         "rows_to_planes": "ll" + "ppp" + "ll",
     },
     "interp.c": {
-        "bilinear": "ll" + "pp" + "l" * 8,
+        "bilinear": "ll" + "pp" + "l" * 9,
     },
     "pooling.c": {
         "max_pool": "ll" + "pp" + "l" * 11,

@@ -562,8 +562,15 @@ class PointwiseOverConcat(_InferenceModule):
             product = x.new_empty((num, height * width, outputs))
             for n in range(num):
                 torch.mm(rows[n], weight_t[lo:hi], out=product[n])
-            resized = self._resized(resize,
-                                    product.view(num, height, width, outputs).permute(0, 3, 1, 2))
+            image = product.view(num, height, width, outputs).permute(0, 3, 1, 2)
+            if total is not None:       # resized straight into the sum, where that is compiled
+                size_out = resize.output_shapes([tuple(image.shape)])[0][2:]
+                into = total.view(num, *size_out, outputs).permute(0, 3, 1, 2) \
+                    if total.shape[1] == size_out[0] * size_out[1] else None
+                if into is not None and \
+                        compiled_resize(resize, image, out=into, accumulate=True) is not None:
+                    continue
+            resized = self._resized(resize, image)
             size = tuple(resized.shape[2:])
             if total is None:
                 total = self._workspace("total", (num, size[0] * size[1], outputs), x)
@@ -847,34 +854,39 @@ class InferenceInterp(_InferenceModule):
         return compiled_resize(self.layer, x)
 
 
-def compiled_resize(layer, x, out=None):
+def compiled_resize(layer, x, out=None, accumulate=False):
     """Interp `layer`'s top of x (written into `out` when given: the top's shape, contiguous in
-    x's layout), through kernels/cpu/interp.c for a 4-D float CPU image that needs a resize."""
+    x's layout), through kernels/cpu/interp.c for a 4-D float CPU image that needs a resize.
+    accumulate=True adds it to `out` instead: only through the compiled loop (None where that
+    does not run, and nothing is written)."""
     loop = native_function("interp.c", "bilinear", x.dtype) if x.dim() == 4 else None
+    if accumulate and (loop is None or out is None):
+        return None
     if loop is None or x.device.type != "cpu":
-        return layer.resize(x, out=out)
+        return None if accumulate else layer.resize(x, out=out)
     num, channels, height, width = x.shape
     in_h, in_w = height + layer.pad_beg + layer.pad_end, width + layer.pad_beg + layer.pad_end
     out_h, out_w = layer.output_spatial_size(in_h, in_w)
     start = -layer.pad_beg
     crop = x[..., start:start + in_h, start:start + in_w]
     shape = (num, channels, out_h, out_w)
+    fallback = None if accumulate else layer.resize
     if (out_h, out_w) == (in_h, in_w) or crop.numel() == 0:
-        return layer.resize(x, out=out)
+        return fallback and fallback(x, out=out)
     if x.is_contiguous():
         layout, planes, inner, plane_stride = torch.contiguous_format, num * channels, 1, \
             crop.stride(1)
     elif _in_channels_last(x):
         layout, planes, inner, plane_stride = torch.channels_last, num, channels, crop.stride(0)
     else:
-        return layer.resize(x, out=out)
+        return fallback and fallback(x, out=out)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, memory_format=layout)
     elif tuple(out.shape) != shape or out.dtype != x.dtype or \
             not out.is_contiguous(memory_format=layout):
-        return layer.resize(x, out=out)
+        return fallback and fallback(x, out=out)
     if loop(native_threads(), planes, crop.data_ptr(), out.data_ptr(), inner, in_h, in_w,
-            plane_stride, crop.stride(2), crop.stride(3), out_h, out_w) != 0:
+            plane_stride, crop.stride(2), crop.stride(3), out_h, out_w, int(accumulate)) != 0:
         raise MemoryError(f"Interp: no memory for the tables of {out_w} columns")
     return out
 

@@ -12,7 +12,9 @@
  * the standard layout the two rows are blended first and the columns of that blend after: the
  * same four pixels and weights in another order (float rounding), and a NaN or an infinity
  * reaches the same outputs.
- * Work items are (plane, output row) pairs over `threads` OpenMP threads.
+ * With `accumulate` the values are added to the top's (the embedding head's sum of resized
+ * parts, without a buffer for each part). Work items are (plane, output row) pairs over
+ * `threads` OpenMP threads.
  * Compiled once per element type: scalar_t is typedef'd in front of this file.
  */
 #include <stddef.h>
@@ -43,7 +45,7 @@ static void source_of(long o, long in_size, long out_size, scalar_t scale, long 
 /* 0 on success, -1 where the column tables could not be allocated (nothing is then written) */
 int bilinear(long threads, long planes, const scalar_t *restrict x, scalar_t *restrict top,
              long inner, long in_h, long in_w, long plane_stride, long row_stride,
-             long pixel_stride, long out_h, long out_w)
+             long pixel_stride, long out_h, long out_w, long accumulate)
 {
     const scalar_t scale_h = out_h > 1 ? (scalar_t)(in_h - 1) / (scalar_t)(out_h - 1) : 0;
     const scalar_t scale_w = out_w > 1 ? (scalar_t)(in_w - 1) / (scalar_t)(out_w - 1) : 0;
@@ -90,9 +92,11 @@ int bilinear(long threads, long planes, const scalar_t *restrict x, scalar_t *re
                         for (long w = 0; w < in_w; ++w)
                             blend[w] = l0h * r0[w * pixel_stride] + l1h * r1[w * pixel_stride];
                     }
-                    for (long ow = 0; ow < out_w; ++ow)
-                        out[ow] = weights[2 * ow] * blend[columns[2 * ow]]
+                    for (long ow = 0; ow < out_w; ++ow) {
+                        const scalar_t value = weights[2 * ow] * blend[columns[2 * ow]]
                             + weights[2 * ow + 1] * blend[columns[2 * ow + 1]];
+                        out[ow] = accumulate ? out[ow] + value : value;
+                    }
                     continue;
                 }
                 for (long ow = 0; ow < out_w; ++ow) {
@@ -101,9 +105,15 @@ int bilinear(long threads, long planes, const scalar_t *restrict x, scalar_t *re
                     const long c1 = columns[2 * ow + 1] * pixel_stride;
                     const scalar_t *a0 = r0 + c0, *a1 = r0 + c1, *b0 = r1 + c0, *b1 = r1 + c1;
                     scalar_t *o = out + ow * inner;
-                    for (long c = 0; c < inner; ++c)
-                        o[c] = l0h * (l0w * a0[c] + l1w * a1[c])
-                            + l1h * (l0w * b0[c] + l1w * b1[c]);
+                    if (accumulate) {
+                        for (long c = 0; c < inner; ++c)
+                            o[c] += l0h * (l0w * a0[c] + l1w * a1[c])
+                                + l1h * (l0w * b0[c] + l1w * b1[c]);
+                    } else {
+                        for (long c = 0; c < inner; ++c)
+                            o[c] = l0h * (l0w * a0[c] + l1w * a1[c])
+                                + l1h * (l0w * b0[c] + l1w * b1[c]);
+                    }
                 }
             }
         }

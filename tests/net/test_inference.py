@@ -854,6 +854,18 @@ def test_compiled_interp_is_the_layers_resize(param, dtype, layout):
     buffer = torch.empty_like(got)
     assert inference.compiled_resize(layer, x, out=buffer).data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(buffer, got, rtol=0, atol=0, equal_nan=True)
+    # added into a sum (the embedding head's resized parts), where the loop runs
+    total = torch.randn(got.shape, dtype=dtype).contiguous(memory_format=torch.channels_last
+                                                            if layout == "channels_last"
+                                                            else torch.contiguous_format)
+    start = total.clone()
+    added = inference.compiled_resize(layer, x, out=total, accumulate=True)
+    compiled = inference.native_function("interp.c", "bilinear", dtype) is not None
+    if param == "shrink_factor: 1" or not compiled:     # nothing added, nothing written
+        assert added is None and torch.equal(total, start)
+    else:
+        torch.testing.assert_close(total, start + got, rtol=tolerance, atol=tolerance,
+                                   equal_nan=True)
     with torch.no_grad():
         torch.testing.assert_close(net.forward(data=x)["up"], expected, rtol=tolerance,
                                    atol=tolerance, equal_nan=True)
