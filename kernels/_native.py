@@ -59,11 +59,12 @@ SIGNATURES = {
     },
     "pooling.c": {
         "max_pool": "ll" + "pp" + "l" * 11,
+        "avg_pool": "ll" + "pp" + "l" * 11,
     },
 }
 
 # functions that return 0, or -1 where they could not allocate their scratch memory
-RETURNS_STATUS = {"max_pool", "bilinear"}
+RETURNS_STATUS = {"max_pool", "avg_pool", "bilinear"}
 
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
 # no contraction of a * b + c into one rounding unless a source asks for it (SCALAR_FMA)

@@ -709,10 +709,11 @@ class InferencePooling(_InferenceModule):
         taps = kernel[0] * kernel[1]
         # torch's channels_last max pool beats the tap maxima there, but for 2x2 windows
         torch_first = ceil is not None and taps > 4 and channels_last
-        if method == "MAX":
+        if method in ("MAX", "AVE"):
             fallback = self._torch_pool_function(kernel, pad, stride, out, ceil, taps,
                                                  torch_first, height, width)
-            return lambda x: compiled_max_pool(x, kernel, pad, stride, out, fallback)
+            loop = "max_pool" if method == "MAX" else "avg_pool"
+            return lambda x: compiled_pool(loop, x, kernel, pad, stride, out, fallback)
         return self._torch_pool_function(kernel, pad, stride, out, ceil, taps, torch_first,
                                          height, width)
 
@@ -737,11 +738,11 @@ class InferencePooling(_InferenceModule):
         return self.method + after
 
 
-def compiled_max_pool(x, kernel, pad, stride, out_hw, fallback):
-    """Caffe's MAX pooling of an (N, C, H, W) image in either layout as one compiled loop
-    (kernels/cpu/pooling.c), its top in the same layout; fallback(x) where that loop is missing
-    or x does not suit it."""
-    loop = native_function("pooling.c", "max_pool", x.dtype)
+def compiled_pool(name, x, kernel, pad, stride, out_hw, fallback):
+    """Caffe's MAX ("max_pool") or AVE ("avg_pool") pooling of an (N, C, H, W) image in either
+    layout as one compiled loop (kernels/cpu/pooling.c), its top in the same layout; fallback(x)
+    where that loop is missing or x does not suit it."""
+    loop = native_function("pooling.c", name, x.dtype)
     if loop is None or x.device.type != "cpu" or x.dim() != 4:
         return fallback(x)
     num, channels, height, width = x.shape
@@ -756,7 +757,7 @@ def compiled_max_pool(x, kernel, pad, stride, out_hw, fallback):
         return fallback(x)
     if loop(native_threads(), planes, x.data_ptr(), top.data_ptr(), inner, height, width,
             *out_hw, *kernel, *pad, *stride) != 0:
-        raise MemoryError(f"MAX pooling: no memory for a row of {width} values")
+        raise MemoryError(f"pooling: no memory for a row of {width} values")
     return top
 
 

@@ -76,3 +76,71 @@ int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
     }
     return failed ? -1 : 0;
 }
+
+/* Caffe's AVE pooling, same images and loop: the sum over the window clipped to the image,
+ * divided by the size of the window clipped to the image padded by `pad` on each side (Caffe's
+ * rule: padding counts, what lies beyond it does not). Sums run down the rows, then across the
+ * columns (float rounding aside, the torch path's value). */
+int avg_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *restrict top,
+             long inner, long height, long width, long out_h, long out_w, long kernel_h,
+             long kernel_w, long pad_h, long pad_w, long stride_h, long stride_w)
+{
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        const long span = width * inner;
+        scalar_t *down = malloc((size_t)(span > 0 ? span : 1) * sizeof(scalar_t));
+        if (down == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        if (!failed) {
+            #pragma omp for schedule(static)
+            for (long plane = 0; plane < planes; ++plane) {
+                const scalar_t *image = x + (size_t)plane * height * span;
+                scalar_t *out = top + (size_t)plane * out_h * out_w * inner;
+                for (long oh = 0; oh < out_h; ++oh) {
+                    long h0 = oh * stride_h - pad_h, h1 = h0 + kernel_h;
+                    if (h1 > height + pad_h) h1 = height + pad_h;
+                    const long rows = h1 - h0;
+                    if (h0 < 0) h0 = 0;
+                    if (h1 > height) h1 = height;
+                    for (long w = 0; w < span; ++w) down[w] = 0;
+                    for (long h = h0; h < h1; ++h) {
+                        const scalar_t *in = image + (size_t)h * span;
+                        for (long w = 0; w < span; ++w) down[w] += in[w];
+                    }
+                    scalar_t *row = out + (size_t)oh * out_w * inner;
+                    for (long ow = 0; ow < out_w * inner; ++ow) row[ow] = 0;
+                    /* tap j of window ow adds column ow * stride_w - pad_w + j where inside */
+                    for (long j = 0; j < kernel_w; ++j) {
+                        const long offset = j - pad_w;
+                        long lo = offset < 0 ? (-offset + stride_w - 1) / stride_w : 0;
+                        long hi = offset < width ? (width - 1 - offset) / stride_w + 1 : 0;
+                        if (hi > out_w) hi = out_w;
+                        if (inner == 1) {
+                            for (long ow = lo; ow < hi; ++ow)
+                                row[ow] += down[ow * stride_w + offset];
+                        } else {
+                            for (long ow = lo; ow < hi; ++ow) {
+                                scalar_t *target = row + ow * inner;
+                                const scalar_t *source = down + (ow * stride_w + offset) * inner;
+                                for (long c = 0; c < inner; ++c) target[c] += source[c];
+                            }
+                        }
+                    }
+                    for (long ow = 0; ow < out_w; ++ow) {
+                        long w0 = ow * stride_w - pad_w, w1 = w0 + kernel_w;
+                        if (w1 > width + pad_w) w1 = width + pad_w;
+                        const scalar_t size = (scalar_t)(rows * (w1 - w0));
+                        scalar_t *target = row + ow * inner;
+                        for (long c = 0; c < inner; ++c) target[c] /= size;
+                    }
+                }
+            }
+        }
+        free(down);
+    }
+    return failed ? -1 : 0;
+}

@@ -209,7 +209,7 @@ def test_compiled_crf_message_equals_the_torch_loop(geometry, dtype, threads, mo
 def test_compiled_max_pooling_equals_the_tap_maxima(kernel, pad, stride, dtype):
     """Caffe's windows clipped to the image, -FLT_MAX for a window with nothing inside (the
     last windows of a ceil-rounded output), NaN where a window holds one."""
-    from segaware_caffe.inference import compiled_max_pool, tap_max_pool
+    from segaware_caffe.inference import compiled_pool, tap_max_pool
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(2, 3, 11, 9, generator=gen, dtype=dtype)
     x[0, 1, 4, 4] = float("nan")
@@ -217,11 +217,11 @@ def test_compiled_max_pooling_equals_the_tap_maxima(kernel, pad, stride, dtype):
     out = tuple(-(-(size + 2 * p - k) // s) + 1 for size, k, p, s in
                 zip((11, 9), kernel, pad, stride))      # Caffe's ceil rule
     expected = tap_max_pool(x, kernel, pad, stride, out)
-    got = compiled_max_pool(x, kernel, pad, stride, out, fallback=None)
+    got = compiled_pool("max_pool", x, kernel, pad, stride, out, fallback=None)
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
     # channels_last in, channels_last out
-    last = compiled_max_pool(x.contiguous(memory_format=torch.channels_last), kernel, pad,
-                             stride, out, fallback=None)
+    last = compiled_pool("max_pool", x.contiguous(memory_format=torch.channels_last), kernel,
+                         pad, stride, out, fallback=None)
     assert last.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(last, expected, rtol=0, atol=0, equal_nan=True)
 
@@ -252,3 +252,24 @@ def test_compiled_same_geometry_distances_equal_the_torch_loop(kernel, dilation,
         torch.testing.assert_close(compiled, expected, rtol=tolerance, atol=tolerance,
                                    equal_nan=True)
         assert torch.equal(torch.isnan(compiled), torch.isnan(expected))
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel,pad,stride", [((3, 3), (1, 1), (1, 1)), ((2, 2), (0, 0), (2, 2)),
+                                               ((3, 2), (1, 0), (2, 1)), ((5, 5), (2, 2), (3, 3))])
+def test_compiled_average_pooling_is_caffes(kernel, pad, stride, dtype):
+    """Caffe's AVE windows (the divisor counts padding, not what lies past it), in both
+    layouts, against the layer's pool2d."""
+    from segaware_caffe.inference import compiled_pool
+    from segaware_caffe.layers.pooling import pool2d
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(2, 3, 11, 9, generator=gen, dtype=dtype)
+    x[0, 1, 4, 4] = float("nan")
+    out = tuple(-(-(size + 2 * p - k) // s) + 1 for size, k, p, s in
+                zip((11, 9), kernel, pad, stride))
+    expected = pool2d(x, "AVE", kernel, pad, stride, out)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-14
+    for image in (x, x.contiguous(memory_format=torch.channels_last)):
+        got = compiled_pool("avg_pool", image, kernel, pad, stride, out, fallback=None)
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance, equal_nan=True)
