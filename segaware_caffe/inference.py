@@ -15,21 +15,26 @@ compute, up to float32 rounding:
    weights and bias have the chain folded in (in float64, then rounded once). The folded blobs
    are recomputed when a source parameter changes (torch's version counter, its storage, or
    `parameters_changed()`). A chain after any other producer becomes one multiply-add.
-3. MAX pooling computes no indices and, where torch's window rule gives Caffe's output size,
-   pads inside the kernel instead of writing a padded copy; AVE pooling is one avg_pool2d there;
-   PReLU and leaky ReLU are one-pass kernels; Eltwise SUM of unweighted bottoms is torch.add;
-   Softmax is torch.softmax. Each pooling works out its windows once per input shape.
+3. MAX and AVE pooling and the Interp resize are compiled loops on the CPU (kernels/cpu/;
+   MAX computes no indices), with torch's pooling, padded inside the kernel, where there is no
+   compiler; PReLU and leaky ReLU are one-pass kernels; Eltwise SUM of unweighted bottoms is
+   torch.add; Softmax is torch.softmax. Each pooling works out its windows once per input
+   shape. A fused segmentation-aware convolution runs its band loop directly (no autograd).
 4. A ReLU / leaky ReLU whose bottom is a convolution's top read by nothing else is applied by
-   the convolution (oneDNN's post-op, or in place). ReLU, leaky ReLU and Eltwise SUM write into
-   a bottom whose memory is a fresh result nobody else reads (what Caffe's in-place tops do; a
-   sum takes whichever of its two bottoms is fresh), and such a sum read only by a ReLU is one
-   fused pass (a residual block's end).
+   the convolution (oneDNN's post-op, in place, or band by band). ReLU, leaky ReLU and Eltwise
+   SUM write into a bottom whose memory is a fresh result nobody else reads (what Caffe's
+   in-place tops do; a sum takes whichever of its two bottoms is fresh), and such a sum read
+   only by a ReLU is one fused pass (a residual block's end).
 5. 2-D convolutions run in channels_last memory (oneDNN's CPU kernels are several times faster
    there for few channels, and no slower elsewhere); float32 CPU ones call oneDNN with weights
    reordered once into its blocked format. A stride-1 convolution with few outputs from many
    channels is one product of all taps' weights with the pixels and shifted sums. Tensors
    return to the standard layout before any node not known to accept channels_last, and before
    the net's outputs.
+6. A residual block's end -- the sum (and ReLU) of a convolution's fresh top and a shortcut
+   the graph allocated and reads no more -- is that convolution with the sum and the ReLU as
+   oneDNN post-ops, written into the shortcut (float32 channels_last CPU images; otherwise the
+   top, then the sum).
 
 Everything else keeps the layer's own module, so side effects and layer-specific rules are
 untouched. The graph holds no autograd rules of its own: it is for forwards without gradients
