@@ -19,6 +19,12 @@ LOG=${LOG:-gpu_check.log}
 PYTHON=${PYTHON:-python}
 SMOKE=${SMOKE:-0}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the compiled CPU loops build into a folder of this run (removed at its end) unless one is given
+if [ -z "${SEGAWARE_CACHE:-}" ]; then
+  SEGAWARE_CACHE=$(mktemp -d)
+  export SEGAWARE_CACHE
+  trap 'rm -rf "$SEGAWARE_CACHE"' EXIT
+fi
 : > "$LOG"
 failed=()
 
