@@ -41,6 +41,7 @@ untouched. The graph holds no autograd rules of its own: it is for forwards with
 (the folded blobs are computed under torch.no_grad()).
 """
 import copy
+import math
 import operator
 import threading
 import weakref
@@ -651,6 +652,9 @@ class InferencePooling(_InferenceModule):
     use torch's max_pool2d over a copy padded to the windows' extent. AVE: torch's avg_pool2d
     where its padding and ceil rule give Caffe's windows, else the layer's own code."""
     MAX_TAPS = 16
+    # below this many input values torch's pooling is as fast (the compiled loop's call costs a
+    # few microseconds: CIFAR-10 quick's 8x8 and 16x16 AVE poolings)
+    COMPILED_MIN_ELEMENTS = 1 << 16
 
     def __init__(self, layer, activation=None):
         super().__init__()
@@ -714,7 +718,7 @@ class InferencePooling(_InferenceModule):
         taps = kernel[0] * kernel[1]
         # torch's channels_last max pool beats the tap maxima there, but for 2x2 windows
         torch_first = ceil is not None and taps > 4 and channels_last
-        if method in ("MAX", "AVE"):
+        if method in ("MAX", "AVE") and math.prod(shape) >= self.COMPILED_MIN_ELEMENTS:
             fallback = self._torch_pool_function(kernel, pad, stride, out, ceil, taps,
                                                  torch_first, height, width)
             loop = "max_pool" if method == "MAX" else "avg_pool"

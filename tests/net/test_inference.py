@@ -233,10 +233,14 @@ def _pool_cases(count, seed=0):
     return cases
 
 
-def test_pooling_matches_the_layer_everywhere():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_pooling_matches_the_layer_everywhere(compiled, monkeypatch):
     """Caffe's windows at random kernel/pad/stride/rounding, empty windows (kernel < stride)
     included, in both memory layouts, with a ReLU / leaky ReLU / PReLU moved behind the pooling
-    (slopes of both signs: a negative one must not commute)."""
+    (slopes of both signs: a negative one must not commute); through the compiled loops (small
+    images too) and through torch's pooling."""
+    monkeypatch.setattr(inference.InferencePooling, "COMPILED_MIN_ELEMENTS",
+                        0 if compiled else 1 << 62)
     for layer, size, channels_last, act in _pool_cases(400):
         x = torch.randn(2, 3, *size, dtype=torch.float64)
         if channels_last:
