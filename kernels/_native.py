@@ -10,7 +10,8 @@ torch's reductions, within float rounding), so a machine without a compiler (or
 `ENABLED = False`, or SEGAWARE_NATIVE_CPU=0) runs the torch code with the same numbers, slower.
 
 Each source is compiled once per element type, with `scalar_t`, SCALAR_MIN (its smallest normal
-number), SCALAR_FMA (its fused multiply-add) and SCALAR_ABS defined in front, for this CPU
+number), SCALAR_FMA (its fused multiply-add) and SCALAR_ABS defined in front, then
+kernels/cpu/common.h (what the sources share), for this CPU
 (-march=native, retried without it) into a cache folder: $SEGAWARE_CACHE, else
 $XDG_CACHE_HOME/segaware-caffe, else ~/.cache/segaware-caffe. A library's name carries a hash of
 its source, the compiler, the flags and the CPU, so a changed source or another machine sharing
@@ -114,7 +115,7 @@ def _build(source_name, dtype):
             f"#define SCALAR_MIN {'FLT_MIN' if scalar == 'float' else 'DBL_MIN'}\n"
             f"#define SCALAR_FMA {'fmaf' if scalar == 'float' else 'fma'}\n"
             f"#define SCALAR_ABS {'fabsf' if scalar == 'float' else 'fabs'}\n"
-            + (SOURCE_DIR / source_name).read_text())
+            + (SOURCE_DIR / "common.h").read_text() + (SOURCE_DIR / source_name).read_text())
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256("\0".join((code, compiler, *flags, *_BASE_FLAGS,

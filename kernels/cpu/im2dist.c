@@ -8,10 +8,8 @@
  * planes are left as they are. Work items are (image, band of `rows` rows) pairs, split over
  * `threads` OpenMP threads; in a band, each channel's rows are read once for all taps while the
  * band's sums stay in cache.
- * Compiled once per element type: scalar_t and SCALAR_ABS are defined in front of this file.
+ * Compiled once per element type, after the type's definitions and common.h (kernels/_native.py).
  */
-#include <math.h>
-#include <stddef.h>
 
 void distance_taps(long threads, long items, const scalar_t *restrict x,
                    scalar_t *restrict out, const long *restrict plane,

@@ -15,10 +15,8 @@
  * With `accumulate` the values are added to the top's (the embedding head's sum of resized
  * parts, without a buffer for each part). Work items are (plane, output row) pairs over
  * `threads` OpenMP threads.
- * Compiled once per element type: scalar_t is typedef'd in front of this file.
+ * Compiled once per element type, after the type's definitions and common.h (kernels/_native.py).
  */
-#include <stddef.h>
-#include <stdlib.h>
 
 /* input index pair and weights of output index o along one axis */
 static void source_of(long o, long in_size, long out_size, scalar_t scale, long *i0, long *i1,

@@ -2,9 +2,8 @@
  * NULL), the conversion of an image from channels_last memory to the standard layout, with a
  * per-channel bias folded into the same pass. Tiles of pixels x channels keep both sides in
  * cache; work items are (image, tile of pixels) pairs over `threads` OpenMP threads.
- * Compiled once per element type: scalar_t is typedef'd in front of this file.
+ * Compiled once per element type, after the type's definitions and common.h (kernels/_native.py).
  */
-#include <stddef.h>
 
 #define TILE 64
 

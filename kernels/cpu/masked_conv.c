@@ -8,33 +8,13 @@
  * GEMM several times slower (each such term is below 1.2e-38 in float32).
  * The (image, channel) pairs are split over `threads` OpenMP threads: the runtime torch loaded
  * (libgomp), so these share torch's thread pool instead of competing with its spinning threads.
- * Compiled once per element type: scalar_t is typedef'd in front of this file.
+ * Compiled once per element type, after the type's definitions and common.h (kernels/_native.py).
  */
-#include <math.h>
-#include <stddef.h>
-
-/* g * m + t rounded once where the CPU has fused multiply-adds, as torch's addcmul computes it */
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-#define MUL_ADD(a, b, c) SCALAR_FMA(a, b, c)
-#else
-#define MUL_ADD(a, b, c) ((a) * (b) + (c))
-#endif
 
 /* x, or a zero of its sign where |x| is subnormal (NaN and infinities stay) */
 static inline scalar_t flushed(scalar_t x)
 {
     return (x < SCALAR_MIN && x > -SCALAR_MIN) ? x * 0 : x;
-}
-
-/* Output columns [lo, hi) whose tap at offset_w reads inside the image
- * (0 <= w * stride_w + offset_w < width), clipped to [0, out_w). */
-static void inside_columns(long offset_w, long stride_w, long width, long out_w,
-                           long *lo, long *hi)
-{
-    *lo = offset_w < 0 ? (-offset_w + stride_w - 1) / stride_w : 0;
-    *hi = offset_w < width ? (width - 1 - offset_w) / stride_w + 1 : 0;
-    if (*hi > out_w) *hi = out_w;
-    if (*lo > *hi) *lo = *hi;
 }
 
 void masked_columns(long threads, long items,

@@ -8,16 +8,8 @@
  * multiply-add per element where the CPU has them (what torch's addcmul_ computes, in the same
  * order, so the result is the torch loop's bit for bit). A band's rows of every channel stay
  * in cache while all taps are added, and each attention row is read once per band.
- * Compiled once per element type: scalar_t and SCALAR_FMA are defined in front of this file.
+ * Compiled once per element type, after the type's definitions and common.h (kernels/_native.py).
  */
-#include <math.h>
-#include <stddef.h>
-
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-#define MUL_ADD(a, b, c) SCALAR_FMA(a, b, c)
-#else
-#define MUL_ADD(a, b, c) ((a) * (b) + (c))
-#endif
 
 void message_forward(long threads, long items,
                      const scalar_t *restrict padded, const scalar_t *restrict attention,

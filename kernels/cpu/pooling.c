@@ -7,11 +7,8 @@
  * pass per row, into a row buffer), then across the window's columns one tap at a time
  * (vectorised over the windows). A maximum is exact, so the result is the torch path's whatever
  * the order of the taps. Planes are split over `threads` OpenMP threads.
- * Compiled once per element type: scalar_t is typedef'd in front of this file.
+ * Compiled once per element type, after the type's definitions and common.h (kernels/_native.py).
  */
-#include <float.h>
-#include <stddef.h>
-#include <stdlib.h>
 
 /* max(m, v), NaN if either is NaN */
 static inline scalar_t maximum(scalar_t m, scalar_t v)
@@ -54,9 +51,8 @@ int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
                      * windows where that column is inside the image */
                     for (long j = 0; j < kernel_w; ++j) {
                         const long offset = j - pad_w;
-                        long lo = offset < 0 ? (-offset + stride_w - 1) / stride_w : 0;
-                        long hi = offset < width ? (width - 1 - offset) / stride_w + 1 : 0;
-                        if (hi > out_w) hi = out_w;
+                        long lo, hi;
+                        inside_columns(offset, stride_w, width, out_w, &lo, &hi);
                         if (inner == 1) {
                             for (long ow = lo; ow < hi; ++ow)
                                 row[ow] = maximum(row[ow], down[ow * stride_w + offset]);
@@ -116,9 +112,8 @@ int avg_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
                     /* tap j of window ow adds column ow * stride_w - pad_w + j where inside */
                     for (long j = 0; j < kernel_w; ++j) {
                         const long offset = j - pad_w;
-                        long lo = offset < 0 ? (-offset + stride_w - 1) / stride_w : 0;
-                        long hi = offset < width ? (width - 1 - offset) / stride_w + 1 : 0;
-                        if (hi > out_w) hi = out_w;
+                        long lo, hi;
+                        inside_columns(offset, stride_w, width, out_w, &lo, &hi);
                         if (inner == 1) {
                             for (long ow = lo; ow < hi; ++ow)
                                 row[ow] += down[ow * stride_w + offset];

@@ -51,6 +51,17 @@ def test_builds_where_a_compiler_exists(fresh_builds, dtype):
     assert not list(fresh_builds.glob(".build-*")), "a build folder was left behind"
 
 
+@NEEDS_COMPILER
+def test_every_source_builds_every_function(fresh_builds):
+    """Each source of kernels/cpu, for both dtypes: the tests that compare a compiled loop with
+    the torch code would otherwise pass on the torch code alone where a build broke."""
+    for source, functions in native.SIGNATURES.items():
+        for dtype in (torch.float32, torch.float64):
+            for name in functions:
+                assert native.function(source, name, dtype) is not None, native.status()
+    assert sorted(p.name for p in native.SOURCE_DIR.glob("*.c")) == sorted(native.SIGNATURES)
+
+
 def test_a_failed_build_falls_back_to_torch_and_says_why(fresh_builds, monkeypatch):
     false = shutil.which("false")
     if false is None:
