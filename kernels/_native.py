@@ -57,6 +57,7 @@ SIGNATURES = {
     },
     "interp.c": {
         "bilinear": "ll" + "pp" + "l" * 9,
+        "bilinear_backward": "ll" + "pp" + "l" * 6,
     },
     "pooling.c": {
         "max_pool": "ll" + "pp" + "l" * 11,
@@ -171,6 +172,16 @@ def function(source_name, name, dtype):
 def status():
     """{(source, dtype): why its build failed} for the builds tried so far (empty: all fine)."""
     return dict(_failures)
+
+
+def plain(*tensors):
+    """Whether the compiled loops may read and write these: plain CPU tensors with storage (not
+    fake, meta or subclassed tensors, e.g. under shape inference or torch.compile's tracing,
+    whose data pointers are no memory)."""
+    return all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def threads():

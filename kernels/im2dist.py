@@ -106,7 +106,7 @@ def _distances_native(x, out, computed, norm_l1):
     """The computed taps' inside regions as one compiled loop (kernels/cpu/im2dist.c); False
     where there is none."""
     loop = _native.function("im2dist.c", "distance_taps", x.dtype)
-    if loop is None or not x.is_contiguous():
+    if loop is None or not x.is_contiguous() or not _native.plain(x, out):
         return False
     batch, channels, height, width = x.shape
     # each tap's neighbour shift in pixels, from its inside region

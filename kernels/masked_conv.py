@@ -124,8 +124,8 @@ def _masked_columns_native(x, mask, geometry, row_start, row_end, columns):
     """_masked_columns_cpu as one compiled loop (kernels/cpu/masked_conv.c), element for element
     the same products; False where there is none (the caller then runs the torch loop)."""
     loop = _native.function("masked_conv.c", "masked_columns", x.dtype)
-    if loop is None or not (x.is_contiguous() and mask.is_contiguous()
-                            and columns.is_contiguous()):
+    if loop is None or not _native.plain(x, mask, columns) or \
+            not (x.is_contiguous() and mask.is_contiguous() and columns.is_contiguous()):
         return False
     batch, channels, height, width = x.shape
     out_h, out_w = mask.shape[2:]
@@ -186,7 +186,7 @@ def _forward_cpu(x, mask, weight, bias, geometry, group, activation=None):
 def masked_conv2d_inference(x, mask, weight, bias, geometry, group, activation=None):
     """The forward of masked_conv2d_op without autograd or dispatch, for the inference graph
     (no gradient is taken), with an optional ReLU / leaky ReLU (negative slope `activation`)."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and \
+    if _native.plain(x, mask, weight) and x.dtype in (torch.float32, torch.float64) and \
             mask.dtype == x.dtype and weight.dtype == x.dtype and \
             (bias is None or bias.dtype == x.dtype):
         bias = bias.contiguous() if bias is not None else None
@@ -229,7 +229,8 @@ def _input_gradients_native(grad_columns, x, mask, geometry, row_start, row_end,
     column gradients, as compiled loops; False where there are none."""
     loops = [_native.function("masked_conv.c", name, x.dtype)
              for name in ("masked_columns_grad_x", "masked_columns_grad_mask")]
-    if None in loops or not (x.is_contiguous() and mask.is_contiguous()):
+    if None in loops or not _native.plain(grad_columns, x, mask) or \
+            not (x.is_contiguous() and mask.is_contiguous()):
         return False
     batch, channels, height, width = x.shape
     out_h, out_w = mask.shape[2:]

@@ -69,7 +69,8 @@ def _message_forward_native(padded, attention, geometry, out):
     """The message as one compiled loop (kernels/cpu/meanfield.c), the torch loop's result bit
     for bit; False where there is none."""
     loop = _native.function("meanfield.c", "message_forward", padded.dtype)
-    if loop is None or attention.dtype != padded.dtype or not attention.is_contiguous():
+    if loop is None or attention.dtype != padded.dtype or not attention.is_contiguous() or \
+            not _native.plain(padded, attention, out):
         return False
     batch, channels, padded_h, padded_w = padded.shape
     out_h, out_w = out.shape[-2:]

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .fusion import FusedMaskedConv
-from .kernels._native import function as native_function, threads as native_threads
+from .kernels._native import function as native_function, plain as native_plain, \
+    threads as native_threads
 from .kernels.geometry import ConvGeometry, inside_range
 from .kernels.masked_conv import masked_conv2d_inference
 from .layers.batch_norm import BatchNorm
@@ -752,7 +753,7 @@ def compiled_pool(name, x, kernel, pad, stride, out_hw, fallback):
     layout as one compiled loop (kernels/cpu/pooling.c), its top in the same layout; fallback(x)
     where that loop is missing or x does not suit it."""
     loop = native_function("pooling.c", name, x.dtype)
-    if loop is None or x.device.type != "cpu" or x.dim() != 4:
+    if loop is None or not native_plain(x) or x.dim() != 4:
         return fallback(x)
     num, channels, height, width = x.shape
     if x.is_contiguous():
@@ -872,7 +873,7 @@ def compiled_resize(layer, x, out=None, accumulate=False):
     loop = native_function("interp.c", "bilinear", x.dtype) if x.dim() == 4 else None
     if accumulate and (loop is None or out is None):
         return None
-    if loop is None or x.device.type != "cpu":
+    if loop is None or not native_plain(x) or (out is not None and not native_plain(out)):
         return None if accumulate else layer.resize(x, out=out)
     num, channels, height, width = x.shape
     in_h, in_w = height + layer.pad_beg + layer.pad_end, width + layer.pad_beg + layer.pad_end
@@ -932,7 +933,7 @@ def standard_layout(x, bias=None):
 
 def _rows_to_planes_loop(x):
     """kernels/cpu/layout.c's conversion for a CPU tensor like x, or None."""
-    if x.device.type != "cpu":
+    if not native_plain(x):
         return None
     return native_function("layout.c", "rows_to_planes", x.dtype)
 

@@ -126,3 +126,37 @@ int bilinear(long threads, long planes, const scalar_t *restrict x, scalar_t *re
     free(weights);
     return 0;
 }
+
+/* The resize's transpose for the standard layout (training): each top pixel's gradient g goes
+ * to its four input pixels, grad_x[h][w] += (lh * lw) * g, in the top's row-major order (as
+ * torch's bilinear backward accumulates). grad_x is read and written through the strides of a
+ * crop of a zeroed gradient (element (plane, h, w) at plane * plane_stride + h * row_stride +
+ * w); work items are planes, which own their gradient, over `threads` OpenMP threads. */
+void bilinear_backward(long threads, long planes, const scalar_t *restrict grad_top,
+                       scalar_t *restrict grad_x, long in_h, long in_w, long plane_stride,
+                       long row_stride, long out_h, long out_w)
+{
+    const scalar_t scale_h = out_h > 1 ? (scalar_t)(in_h - 1) / (scalar_t)(out_h - 1) : 0;
+    const scalar_t scale_w = out_w > 1 ? (scalar_t)(in_w - 1) / (scalar_t)(out_w - 1) : 0;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long plane = 0; plane < planes; ++plane) {
+        scalar_t *grad = grad_x + (size_t)plane * plane_stride;
+        const scalar_t *g = grad_top + (size_t)plane * out_h * out_w;
+        for (long oh = 0; oh < out_h; ++oh) {
+            long h0, h1;
+            scalar_t l0h, l1h;
+            source_of(oh, in_h, out_h, scale_h, &h0, &h1, &l0h, &l1h);
+            scalar_t *r0 = grad + (size_t)h0 * row_stride, *r1 = grad + (size_t)h1 * row_stride;
+            for (long ow = 0; ow < out_w; ++ow) {
+                long w0, w1;
+                scalar_t l0w, l1w;
+                source_of(ow, in_w, out_w, scale_w, &w0, &w1, &l0w, &l1w);
+                const scalar_t value = g[oh * out_w + ow];
+                r0[w0] += l0h * l0w * value;
+                r0[w1] += l0h * l1w * value;
+                r1[w0] += l1h * l0w * value;
+                r1[w1] += l1h * l1w * value;
+            }
+        }
+    }
+}

@@ -284,3 +284,26 @@ def test_compiled_average_pooling_is_caffes(kernel, pad, stride, dtype):
     for image in (x, x.contiguous(memory_format=torch.channels_last)):
         got = compiled_pool("avg_pool", image, kernel, pad, stride, out, fallback=None)
         torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance, equal_nan=True)
+
+
+def test_fake_tensors_never_reach_the_compiled_loops():
+    """Shape inference and torch.compile's tracing run layers on fake tensors, whose data
+    pointers are no memory: those take the torch code (a compiled loop would crash the process)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from segaware_caffe.inference import compiled_pool, compiled_resize, standard_layout
+    net = sc_net('layer { name: "up" type: "Interp" bottom: "data" top: "up" '
+                 'interp_param { zoom_factor: 2 } }')
+    with FakeTensorMode():
+        x = torch.empty(1, 3, 40, 40)
+        assert not native.plain(x)
+        assert net.layers["up"](x).shape == (1, 3, 79, 79)
+        assert compiled_resize(net.layers["up"], x).shape == (1, 3, 79, 79)
+        assert compiled_pool("max_pool", x, (3, 3), (1, 1), (2, 2), (20, 20),
+                             lambda t: torch.empty(1, 3, 20, 20)).shape == (1, 3, 20, 20)
+        assert standard_layout(x.contiguous(memory_format=torch.channels_last)).is_contiguous()
+    assert native.plain(torch.zeros(1), torch.nn.Parameter(torch.zeros(1)))
+
+
+def sc_net(body):
+    import segaware_caffe as sc
+    return sc.Net('name: "t" input: "data" input_shape { dim: 1 dim: 3 dim: 40 dim: 40 }\n' + body)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import segaware_caffe as sc
 from segaware_caffe.caffe_proto import read_net
 
 from tests.layers.helpers import build, check_top_and_gradient, randn
@@ -82,3 +83,34 @@ def test_interp_backward_is_the_transpose():
     (layer(x) * probe).sum().backward()
     assert not x.grad[0, 0, 0].any() and not x.grad[0, 0, :, 0].any()   # cropped row/column
     torch.autograd.gradcheck(layer, (x,))
+
+
+@pytest.mark.parametrize("param", ["zoom_factor: 3", "shrink_factor: 3", "height: 9 width: 13",
+                                   "zoom_factor: 2 pad_beg: -1 pad_end: -2", "height: 1 width: 5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_resize_and_its_transpose_are_torchs(param, dtype, monkeypatch):
+    """On the CPU the layer resizes through compiled loops (kernels/cpu/interp.c) and takes
+    their transpose as its backward: torch's bilinear resize and its gradient within rounding
+    (the same weights, the gradient accumulated in the same order), a float64 gradcheck, and
+    torch's own code where the loops are switched off."""
+    import segaware_caffe.kernels._native as native
+    from segaware_caffe.layers import interp as interp_module
+    layer = sc.Net(f'name: "t" input: "data" input_shape {{ dim: 2 dim: 3 dim: 10 dim: 11 }}\n'
+                   f'layer {{ name: "up" type: "Interp" bottom: "data" top: "up" '
+                   f'interp_param {{ {param} }} }}', dtype=dtype).layers["up"]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 10, 11, generator=gen, dtype=dtype, requires_grad=True)
+    grad = torch.randn(layer(x).shape, generator=gen, dtype=dtype)
+    if native._compiler() is not None and native.ENABLED:
+        assert interp_module._CompiledBilinear.applies(x, -layer.pad_beg, 1, 1)
+    top = layer(x)
+    (got,) = torch.autograd.grad(top, x, grad)
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "ENABLED", False)
+        expected_top = layer(x)
+        (expected,) = torch.autograd.grad(expected_top, x, grad)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(top, expected_top, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(layer, (x,), fast_mode=True)

@@ -58,14 +58,17 @@ def test_asking_for_an_intermediate_blob_runs_that_group_unfused():
     assert any(n.target.startswith("fused.") for n in gm.graph.nodes if n.op == "call_module")
 
 
-# (size, dtype, backward). In float32 the gradients of a large input cannot be compared
-# elementwise: fused and unfused sum in different orders (conv outputs differ by ~4e-7 relative),
-# and among the ~10^6 max-pooling windows of a 321x321 input a few hold near-ties that then route
-# the gradient to another element (measured: conv3_3's gradient 6.7e-2 max / 3e-3 L2 apart, with
-# pool3's equal to 4e-7). So float32 at 321 checks the forward, and float64 (where the two orders
-# agree to ~1e-16, far below any pooling gap) the backward, at 65x65: a size whose fused
-# convolutions still run in several bands of output rows (checked below).
-VGG_RUNS = [(65, torch.float32, True), (321, torch.float32, False), (65, torch.float64, True)]
+# (size, dtype, backward). In float32 the whole net's gradients cannot be compared elementwise:
+# fused and unfused sum in different orders (conv outputs differ by ~4e-7 relative), and a
+# max-pooling window holding a near-tie (or a ReLU input within rounding of 0) then routes the
+# gradient elsewhere in one graph, which moves a whole receptive field of the input's gradient
+# (measured: conv3_3's gradient 6.7e-2 max / 3e-3 L2 apart at 321x321; at 65x65, input seeds 0-5
+# gave 2e-3 to 8e-3 of the largest data gradient for two of the six, with either resize code).
+# So float32 checks the forward (65 and 321), and float64 (where the two orders agree to ~1e-16,
+# far below any pooling gap) the backward, at 65x65: a size whose fused convolutions still run in
+# several bands of output rows (checked below). The fused op's float32 backward is compared with
+# the unfused recipe op by op (tests/kernels/test_masked_conv.py).
+VGG_RUNS = [(65, torch.float32, False), (321, torch.float32, False), (65, torch.float64, True)]
 
 
 def vgg_deploy(reference, size, dtype):
