@@ -6,7 +6,7 @@
  * pooling does. Each output row first takes the maxima down its window's rows (one vectorised
  * pass per row, into a row buffer), then across the window's columns one tap at a time
  * (vectorised over the windows). A maximum is exact, so the result is the torch path's whatever
- * the order of the taps. Planes are split over `threads` OpenMP threads.
+ * the order of the taps. (plane, output row) pairs are split over `threads` OpenMP threads.
  * Compiled once per element type, after the type's definitions and common.h (kernels/_native.py).
  */
 
@@ -33,36 +33,36 @@ int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
         #pragma omp barrier
         if (!failed) {
             #pragma omp for schedule(static)
-            for (long plane = 0; plane < planes; ++plane) {
+            for (long item = 0; item < planes * out_h; ++item) {
+                const long plane = item / out_h;
                 const scalar_t *image = x + (size_t)plane * height * span;
                 scalar_t *out = top + (size_t)plane * out_h * out_w * inner;
-                for (long oh = 0; oh < out_h; ++oh) {
-                    long h0 = oh * stride_h - pad_h, h1 = h0 + kernel_h;
-                    if (h0 < 0) h0 = 0;
-                    if (h1 > height) h1 = height;
-                    for (long w = 0; w < span; ++w) down[w] = (scalar_t)-FLT_MAX;
-                    for (long h = h0; h < h1; ++h) {
-                        const scalar_t *in = image + (size_t)h * span;
-                        for (long w = 0; w < span; ++w) down[w] = maximum(down[w], in[w]);
-                    }
-                    scalar_t *row = out + (size_t)oh * out_w * inner;
-                    for (long ow = 0; ow < out_w * inner; ++ow) row[ow] = (scalar_t)-FLT_MAX;
-                    /* tap j of window ow reads column ow * stride_w - pad_w + j: over the
-                     * windows where that column is inside the image */
-                    for (long j = 0; j < kernel_w; ++j) {
-                        const long offset = j - pad_w;
-                        long lo, hi;
-                        inside_columns(offset, stride_w, width, out_w, &lo, &hi);
-                        if (inner == 1) {
-                            for (long ow = lo; ow < hi; ++ow)
-                                row[ow] = maximum(row[ow], down[ow * stride_w + offset]);
-                        } else {
-                            for (long ow = lo; ow < hi; ++ow) {
-                                scalar_t *target = row + ow * inner;
-                                const scalar_t *source = down + (ow * stride_w + offset) * inner;
-                                for (long c = 0; c < inner; ++c)
-                                    target[c] = maximum(target[c], source[c]);
-                            }
+                const long oh = item % out_h;
+                long h0 = oh * stride_h - pad_h, h1 = h0 + kernel_h;
+                if (h0 < 0) h0 = 0;
+                if (h1 > height) h1 = height;
+                for (long w = 0; w < span; ++w) down[w] = (scalar_t)-FLT_MAX;
+                for (long h = h0; h < h1; ++h) {
+                    const scalar_t *in = image + (size_t)h * span;
+                    for (long w = 0; w < span; ++w) down[w] = maximum(down[w], in[w]);
+                }
+                scalar_t *row = out + (size_t)oh * out_w * inner;
+                for (long ow = 0; ow < out_w * inner; ++ow) row[ow] = (scalar_t)-FLT_MAX;
+                /* tap j of window ow reads column ow * stride_w - pad_w + j: over the
+                 * windows where that column is inside the image */
+                for (long j = 0; j < kernel_w; ++j) {
+                    const long offset = j - pad_w;
+                    long lo, hi;
+                    inside_columns(offset, stride_w, width, out_w, &lo, &hi);
+                    if (inner == 1) {
+                        for (long ow = lo; ow < hi; ++ow)
+                            row[ow] = maximum(row[ow], down[ow * stride_w + offset]);
+                    } else {
+                        for (long ow = lo; ow < hi; ++ow) {
+                            scalar_t *target = row + ow * inner;
+                            const scalar_t *source = down + (ow * stride_w + offset) * inner;
+                            for (long c = 0; c < inner; ++c)
+                                target[c] = maximum(target[c], source[c]);
                         }
                     }
                 }
@@ -93,45 +93,45 @@ int avg_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
         #pragma omp barrier
         if (!failed) {
             #pragma omp for schedule(static)
-            for (long plane = 0; plane < planes; ++plane) {
+            for (long item = 0; item < planes * out_h; ++item) {
+                const long plane = item / out_h;
                 const scalar_t *image = x + (size_t)plane * height * span;
                 scalar_t *out = top + (size_t)plane * out_h * out_w * inner;
-                for (long oh = 0; oh < out_h; ++oh) {
-                    long h0 = oh * stride_h - pad_h, h1 = h0 + kernel_h;
-                    if (h1 > height + pad_h) h1 = height + pad_h;
-                    const long rows = h1 - h0;
-                    if (h0 < 0) h0 = 0;
-                    if (h1 > height) h1 = height;
-                    for (long w = 0; w < span; ++w) down[w] = 0;
-                    for (long h = h0; h < h1; ++h) {
-                        const scalar_t *in = image + (size_t)h * span;
-                        for (long w = 0; w < span; ++w) down[w] += in[w];
-                    }
-                    scalar_t *row = out + (size_t)oh * out_w * inner;
-                    for (long ow = 0; ow < out_w * inner; ++ow) row[ow] = 0;
-                    /* tap j of window ow adds column ow * stride_w - pad_w + j where inside */
-                    for (long j = 0; j < kernel_w; ++j) {
-                        const long offset = j - pad_w;
-                        long lo, hi;
-                        inside_columns(offset, stride_w, width, out_w, &lo, &hi);
-                        if (inner == 1) {
-                            for (long ow = lo; ow < hi; ++ow)
-                                row[ow] += down[ow * stride_w + offset];
-                        } else {
-                            for (long ow = lo; ow < hi; ++ow) {
-                                scalar_t *target = row + ow * inner;
-                                const scalar_t *source = down + (ow * stride_w + offset) * inner;
-                                for (long c = 0; c < inner; ++c) target[c] += source[c];
-                            }
+                const long oh = item % out_h;
+                long h0 = oh * stride_h - pad_h, h1 = h0 + kernel_h;
+                if (h1 > height + pad_h) h1 = height + pad_h;
+                const long rows = h1 - h0;
+                if (h0 < 0) h0 = 0;
+                if (h1 > height) h1 = height;
+                for (long w = 0; w < span; ++w) down[w] = 0;
+                for (long h = h0; h < h1; ++h) {
+                    const scalar_t *in = image + (size_t)h * span;
+                    for (long w = 0; w < span; ++w) down[w] += in[w];
+                }
+                scalar_t *row = out + (size_t)oh * out_w * inner;
+                for (long ow = 0; ow < out_w * inner; ++ow) row[ow] = 0;
+                /* tap j of window ow adds column ow * stride_w - pad_w + j where inside */
+                for (long j = 0; j < kernel_w; ++j) {
+                    const long offset = j - pad_w;
+                    long lo, hi;
+                    inside_columns(offset, stride_w, width, out_w, &lo, &hi);
+                    if (inner == 1) {
+                        for (long ow = lo; ow < hi; ++ow)
+                            row[ow] += down[ow * stride_w + offset];
+                    } else {
+                        for (long ow = lo; ow < hi; ++ow) {
+                            scalar_t *target = row + ow * inner;
+                            const scalar_t *source = down + (ow * stride_w + offset) * inner;
+                            for (long c = 0; c < inner; ++c) target[c] += source[c];
                         }
                     }
-                    for (long ow = 0; ow < out_w; ++ow) {
-                        long w0 = ow * stride_w - pad_w, w1 = w0 + kernel_w;
-                        if (w1 > width + pad_w) w1 = width + pad_w;
-                        const scalar_t size = (scalar_t)(rows * (w1 - w0));
-                        scalar_t *target = row + ow * inner;
-                        for (long c = 0; c < inner; ++c) target[c] /= size;
-                    }
+                }
+                for (long ow = 0; ow < out_w; ++ow) {
+                    long w0 = ow * stride_w - pad_w, w1 = w0 + kernel_w;
+                    if (w1 > width + pad_w) w1 = width + pad_w;
+                    const scalar_t size = (scalar_t)(rows * (w1 - w0));
+                    scalar_t *target = row + ow * inner;
+                    for (long c = 0; c < inner; ++c) target[c] /= size;
                 }
             }
         }
