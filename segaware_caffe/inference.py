@@ -759,7 +759,8 @@ def compiled_pool(name, x, kernel, pad, stride, out_hw, fallback):
     if x.is_contiguous():
         top = x.new_empty((num, channels, *out_hw))
         planes, inner = num * channels, 1
-    elif _in_channels_last(x):
+    elif _in_channels_last(x) and channels >= 16:
+        # (with fewer channels the runs per pixel are too short for the loop: MTCNN's 10)
         top = torch.empty((num, channels, *out_hw), dtype=x.dtype,
                           memory_format=torch.channels_last)
         planes, inner = num, channels

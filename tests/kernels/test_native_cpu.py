@@ -222,7 +222,7 @@ def test_compiled_max_pooling_equals_the_tap_maxima(kernel, pad, stride, dtype):
     last windows of a ceil-rounded output), NaN where a window holds one."""
     from segaware_caffe.inference import compiled_pool, tap_max_pool
     gen = torch.Generator().manual_seed(9)
-    x = torch.randn(2, 3, 11, 9, generator=gen, dtype=dtype)
+    x = torch.randn(2, 17, 11, 9, generator=gen, dtype=dtype)   # 16+: compiled in channels_last
     x[0, 1, 4, 4] = float("nan")
     x[1, 2, 0, 0] = float("inf")
     out = tuple(-(-(size + 2 * p - k) // s) + 1 for size, k, p, s in
@@ -275,7 +275,7 @@ def test_compiled_average_pooling_is_caffes(kernel, pad, stride, dtype):
     from segaware_caffe.inference import compiled_pool
     from segaware_caffe.layers.pooling import pool2d
     gen = torch.Generator().manual_seed(19)
-    x = torch.randn(2, 3, 11, 9, generator=gen, dtype=dtype)
+    x = torch.randn(2, 17, 11, 9, generator=gen, dtype=dtype)   # 16+: compiled in channels_last
     x[0, 1, 4, 4] = float("nan")
     out = tuple(-(-(size + 2 * p - k) // s) + 1 for size, k, p, s in
                 zip((11, 9), kernel, pad, stride))
