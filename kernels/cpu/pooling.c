@@ -1,12 +1,17 @@
-/* Caffe's MAX pooling without indices (the inference graph's pooling, CPU) of `planes` images of
- * height x width pixels, each pixel `inner` contiguous values (1: one channel of an image in the
- * standard layout; C: all channels of an image in channels_last memory). Window (oh, ow) covers
- * rows [oh * stride_h - pad_h, + kernel_h) clipped to the image, columns likewise; its maximum
- * starts at -FLT_MAX (an empty window keeps it) and a NaN in the window gives NaN, as torch's max
- * pooling does. Each output row first takes the maxima down its window's rows (one vectorised
- * pass per row, into a row buffer), then across the window's columns one tap at a time
- * (vectorised over the windows). A maximum is exact, so the result is the torch path's whatever
- * the order of the taps. (plane, output row) pairs are split over `threads` OpenMP threads.
+/* Caffe's MAX and AVE pooling without indices (the inference graph's pooling, CPU) of `planes`
+ * images of height x width pixels, each pixel `inner` contiguous values (1: one channel of an
+ * image in the standard layout; C: all channels of an image in channels_last memory). Window
+ * (oh, ow) covers rows [oh * stride_h - pad_h, + kernel_h) clipped to the image, columns
+ * likewise.
+ *   MAX: the maximum starts at -FLT_MAX (an empty window keeps it) and a NaN in the window gives
+ *   NaN, as torch's max pooling does. A maximum is exact, so the result is the torch path's
+ *   whatever the order of the taps.
+ *   AVE: the sum over the window clipped to the image, divided by the size of the window clipped
+ *   to the image padded by `pad` on each side (Caffe's rule: padding counts, what lies beyond it
+ *   does not); float rounding aside, the torch path's value.
+ * Each output row first reduces down its window's rows (one vectorised pass per row, into a row
+ * buffer), then across the window's columns one tap at a time (vectorised over the windows).
+ * (plane, output row) pairs are split over `threads` OpenMP threads.
  * Compiled once per element type, after the type's definitions and common.h (kernels/_native.py).
  */
 
@@ -16,11 +21,19 @@ static inline scalar_t maximum(scalar_t m, scalar_t v)
     return (v > m || v != v) ? v : m;
 }
 
-/* 0 on success, -1 where a row buffer could not be allocated (nothing is then written) */
-int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *restrict top,
-             long inner, long height, long width, long out_h, long out_w, long kernel_h,
-             long kernel_w, long pad_h, long pad_w, long stride_h, long stride_w)
+/* the window reduction: a sum (AVE) or the maximum (MAX) */
+static inline scalar_t combine(scalar_t a, scalar_t b, int average)
 {
+    return average ? a + b : maximum(a, b);
+}
+
+/* 0 on success, -1 where a row buffer could not be allocated (nothing is then written) */
+static int pool(int average, long threads, long planes, const scalar_t *restrict x,
+                scalar_t *restrict top, long inner, long height, long width, long out_h,
+                long out_w, long kernel_h, long kernel_w, long pad_h, long pad_w, long stride_h,
+                long stride_w)
+{
+    const scalar_t start = average ? (scalar_t)0 : (scalar_t)-FLT_MAX;
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -34,20 +47,20 @@ int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
         if (!failed) {
             #pragma omp for schedule(static)
             for (long item = 0; item < planes * out_h; ++item) {
-                const long plane = item / out_h;
+                const long plane = item / out_h, oh = item % out_h;
                 const scalar_t *image = x + (size_t)plane * height * span;
-                scalar_t *out = top + (size_t)plane * out_h * out_w * inner;
-                const long oh = item % out_h;
+                scalar_t *row = top + ((size_t)plane * out_h + oh) * out_w * inner;
                 long h0 = oh * stride_h - pad_h, h1 = h0 + kernel_h;
+                /* AVE's divisor counts the rows of the window inside the padded image */
+                const long rows = (h1 < height + pad_h ? h1 : height + pad_h) - h0;
                 if (h0 < 0) h0 = 0;
                 if (h1 > height) h1 = height;
-                for (long w = 0; w < span; ++w) down[w] = (scalar_t)-FLT_MAX;
+                for (long w = 0; w < span; ++w) down[w] = start;
                 for (long h = h0; h < h1; ++h) {
                     const scalar_t *in = image + (size_t)h * span;
-                    for (long w = 0; w < span; ++w) down[w] = maximum(down[w], in[w]);
+                    for (long w = 0; w < span; ++w) down[w] = combine(down[w], in[w], average);
                 }
-                scalar_t *row = out + (size_t)oh * out_w * inner;
-                for (long ow = 0; ow < out_w * inner; ++ow) row[ow] = (scalar_t)-FLT_MAX;
+                for (long ow = 0; ow < out_w * inner; ++ow) row[ow] = start;
                 /* tap j of window ow reads column ow * stride_w - pad_w + j: over the
                  * windows where that column is inside the image */
                 for (long j = 0; j < kernel_w; ++j) {
@@ -56,76 +69,18 @@ int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
                     inside_columns(offset, stride_w, width, out_w, &lo, &hi);
                     if (inner == 1) {
                         for (long ow = lo; ow < hi; ++ow)
-                            row[ow] = maximum(row[ow], down[ow * stride_w + offset]);
+                            row[ow] = combine(row[ow], down[ow * stride_w + offset], average);
                     } else {
                         for (long ow = lo; ow < hi; ++ow) {
                             scalar_t *target = row + ow * inner;
                             const scalar_t *source = down + (ow * stride_w + offset) * inner;
                             for (long c = 0; c < inner; ++c)
-                                target[c] = maximum(target[c], source[c]);
+                                target[c] = combine(target[c], source[c], average);
                         }
                     }
                 }
-            }
-        }
-        free(down);
-    }
-    return failed ? -1 : 0;
-}
-
-/* Caffe's AVE pooling, same images and loop: the sum over the window clipped to the image,
- * divided by the size of the window clipped to the image padded by `pad` on each side (Caffe's
- * rule: padding counts, what lies beyond it does not). Sums run down the rows, then across the
- * columns (float rounding aside, the torch path's value). */
-int avg_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *restrict top,
-             long inner, long height, long width, long out_h, long out_w, long kernel_h,
-             long kernel_w, long pad_h, long pad_w, long stride_h, long stride_w)
-{
-    int failed = 0;
-    #pragma omp parallel num_threads(threads)
-    {
-        const long span = width * inner;
-        scalar_t *down = malloc((size_t)(span > 0 ? span : 1) * sizeof(scalar_t));
-        if (down == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp barrier
-        if (!failed) {
-            #pragma omp for schedule(static)
-            for (long item = 0; item < planes * out_h; ++item) {
-                const long plane = item / out_h;
-                const scalar_t *image = x + (size_t)plane * height * span;
-                scalar_t *out = top + (size_t)plane * out_h * out_w * inner;
-                const long oh = item % out_h;
-                long h0 = oh * stride_h - pad_h, h1 = h0 + kernel_h;
-                if (h1 > height + pad_h) h1 = height + pad_h;
-                const long rows = h1 - h0;
-                if (h0 < 0) h0 = 0;
-                if (h1 > height) h1 = height;
-                for (long w = 0; w < span; ++w) down[w] = 0;
-                for (long h = h0; h < h1; ++h) {
-                    const scalar_t *in = image + (size_t)h * span;
-                    for (long w = 0; w < span; ++w) down[w] += in[w];
-                }
-                scalar_t *row = out + (size_t)oh * out_w * inner;
-                for (long ow = 0; ow < out_w * inner; ++ow) row[ow] = 0;
-                /* tap j of window ow adds column ow * stride_w - pad_w + j where inside */
-                for (long j = 0; j < kernel_w; ++j) {
-                    const long offset = j - pad_w;
-                    long lo, hi;
-                    inside_columns(offset, stride_w, width, out_w, &lo, &hi);
-                    if (inner == 1) {
-                        for (long ow = lo; ow < hi; ++ow)
-                            row[ow] += down[ow * stride_w + offset];
-                    } else {
-                        for (long ow = lo; ow < hi; ++ow) {
-                            scalar_t *target = row + ow * inner;
-                            const scalar_t *source = down + (ow * stride_w + offset) * inner;
-                            for (long c = 0; c < inner; ++c) target[c] += source[c];
-                        }
-                    }
-                }
+                if (!average)
+                    continue;
                 for (long ow = 0; ow < out_w; ++ow) {
                     long w0 = ow * stride_w - pad_w, w1 = w0 + kernel_w;
                     if (w1 > width + pad_w) w1 = width + pad_w;
@@ -138,4 +93,20 @@ int avg_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
         free(down);
     }
     return failed ? -1 : 0;
+}
+
+int max_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *restrict top,
+             long inner, long height, long width, long out_h, long out_w, long kernel_h,
+             long kernel_w, long pad_h, long pad_w, long stride_h, long stride_w)
+{
+    return pool(0, threads, planes, x, top, inner, height, width, out_h, out_w, kernel_h,
+                kernel_w, pad_h, pad_w, stride_h, stride_w);
+}
+
+int avg_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *restrict top,
+             long inner, long height, long width, long out_h, long out_w, long kernel_h,
+             long kernel_w, long pad_h, long pad_w, long stride_h, long stride_w)
+{
+    return pool(1, threads, planes, x, top, inner, height, width, out_h, out_w, kernel_h,
+                kernel_w, pad_h, pad_w, stride_h, stride_w);
 }
