@@ -1,6 +1,7 @@
 """The compiled CPU loops (kernels/_native.py, kernels/cpu/*.c): they build with the machine's C
 compiler, compute what the torch code beside them computes, and their absence (no compiler, a
 failed build, switched off) leaves the torch code running with the same numbers."""
+import contextlib
 import importlib
 import shutil
 import subprocess
@@ -21,6 +22,17 @@ NEEDS_COMPILER = pytest.mark.skipif(
     not HAVE_COMPILER or not native.ENABLED,
     reason="no C compiler (cc, gcc, clang)" if not HAVE_COMPILER else "compiled loops switched off "
     "(SEGAWARE_NATIVE_CPU=0)")
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    """torch's intra-op thread count set to `count` for the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -131,12 +143,8 @@ def test_the_thread_count_does_not_change_the_result(threads):
     geometry = ConvGeometry((3, 3), (1, 1))
     x, mask = torch.randn(2, 5, 9, 11), torch.rand(2, 9, 9, 11)
     reference = _columns(x, mask, geometry, 2, 7, False)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         compiled = _columns(x, mask, geometry, 2, 7, True)
-    finally:
-        torch.set_num_threads(previous)
     torch.testing.assert_close(compiled, reference, rtol=0, atol=0)
 
 
@@ -201,14 +209,10 @@ def test_compiled_crf_message_equals_the_torch_loop(geometry, dtype, threads, mo
     out_h, out_w = geometry.output_size(12, 11)
     attention = torch.rand(2, geometry.taps, out_h, out_w, generator=gen, dtype=dtype)
     attention[1, 0, 0, 0] = float("nan")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         compiled = meanfield_module._message_forward_cpu(q, attention, geometry)
         monkeypatch.setattr(native, "ENABLED", False)
         expected = meanfield_module._message_forward_cpu(q, attention, geometry)
-    finally:
-        torch.set_num_threads(previous)
     torch.testing.assert_close(compiled, expected, rtol=0, atol=0, equal_nan=True)
 
 
