@@ -62,7 +62,7 @@ from .layers.convolution import Convolution, Deconvolution
 from .layers.dropout import Dropout
 from .layers.eltwise import Eltwise
 from .layers.inner_product import InnerProduct
-from .layers.interp import Interp
+from .layers.interp import Interp, bilinear_into
 from .layers.pooling import FLT_MAX, Pooling, _after
 from .layers.prelu import PReLU
 from .layers.relu import ReLU
@@ -868,39 +868,20 @@ class InferenceInterp(_InferenceModule):
 
 def compiled_resize(layer, x, out=None, accumulate=False):
     """Interp `layer`'s top of x (written into `out` when given: the top's shape, contiguous in
-    x's layout), through kernels/cpu/interp.c for a 4-D float CPU image that needs a resize.
-    accumulate=True adds it to `out` instead: only through the compiled loop (None where that
-    does not run, and nothing is written)."""
-    loop = native_function("interp.c", "bilinear", x.dtype) if x.dim() == 4 else None
-    if accumulate and (loop is None or out is None):
+    x's layout), through the compiled loop (layers.interp.bilinear_into) where it applies, else
+    the layer's resize. accumulate=True adds it to `out` instead: only through the compiled loop
+    (None where that does not run, and nothing is written)."""
+    if accumulate and out is None:
         return None
-    if loop is None or not native_plain(x) or (out is not None and not native_plain(out)):
-        return None if accumulate else layer.resize(x, out=out)
-    num, channels, height, width = x.shape
-    in_h, in_w = height + layer.pad_beg + layer.pad_end, width + layer.pad_beg + layer.pad_end
-    out_h, out_w = layer.output_spatial_size(in_h, in_w)
-    start = -layer.pad_beg
-    crop = x[..., start:start + in_h, start:start + in_w]
-    shape = (num, channels, out_h, out_w)
-    fallback = None if accumulate else layer.resize
-    if (out_h, out_w) == (in_h, in_w) or crop.numel() == 0:
-        return fallback and fallback(x, out=out)
-    if x.is_contiguous():
-        layout, planes, inner, plane_stride = torch.contiguous_format, num * channels, 1, \
-            crop.stride(1)
-    elif _in_channels_last(x):
-        layout, planes, inner, plane_stride = torch.channels_last, num, channels, crop.stride(0)
-    else:
-        return fallback and fallback(x, out=out)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, memory_format=layout)
-    elif tuple(out.shape) != shape or out.dtype != x.dtype or \
-            not out.is_contiguous(memory_format=layout):
-        return fallback and fallback(x, out=out)
-    if loop(native_threads(), planes, crop.data_ptr(), out.data_ptr(), inner, in_h, in_w,
-            plane_stride, crop.stride(2), crop.stride(3), out_h, out_w, int(accumulate)) != 0:
-        raise MemoryError(f"Interp: no memory for the tables of {out_w} columns")
-    return out
+    if x.dim() == 4:
+        crop, size = layer.crop_and_size(x)
+        if size != tuple(crop.shape[-2:]):
+            top = out if out is not None else torch.empty(
+                (*x.shape[:2], *size), dtype=x.dtype, memory_format=torch.channels_last
+                if _in_channels_last(x) else torch.contiguous_format)
+            if bilinear_into(x, crop, top, accumulate):
+                return top
+    return None if accumulate else layer.resize(x, out=out)
 
 
 def channels_last(x):

@@ -88,15 +88,20 @@ class Interp(CaffeLayer):
     def forward(self, x):
         return self.resize(x)
 
-    def resize(self, x, out=None):
-        """The top of bottom x; with `out` (a tensor of the top's shape, in the memory layout
-        the caller chose) it is written there instead of into a new tensor."""
+    def crop_and_size(self, x):
+        """(the crop of bottom x that is resized, the top's (height, width))."""
         height, width = x.shape[-2:]
         in_h = height + self.pad_beg + self.pad_end
         in_w = width + self.pad_beg + self.pad_end
-        out_h, out_w = self.output_spatial_size(in_h, in_w)
         start = -self.pad_beg
-        crop = x[..., start:start + in_h, start:start + in_w]
+        return x[..., start:start + in_h, start:start + in_w], \
+            self.output_spatial_size(in_h, in_w)
+
+    def resize(self, x, out=None):
+        """The top of bottom x; with `out` (a tensor of the top's shape, in the memory layout
+        the caller chose) it is written there instead of into a new tensor."""
+        crop, (out_h, out_w) = self.crop_and_size(x)
+        start, (in_h, in_w) = -self.pad_beg, crop.shape[-2:]
         if (out_h, out_w) == (in_h, in_w):
             return crop.clone() if out is None else out.copy_(crop)
         if out is None:
@@ -127,13 +132,10 @@ class _CompiledBilinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, start, in_h, in_w, out_h, out_w):
-        num, channels = x.shape[:2]
+        top = x.new_empty((*x.shape[:2], out_h, out_w))
         crop = x[..., start:start + in_h, start:start + in_w]
-        top = x.new_empty((num, channels, out_h, out_w))
-        loop = _native.function("interp.c", "bilinear", x.dtype)
-        if loop(_native.threads(), num * channels, crop.data_ptr(), top.data_ptr(), 1, in_h,
-                in_w, crop.stride(1), crop.stride(2), crop.stride(3), out_h, out_w, 0) != 0:
-            raise MemoryError(f"Interp: no memory for the tables of {out_w} columns")
+        if not bilinear_into(x, crop, top):
+            raise RuntimeError("Interp: the compiled resize refused an input it had accepted")
         ctx.geometry = (x.shape, start, in_h, in_w, out_h, out_w)
         return top
 
@@ -148,3 +150,28 @@ class _CompiledBilinear(torch.autograd.Function):
         loop(_native.threads(), shape[0] * shape[1], grad_top.data_ptr(), crop.data_ptr(), in_h,
              in_w, crop.stride(1), crop.stride(2), out_h, out_w)
         return grad_x, None, None, None, None, None
+
+
+def bilinear_into(x, crop, top, accumulate=False):
+    """The resize of `crop` (a crop of the 4-D image x) written into `top` (or added to it,
+    `accumulate`) by kernels/cpu/interp.c, x in the standard layout or channels_last and top in
+    x's layout; False (nothing written) where that loop does not apply."""
+    loop = _native.function("interp.c", "bilinear", x.dtype) if x.dim() == 4 else None
+    if loop is None or not _native.plain(x, top) or crop.numel() == 0 or \
+            top.dtype != x.dtype or top.shape[:2] != x.shape[:2]:
+        return False
+    num, channels = x.shape[:2]
+    if x.is_contiguous():
+        layout, planes, inner, plane_stride = torch.contiguous_format, num * channels, 1, \
+            crop.stride(1)
+    elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        layout, planes, inner, plane_stride = torch.channels_last, num, channels, crop.stride(0)
+    else:
+        return False
+    if not top.is_contiguous(memory_format=layout):
+        return False
+    (in_h, in_w), (out_h, out_w) = crop.shape[-2:], top.shape[-2:]
+    if loop(_native.threads(), planes, crop.data_ptr(), top.data_ptr(), inner, in_h, in_w,
+            plane_stride, crop.stride(2), crop.stride(3), out_h, out_w, int(accumulate)) != 0:
+        raise MemoryError(f"Interp: no memory for the tables of {out_w} columns")
+    return True
