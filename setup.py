@@ -23,7 +23,7 @@ setup(
     packages=packages(),
     package_dir={"segaware_caffe." + name: name for name in SUBPACKAGES},
     package_data={"segaware_caffe.caffe_proto": ["caffe.proto"], "segaware_caffe": ["assets/*"],
-                  "segaware_caffe.kernels": ["cuda/*.cu", "cuda/*.cuh", "cpu/*.c"]},
+                  "segaware_caffe.kernels": ["cuda/*.cu", "cuda/*.cuh", "cpu/*.c", "cpu/*.h"]},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.23",
