@@ -6,6 +6,7 @@ batch axes and exactly two spatial axes must follow it.
 """
 import math
 
+import torch
 import torch.nn.functional as F
 
 from ..fillers import fill_parameter
@@ -168,6 +169,10 @@ class Convolution(_ConvolutionBase):
         return super().output_spatial_size(height, width)
 
     def _convolve(self, x):
+        pointwise = self.bottom_is_im2col or (self.kernel == (1, 1) and self.stride == (1, 1)
+                                              and self.pad == (0, 0))
+        if pointwise and self.group == 1 and _batched_product_is_faster(x, self.weight):
+            return pointwise_product(x, self.weight.reshape(self.num_output, -1), self.bias)
         if self.bottom_is_im2col:
             columns = self.weight.reshape(self.num_output, -1, 1, 1)
             return F.conv2d(x, columns, self.bias, groups=self.group)
@@ -176,6 +181,31 @@ class Convolution(_ConvolutionBase):
     def extra_repr(self):
         text = super().extra_repr()
         return text + ", bottom_is_im2col=True" if self.bottom_is_im2col else text
+
+
+def _batched_product_is_faster(x, weight):
+    """Whether a 1x1 convolution of x runs as pointwise_product: standard-layout float CPU
+    images. There torch's convolution takes its unfolding path (one thread, one image) or a
+    oneDNN 1x1 whose backward is slower: as batched products, forward+backward of a 451 -> 64
+    channel 1x1 convolution at 321x321 takes 234 ms instead of 392 ms at one thread, 134 ms
+    instead of 320 ms at two (the same or faster for every shape we measured)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
+            and x.dtype == weight.dtype and x.is_contiguous())
+
+
+def pointwise_product(x, weight, bias):
+    """y[n] = weight @ x[n] (+ bias) over the pixels of each image: x (N, C, H, W), weight
+    (O, C). One batched product whose backward is two more (no unfolded copy, no zero-filled
+    gradient buffer)."""
+    batch, channels, height, width = x.shape
+    rows = weight.shape[0]
+    images = x.reshape(batch, channels, height * width)
+    weights = weight.unsqueeze(0).expand(batch, rows, channels)
+    if bias is None:
+        y = torch.bmm(weights, images)
+    else:
+        y = torch.baddbmm(bias.view(1, rows, 1), weights, images)
+    return y.view(batch, rows, height, width)
 
 
 @register_layer("Deconvolution")
