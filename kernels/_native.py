@@ -66,7 +66,7 @@ SIGNATURES = {
 }
 
 # functions that return 0, or -1 where they could not allocate their scratch memory
-RETURNS_STATUS = {"max_pool", "avg_pool", "bilinear"}
+RETURNS_STATUS = {"max_pool", "avg_pool", "bilinear", "bilinear_backward"}
 
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
 # no contraction of a * b + c into one rounding unless a source asks for it (SCALAR_FMA)
