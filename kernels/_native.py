@@ -51,6 +51,7 @@ SIGNATURES = {
     },
     "im2dist.c": {
         "distance_taps": "ll" + "ppppp" + "l" * 7,
+        "distance_backward": "ll" + "ppp" + "l" * 14,
     },
     "layout.c": {
         "rows_to_planes": "ll" + "ppp" + "ll",
@@ -66,7 +67,7 @@ SIGNATURES = {
 }
 
 # functions that return 0, or -1 where they could not allocate their scratch memory
-RETURNS_STATUS = {"max_pool", "avg_pool", "bilinear", "bilinear_backward"}
+RETURNS_STATUS = {"max_pool", "avg_pool", "bilinear", "bilinear_backward", "distance_backward"}
 
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
 # no contraction of a * b + c into one rounding unless a source asks for it (SCALAR_FMA)

@@ -162,7 +162,32 @@ def _forward_cpu(x, geometry, norm_l1, remove_center, remove_bounds):
     return out
 
 
+def _backward_native(grad_out, x, geometry, norm_l1):
+    """_backward_cpu as one compiled loop (kernels/cpu/im2dist.c), bit for bit its result
+    without its padded copies and per-tap temporaries; None where there is none."""
+    loop = _native.function("im2dist.c", "distance_backward", x.dtype)
+    if loop is None or not _native.plain(grad_out, x) or grad_out.dtype != x.dtype or \
+            not (x.is_contiguous() and grad_out.is_contiguous()):
+        return None
+    batch, channels, height, width = x.shape
+    out_h, out_w = geometry.output_size(height, width)
+    grad_x = torch.empty_like(x)
+    if loop(_native.threads(), batch * channels, x.data_ptr(), grad_out.data_ptr(),
+            grad_x.data_ptr(), channels, height, width, out_h, out_w, *geometry.kernel,
+            *geometry.pad, *geometry.stride, *geometry.dilation, int(norm_l1)) != 0:
+        raise MemoryError("im2dist backward: no memory for the compiled loop's centre buffer")
+    return grad_x
+
+
 def _backward_cpu(grad_out, x, geometry, norm_l1):
+    if x.numel() and grad_out.numel():
+        grad_x = _backward_native(grad_out, x, geometry, norm_l1)
+        if grad_x is not None:
+            return grad_x
+    return _backward_torch(grad_out, x, geometry, norm_l1)
+
+
+def _backward_torch(grad_out, x, geometry, norm_l1):
     _, _, height, width = x.shape
     out_size = geometry.output_size(height, width)
     padded = pad_input(x, geometry)

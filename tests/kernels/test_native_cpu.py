@@ -271,6 +271,36 @@ def test_compiled_same_geometry_distances_equal_the_torch_loop(kernel, dilation,
 
 @NEEDS_COMPILER
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("norm_l1", [True, False])
+@pytest.mark.parametrize("geometry_case", GEOMETRIES + [
+    ((1, 2, 9, 11), 0, (5, 3), (0, 3), (3, 2), (1, 2), 1),       # centres outside, no pad rows
+    ((2, 3, 10, 10), 0, (3, 3), (2, 2), (1, 1), (2, 2), 1)])     # the released 'same' geometry
+def test_compiled_distance_backward_equals_the_torch_loop(geometry_case, norm_l1, dtype,
+                                                          monkeypatch):
+    """Im2dist's backward, compiled, against the torch loop: bit for bit (the same operations in
+    the same order on every element), with ties (sign 0), NaN and infinite inputs and gradients,
+    and taps and centres outside the image."""
+    im2dist_module = importlib.import_module("segaware_caffe.kernels.im2dist")
+    shape, _, kernel, pad, stride, dilation, _ = geometry_case
+    geometry = ConvGeometry(kernel, pad, stride, dilation)
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(shape, generator=gen, dtype=dtype).round(decimals=1)   # equal neighbours
+    x[0, 0, 1, 2], x[-1, -1, -1, 0] = float("inf"), float("nan")
+    out_h, out_w = geometry.output_size(*shape[2:])
+    grad_out = torch.randn(shape[0], geometry.taps, out_h, out_w, generator=gen, dtype=dtype)
+    grad_out[0, 0, 0, 0], grad_out[-1, -1, -1, -1] = float("inf"), float("nan")
+    compiled = im2dist_module._backward_native(grad_out, x, geometry, norm_l1)
+    assert compiled is not None
+    expected = im2dist_module._backward_torch(grad_out, x, geometry, norm_l1)
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=0, equal_nan=True)
+    with monkeypatch.context() as patch:      # the op's CPU path takes the compiled loop
+        patch.setattr(im2dist_module, "_backward_torch", None)
+        torch.testing.assert_close(im2dist_module._backward_cpu(grad_out, x, geometry, norm_l1),
+                                   expected, rtol=0, atol=0, equal_nan=True)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kernel,pad,stride", [((3, 3), (1, 1), (1, 1)), ((2, 2), (0, 0), (2, 2)),
                                                ((3, 2), (1, 0), (2, 1)), ((5, 5), (2, 2), (3, 3))])
 def test_compiled_average_pooling_is_caffes(kernel, pad, stride, dtype):
