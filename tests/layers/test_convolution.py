@@ -3,6 +3,7 @@ references written from the definitions."""
 import itertools
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +43,35 @@ def test_convolution_awkward_geometry_matches_reference():
                          (2, 1), (1, 0), (2, 1), 2)
     np.testing.assert_allclose(layer(x).detach().numpy(), ref, rtol=1e-10, atol=1e-10)
     assert layer.float().output_shapes([(1, 6, 9, 7)]) == [ref.shape]
+
+
+@pytest.mark.parametrize("bias_term", ["true", "false"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pointwise_convolution_as_batched_products(bias_term, dtype):
+    """A 1x1 convolution of standard-layout CPU images runs as batched products: the top and
+    every gradient are torch's convolution's within rounding, for several images; channels_last
+    images keep torch's convolution."""
+    from segaware_caffe.layers import convolution as convolution_module
+    layer = build('name: "c" type: "Convolution" bottom: "x" top: "y" convolution_param { '
+                  f'num_output: 5 kernel_size: 1 bias_term: {bias_term} '
+                  'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
+                  [(3, 7, 4, 6)]).to(dtype)
+    x = randn(3, 7, 4, 6, dtype=dtype, requires_grad=True)
+    assert convolution_module._batched_product_is_faster(x, layer.weight)
+    assert not convolution_module._batched_product_is_faster(
+        x.detach().to(memory_format=torch.channels_last), layer.weight)
+    grad = randn(3, 5, 4, 6, seed=1, dtype=dtype)
+    top = layer(x)
+    params = [x, layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    got = torch.autograd.grad(top, params, grad)
+    expected_top = F.conv2d(x, layer.weight, layer.bias)
+    expected = torch.autograd.grad(expected_top, params, grad)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(top, expected_top, rtol=tolerance, atol=tolerance)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(layer, (x,), fast_mode=True)
 
 
 def test_convolution_default_fillers_are_zero_and_blob_order():
