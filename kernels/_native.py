@@ -63,11 +63,13 @@ SIGNATURES = {
     "pooling.c": {
         "max_pool": "ll" + "pp" + "l" * 11,
         "avg_pool": "ll" + "pp" + "l" * 11,
+        "max_pool_indices": "ll" + "ppp" + "l" * 10,
+        "max_pool_indices_backward": "ll" + "ppp" + "l" * 4,
     },
 }
 
 # functions that return 0, or -1 where they could not allocate their scratch memory
-RETURNS_STATUS = {"max_pool", "avg_pool", "bilinear", "bilinear_backward", "distance_backward"}
+RETURNS_STATUS = {"max_pool", "avg_pool", "max_pool_indices", "bilinear", "bilinear_backward", "distance_backward"}
 
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
 # no contraction of a * b + c into one rounding unless a source asks for it (SCALAR_FMA)

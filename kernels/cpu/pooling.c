@@ -110,3 +110,97 @@ int avg_pool(long threads, long planes, const scalar_t *restrict x, scalar_t *re
     return pool(1, threads, planes, x, top, inner, height, width, out_h, out_w, kernel_h,
                 kernel_w, pad_h, pad_w, stride_h, stride_w);
 }
+
+/* MAX pooling with the winners' positions (training; the standard layout, planes = (image,
+ * channel) pairs), as torch's max pooling computes it over the input padded with -FLT_MAX to
+ * the windows' extent (the layer's torch path): each window's kernel_h x kernel_w taps in
+ * row-major order, from a maximum of -inf at the first tap, each tap taken where it is greater
+ * or NaN; a tap beyond the image reads -FLT_MAX, so padding never beats an image value and an
+ * empty window gives -FLT_MAX, as in Caffe. index: the winner's h * width + w, or -1 where it
+ * lies beyond the image. (plane, output row) pairs over `threads` OpenMP threads; the taps
+ * are taken one at a time over a row of windows (vectorised). 0, or -1 where a row buffer
+ * could not be allocated. */
+int max_pool_indices(long threads, long planes, const scalar_t *restrict x,
+                     scalar_t *restrict top, long long *restrict index, long height, long width,
+                     long out_h, long out_w, long kernel_h, long kernel_w, long pad_h,
+                     long pad_w, long stride_h, long stride_w)
+{
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        long long *arg = malloc((size_t)(out_w > 0 ? out_w : 1) * sizeof(long long));
+        if (arg == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        if (!failed) {
+            #pragma omp for schedule(static)
+            for (long item = 0; item < planes * out_h; ++item) {
+                const long plane = item / out_h, oh = item % out_h;
+                const scalar_t *image = x + (size_t)plane * height * width;
+                scalar_t *best = top + ((size_t)plane * out_h + oh) * out_w;
+                long long *winner = index + ((size_t)plane * out_h + oh) * out_w;
+                const long h0 = oh * stride_h - pad_h;
+                {   /* the first tap: where torch's scan starts */
+                    long lo, hi;
+                    inside_columns(-pad_w, stride_w, width, out_w, &lo, &hi);
+                    const int row_in = h0 >= 0 && h0 < height;
+                    for (long ow = 0; ow < out_w; ++ow) {
+                        best[ow] = -(scalar_t)INFINITY;
+                        arg[ow] = row_in && ow >= lo && ow < hi
+                            ? (long long)h0 * width + ow * stride_w - pad_w : -1;
+                    }
+                }
+                for (long i = 0; i < kernel_h; ++i) {
+                    const long h = h0 + i;
+                    const int row_in = h >= 0 && h < height;
+                    const scalar_t *row = image + (size_t)(row_in ? h : 0) * width;
+                    for (long j = 0; j < kernel_w; ++j) {
+                        const long offset = j - pad_w;
+                        long lo = 0, hi = 0;
+                        if (row_in) inside_columns(offset, stride_w, width, out_w, &lo, &hi);
+                        /* beyond the image: -FLT_MAX, which beats only the starting -inf */
+                        for (long ow = 0; ow < lo; ++ow)
+                            if (-(scalar_t)FLT_MAX > best[ow]) {
+                                best[ow] = -(scalar_t)FLT_MAX;
+                                arg[ow] = -1;
+                            }
+                        const long long base = (long long)h * width + offset;
+                        for (long ow = lo; ow < hi; ++ow) {
+                            const scalar_t v = row[ow * stride_w + offset];
+                            const int take = (v > best[ow]) | (v != v);
+                            best[ow] = take ? v : best[ow];
+                            arg[ow] = take ? base + (long long)ow * stride_w : arg[ow];
+                        }
+                        for (long ow = hi > lo ? hi : lo; ow < out_w; ++ow)
+                            if (-(scalar_t)FLT_MAX > best[ow]) {
+                                best[ow] = -(scalar_t)FLT_MAX;
+                                arg[ow] = -1;
+                            }
+                    }
+                }
+                for (long ow = 0; ow < out_w; ++ow) winner[ow] = arg[ow];
+            }
+        }
+        free(arg);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Its backward: grad_x[index] += grad_top over each plane's windows in row-major order (torch's
+ * order), skipping -1; grad_x is zeroed here first. Planes over `threads` OpenMP threads. */
+void max_pool_indices_backward(long threads, long planes, const scalar_t *restrict grad_top,
+                               const long long *restrict index, scalar_t *restrict grad_x,
+                               long height, long width, long out_h, long out_w)
+{
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long plane = 0; plane < planes; ++plane) {
+        scalar_t *grad = grad_x + (size_t)plane * height * width;
+        const scalar_t *g = grad_top + (size_t)plane * out_h * out_w;
+        const long long *winner = index + (size_t)plane * out_h * out_w;
+        for (long i = 0; i < height * width; ++i) grad[i] = 0;
+        for (long o = 0; o < out_h * out_w; ++o)
+            if (winner[o] >= 0) grad[winner[o]] += g[o];
+    }
+}

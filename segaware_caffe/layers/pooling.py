@@ -6,7 +6,9 @@ windows cover, so torch's own ceil_mode rule never decides a size.
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from ..kernels import _native
 from ..layer import CaffeLayer, register_layer
 from ..params import four_axis_bottom
 
@@ -50,6 +52,47 @@ def _after(out, size, kernel, pad, stride):
     return (out - 1) * stride + kernel - size - pad
 
 
+class _CompiledMaxPool(torch.autograd.Function):
+    """MAX pooling of a standard-layout CPU image with its winners' positions, and its backward,
+    as compiled loops (kernels/cpu/pooling.c): bit for bit the torch path below (the same scan
+    of each window over the input as padded with -FLT_MAX, the gradient accumulated in the same
+    order), without the padded copy, its gradient or the index conversion."""
+
+    @staticmethod
+    def applies(x):
+        return (x.dim() == 4 and _native.plain(x) and x.is_contiguous() and x.numel() > 0
+                and x.dtype in (torch.float32, torch.float64)
+                and _native.function("pooling.c", "max_pool_indices", x.dtype) is not None
+                and _native.function("pooling.c", "max_pool_indices_backward", x.dtype)
+                is not None)
+
+    @staticmethod
+    def forward(ctx, x, kernel, pad, stride, out_hw):
+        num, channels, height, width = x.shape
+        top = x.new_empty((num, channels, *out_hw))
+        index = torch.empty(top.shape, dtype=torch.int64)
+        loop = _native.function("pooling.c", "max_pool_indices", x.dtype)
+        if loop(_native.threads(), num * channels, x.data_ptr(), top.data_ptr(),
+                index.data_ptr(), height, width, *out_hw, *kernel, *pad, *stride) != 0:
+            raise MemoryError("Pooling: no memory for the compiled loop's row buffer")
+        ctx.mark_non_differentiable(index)
+        ctx.save_for_backward(index)
+        ctx.input_shape = x.shape
+        return top, index
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_top, _):
+        (index,) = ctx.saved_tensors
+        num, channels, height, width = ctx.input_shape
+        grad_top = grad_top.contiguous()
+        grad_x = grad_top.new_empty(ctx.input_shape)
+        loop = _native.function("pooling.c", "max_pool_indices_backward", grad_top.dtype)
+        loop(_native.threads(), num * channels, grad_top.data_ptr(), index.data_ptr(),
+             grad_x.data_ptr(), height, width, *index.shape[2:])
+        return grad_x, None, None, None, None
+
+
 def pool2d(x, method, kernel, pad, stride, out_hw, mask_top=False):
     """MAX or AVE pooling of (N, C, H, W) with Caffe's windows: window o covers
     [o*stride - pad, o*stride - pad + kernel); MAX takes the maximum over its in-image part
@@ -60,6 +103,9 @@ def pool2d(x, method, kernel, pad, stride, out_hw, mask_top=False):
     borders = (pad[1], _after(out_w, width, kernel[1], pad[1], stride[1]),
                pad[0], _after(out_h, height, kernel[0], pad[0], stride[0]))
     if method == "MAX":
+        if _CompiledMaxPool.applies(x):
+            top, index = _CompiledMaxPool.apply(x, kernel, pad, stride, out_hw)
+            return (top, index.to(x.dtype)) if mask_top else top
         # -FLT_MAX is Caffe's initial maximum: padding never beats an in-image value and an
         # empty window gives -FLT_MAX, as in Caffe.
         padded = F.pad(x, borders, value=-FLT_MAX)

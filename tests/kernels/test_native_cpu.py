@@ -271,6 +271,40 @@ def test_compiled_same_geometry_distances_equal_the_torch_loop(kernel, dilation,
 
 @NEEDS_COMPILER
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel,pad,stride,round_mode", [
+    ((3, 3), (0, 0), (2, 2), 0), ((3, 3), (1, 1), (2, 2), 0), ((2, 2), (0, 0), (2, 2), 0),
+    ((3, 2), (1, 0), (1, 2), 1), ((5, 5), (2, 2), (3, 3), 0), ((3, 3), (1, 1), (1, 1), 0)])
+def test_compiled_training_max_pooling_is_the_torch_path(kernel, pad, stride, round_mode, dtype,
+                                                         monkeypatch):
+    """Training MAX pooling (top, winners' positions, gradient), compiled, against the layer's
+    torch path bit for bit: ties (first winner), NaN (the last NaN wins), -inf and -FLT_MAX
+    values against the padding, windows reaching beyond the image."""
+    from segaware_caffe.layers import pooling as pooling_module
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(2, 3, 9, 10, generator=gen, dtype=dtype).round(decimals=0)   # many ties
+    x[0, 0, 0, :4] = float("-inf")
+    x[0, 1, :3, :3] = -pooling_module.FLT_MAX
+    x[1, 0, 4, 4], x[1, 0, 4, 5], x[1, 2, 8, 9] = float("nan"), float("nan"), float("inf")
+    out_hw = tuple(pooling_module.pooled_size(size, k, p, s, round_mode)
+                   for size, k, p, s in zip(x.shape[2:], kernel, pad, stride))
+    assert pooling_module._CompiledMaxPool.applies(x)
+
+    def pooled(compiled):
+        with monkeypatch.context() as patch:
+            if not compiled:
+                patch.setattr(pooling_module._CompiledMaxPool, "applies", lambda x: False)
+            leaf = x.clone().requires_grad_(True)
+            top, mask = pooling_module.pool2d(leaf, "MAX", kernel, pad, stride, out_hw, True)
+            grad = torch.randn(top.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+            (grad_x,) = torch.autograd.grad(top, leaf, grad)
+            return top, mask, grad_x
+
+    for got, expected in zip(pooled(True), pooled(False)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("norm_l1", [True, False])
 @pytest.mark.parametrize("geometry_case", GEOMETRIES + [
     ((1, 2, 9, 11), 0, (5, 3), (0, 3), (3, 2), (1, 2), 1),       # centres outside, no pad rows
