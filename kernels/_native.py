@@ -180,8 +180,10 @@ def status():
 def plain(*tensors):
     """Whether the compiled loops may read and write these: plain CPU tensors with storage (not
     fake, meta or subclassed tensors, e.g. under shape inference or torch.compile's tracing,
-    whose data pointers are no memory)."""
-    return all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors)
+    whose data pointers are no memory), outside torch.jit's tracing (a trace, as the ONNX
+    export records it, sees torch's operations but not what a loop computes)."""
+    return not torch.jit.is_tracing() and \
+        all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

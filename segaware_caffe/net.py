@@ -589,8 +589,24 @@ class Net(nn.Module):
         return self.inference and self.phase == "TEST" and not torch.is_grad_enabled()
 
     def forward(self, outputs=None, **inputs):
-        return self.graph_module(outputs, inference=self.uses_inference_graph())(
-            *self.feed(inputs))
+        if self.uses_inference_graph():
+            graph = self.graph_module(outputs, inference=True)
+        else:
+            graph = self.autograd_graph_module(outputs)
+        return graph(*self.feed(inputs))
+
+    def autograd_graph_module(self, outputs=None):
+        """What forward() runs with autograd on: graph_module(outputs) with each 1x1
+        convolution of a concatenation of Interp resizes computed part by part, before the
+        resizes (segaware_caffe.split_products; Caffe's values and gradients within float
+        rounding)."""
+        outputs = tuple(self.outputs if outputs is None else outputs)
+        cached = self._graph_cache.get((outputs, True, "autograd"))
+        if cached is None:
+            from .split_products import split_concat_products
+            cached = split_concat_products(self, self.graph_module(outputs))
+            self._graph_cache[(outputs, True, "autograd")] = cached
+        return cached
 
     def loss(self, outputs):
         """Caffe's net loss: sum over loss tops of weight * sum(top)."""
