@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .layers.concat import Concat
-from .layers.convolution import Convolution, _batched_product_is_faster, pointwise_product
+from .layers.convolution import Convolution, _batched_product_is_faster, pixel_products
 from .layers.interp import Interp
 
 
 def _product(x, weight, bias):
-    """weight (O, C) times each pixel of x (N, C, H, W), plus bias."""
+    """weight (O, C) times each pixel of x (N, C, H, W), plus bias, as a fresh tensor of
+    (N, O, H*W) or (N, O, H, W) (not a view: the sum is added into it in place)."""
     if _batched_product_is_faster(x, weight):
-        return pointwise_product(x, weight, bias)
+        return pixel_products(x, weight, bias)
     return F.conv2d(x, weight[:, :, None, None], bias)
 
 
@@ -50,19 +51,27 @@ class SplitPointwiseProduct(nn.Module):
         conv = self.conv
         weight = conv.weight.reshape(conv.num_output, -1)
         bias = conv.bias
-        total = None
+        total = size = None
         for i in self.order:
-            resize, (lo, hi) = self.resizes[i], self.bounds[i]
+            x, resize, (lo, hi) = inputs[i], self.resizes[i], self.bounds[i]
             with_bias = bias is not None and total is None and resize is None
-            y = _product(inputs[i], weight[:, lo:hi], bias if with_bias else None)
+            y = _product(x, weight[:, lo:hi], bias if with_bias else None)
             if resize is not None:
-                y = resize.resize(y)
-            # the first term is a fresh tensor that no backward reads: the others add into it
-            total = y if total is None else total.add_(y)
+                y = resize.resize(y.view(x.shape[0], -1, *x.shape[2:]))
+                size = y.shape[2:]
+            elif size is None:
+                size = x.shape[2:]
+            # the first term is a fresh tensor that no backward reads, and the others are added
+            # into it in place (into it, not into a view of it: autograd would then copy the
+            # whole gradient back through the view)
+            if total is None:
+                total = y
+            else:
+                total.add_(y.reshape(total.shape))
             bias = None if with_bias else bias
         if bias is not None:                     # every part was resized
-            total = total.add_(bias.view(1, -1, 1, 1))
-        return total
+            total.add_(bias.view((1, -1) + (1,) * (total.dim() - 2)))
+        return total.view(total.shape[0], total.shape[1], *size)
 
     def extra_repr(self):
         return f"parts={self.parts}, resized={tuple(r is not None for r in self.resizes)}"

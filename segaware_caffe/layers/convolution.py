@@ -193,19 +193,22 @@ def _batched_product_is_faster(x, weight):
             and x.dtype == weight.dtype and x.is_contiguous())
 
 
-def pointwise_product(x, weight, bias):
-    """y[n] = weight @ x[n] (+ bias) over the pixels of each image: x (N, C, H, W), weight
-    (O, C). One batched product whose backward is two more (no unfolded copy, no zero-filled
-    gradient buffer)."""
+def pixel_products(x, weight, bias):
+    """(N, O, H*W): weight @ x[n] (+ bias) over the pixels of each image, x (N, C, H, W) and
+    weight (O, C). One batched product whose backward is two more (no unfolded copy, no
+    zero-filled gradient buffer)."""
     batch, channels, height, width = x.shape
     rows = weight.shape[0]
     images = x.reshape(batch, channels, height * width)
     weights = weight.unsqueeze(0).expand(batch, rows, channels)
     if bias is None:
-        y = torch.bmm(weights, images)
-    else:
-        y = torch.baddbmm(bias.view(1, rows, 1), weights, images)
-    return y.view(batch, rows, height, width)
+        return torch.bmm(weights, images)
+    return torch.baddbmm(bias.view(1, rows, 1), weights, images)
+
+
+def pointwise_product(x, weight, bias):
+    """pixel_products as (N, O, H, W): a 1x1 convolution of x."""
+    return pixel_products(x, weight, bias).view(x.shape[0], weight.shape[0], *x.shape[2:])
 
 
 @register_layer("Deconvolution")
