@@ -180,9 +180,10 @@ static int axis_readers(long in_size, long out_size, long **start, long **index,
  *   otherwise: for each output row oh, t[w] = sum of lw * g[oh][ow] over the readers of w,
  *     then grad_x[h0] += l0h * t and grad_x[h1] += l1h * t.
  * The products and their sums are torch's in another order (float rounding). grad_x is read and
- * written through the strides of a crop of a zeroed gradient (element (plane, h, w) at
- * plane * plane_stride + h * row_stride + w); work items are planes, which own their gradient,
- * over `threads` OpenMP threads. 0, or -1 where the scratch memory could not be allocated. */
+ * written through the strides of a crop of the gradient (element (plane, h, w) at
+ * plane * plane_stride + h * row_stride + w), which this loop zeroes first (what lies outside
+ * the crop is the caller's to zero); work items are planes, which own their gradient, over
+ * `threads` OpenMP threads. 0, or -1 where the scratch memory could not be allocated. */
 int bilinear_backward(long threads, long planes, const scalar_t *restrict grad_top,
                       scalar_t *restrict grad_x, long in_h, long in_w, long plane_stride,
                       long row_stride, long out_h, long out_w)
@@ -214,6 +215,9 @@ int bilinear_backward(long threads, long planes, const scalar_t *restrict grad_t
             for (long plane = 0; plane < planes; ++plane) {
                 scalar_t *grad = grad_x + (size_t)plane * plane_stride;
                 const scalar_t *g = grad_top + (size_t)plane * out_h * out_w;
+                /* the crop starts at zero here, while the plane is in cache */
+                for (long h = 0; h < in_h; ++h)
+                    for (long w = 0; w < in_w; ++w) grad[(size_t)h * row_stride + w] = 0;
                 if (rows_first) {
                     for (long h = 0; h < in_h; ++h) {
                         for (long ow = 0; ow < out_w; ++ow) row[ow] = 0;

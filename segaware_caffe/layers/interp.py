@@ -144,7 +144,9 @@ class _CompiledBilinear(torch.autograd.Function):
     def backward(ctx, grad_top):
         shape, start, in_h, in_w, out_h, out_w = ctx.geometry
         grad_top = grad_top.contiguous()
-        grad_x = grad_top.new_zeros(shape)
+        # the loop zeroes the crop; only a gradient larger than the crop needs zeros around it
+        whole = start == 0 and (in_h, in_w) == tuple(shape[2:])
+        grad_x = grad_top.new_empty(shape) if whole else grad_top.new_zeros(shape)
         crop = grad_x[..., start:start + in_h, start:start + in_w]
         loop = _native.function("interp.c", "bilinear_backward", grad_top.dtype)
         if loop(_native.threads(), shape[0] * shape[1], grad_top.data_ptr(), crop.data_ptr(),
