@@ -69,6 +69,7 @@ from .layers.relu import ReLU
 from .layers.scale import Scale
 from .layers.softmax import Softmax
 from .layers.split import Split
+from .split_products import concat_parts, part_layout
 
 __all__ = ["inference_graph", "parameters_changed", "CHANNELS_LAST", "PACKED_CONVOLUTION"]
 
@@ -507,12 +508,8 @@ class PointwiseOverConcat(_InferenceModule):
         super().__init__()
         object.__setattr__(self, "conv", conv)
         object.__setattr__(self, "resizes", tuple(resizes))
-        self.parts = tuple(int(c) for c in parts)
-        # each part's rows of the weights, and the order the parts are summed in: those at the
-        # top's size first (their products accumulate into the sum), then the resized ones
-        starts = [sum(self.parts[:i]) for i in range(len(self.parts))]
-        self.bounds = tuple((start, start + c) for start, c in zip(starts, self.parts))
-        self.order = tuple(sorted(range(len(self.parts)), key=lambda i: resizes[i] is not None))
+        # the products of the parts at the top's size accumulate into the sum
+        self.parts, self.bounds, self.order = part_layout(parts, resizes)
 
     def _workspace(self, name, shape, like):
         """A temporary kept between calls (it never leaves forward; one per calling thread, so
@@ -1075,33 +1072,16 @@ class _Rewriter:
             if layer.bottom_is_im2col or layer.channel_axis != 1:
                 continue
             concat = node.args[0]
-            joined = self.module_of(concat) if isinstance(concat, fx.Node) else None
-            if not isinstance(joined, Concat) or joined.axis != 1 or len(concat.users) != 1:
+            found = concat_parts(concat, self.module_of, self.blob_shape, layer.num_output)
+            if found is None:
                 continue
-            parts, inputs, resizes = [], [], []
-            for part in concat.args:
-                shape = self.blob_shape(part)
-                if shape is None or len(shape) != 4:
-                    break
-                resize = self.module_of(part)
-                if isinstance(resize, Interp) and len(part.users) == 1 and len(part.args) == 1 \
-                        and self.blob_shape(part.args[0]) is not None:
-                    inputs.append(part.args[0])
-                    resizes.append(resize)
-                else:
-                    inputs.append(part)
-                    resizes.append(None)
-                parts.append(shape[1])
-            else:
-                outputs = layer.num_output
-                if not any(r is not None and c > outputs for r, c in zip(resizes, parts)):
-                    continue
-                removed = [p for p, r in zip(concat.args, resizes) if r is not None]
-                self.replace(node, "call_module", None, inputs,
-                             PointwiseOverConcat(op, parts, resizes))
-                self.graph.erase_node(concat)
-                for part in removed:
-                    self.graph.erase_node(part)
+            parts, inputs, resizes = found
+            removed = [p for p, r in zip(concat.args, resizes) if r is not None]
+            self.replace(node, "call_module", None, inputs,
+                         PointwiseOverConcat(op, parts, resizes))
+            self.graph.erase_node(concat)
+            for part in removed:
+                self.graph.erase_node(part)
 
     def commute_activations(self):
         """ReLU / PReLU read only by a MAX pooling: pool first, then the activation on the

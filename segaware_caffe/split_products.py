@@ -32,6 +32,47 @@ def _product(x, weight, bias):
     return F.conv2d(x, weight[:, :, None, None], bias)
 
 
+def part_layout(parts, resizes):
+    """(channel counts, each part's (start, end) columns of the convolution's weights, the
+    order the parts are summed in: those at the top's size first, then the resized ones)."""
+    parts = tuple(int(c) for c in parts)
+    starts = [sum(parts[:i]) for i in range(len(parts))]
+    bounds = tuple((start, start + c) for start, c in zip(starts, parts))
+    order = tuple(sorted(range(len(parts)), key=lambda i: resizes[i] is not None))
+    return parts, bounds, order
+
+
+def concat_parts(concat, layer_of, blob_shape, num_output):
+    """(channel counts, inputs, Interp layers or None) of the parts of `concat`, the bottom of
+    a 1x1 convolution with `num_output` outputs, where its product may run part by part: a
+    channel Concat read by nothing else, each part a 4-D blob, a part that is an Interp top
+    read by nothing else given as that Interp's bottom, and some resized part with more
+    channels than the convolution has outputs (else the split saves nothing). None where not.
+    layer_of(node) is the net's layer a node calls (or None), blob_shape(node) its top's shape."""
+    joined = layer_of(concat) if isinstance(concat, fx.Node) else None
+    if not isinstance(joined, Concat) or joined.axis != 1 or len(concat.users) != 1 or \
+            concat.kwargs:
+        return None
+    parts, inputs, resizes = [], [], []
+    for part in concat.args:
+        shape = blob_shape(part) if isinstance(part, fx.Node) else None
+        if shape is None or len(shape) != 4:
+            return None
+        resize = layer_of(part)
+        if isinstance(resize, Interp) and len(part.users) == 1 and len(part.args) == 1 and \
+                not part.kwargs and isinstance(part.args[0], fx.Node) and \
+                blob_shape(part.args[0]) is not None:
+            inputs.append(part.args[0])
+            resizes.append(resize)
+        else:
+            inputs.append(part)
+            resizes.append(None)
+        parts.append(shape[1])
+    if not any(r is not None and c > num_output for r, c in zip(resizes, parts)):
+        return None
+    return parts, inputs, resizes
+
+
 class SplitPointwiseProduct(nn.Module):
     """The 1x1 convolution `conv` of a channel concatenation of `parts` channel counts, each part
     given as it is or as the bottom of its Interp layer in `resizes` (None where not resized).
@@ -41,11 +82,8 @@ class SplitPointwiseProduct(nn.Module):
         super().__init__()
         object.__setattr__(self, "conv", conv)
         object.__setattr__(self, "resizes", tuple(resizes))
-        self.parts = tuple(int(c) for c in parts)
-        starts = [sum(self.parts[:i]) for i in range(len(self.parts))]
-        self.bounds = tuple((start, start + c) for start, c in zip(starts, self.parts))
-        # the parts at the top's size first: the bias joins the first of them
-        self.order = tuple(sorted(range(len(self.parts)), key=lambda i: resizes[i] is not None))
+        # the bias joins the first part at the top's size
+        self.parts, self.bounds, self.order = part_layout(parts, resizes)
 
     def forward(self, *inputs):
         conv = self.conv
@@ -88,36 +126,20 @@ def _blob_shape(net, node):
     return net.blob_shapes.get(blob) if blob is not None else None
 
 
-def _split(net, graph, node):
-    """The SplitPointwiseProduct replacing `node` and its inputs, or None where the rewrite
-    does not apply."""
+def _split(net, node):
+    """The SplitPointwiseProduct replacing `node`, its inputs and the Concat node, or None
+    where the rewrite does not apply."""
     conv = _layer(net, node)
     if not isinstance(conv, Convolution) or len(node.args) != 1 or node.kwargs or \
             conv.bottom_is_im2col or conv.channel_axis != 1 or conv.group != 1 or \
             conv.kernel != (1, 1) or conv.stride != (1, 1) or conv.pad != (0, 0):
         return None
     concat = node.args[0]
-    joined = _layer(net, concat)
-    if not isinstance(joined, Concat) or joined.axis != 1 or len(concat.users) != 1 or \
-            concat.kwargs:
+    found = concat_parts(concat, lambda n: _layer(net, n), lambda n: _blob_shape(net, n),
+                         conv.num_output)
+    if found is None:
         return None
-    parts, inputs, resizes = [], [], []
-    for part in concat.args:
-        shape = _blob_shape(net, part) if isinstance(part, fx.Node) else None
-        if shape is None or len(shape) != 4:
-            return None
-        resize = _layer(net, part)
-        if isinstance(resize, Interp) and len(part.users) == 1 and len(part.args) == 1 and \
-                not part.kwargs and isinstance(part.args[0], fx.Node) and \
-                _blob_shape(net, part.args[0]) is not None:
-            inputs.append(part.args[0])
-            resizes.append(resize)
-        else:
-            inputs.append(part)
-            resizes.append(None)
-        parts.append(shape[1])
-    if not any(r is not None and c > conv.num_output for r, c in zip(resizes, parts)):
-        return None
+    parts, inputs, resizes = found
     return SplitPointwiseProduct(conv, parts, resizes), inputs, concat
 
 
@@ -127,7 +149,7 @@ def split_concat_products(net, exact):
     graph = copy.deepcopy(exact.graph)
     modules = {}
     for node in list(graph.nodes):
-        found = _split(net, graph, node)
+        found = _split(net, node)
         if found is None:
             continue
         module, inputs, concat = found

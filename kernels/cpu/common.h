@@ -22,3 +22,16 @@ static inline void inside_columns(long offset, long stride, long width, long out
     if (*hi > out_w) *hi = out_w;
     if (*lo > *hi) *lo = *hi;
 }
+
+/* Scratch memory of one thread in an OpenMP parallel region: `count` elements of `size` bytes
+ * (at least one element). Where it cannot be allocated it is NULL and *failed, shared by the
+ * team, becomes 1: the team reads it after a barrier and skips the work. */
+static inline void *thread_scratch(long count, size_t size, int *failed)
+{
+    void *scratch = malloc((size_t)(count > 0 ? count : 1) * size);
+    if (scratch == NULL) {
+        #pragma omp atomic write
+        *failed = 1;
+    }
+    return scratch;
+}

@@ -81,12 +81,7 @@ int distance_backward(long threads, long planes, const scalar_t *restrict x,
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        scalar_t *centre = malloc((size_t)(out_h * out_w > 0 ? out_h * out_w : 1)
-                                  * sizeof(scalar_t));
-        if (centre == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        scalar_t *centre = thread_scratch(out_h * out_w, sizeof(scalar_t), &failed);
         #pragma omp barrier
         if (!failed) {
             #pragma omp for schedule(static)

@@ -66,12 +66,7 @@ int bilinear(long threads, long planes, const scalar_t *restrict x, scalar_t *re
     {
         /* standard layout: the row pair's blend, l0h * r0 + l1h * r1, over the input row first
          * (vectorised), then the columns' blend from it (the same four pixels and weights) */
-        scalar_t *blend = inner == 1 ? malloc((size_t)(in_w > 0 ? in_w : 1) * sizeof(scalar_t))
-                                     : NULL;
-        if (inner == 1 && blend == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        scalar_t *blend = inner == 1 ? thread_scratch(in_w, sizeof(scalar_t), &failed) : NULL;
         #pragma omp barrier
         if (!failed) {
             #pragma omp for schedule(static)
@@ -204,11 +199,7 @@ int bilinear_backward(long threads, long planes, const scalar_t *restrict grad_t
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        scalar_t *row = malloc((size_t)(width > 0 ? width : 1) * sizeof(scalar_t));
-        if (row == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        scalar_t *row = thread_scratch(width, sizeof(scalar_t), &failed);
         #pragma omp barrier
         if (!failed) {
             #pragma omp for schedule(static)

@@ -38,11 +38,7 @@ static int pool(int average, long threads, long planes, const scalar_t *restrict
     #pragma omp parallel num_threads(threads)
     {
         const long span = width * inner;     /* elements of one image row */
-        scalar_t *down = malloc((size_t)(span > 0 ? span : 1) * sizeof(scalar_t));
-        if (down == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        scalar_t *down = thread_scratch(span, sizeof(scalar_t), &failed);
         #pragma omp barrier
         if (!failed) {
             #pragma omp for schedule(static)
@@ -128,11 +124,7 @@ int max_pool_indices(long threads, long planes, const scalar_t *restrict x,
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        long long *arg = malloc((size_t)(out_w > 0 ? out_w : 1) * sizeof(long long));
-        if (arg == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        long long *arg = thread_scratch(out_w, sizeof(long long), &failed);
         #pragma omp barrier
         if (!failed) {
             #pragma omp for schedule(static)
