@@ -214,9 +214,7 @@ class InferenceConvolution(_InferenceModule):
         self._packed_failed = False
         self._packed_verified = False   # whether a call with the current packing succeeded
         self._blob_watch = _BlobWatch((layer,) + self.chain)
-        self.pointwise = isinstance(layer, Convolution) and layer.group == 1 and (
-            layer.bottom_is_im2col or (layer.kernel == (1, 1) and layer.stride == (1, 1)
-                                       and layer.pad == (0, 0)))
+        self.pointwise = isinstance(layer, Convolution) and layer.pointwise
         self.tap_product = (
             isinstance(layer, Convolution) and not self.pointwise and not layer.bottom_is_im2col
             and layer.group == 1 and layer.stride == (1, 1) and len(layer.kernel) == 2

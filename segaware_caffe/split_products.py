@@ -131,8 +131,7 @@ def _split(net, node):
     where the rewrite does not apply."""
     conv = _layer(net, node)
     if not isinstance(conv, Convolution) or len(node.args) != 1 or node.kwargs or \
-            conv.bottom_is_im2col or conv.channel_axis != 1 or conv.group != 1 or \
-            conv.kernel != (1, 1) or conv.stride != (1, 1) or conv.pad != (0, 0):
+            not conv.pointwise or conv.bottom_is_im2col or conv.channel_axis != 1:
         return None
     concat = node.args[0]
     found = concat_parts(concat, lambda n: _layer(net, n), lambda n: _blob_shape(net, n),

@@ -168,10 +168,15 @@ class Convolution(_ConvolutionBase):
             return (height, width)
         return super().output_spatial_size(height, width)
 
+    @property
+    def pointwise(self):
+        """Whether each output pixel is the weights (O, C) times that pixel's channels: one
+        group, and an im2col bottom or a 1x1 kernel with stride 1 and no pad."""
+        return self.group == 1 and (self.bottom_is_im2col or (
+            self.kernel == (1, 1) and self.stride == (1, 1) and self.pad == (0, 0)))
+
     def _convolve(self, x):
-        pointwise = self.bottom_is_im2col or (self.kernel == (1, 1) and self.stride == (1, 1)
-                                              and self.pad == (0, 0))
-        if pointwise and self.group == 1 and _batched_product_is_faster(x, self.weight):
+        if self.pointwise and _batched_product_is_faster(x, self.weight):
             return pointwise_product(x, self.weight.reshape(self.num_output, -1), self.bias)
         if self.bottom_is_im2col:
             columns = self.weight.reshape(self.num_output, -1, 1, 1)
