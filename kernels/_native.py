@@ -45,6 +45,7 @@ SIGNATURES = {
         "masked_columns": "ll" + "ppp" + "l" * 15,
         "masked_columns_grad_x": "ll" + "ppp" + "l" * 15,
         "masked_columns_grad_mask": "ll" + "ppp" + "l" * 15,
+        "masked_pixel_columns": "ll" + "ppp" + "l" * 15,
     },
     "meanfield.c": {
         "message_forward": "ll" + "ppp" + "l" * 12,

@@ -142,16 +142,23 @@ def masked_columns_cpu(x, mask, geometry, row_start, row_end, columns):
     return columns
 
 
-def _forward_cpu(x, mask, weight, bias, geometry, group, activation=None):
+def _forward_cpu(x, mask, weight, bias, geometry, group, activation=None, channels_last=False):
     """The band loop. `activation` (inference only): None, or the negative slope of a ReLU /
-    leaky ReLU applied to the top, like the bias on each band while it is still in cache."""
+    leaky ReLU applied to the top, like the bias on each band while it is still in cache.
+    `channels_last` (inference only, one group): the top in channels_last memory, each band's
+    pixels times the transposed weights."""
     batch, channels, _, _ = x.shape
     out_h, out_w = mask.shape[2:]
     num_output = weight.shape[0]
     taps = geometry.taps
     group_columns = channels // group * taps
     weight_groups = weight.reshape(group, num_output // group, group_columns)
-    out = x.new_empty((batch, num_output, out_h, out_w))
+    channels_last = channels_last and group == 1
+    if channels_last:
+        pixels = x.new_empty((batch, out_h, out_w, num_output))
+        out = pixels.permute(0, 3, 1, 2)
+    else:
+        out = x.new_empty((batch, num_output, out_h, out_w))
     rows = band_rows(batch, channels, taps, out_w, x.element_size(), CPU_BAND_BYTES)
     # flat, so that a short last band is a contiguous (N, C*K, band, Wo) block as well
     buffer = band_buffer(batch * channels * taps * rows * out_w, x)
@@ -165,10 +172,14 @@ def _forward_cpu(x, mask, weight, bias, geometry, group, activation=None):
         # (N, group, column rows of a group, band pixels)
         columns = columns.flatten(2).unflatten(1, (group, -1))
         # (N, group, O/group, band pixels): rows of H*W stride, which BLAS writes directly
-        out_groups = out[:, :, row_start:row_end].view(batch, group, num_output // group,
-                                                       band * out_w)
+        out_groups = None if channels_last else out[:, :, row_start:row_end].view(
+            batch, group, num_output // group, band * out_w)
         # 2-D products (torch.mm) rather than a broadcast matmul: batched GEMM is slower on CPU
         for n in range(batch):
+            if channels_last:
+                torch.mm(columns[n, 0].t(), weight_groups[0].t(),
+                         out=pixels[n, row_start:row_end].view(band * out_w, num_output))
+                continue
             for g in range(group):
                 torch.mm(weight_groups[g], columns[n, g], out=out_groups[n, g])
         # bias and activation on the band while it is in cache (addmm's copy of the bias into
@@ -183,15 +194,66 @@ def _forward_cpu(x, mask, weight, bias, geometry, group, activation=None):
     return out
 
 
-def masked_conv2d_inference(x, mask, weight, bias, geometry, group, activation=None):
+def pixel_major_weight(weight):
+    """(O, C, kh, kw) weights as the (O, taps * C, 1, 1) kernel of a 1x1 convolution over
+    pixel-major columns (tap-major, then channel: masked_pixel_columns' order)."""
+    num_output, channels = weight.shape[:2]
+    return weight.reshape(num_output, channels, -1).transpose(1, 2).reshape(
+        num_output, -1, 1, 1).contiguous()
+
+
+def masked_pixel_columns_cpu(x, mask, geometry, row_start, row_end, columns):
+    """Pixel-major masked columns of a band, (N, rows, Wo, taps, C) in `columns`' memory, from
+    x in channels_last memory: a compiled loop (kernels/cpu/masked_conv.c), element for element
+    masked_columns_cpu's products in another order. False where there is no compiled loop."""
+    loop = _native.function("masked_conv.c", "masked_pixel_columns", x.dtype)
+    if loop is None or not _native.plain(x, mask, columns) or not mask.is_contiguous() or \
+            not x.is_contiguous(memory_format=torch.channels_last) or not columns.is_contiguous():
+        return False
+    batch, channels, height, width = x.shape
+    out_h, out_w = mask.shape[2:]
+    loop(_native.threads(), batch, x.data_ptr(), mask.data_ptr(), columns.data_ptr(), channels,
+         height, width, out_h, out_w, *geometry.kernel, *geometry.pad, *geometry.stride,
+         *geometry.dilation, row_start, row_end)
+    return True
+
+
+def masked_conv2d_pixel_major(x, mask, num_output, geometry, band_product):
+    """The fused convolution's forward (one group) from pixel-major band columns, for a product
+    that prefers them: `band_product(columns)` maps one band's columns, an (N, taps * C, rows,
+    Wo) tensor in channels_last memory, to the band's top (N, O, rows, Wo) -- a 1x1 convolution
+    with the weights of pixel_major_weight, the bias and any activation. Returns the top in
+    channels_last memory, or None where the compiled column loop is missing."""
+    batch, channels = x.shape[:2]
+    out_h, out_w = mask.shape[2:]
+    x = x.contiguous(memory_format=torch.channels_last)
+    mask = mask.contiguous()
+    width = geometry.taps * channels
+    rows = min(out_h, band_rows(batch, channels, geometry.taps, out_w, x.element_size(),
+                                CPU_BAND_BYTES))
+    buffer = band_buffer(batch * rows * out_w * width, x)
+    out = x.new_empty((batch, out_h, out_w, num_output)).permute(0, 3, 1, 2)
+    for row_start in range(0, out_h, rows):
+        row_end = min(out_h, row_start + rows)
+        band = row_end - row_start
+        columns = buffer[:batch * band * out_w * width].view(batch, band, out_w, width)
+        if not masked_pixel_columns_cpu(x, mask, geometry, row_start, row_end, columns):
+            return None
+        out[:, :, row_start:row_end] = band_product(columns.permute(0, 3, 1, 2))
+    return out
+
+
+def masked_conv2d_inference(x, mask, weight, bias, geometry, group, activation=None,
+                            channels_last=False):
     """The forward of masked_conv2d_op without autograd or dispatch, for the inference graph
-    (no gradient is taken), with an optional ReLU / leaky ReLU (negative slope `activation`)."""
+    (no gradient is taken), with an optional ReLU / leaky ReLU (negative slope `activation`);
+    `channels_last`: the CPU band loop gives its top in channels_last memory (one group)."""
     if _native.plain(x, mask, weight) and x.dtype in (torch.float32, torch.float64) and \
             mask.dtype == x.dtype and weight.dtype == x.dtype and \
             (bias is None or bias.dtype == x.dtype):
         bias = bias.contiguous() if bias is not None else None
         return _forward_cpu(x.contiguous(), mask.contiguous(), weight.contiguous(), bias,
-                            geometry, group, activation)
+                            geometry, group, activation, channels_last)
     out = masked_conv2d(x, weight, bias, mask=mask, kernel_size=geometry.kernel,
                         pad=geometry.pad, stride=geometry.stride, dilation=geometry.dilation,
                         group=group)

@@ -149,3 +149,45 @@ void masked_columns_grad_mask(long threads, long items,
         }
     }
 }
+
+/* Masked columns of one band of output rows in pixel-major order, for a 1x1 product over the
+ * pixels (oneDNN's channels_last convolution, several times the rate of a row-major GEMM with
+ * few outputs on some CPUs):
+ *
+ *   columns[n][r][w][k][c] = x[n][ih][iw][c] * mask[n][k][row_start + r][w]
+ *
+ * with x in channels_last memory (N, H, W, C), the same taps, products, zeros outside the image
+ * and flushed subnormal products as masked_columns. Items: (image, band row) pairs.
+ */
+void masked_pixel_columns(long threads, long batch,
+                          const scalar_t *restrict x, const scalar_t *restrict mask,
+                          scalar_t *restrict columns, long channels,
+                          long height, long width, long out_h, long out_w,
+                          long kernel_h, long kernel_w, long pad_h, long pad_w,
+                          long stride_h, long stride_w, long dilation_h, long dilation_w,
+                          long row_start, long row_end)
+{
+    const long taps = kernel_h * kernel_w, rows = row_end - row_start;
+    const size_t plane = (size_t)out_h * out_w;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < batch * rows; ++item) {
+        const long n = item / rows, ho = row_start + item % rows;
+        const scalar_t *image = x + (size_t)n * height * width * channels;
+        const scalar_t *row_mask = mask + (size_t)n * taps * plane + (size_t)ho * out_w;
+        scalar_t *out = columns + (size_t)item * out_w * taps * channels;
+        for (long wo = 0; wo < out_w; ++wo) {
+            for (long k = 0; k < taps; ++k, out += channels) {
+                const scalar_t m = row_mask[k * plane + wo];
+                const long ih = ho * stride_h + (k / kernel_w) * dilation_h - pad_h;
+                const long iw = wo * stride_w + (k % kernel_w) * dilation_w - pad_w;
+                if (ih < 0 || ih >= height || iw < 0 || iw >= width) {
+                    const scalar_t zero = (scalar_t)0 * m;
+                    for (long c = 0; c < channels; ++c) out[c] = zero;
+                    continue;
+                }
+                const scalar_t *pixel = image + ((size_t)ih * width + iw) * channels;
+                for (long c = 0; c < channels; ++c) out[c] = flushed(pixel[c] * m);
+            }
+        }
+    }
+}

@@ -148,6 +148,56 @@ def test_the_thread_count_does_not_change_the_result(threads):
     torch.testing.assert_close(compiled, reference, rtol=0, atol=0)
 
 
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+def test_pixel_major_columns_are_the_columns_reordered(geometry_case, dtype):
+    """The pixel-major loop (channels_last x) writes the compiled columns' values, bit for bit
+    (NaN / inf masks, an infinite pixel, flushed products), in (N, rows, Wo, taps, C) order."""
+    shape, _, kernel, pad, stride, dilation, _ = geometry_case
+    geometry = ConvGeometry(kernel, pad, stride, dilation)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    out_h, out_w = geometry.output_size(*shape[2:])
+    mask = torch.rand(shape[0], geometry.taps, out_h, out_w, generator=gen, dtype=dtype)
+    mask[0, 0, 0, 0], mask[-1, -1, -1, -1] = float("nan"), float("inf")
+    mask[0, -1, -1, 0] = torch.finfo(dtype).tiny / 8
+    x[0, 0, 0, 0] = float("inf")
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    for start, end in ((0, out_h), (1, out_h), (out_h // 2, out_h // 2 + 1)):
+        expected = _columns(x, mask, geometry, start, end, True).permute(0, 3, 4, 2, 1)
+        got = torch.full_like(expected, 123.0).contiguous()
+        assert masked_conv_module.masked_pixel_columns_cpu(x_last, mask, geometry, start, end,
+                                                           got)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    # a standard-layout x is refused (the caller converts it)
+    if shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert not masked_conv_module.masked_pixel_columns_cpu(x, mask, geometry, 0, out_h, got)
+
+
+@pytest.mark.parametrize("activation", [None, 0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_band_loop_writes_a_channels_last_top(activation, dtype, monkeypatch):
+    """With channels_last (one group), the top is in channels_last memory and holds the
+    op's output followed by the activation (a transposed product: float rounding only)."""
+    monkeypatch.setattr(masked_conv_module, "CPU_BAND_BYTES", 4096)
+    gen = torch.Generator().manual_seed(2)
+    geometry = ConvGeometry((3, 3), (1, 1), (2, 1), (1, 1))
+    x = torch.randn(2, 3, 13, 12, generator=gen, dtype=dtype)
+    out_h, out_w = geometry.output_size(13, 12)
+    mask = torch.rand(2, 9, out_h, out_w, generator=gen, dtype=dtype)
+    weight = torch.randn(5, 3, 3, 3, generator=gen, dtype=dtype)
+    bias = torch.randn(5, generator=gen, dtype=dtype)
+    expected = masked_conv2d(x, weight, bias, mask=mask, pad=1, stride=(2, 1))
+    if activation is not None:
+        expected = torch.nn.functional.leaky_relu(expected, activation)
+    out = masked_conv_module.masked_conv2d_inference(x, mask, weight, bias, geometry, 1,
+                                                     activation, channels_last=True)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("activation", [None, 0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_inference_call_is_the_op_and_its_activation(activation, dtype, monkeypatch):

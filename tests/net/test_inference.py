@@ -14,6 +14,7 @@ import torch
 
 import segaware_caffe as sc
 from segaware_caffe import inference
+from segaware_caffe.kernels._native import function as native_function
 from segaware_caffe.layers.pooling import Pooling
 from segaware_caffe.layers.prelu import PReLU
 from segaware_caffe.layers.relu import ReLU
@@ -873,3 +874,116 @@ def test_compiled_interp_is_the_layers_resize(param, dtype, layout):
     with torch.no_grad():
         torch.testing.assert_close(net.forward(data=x)["up"], expected, rtol=tolerance,
                                    atol=tolerance, equal_nan=True)
+
+
+def _segaware_block(name, bottom, channels, num_output, kernel=3, pad=1, stride=1, dilation=1,
+                    relu=True):
+    """The released configs' segaware convolution of `bottom` (channels) with the mask of the
+    embedding "emb": Im2dist -> Scale -> AbsVal -> Exp -> Tile, Im2col x mask, a convolution
+    on the columns (fused into one op by the net), and a ReLU."""
+    geometry = f"kernel_size: {kernel} pad: {pad} stride: {stride} dilation: {dilation}"
+    return f"""
+    layer {{ name: "{name}_dist" type: "Im2dist" bottom: "emb" top: "{name}_dist"
+      convolution_param {{ {geometry} }} im2dist_param {{ norm: L1 }} }}
+    layer {{ name: "{name}_w" type: "Scale" bottom: "{name}_dist" top: "{name}_w"
+      scale_param {{ num_axes: 0 filler {{ type: "constant" value: 0.05 }} bias_term: false }} }}
+    layer {{ name: "{name}_abs" type: "AbsVal" bottom: "{name}_w" top: "{name}_abs" }}
+    layer {{ name: "{name}_exp" type: "Exp" bottom: "{name}_abs" top: "{name}_exp"
+      exp_param {{ scale: -1 }} }}
+    layer {{ name: "{name}_tile" type: "Tile" bottom: "{name}_exp" top: "{name}_tile"
+      tile_param {{ axis: 1 tiles: {channels} }} }}
+    layer {{ name: "{name}_cols" type: "Im2col" bottom: "{bottom}" top: "{name}_cols"
+      convolution_param {{ num_output: {num_output} {geometry} }} }}
+    layer {{ name: "{name}_hit" type: "Eltwise" bottom: "{name}_cols" bottom: "{name}_tile"
+      top: "{name}_hit" eltwise_param {{ operation: PROD }} }}
+    layer {{ name: "{name}" type: "Convolution" bottom: "{name}_hit" top: "{name}"
+      convolution_param {{ num_output: {num_output} {geometry} bottom_is_im2col: true }} }}
+    """ + (f'layer {{ name: "{name}_relu" type: "ReLU" bottom: "{name}" top: "{name}" }}'
+           if relu else "")
+
+
+def _segaware_net(batch, channels, size, blocks, dtype=torch.float32):
+    """x (batch, channels, size) and emb (batch, 4, size) inputs, then segaware blocks
+    (name, bottom, channels, num_output, kernel, pad, stride, dilation, relu); the blocks
+    after the first one read its top at the image size (stride 1)."""
+    dims = lambda c: " ".join(f"dim: {d}" for d in (batch, c, *size))
+    text = (f'name: "segaware" input: "x" input_shape {{ {dims(channels)} }} '
+            f'input: "emb" input_shape {{ {dims(4)} }}\n'
+            + "".join(_segaware_block(*block) for block in blocks))
+    net = sc.Net(text, dtype=dtype)
+    _randomize(net)
+    with torch.no_grad():
+        for r in net.records:
+            if r.type == "Convolution":
+                r.module.caffe_blobs()[0].mul_(0.1)
+    return net
+
+
+def _masked_ops(net):
+    gm = net.graph_module(inference=True)
+    return [gm.get_submodule(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                    inference.InferenceMaskedConv)]
+
+
+PIXEL_MAJOR = inference._packed_convolution_available() and \
+    native_function("masked_conv.c", "masked_pixel_columns", torch.float32) is not None
+
+
+@pytest.mark.skipif(not PIXEL_MAJOR, reason="needs oneDNN and the compiled column loop")
+@pytest.mark.parametrize("block", [
+    (16, 24, 3, 1, 1, 1, True), (20, 16, 3, 2, 1, 2, False), (32, 17, 3, 1, 2, 1, True),
+    (16, 8, 3, 6, 1, 6, True),     # dilated taps past a 9x10 image
+    (16, 12, 5, 2, 1, 1, False),
+])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_segaware_convolutions_run_pixel_major_columns_through_onednn(block, batch,
+                                                                      monkeypatch):
+    """Float32 segaware convolutions of 128+ columns per output run as pixel-major masked
+    columns times oneDNN's 1x1 convolution (bias and ReLU as post-ops), in bands shorter than
+    the image; the next one reads the channels_last top; outputs as the exact graph's."""
+    from segaware_caffe.kernels import masked_conv as masked_conv_module
+    monkeypatch.setattr(masked_conv_module, "CPU_BAND_BYTES", 20000)
+    channels, num_output, kernel, pad, stride, dilation, relu = block
+    blocks = [("a", "x", channels, num_output, kernel, pad, stride, dilation, relu)]
+    if stride == 1:
+        blocks.append(("b", "a", num_output, 16, 3, 1, 1, 1, True))
+    net = _segaware_net(batch, channels, (9, 10), blocks)
+    ops = _masked_ops(net)
+    assert len(ops) == len(blocks) and all(op.channels_last for op in ops)
+    # fewer columns per output (b after 12 or 8 channels): the band loop, channels_last top
+    pixel_major = [op.fused.conv.weight[0].numel() >= op.PIXEL_MAJOR_COLUMNS for op in ops]
+    assert [op.pixel_major for op in ops] == pixel_major and pixel_major[0]
+    calls = []
+    original = masked_conv_module.masked_conv2d_pixel_major
+    monkeypatch.setattr(inference, "masked_conv2d_pixel_major",
+                        lambda *a: calls.append(1) or original(*a))
+    inputs = _inputs(net)
+    _check(net, inputs)
+    assert len(calls) == sum(pixel_major)
+
+
+@pytest.mark.skipif(not PIXEL_MAJOR, reason="needs oneDNN and the compiled column loop")
+def test_pixel_major_weights_follow_parameters_and_a_refusal_falls_back(monkeypatch):
+    """The reordered pixel-major weights are made again after a parameter change; where oneDNN
+    refuses the product, the band loop of the exact path gives the top from then on; a deep
+    copy makes its own reordering."""
+    import copy
+    net = _segaware_net(1, 16, (12, 11), [("a", "x", 16, 16, 3, 1, 1, 1, True),
+                                          ("b", "a", 16, 20, 3, 1, 1, 1, False)])
+    inputs = _inputs(net)
+    _check(net, inputs)
+    with torch.no_grad():
+        net.params["a"][0].mul_(-1)
+    _check(net, inputs)
+    net.params["b"][1].data.add_(1)
+    inference.parameters_changed()
+    _check(net, inputs)
+    twin = copy.deepcopy(net)
+    _check(twin, inputs)
+
+    def refuse(*args):
+        raise RuntimeError("oneDNN: could not create a primitive")
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", refuse, raising=False)
+    _check(net, inputs)
+    assert all(op._pixel_failed for op in _masked_ops(net))
