@@ -46,6 +46,8 @@ SIGNATURES = {
         "masked_columns_grad_x": "ll" + "ppp" + "l" * 15,
         "masked_columns_grad_mask": "ll" + "ppp" + "l" * 15,
         "masked_pixel_columns": "ll" + "ppp" + "l" * 15,
+        "masked_pixel_columns_grad_x": "ll" + "ppp" + "l" * 15,
+        "masked_pixel_columns_grad_mask": "ll" + "ppp" + "l" * 15,
     },
     "meanfield.c": {
         "message_forward": "ll" + "ppp" + "l" * 12,
@@ -56,6 +58,7 @@ SIGNATURES = {
     },
     "layout.c": {
         "rows_to_planes": "ll" + "ppp" + "ll",
+        "planes_to_rows": "ll" + "pp" + "ll",
     },
     "interp.c": {
         "bilinear": "ll" + "pp" + "l" * 9,

@@ -56,8 +56,9 @@ from .fusion import FusedMaskedConv
 from .kernels._native import function as native_function, plain as native_plain, \
     threads as native_threads
 from .kernels.geometry import ConvGeometry, inside_range
+from .kernels import masked_conv as masked_conv_kernels
 from .kernels.masked_conv import masked_conv2d_inference, masked_conv2d_pixel_major, \
-    pixel_major_weight
+    onednn_pointwise, onednn_pointwise_available, onednn_pointwise_weight, pixel_major_weight
 from .layers.batch_norm import BatchNorm
 from .layers.bias import Bias
 from .layers.concat import Concat
@@ -336,7 +337,8 @@ class InferenceConvolution(_InferenceModule):
             packed = self._packed_weight(x, weight, _pointwise_kernel if self.pointwise else None)
         if packed is not None and residual.shape == self._top_shape(x):
             layer = self.layer
-            unary = "relu" if self.residual == "add_relu" else "none"
+            # (oneDNN takes no unary post-op as None: "none" is refused)
+            unary = "relu" if self.residual == "add_relu" else None
             try:        # (oneDNN refuses a setting when it makes the primitive, before writing)
                 return torch.ops.mkldnn._convolution_pointwise_.binary(
                     residual, x, packed, bias, layer.pad, layer.stride, layer.dilation,
@@ -601,15 +603,11 @@ class InferenceMaskedConv(_InferenceModule):
     """A fused segmentation-aware convolution without autograd, with the ReLU / leaky ReLU that
     reads its fresh top applied band by band (`activation`: the negative slope, or None).
 
-    With `channels_last` (set by the layout pass; float32 CPU images, one group) each band's
+    With `channels_last` (set by the layout pass; one group) the top is in channels_last
+    memory, and with `pixel_major` as well (float32 CPU images of enough channels) each band's
     masked columns are written pixel-major and multiplied by oneDNN's 1x1 convolution, with the
-    weights reordered once per band shape and the bias and activation as its post-ops; the top
-    is then in channels_last memory. oneDNN's kernels run such products at up to twice the rate
-    of a row-major GEMM with few output rows (vgg's layers on AMD Zen 4: 90-98 vs 45-55 GFLOP/s
-    on one core). Elsewhere (or without oneDNN or a C compiler) the bands of the exact path run."""
-
-    # taps x channels below which the pixel-major product is slower (conv1_1: 3 channels)
-    PIXEL_MAJOR_COLUMNS = 128
+    weights reordered once (per weight value) and the bias and activation as its post-ops (see
+    kernels.masked_conv.PIXEL_MAJOR). Elsewhere, or where oneDNN refuses, the band loop runs."""
 
     def __init__(self, fused):
         super().__init__()
@@ -631,8 +629,9 @@ class InferenceMaskedConv(_InferenceModule):
     def set_channels_last(self, channels_last):
         self.channels_last = bool(channels_last) and self.fused.group == 1
         self.pixel_major = self.channels_last and PACKED_CONVOLUTION and \
-            self.fused.conv.weight[0].numel() >= self.PIXEL_MAJOR_COLUMNS and \
-            _packed_convolution_available()
+            masked_conv_kernels.PIXEL_MAJOR and \
+            self.fused.conv.weight[0].numel() >= masked_conv_kernels.PIXEL_MAJOR_COLUMNS and \
+            onednn_pointwise_available()
 
     def forward(self, x, mask):
         blobs = self.fused.conv.caffe_blobs()
@@ -657,17 +656,12 @@ class InferenceMaskedConv(_InferenceModule):
         else:
             attr, scalars = "leaky_relu", [self.activation]
         bias = bias.detach().contiguous() if bias is not None else None
-        zero, one = [0, 0], [1, 1]
 
         def band_product(columns):
             if self._packed is None:
-                # one reordering serves every band (oneDNN's 1x1 format does not depend on
-                # the image size)
-                self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    pixel_major_weight(weight.detach()).to_mkldnn(), zero, one, one, 1,
-                    list(columns.shape))
-            return torch.ops.mkldnn._convolution_pointwise(columns, self._packed, bias, zero,
-                                                           one, one, 1, attr, scalars, "")
+                self._packed = onednn_pointwise_weight(pixel_major_weight(weight.detach()),
+                                                       columns.shape)
+            return onednn_pointwise(columns, self._packed, bias, attr, scalars)
 
         try:
             return masked_conv2d_pixel_major(x, mask, weight.shape[0], self.geometry,

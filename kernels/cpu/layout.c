@@ -32,3 +32,25 @@ void rows_to_planes(long threads, long images, const scalar_t *restrict rows,
         }
     }
 }
+
+/* The other way: rows[n][p][c] = planes[n][c][p], an image from the standard layout to
+ * channels_last memory; work items are (image, tile of pixels) pairs. */
+void planes_to_rows(long threads, long images, const scalar_t *restrict planes,
+                    scalar_t *restrict rows, long pixels, long channels)
+{
+    const long tiles = (pixels + TILE - 1) / TILE;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < images * tiles; ++item) {
+        const long n = item / tiles, p0 = (item % tiles) * TILE;
+        const long p1 = p0 + TILE < pixels ? p0 + TILE : pixels;
+        const scalar_t *source = planes + (size_t)n * pixels * channels;
+        scalar_t *target = rows + (size_t)n * pixels * channels;
+        for (long c0 = 0; c0 < channels; c0 += TILE) {
+            const long c1 = c0 + TILE < channels ? c0 + TILE : channels;
+            for (long p = p0; p < p1; ++p) {
+                scalar_t *row = target + (size_t)p * channels;
+                for (long c = c0; c < c1; ++c) row[c] = source[(size_t)c * pixels + p];
+            }
+        }
+    }
+}

@@ -191,3 +191,95 @@ void masked_pixel_columns(long threads, long batch,
         }
     }
 }
+
+/* The input-side gradients of one band from pixel-major column gradients
+ * grad_columns[n][r][w][k][c], with x and grad_x in channels_last memory:
+ *
+ *   grad_x[n][ih][iw][c] += grad_columns[n][r][w][k][c] * mask[n][k][row_start + r][w]
+ *     over the taps reading inside the image, in tap order: masked_columns_grad_x's
+ *     operations in its order (items: (image, block of 16 channels) pairs, so that no two
+ *     threads write one element);
+ *   grad_mask[n][k][row_start + r][w] = sum over c of grad_columns[n][r][w][k][c] *
+ *     x[n][ih][iw][c], a pixel outside reading 0 (16 partial sums over the channels, then
+ *     their sum and the remaining channels': another order than masked_columns_grad_mask's).
+ */
+#define CHANNEL_BLOCK 16
+
+void masked_pixel_columns_grad_x(long threads, long batch,
+                                 const scalar_t *restrict grad_columns,
+                                 const scalar_t *restrict mask, scalar_t *restrict grad_x,
+                                 long channels, long height, long width, long out_h, long out_w,
+                                 long kernel_h, long kernel_w, long pad_h, long pad_w,
+                                 long stride_h, long stride_w, long dilation_h, long dilation_w,
+                                 long row_start, long row_end)
+{
+    const long taps = kernel_h * kernel_w, rows = row_end - row_start;
+    const long blocks = (channels + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK;
+    const size_t plane = (size_t)out_h * out_w;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < batch * blocks; ++item) {
+        const long n = item / blocks, c0 = (item % blocks) * CHANNEL_BLOCK;
+        const long count = c0 + CHANNEL_BLOCK < channels ? CHANNEL_BLOCK : channels - c0;
+        scalar_t *image = grad_x + (size_t)n * height * width * channels + c0;
+        const scalar_t *image_mask = mask + (size_t)n * taps * plane;
+        const scalar_t *source = grad_columns + (size_t)n * rows * out_w * taps * channels + c0;
+        for (long k = 0; k < taps; ++k) {
+            const long offset_h = (k / kernel_w) * dilation_h - pad_h;
+            const long offset_w = (k % kernel_w) * dilation_w - pad_w;
+            long lo, hi;
+            inside_columns(offset_w, stride_w, width, out_w, &lo, &hi);
+            for (long r = 0; r < rows; ++r) {
+                const long ho = row_start + r, ih = ho * stride_h + offset_h;
+                if (ih < 0 || ih >= height) continue;
+                const scalar_t *m = image_mask + k * plane + (size_t)ho * out_w;
+                for (long w = lo; w < hi; ++w) {
+                    const scalar_t mw = m[w];
+                    const scalar_t *g = source + (((size_t)r * out_w + w) * taps + k) * channels;
+                    scalar_t *at = image
+                        + ((size_t)ih * width + w * stride_w + offset_w) * channels;
+                    for (long c = 0; c < count; ++c) at[c] = MUL_ADD(g[c], mw, at[c]);
+                }
+            }
+        }
+    }
+}
+
+void masked_pixel_columns_grad_mask(long threads, long batch,
+                                    const scalar_t *restrict grad_columns,
+                                    const scalar_t *restrict x, scalar_t *restrict grad_mask,
+                                    long channels, long height, long width, long out_h,
+                                    long out_w, long kernel_h, long kernel_w, long pad_h,
+                                    long pad_w, long stride_h, long stride_w, long dilation_h,
+                                    long dilation_w, long row_start, long row_end)
+{
+    const long taps = kernel_h * kernel_w, rows = row_end - row_start;
+    const size_t plane = (size_t)out_h * out_w;
+    const long whole = channels - channels % CHANNEL_BLOCK;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long item = 0; item < batch * rows; ++item) {
+        const long n = item / rows, ho = row_start + item % rows;
+        const scalar_t *image = x + (size_t)n * height * width * channels;
+        scalar_t *target = grad_mask + (size_t)n * taps * plane + (size_t)ho * out_w;
+        const scalar_t *g = grad_columns + (size_t)item * out_w * taps * channels;
+        for (long w = 0; w < out_w; ++w) {
+            for (long k = 0; k < taps; ++k, g += channels) {
+                const long ih = ho * stride_h + (k / kernel_w) * dilation_h - pad_h;
+                const long iw = w * stride_w + (k % kernel_w) * dilation_w - pad_w;
+                scalar_t lanes[CHANNEL_BLOCK] = {0}, total = 0;
+                if (ih >= 0 && ih < height && iw >= 0 && iw < width) {
+                    const scalar_t *pixel = image + ((size_t)ih * width + iw) * channels;
+                    for (long c = 0; c < whole; c += CHANNEL_BLOCK)
+                        for (long l = 0; l < CHANNEL_BLOCK; ++l) lanes[l] += g[c + l] * pixel[c + l];
+                    for (long l = 0; l < CHANNEL_BLOCK; ++l) total += lanes[l];
+                    for (long c = whole; c < channels; ++c) total += g[c] * pixel[c];
+                } else {
+                    for (long c = 0; c < whole; c += CHANNEL_BLOCK)
+                        for (long l = 0; l < CHANNEL_BLOCK; ++l) lanes[l] += g[c + l] * 0;
+                    for (long l = 0; l < CHANNEL_BLOCK; ++l) total += lanes[l];
+                    for (long c = whole; c < channels; ++c) total += g[c] * 0;
+                }
+                target[k * plane + w] = total;
+            }
+        }
+    }
+}

@@ -274,3 +274,88 @@ def test_cpu_columns_are_the_zero_padded_im2col_times_the_mask(geometry_case):
         masked_conv_module._masked_columns_cpu(x, mask, geometry, start, end, columns)
         torch.testing.assert_close(columns, expected[:, :, :, start:end], rtol=0, atol=0,
                                    equal_nan=True)
+
+
+# float32 CPU cases of 128+ columns per output (one group): the pixel-major bands
+PIXEL_GEOMETRIES = [
+    ((1, 16, 9, 10), 24, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((2, 20, 11, 9), 16, (3, 3), (2, 2), (1, 1), (2, 2), 1),
+    ((2, 16, 10, 11), 17, (3, 3), (1, 1), (2, 2), (1, 1), 1),
+    ((1, 16, 5, 6), 8, (3, 3), (6, 6), (1, 1), (6, 6), 1),       # taps wholly outside
+    ((1, 8, 9, 8), 12, (5, 5), (2, 1), (1, 2), (1, 1), 1),
+    ((2, 35, 7, 9), 16, (2, 3), (0, 1), (2, 1), (1, 1), 1),      # channels not a multiple of 16
+]
+PIXEL_MAJOR = pytest.mark.skipif(
+    not masked_conv_module.pixel_major_applies(torch.ones(1, 16, 3, 3), torch.ones(4, 16, 3, 3), 1),
+    reason="needs oneDNN and the compiled CPU loops")
+
+
+def _float64_reference(tensors, geometry, grad_seed=1):
+    """The unfused recipe in float64 on the same values: output and gradients."""
+    double = {n: (t.detach().double().requires_grad_(True) if t is not None else None)
+              for n, t in tensors.items()}
+    _, _, (out, grads) = run_both(double, geometry, grad_seed)
+    return out, grads
+
+
+@PIXEL_MAJOR
+@pytest.mark.parametrize("band_bytes", [None, 30000])
+@pytest.mark.parametrize("geometry_case", PIXEL_GEOMETRIES)
+def test_pixel_major_bands_match_the_recipe(monkeypatch, geometry_case, band_bytes):
+    """Forward and every gradient of the pixel-major bands against the float64 recipe, at
+    float32 accuracy, in one band and in bands of a few rows."""
+    if band_bytes is not None:
+        monkeypatch.setattr(masked_conv_module, "CPU_BAND_BYTES", band_bytes)
+    tensors, geometry = make_case(geometry_case, torch.float32, "cpu", True)
+    assert masked_conv_module.pixel_major_applies(tensors["x"], tensors["weight"], 1)
+    calls = []
+    for name in ("_forward_pixel_major_cpu", "_backward_pixel_major_cpu"):
+        original = getattr(masked_conv_module, name)
+        monkeypatch.setattr(masked_conv_module, name,
+                            lambda *a, _f=original: calls.append(_f) or _f(*a))
+    names, (fused, fused_grads), _ = run_both(tensors, geometry)
+    assert len(calls) == 2, "the pixel-major forward and backward ran"
+    out, grads = _float64_reference(tensors, geometry)
+    assert fused.is_contiguous()
+    assert_relative_close(fused, out, 1e-5, "output")
+    for name, got, ref in zip(names, fused_grads, grads):
+        assert got.is_contiguous(), name
+        assert_relative_close(got, ref, 1e-4, f"gradient of {name}")
+
+
+@PIXEL_MAJOR
+@pytest.mark.parametrize("wanted", [("x",), ("weight",), ("weight", "bias"), ("emb",)])
+def test_pixel_major_backward_of_some_inputs(monkeypatch, wanted):
+    """Only some gradients asked for (and the column gradients by torch.mm instead of oneDNN):
+    those, as the recipe's."""
+    monkeypatch.setattr(masked_conv_module, "GRAD_COLUMNS_ONEDNN", wanted != ("x",))
+    tensors, geometry = make_case(PIXEL_GEOMETRIES[1], torch.float32, "cpu", True)
+    for name, tensor in tensors.items():
+        if tensor is not None and name not in wanted:
+            tensor.requires_grad_(False)
+    fused = masked_conv2d(tensors["x"], tensors["weight"], tensors["bias"], emb=tensors["emb"],
+                          lam=tensors["lam"], **geometry)
+    grad_out = torch.randn(fused.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64).float()      # run_both's
+    got = torch.autograd.grad(fused, [tensors[n] for n in wanted], grad_out)
+    out, grads = _float64_reference(tensors, geometry)
+    names = [n for n, t in tensors.items() if t is not None]
+    for name, value in zip(wanted, got):
+        assert_relative_close(value, grads[names.index(name)], 1e-4, f"gradient of {name}")
+
+
+@PIXEL_MAJOR
+def test_a_refused_pixel_major_product_runs_the_row_major_bands(monkeypatch):
+    tensors, geometry = make_case(PIXEL_GEOMETRIES[0], torch.float32, "cpu", True)
+    args = (tensors["x"], tensors["weight"], tensors["bias"])
+    expected = masked_conv2d(*args, emb=tensors["emb"], lam=tensors["lam"], **geometry)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("could not create a primitive")
+    monkeypatch.setattr(masked_conv_module, "onednn_pointwise", refuse)
+    monkeypatch.setattr(masked_conv_module, "PIXEL_MAJOR", False)
+    row_major = masked_conv2d(*args, emb=tensors["emb"], lam=tensors["lam"], **geometry)
+    monkeypatch.setattr(masked_conv_module, "PIXEL_MAJOR", True)
+    refused = masked_conv2d(*args, emb=tensors["emb"], lam=tensors["lam"], **geometry)
+    torch.testing.assert_close(refused, row_major, rtol=0, atol=0)
+    assert_relative_close(expected, row_major, 1e-5, "pixel-major vs row-major")

@@ -425,3 +425,63 @@ def test_fake_tensors_never_reach_the_compiled_loops():
 def sc_net(body):
     import segaware_caffe as sc
     return sc.Net('name: "t" input: "data" input_shape { dim: 1 dim: 3 dim: 40 dim: 40 }\n' + body)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geometry_case", GEOMETRIES)
+def test_pixel_major_input_gradients_are_the_row_major_ones(geometry_case, dtype):
+    """From the same column gradients (pixel-major = row-major permuted): grad_x bit for bit
+    (the same operations in the same order, into a channels_last grad_x), grad_mask within
+    rounding (channels summed in 16 partial sums), NaN where an outside tap's gradient is not
+    finite; for bands inside the image too."""
+    shape, _, kernel, pad, stride, dilation, _ = geometry_case
+    geometry = ConvGeometry(kernel, pad, stride, dilation)
+    gen = torch.Generator().manual_seed(9)
+    batch, channels, height, width = shape
+    out_h, out_w = geometry.output_size(height, width)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    mask = torch.rand(batch, geometry.taps, out_h, out_w, generator=gen, dtype=dtype)
+    x_rows = x.contiguous(memory_format=torch.channels_last)
+    sizes = (channels, height, width, out_h, out_w, *kernel, *pad, *stride, *dilation)
+    loops = {name: native.function("masked_conv.c", name, dtype) for name in (
+        "masked_columns_grad_x", "masked_columns_grad_mask", "masked_pixel_columns_grad_x",
+        "masked_pixel_columns_grad_mask")}
+    for start, end in ((0, out_h), (out_h // 2, out_h)):
+        rows = end - start
+        grad_columns = torch.randn(batch, channels, geometry.taps, rows, out_w, generator=gen,
+                                   dtype=dtype)
+        grad_columns[0, 0, 0, 0, 0] = float("inf")
+        pixel_major = grad_columns.permute(0, 3, 4, 2, 1).contiguous()
+        grad_x = torch.randn(shape, generator=gen, dtype=dtype)   # accumulated into
+        grad_x_rows = grad_x.contiguous(memory_format=torch.channels_last)
+        grad_mask = torch.full_like(mask, 5.0)
+        grad_mask_rows = torch.full_like(mask, 5.0)
+        loops["masked_columns_grad_x"](1, batch * channels, grad_columns.data_ptr(),
+                                       mask.data_ptr(), grad_x.data_ptr(), *sizes, start, end)
+        loops["masked_columns_grad_mask"](1, batch * geometry.taps, grad_columns.data_ptr(),
+                                          x.data_ptr(), grad_mask.data_ptr(), *sizes, start, end)
+        with torch_threads(2):
+            loops["masked_pixel_columns_grad_x"](2, batch, pixel_major.data_ptr(),
+                                                 mask.data_ptr(), grad_x_rows.data_ptr(),
+                                                 *sizes, start, end)
+            loops["masked_pixel_columns_grad_mask"](2, batch, pixel_major.data_ptr(),
+                                                    x_rows.data_ptr(), grad_mask_rows.data_ptr(),
+                                                    *sizes, start, end)
+        torch.testing.assert_close(grad_x_rows, grad_x, rtol=0, atol=0, equal_nan=True)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(grad_mask_rows, grad_mask, rtol=tolerance, atol=tolerance,
+                                   equal_nan=True)
+
+
+@NEEDS_COMPILER
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layout_conversions_are_copies(dtype):
+    x = torch.randn(3, 70, 9, 11, dtype=dtype)
+    x[0, 0, 0, 0] = float("nan")
+    rows = masked_conv_module.to_channels_last(x)
+    assert rows.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(rows, x, rtol=0, atol=0, equal_nan=True)
+    back = masked_conv_module.to_standard(rows)
+    assert back.is_contiguous()
+    torch.testing.assert_close(back, x, rtol=0, atol=0, equal_nan=True)
