@@ -39,7 +39,7 @@ SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
 
 _C_TYPES = {torch.float32: "float", torch.float64: "double"}
 
-# every exported function's arguments: "p" a pointer, "l" a C long
+# every exported function's arguments: "p" a pointer, "l" a C long, "d" a C double
 SIGNATURES = {
     "masked_conv.c": {
         "masked_columns": "ll" + "ppp" + "l" * 15,
@@ -63,6 +63,13 @@ SIGNATURES = {
     "interp.c": {
         "bilinear": "ll" + "pp" + "l" * 9,
         "bilinear_backward": "ll" + "pp" + "l" * 6,
+    },
+    "linear.c": {
+        "linear_rows": "ll" + "pppp" + "lll" + "d",
+    },
+    "winograd.c": {
+        "winograd_input": "ll" + "pp" + "l" * 8,
+        "winograd_output": "ll" + "ppp" + "l" * 8 + "d",
     },
     "pooling.c": {
         "max_pool": "ll" + "pp" + "l" * 11,
@@ -158,7 +165,7 @@ def _library(source_name, dtype):
     if library is None:
         _failures[(source_name, dtype)] = failure
         return None
-    types = {"p": ctypes.c_void_p, "l": ctypes.c_long}
+    types = {"p": ctypes.c_void_p, "l": ctypes.c_long, "d": ctypes.c_double}
     for name, signature in SIGNATURES[source_name].items():
         function = getattr(library, name)
         function.argtypes = [types[kind] for kind in signature]

@@ -58,7 +58,7 @@ from .kernels._native import function as native_function, plain as native_plain,
 from .kernels.geometry import ConvGeometry, inside_range
 from .kernels import masked_conv as masked_conv_kernels
 from .kernels.masked_conv import masked_conv2d_inference, masked_conv2d_pixel_major, \
-    onednn_pointwise, onednn_pointwise_available, onednn_pointwise_weight, pixel_major_weight
+    PackedPointwise, onednn_pointwise_available, pixel_major_weight
 from .layers.batch_norm import BatchNorm
 from .layers.bias import Bias
 from .layers.concat import Concat
@@ -69,6 +69,7 @@ from .layers.inner_product import InnerProduct
 from .layers.interp import Interp, bilinear_into
 from .layers.pooling import FLT_MAX, Pooling, _after
 from .layers.prelu import PReLU
+from .layers.prior_box import PriorBox
 from .layers.relu import ReLU
 from .layers.scale import Scale
 from .layers.softmax import Softmax
@@ -217,6 +218,8 @@ class InferenceConvolution(_InferenceModule):
         self._packed = None             # (weight it was made from, input shape, packed weight)
         self._packed_failed = False
         self._packed_verified = False   # whether a call with the current packing succeeded
+        self._winograd_product = None   # (weight it was made from, its PackedPointwise)
+        self._winograd_failed = False
         self._blob_watch = _BlobWatch((layer,) + self.chain)
         self.pointwise = isinstance(layer, Convolution) and layer.pointwise
         self.tap_product = (
@@ -239,6 +242,7 @@ class InferenceConvolution(_InferenceModule):
         # of the net makes its own on its first call
         state = self.__dict__.copy()
         state["_packed"], state["_packed_verified"] = None, False
+        state["_winograd_product"] = None
         return state
 
     def set_channels_last(self, channels_last):
@@ -295,8 +299,11 @@ class InferenceConvolution(_InferenceModule):
         layer = self.layer
         if isinstance(layer, InnerProduct):
             lead = x.shape[:layer.axis]
-            y = F.linear(x.reshape(-1, weight.shape[1]), weight, bias)
-            y = y.reshape(*lead, weight.shape[0])
+            rows = x.reshape(-1, weight.shape[1])
+            y = _few_rows_linear(rows, weight, bias, self.activation)
+            if y is not None:
+                return y.reshape(*lead, weight.shape[0])
+            y = F.linear(rows, weight, bias).reshape(*lead, weight.shape[0])
         elif self.pointwise:
             y = _pointwise(x, weight, bias, self.channels_last)
         elif self.tap_product:
@@ -307,6 +314,10 @@ class InferenceConvolution(_InferenceModule):
         elif layer.bottom_is_im2col:     # the columns are the taps: a grouped 1x1 product
             y = F.conv2d(self._in_layout(x), weight, bias, groups=layer.group)
         else:
+            if self.channels_last and not self._winograd_failed and winograd_applies(layer, x):
+                y = self._winograd(x, weight, bias, self.activation)
+                if y is not None:
+                    return y
             packed = self._packed_weight(x, weight) if self.channels_last else None
             if packed is not None:
                 if self._packed_verified:
@@ -325,12 +336,32 @@ class InferenceConvolution(_InferenceModule):
         return torch.relu_(y) if self.activation == 0 else \
             F.leaky_relu(y, self.activation, inplace=True)
 
+    def _winograd(self, x, weight, bias, activation, out=None):
+        """winograd_convolution with this layer's weights (transformed once per prepared weight
+        tensor); None where oneDNN refuses (then never again)."""
+        if self._winograd_product is None or self._winograd_product[0] is not weight:
+            self._winograd_product = (
+                weight, PackedPointwise(winograd_weight(weight.detach()), groups=16))
+        try:
+            return winograd_convolution(x, self._winograd_product[1], self.layer.num_output,
+                                        bias, self.layer.pad, activation, out)
+        except RuntimeError:
+            self._winograd_failed, self._winograd_product = True, None
+            return None
+
     def _residual_forward(self, x, residual):
         """relu(top + residual) (or top + residual), written into residual: one oneDNN call
         with the sum and the ReLU as its post-ops where both tensors are channels_last float32
         CPU images; otherwise the top, then the sum."""
         weight, bias = self.blobs()
         packed = None
+        if self.channels_last and not self._winograd_failed and _in_channels_last(residual) \
+                and residual.dtype == x.dtype and winograd_applies(self.layer, x) and \
+                residual.shape == self._top_shape(x):
+            top = self._winograd(x, weight, bias, 0 if self.residual == "add_relu" else None,
+                                 out=residual)
+            if top is not None:
+                return top
         if _in_channels_last(x) and _in_channels_last(residual) and \
                 residual.dtype == torch.float32 and x.dtype == torch.float32:
             # a 1x1 convolution's prepared (C, O) product weights as the kernel they came from
@@ -406,6 +437,107 @@ class InferenceConvolution(_InferenceModule):
                 + (", pointwise" if self.pointwise else "")
                 + (", tap product" if self.tap_product else "")
                 + (", channels_last" if self.channels_last else ""))
+
+
+# input rows up to which an InnerProduct runs as kernels/cpu/linear.c's product (bound by
+# reading the weights, which it splits over the threads); more rows: torch's GEMM
+LINEAR_ROWS = 4
+
+
+def _few_rows_linear(rows, weight, bias, activation):
+    """rows (M, K) times weight (O, K)^T + bias, then the activation (a negative slope, or
+    None), by the compiled loop for M <= LINEAR_ROWS; None where it does not apply."""
+    if not 0 < rows.shape[0] <= LINEAR_ROWS or not native_plain(rows, weight) or \
+            rows.dtype != weight.dtype or not weight.is_contiguous() or \
+            (bias is not None and (bias.dtype != weight.dtype or not native_plain(bias))):
+        return None
+    loop = native_function("linear.c", "linear_rows", rows.dtype)
+    if loop is None:
+        return None
+    rows = rows.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    top = rows.new_empty((rows.shape[0], weight.shape[0]))
+    loop(native_threads(), rows.shape[0], rows.data_ptr(), weight.data_ptr(),
+         bias.data_ptr() if bias is not None else None, top.data_ptr(), weight.shape[0],
+         weight.shape[1], activation is not None, float(activation or 0))
+    return top
+
+
+# Winograd F(2x2, 3x3) (kernels/cpu/winograd.c) for stride-1 undilated 3x3 convolutions of one
+# group with at least this many input and output channels, in channels_last memory: 16
+# products per tile and channel pair instead of 36, as one product (oneDNN's 1x1 convolution of
+# 16 groups) between two compiled transforms (128- to 512-channel layers at 14x14 to 81x81 on
+# AMD Zen 4: 0.62-0.79 of oneDNN's direct convolution's time; 64 channels: slower). False: never.
+WINOGRAD = True
+WINOGRAD_CHANNELS = 128
+# output tiles (2x2) below which oneDNN's direct convolution is faster (512 channels at 7x7)
+WINOGRAD_TILES = 32
+# bytes of transformed tiles (and as many of products) per band of tile rows
+WINOGRAD_BAND_BYTES = 8 << 20
+
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_weight(weight):
+    """(O, C, 3, 3) -> the 16 (O, C) matrices G g G^T of the transform as the (16 O, C, 1, 1)
+    kernel of a 1x1 convolution of 16 groups (computed in float64, rounded once)."""
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    u = g @ weight.double() @ g.t()                       # (O, C, 4, 4)
+    return u.permute(2, 3, 0, 1).reshape(16 * weight.shape[0], weight.shape[1], 1, 1).to(
+        weight.dtype).contiguous()
+
+
+def _winograd_loops(dtype):
+    loops = [native_function("winograd.c", name, dtype)
+             for name in ("winograd_input", "winograd_output")]
+    return None if None in loops else loops
+
+
+def winograd_applies(layer, x):
+    """Whether InferenceConvolution runs `layer` on x by winograd_convolution."""
+    if not (WINOGRAD and isinstance(layer, Convolution) and not layer.bottom_is_im2col and
+            layer.group == 1 and layer.kernel == (3, 3) and layer.stride == (1, 1) and
+            layer.dilation == (1, 1) and x.dim() == 4 and x.dtype == torch.float32 and
+            layer.weight.dtype == torch.float32 and native_plain(x) and
+            min(layer.weight.shape[:2]) >= WINOGRAD_CHANNELS and _packed_convolution_available()
+            and _winograd_loops(x.dtype) is not None):
+        return False
+    out_h, out_w = (size + 2 * p - 2 for size, p in zip(x.shape[2:], layer.pad))
+    return out_h > 0 and out_w > 0 and x.shape[0] * -(-out_h // 2) * -(-out_w // 2) >= \
+        WINOGRAD_TILES
+
+
+def winograd_convolution(x, product, outputs, bias, pad, activation=None, out=None):
+    """A stride-1 3x3 convolution of x (channels_last) by Winograd F(2x2, 3x3): `product` the
+    PackedPointwise of winograd_weight (16 groups), plus bias, then the activation (a negative
+    slope, or None); with `out` (channels_last, the top's shape) the result is added into it
+    before the activation (a residual sum). Returns the top (channels_last)."""
+    input_loop, output_loop = _winograd_loops(x.dtype)
+    num, channels, height, width = x.shape
+    out_h, out_w = height + 2 * pad[0] - 2, width + 2 * pad[1] - 2
+    tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
+    x = x.contiguous(memory_format=torch.channels_last)
+    accumulate = out is not None
+    if out is None:
+        out = x.new_empty((num, out_h, out_w, outputs)).permute(0, 3, 1, 2)
+    per_tile_row = num * tiles_w * 16 * max(channels, outputs) * x.element_size()
+    band = max(1, min(tiles_h, WINOGRAD_BAND_BYTES // per_tile_row))
+    transformed = x.new_empty(16 * num * band * tiles_w * channels)
+    threads = native_threads()
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    for ty0 in range(0, tiles_h, band):
+        ty1 = min(tiles_h, ty0 + band)
+        tiles = num * (ty1 - ty0) * tiles_w
+        # the tiles as the pixels of one image, their 16 transforms' channels as 16 groups
+        v = transformed[:16 * tiles * channels].view(1, 1, tiles, 16 * channels).permute(
+            0, 3, 1, 2)
+        input_loop(threads, num, x.data_ptr(), v.data_ptr(), channels, height, width, pad[0],
+                   pad[1], tiles_w, ty0, ty1)
+        m = product(v).contiguous(memory_format=torch.channels_last)
+        output_loop(threads, num, m.data_ptr(), bias_ptr, out.data_ptr(), outputs, out_h,
+                    out_w, tiles_w, ty0, ty1, accumulate, activation is not None,
+                    float(activation or 0))
+    return out
 
 
 def _pointwise(x, weight_t, bias, channels_last):
@@ -617,7 +749,7 @@ class InferenceMaskedConv(_InferenceModule):
         self.activation = None
         self.channels_last = self.pixel_major = False
         self._blob_watch = _BlobWatch((fused.conv,))
-        self._packed = None             # oneDNN's reordering of the pixel-major weights
+        self._packed = None             # PackedPointwise of the pixel-major weights
         self._pixel_failed = False
 
     def __getstate__(self):
@@ -657,15 +789,13 @@ class InferenceMaskedConv(_InferenceModule):
             attr, scalars = "leaky_relu", [self.activation]
         bias = bias.detach().contiguous() if bias is not None else None
 
-        def band_product(columns):
-            if self._packed is None:
-                self._packed = onednn_pointwise_weight(pixel_major_weight(weight.detach()),
-                                                       columns.shape)
-            return onednn_pointwise(columns, self._packed, bias, attr, scalars)
-
+        if self._packed is None:
+            self._packed = PackedPointwise(pixel_major_weight(weight.detach()))
+        product = self._packed
         try:
             return masked_conv2d_pixel_major(x, mask, weight.shape[0], self.geometry,
-                                             band_product)
+                                             lambda columns: product(columns, bias, attr,
+                                                                     scalars))
         except RuntimeError:        # oneDNN refused the shapes: the bands of the exact path
             self._pixel_failed, self._packed = True, None
             return None
@@ -923,6 +1053,26 @@ class InferenceInterp(_InferenceModule):
         return compiled_resize(self.layer, x)
 
 
+class InferencePriorBox(_InferenceModule):
+    """A PriorBox layer's boxes, which depend only on the shapes of its bottoms: computed once
+    per (feature size, image size, dtype, device), then a copy of them per call (a reader may
+    write into its bottom)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+        self._boxes = {}
+
+    def forward(self, feature, image):
+        key = (tuple(feature.shape[2:]), tuple(image.shape[2:]), feature.dtype, feature.device)
+        boxes = self._boxes.get(key)
+        if boxes is None:
+            if len(self._boxes) >= 8:
+                self._boxes.clear()
+            boxes = self._boxes[key] = self.layer(feature, image)
+        return boxes.clone()
+
+
 def compiled_resize(layer, x, out=None, accumulate=False):
     """Interp `layer`'s top of x (written into `out` when given: the top's shape, contiguous in
     x's layout), through the compiled loop (layers.interp.bilinear_into) where it applies, else
@@ -1172,6 +1322,8 @@ class _Rewriter:
                 self.replace(node, "call_module", None, node.args, InferencePReLU(module))
             elif isinstance(module, Interp) and len(node.args) == 1:
                 self.replace(node, "call_module", None, node.args, InferenceInterp(module))
+            elif isinstance(module, PriorBox) and len(node.args) == 2 and not node.kwargs:
+                self.replace(node, "call_module", None, node.args, InferencePriorBox(module))
             elif isinstance(module, FusedMaskedConv) and len(node.args) == 2 and not node.kwargs:
                 self.replace(node, "call_module", None, node.args, InferenceMaskedConv(module))
             elif isinstance(module, ReLU):
@@ -1309,8 +1461,9 @@ class _Rewriter:
     _LAYOUT_FREE_FUNCTIONS = (torch.relu, torch.relu_, F.leaky_relu, _leaky_relu_, torch.add,
                               _add_, _add_relu_, torch.softmax)
     # (PointwiseOverConcat reads either layout and gives its top in the standard one)
+    # (a PriorBox reads its bottoms' shapes only)
     _LAYOUT_FREE_MODULES = (InferenceConvolution, ChannelAffine, InferencePooling, InferencePReLU,
-                            PointwiseOverConcat, InferenceInterp)
+                            PointwiseOverConcat, InferenceInterp, InferencePriorBox)
     _LAYOUT_FREE_LAYERS = (Eltwise, Concat, Softmax)
 
     def _layout_free(self, node):
@@ -1328,6 +1481,11 @@ class _Rewriter:
     # (MTCNN's 3- to 32-channel layers: 1.5-2x faster); above it, only when no conversion follows
     # (vgg's 64- to 1024-channel layers before Im2dist and the fused convolutions: slower)
     SMALL_FAN_IN = 576
+    # ... or with a top of at most this many values per image: its conversion back costs little
+    # next to the product, and oneDNN's reordered weights are 5-15% faster there (SSD's
+    # 256- and 512-channel layers at 19x19 to 38x38 on AMD Zen 4; vgg's 64-channel 321x321
+    # tops before Im2dist, 6.6M values, stay as they are)
+    SMALL_TOP = 1 << 20
 
     def _conv_nodes(self):
         return [n for n in self.graph.nodes if n.op == "call_module" and n.target in self.modules
@@ -1370,7 +1528,11 @@ class _Rewriter:
                 self.modules[node.target].set_channels_last(self.channels_last)
         for node in self._conv_nodes():
             op = self.modules[node.target]
-            small = op.layer.weight[0].numel() <= self.SMALL_FAN_IN and not op.pointwise
+            shape = self.blob_shape(node)
+            small = not op.pointwise and (
+                op.layer.weight[0].numel() <= self.SMALL_FAN_IN or
+                (shape is not None and len(shape) == 4 and
+                 shape[1] * shape[2] * shape[3] <= self.SMALL_TOP))
             op.set_channels_last(self.channels_last and (small or not self._needs_standard(node)))
         maybe, standard = set(), {}
         for node in list(self.graph.nodes):

@@ -352,7 +352,7 @@ def test_a_refused_pixel_major_product_runs_the_row_major_bands(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise RuntimeError("could not create a primitive")
-    monkeypatch.setattr(masked_conv_module, "onednn_pointwise", refuse)
+    monkeypatch.setattr(masked_conv_module.PackedPointwise, "__call__", refuse)
     monkeypatch.setattr(masked_conv_module, "PIXEL_MAJOR", False)
     row_major = masked_conv2d(*args, emb=tensors["emb"], lam=tensors["lam"], **geometry)
     monkeypatch.setattr(masked_conv_module, "PIXEL_MAJOR", True)

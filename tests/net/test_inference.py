@@ -991,3 +991,127 @@ def test_pixel_major_weights_follow_parameters_and_a_refusal_falls_back(monkeypa
     monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", refuse, raising=False)
     _check(net, inputs)
     assert all(op._pixel_failed for op in _masked_ops(net))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tail", ["", "relu", "leaky", "nobias", "transpose"])
+def test_inner_products_of_a_few_rows(batch, dtype, tail, monkeypatch):
+    """Up to LINEAR_ROWS input rows, an InnerProduct (with its ReLU / leaky ReLU, bias or none)
+    is the compiled product split over output rows; more rows, or a transposed weight, torch's;
+    the exact graph's values either way."""
+    ip = "inner_product_param { num_output: 37" + (" bias_term: false" if tail == "nobias"
+                                                     else "") + \
+        (" transpose: true" if tail == "transpose" else "") + " }"
+    body = f"""
+    layer {{ name: "conv" type: "Convolution" bottom: "data" top: "c" convolution_param {{
+      num_output: 6 kernel_size: 3 }} }}
+    layer {{ name: "ip" type: "InnerProduct" bottom: "c" top: "y" {ip} }}
+    """ + ({"relu": 'layer { name: "r" type: "ReLU" bottom: "y" top: "y" }',
+            "leaky": 'layer { name: "r" type: "ReLU" bottom: "y" top: "y" '
+                     'relu_param { negative_slope: 0.2 } }'}.get(tail, ""))
+    net = _net(body, (batch, 3, 11, 13), dtype=dtype)
+    calls = []
+    original = inference._few_rows_linear
+    monkeypatch.setattr(inference, "_few_rows_linear",
+                        lambda *a: calls.append(original(*a) is not None) or original(*a))
+    _check(net, _inputs(net), float64=dtype == torch.float64)
+    compiled = native_function("linear.c", "linear_rows", dtype) is not None
+    assert calls == [compiled and batch <= inference.LINEAR_ROWS and tail != "transpose"]
+
+
+WINOGRAD_READY = inference._packed_convolution_available() and \
+    inference._winograd_loops(torch.float32) is not None
+
+
+@pytest.mark.skipif(not WINOGRAD_READY, reason="needs oneDNN and the compiled transforms")
+@pytest.mark.parametrize("channels,outputs,size,pad,batch", [
+    (128, 128, (10, 14), (1, 1), 1), (130, 144, (11, 9), (0, 0), 2),   # odd tiles, N = 2
+    (128, 129, (12, 13), (2, 1), 1), (144, 128, (16, 16), (1, 0), 1),
+])
+@pytest.mark.parametrize("tail", ["", "relu", "leaky", "residual", "residual_relu"])
+def test_winograd_convolutions_keep_the_exact_values(channels, outputs, size, pad, batch, tail,
+                                                     monkeypatch):
+    """Stride-1 3x3 convolutions of 128+ channels run as Winograd F(2x2, 3x3) (in bands of tile
+    rows, with the bias, the ReLU / leaky ReLU, or a residual sum written into the shortcut);
+    values as the exact graph's, within float32 rounding."""
+    monkeypatch.setattr(inference, "WINOGRAD_BAND_BYTES", 200_000)
+    residual = tail.startswith("residual")
+    if residual:
+        pad = (1, 1)        # the sum needs the shortcut's size
+    # a (3x3) -> b (1x1) -> w (3x3) [-> sum with a] [-> ReLU]: a is the graph's (channels_last),
+    # free after the sum
+    body = f"""
+    layer {{ name: "a" type: "Convolution" bottom: "data" top: "a" convolution_param {{
+      num_output: {outputs} kernel_size: 3 pad: 1 }} }}
+    layer {{ name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param {{
+      num_output: {channels} kernel_size: 1 }} }}
+    layer {{ name: "w" type: "Convolution" bottom: "b" top: "w" convolution_param {{
+      num_output: {outputs} kernel_size: 3 pad_h: {pad[0]} pad_w: {pad[1]} }} }}
+    """
+    top = "w"
+    if residual:
+        body += 'layer { name: "sum" type: "Eltwise" bottom: "w" bottom: "a" top: "s" }'
+        top = "s"
+    slope = {"relu": 0, "leaky": 0.1, "residual_relu": 0}.get(tail)
+    if slope is not None:
+        body += (f'layer {{ name: "r" type: "ReLU" bottom: "{top}" top: "{top}" '
+                 f'relu_param {{ negative_slope: {slope} }} }}')
+    net = _net(body, (batch, channels, *size), dtype=torch.float32)
+    calls = []
+    original = inference.winograd_convolution
+    monkeypatch.setattr(inference, "winograd_convolution",
+                        lambda *a, **k: calls.append(k.get("out") is not None or
+                                                     (len(a) > 6 and a[6] is not None))
+                        or original(*a, **k))
+    _check(net, _inputs(net))
+    assert calls, "the Winograd path ran"
+    if residual:       # (a's convolution runs by Winograd too)
+        assert _residual_modes(net) == ["add_relu" if tail == "residual_relu" else "add"]
+        assert calls == [False, True]
+
+
+@pytest.mark.skipif(not WINOGRAD_READY, reason="needs oneDNN and the compiled transforms")
+def test_winograd_does_not_run_where_it_would_be_slower_or_is_refused(monkeypatch):
+    """Fewer than 128 channels, stride 2, dilation, float64 or a tiny image: oneDNN's direct
+    convolution; a refused product: the direct convolution from then on."""
+    def layer(channels, **settings):
+        text = " ".join(f"{k}: {v}" for k, v in settings.items())
+        net = _net(f"""layer {{ name: "w" type: "Convolution" bottom: "data" top: "w"
+          convolution_param {{ num_output: 128 kernel_size: 3 {text} }} }}""",
+                   (1, channels, 16, 16), dtype=torch.float32)
+        return net.records[-1].module
+    x = lambda c, size=16: torch.randn(1, c, size, size)
+    assert inference.winograd_applies(layer(128, pad=1), x(128))
+    assert not inference.winograd_applies(layer(64, pad=1), x(64))
+    assert not inference.winograd_applies(layer(128, stride=2), x(128))
+    assert not inference.winograd_applies(layer(128, dilation=2), x(128))
+    assert not inference.winograd_applies(layer(128), x(128).double())
+    assert not inference.winograd_applies(layer(128), x(128, 7))        # 9 tiles
+    net = _net("""layer { name: "w" type: "Convolution" bottom: "data" top: "w"
+      convolution_param { num_output: 128 kernel_size: 3 pad: 1 } }""", (1, 128, 12, 12),
+               dtype=torch.float32)
+    inputs = _inputs(net)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("could not create a primitive")
+    monkeypatch.setattr(inference.PackedPointwise, "__call__", refuse)
+    _check(net, inputs)
+    gm = net.graph_module(inference=True)
+    ops = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    assert ops[0]._winograd_failed
+
+
+@pytest.mark.skipif(not inference._packed_convolution_available(), reason="needs oneDNN")
+def test_a_reordered_kernel_per_input_shape():
+    """PackedPointwise reorders its kernel for each input shape it sees (a last, shorter band
+    too), and its products are the 1x1 convolution's, grouped or not."""
+    from segaware_caffe.kernels.masked_conv import PackedPointwise
+    for groups in (1, 4):
+        kernel = torch.randn(8 * groups, 5, 1, 1)
+        product = PackedPointwise(kernel, groups)
+        for rows in (3, 1, 3):
+            x = torch.randn(2, 5 * groups, rows, 7).contiguous(memory_format=torch.channels_last)
+            expected = torch.nn.functional.conv2d(x, kernel, groups=groups)
+            torch.testing.assert_close(product(x), expected, rtol=1e-5, atol=1e-5)
+        assert len(product._reordered) == 2
