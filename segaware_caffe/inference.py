@@ -340,8 +340,9 @@ class InferenceConvolution(_InferenceModule):
         """winograd_convolution with this layer's weights (transformed once per prepared weight
         tensor); None where oneDNN refuses (then never again)."""
         if self._winograd_product is None or self._winograd_product[0] is not weight:
+            detached = weight.detach()
             self._winograd_product = (
-                weight, PackedPointwise(winograd_weight(weight.detach()), groups=16))
+                weight, PackedPointwise(lambda: winograd_weight(detached), groups=16))
         try:
             return winograd_convolution(x, self._winograd_product[1], self.layer.num_output,
                                         bias, self.layer.pad, activation, out)
@@ -790,7 +791,8 @@ class InferenceMaskedConv(_InferenceModule):
         bias = bias.detach().contiguous() if bias is not None else None
 
         if self._packed is None:
-            self._packed = PackedPointwise(pixel_major_weight(weight.detach()))
+            weight = weight.detach()
+            self._packed = PackedPointwise(lambda: pixel_major_weight(weight))
         product = self._packed
         try:
             return masked_conv2d_pixel_major(x, mask, weight.shape[0], self.geometry,
