@@ -4,7 +4,8 @@ system C compiler and called through ctypes.
 Why: some CPU steps are plain loops that torch can only express as several strided passes (the
 masked columns of the fused convolution are 9 broadcast products per band, bound by memory at a
 few GB/s); one C loop does them at cache speed. Only such loops live here; products stay torch
-matmuls (BLAS). Each loop computes what the torch code beside it computes, element for element
+matmuls (BLAS) or oneDNN convolutions, except a matrix-vector product bound by reading its
+matrix (linear.c: the few-row InnerProduct, split over the threads). Each loop computes what the torch code beside it computes, element for element
 (where a source says otherwise, it says why; sums over channels may run in another order than
 torch's reductions, within float rounding), so a machine without a compiler (or
 `ENABLED = False`, or SEGAWARE_NATIVE_CPU=0) runs the torch code with the same numbers, slower.
