@@ -1029,7 +1029,7 @@ WINOGRAD_READY = inference._packed_convolution_available() and \
     (128, 128, (10, 14), (1, 1), 1), (130, 144, (11, 9), (0, 0), 2),   # odd tiles, N = 2
     (128, 129, (12, 13), (2, 1), 1), (144, 128, (16, 16), (1, 0), 1),
 ])
-@pytest.mark.parametrize("tail", ["", "relu", "leaky", "residual", "residual_relu"])
+@pytest.mark.parametrize("tail", ["", "relu", "leaky", "nobias", "residual", "residual_relu"])
 def test_winograd_convolutions_keep_the_exact_values(channels, outputs, size, pad, batch, tail,
                                                      monkeypatch):
     """Stride-1 3x3 convolutions of 128+ channels run as Winograd F(2x2, 3x3) (in bands of tile
@@ -1047,7 +1047,8 @@ def test_winograd_convolutions_keep_the_exact_values(channels, outputs, size, pa
     layer {{ name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param {{
       num_output: {channels} kernel_size: 1 }} }}
     layer {{ name: "w" type: "Convolution" bottom: "b" top: "w" convolution_param {{
-      num_output: {outputs} kernel_size: 3 pad_h: {pad[0]} pad_w: {pad[1]} }} }}
+      num_output: {outputs} kernel_size: 3 pad_h: {pad[0]} pad_w: {pad[1]}
+      {"bias_term: false" if tail == "nobias" else ""} }} }}
     """
     top = "w"
     if residual:
