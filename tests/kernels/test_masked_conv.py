@@ -359,3 +359,9 @@ def test_a_refused_pixel_major_product_runs_the_row_major_bands(monkeypatch):
     refused = masked_conv2d(*args, emb=tensors["emb"], lam=tensors["lam"], **geometry)
     torch.testing.assert_close(refused, row_major, rtol=0, atol=0)
     assert_relative_close(expected, row_major, 1e-5, "pixel-major vs row-major")
+    # a refused column-gradient product: torch.mm's
+    monkeypatch.setattr(masked_conv_module.PackedPointwise, "add_into", refuse)
+    names, (fused, fused_grads), _ = run_both(tensors, geometry)
+    out, grads = _float64_reference(tensors, geometry)
+    for name, got, ref in zip(names, fused_grads, grads):
+        assert_relative_close(got, ref, 1e-4, f"gradient of {name}")
