@@ -420,12 +420,7 @@ class InferenceConvolution(_InferenceModule):
 
     def _packed_call(self, x, packed, bias):
         layer = self.layer
-        if self.activation is None:
-            attr, scalars = "none", []
-        elif self.activation == 0:
-            attr, scalars = "relu", []
-        else:
-            attr, scalars = "leaky_relu", [self.activation]
+        attr, scalars = onednn_activation(self.activation)
         return torch.ops.mkldnn._convolution_pointwise(
             x, packed, bias, layer.pad, layer.stride, layer.dilation, layer.group, attr,
             scalars, "")
@@ -438,6 +433,14 @@ class InferenceConvolution(_InferenceModule):
                 + (", pointwise" if self.pointwise else "")
                 + (", tap product" if self.tap_product else "")
                 + (", channels_last" if self.channels_last else ""))
+
+
+def onednn_activation(slope):
+    """oneDNN's unary post-op (attr, scalars) for a ReLU / leaky ReLU of negative slope `slope`
+    (None: no activation)."""
+    if slope is None:
+        return "none", []
+    return ("relu", []) if slope == 0 else ("leaky_relu", [slope])
 
 
 # input rows up to which an InnerProduct runs as kernels/cpu/linear.c's product (bound by
@@ -782,12 +785,7 @@ class InferenceMaskedConv(_InferenceModule):
     def _pixel_major_forward(self, x, mask, weight, bias):
         if self._blob_watch.changed():
             self._packed = None
-        if self.activation is None:
-            attr, scalars = "none", []
-        elif self.activation == 0:
-            attr, scalars = "relu", []
-        else:
-            attr, scalars = "leaky_relu", [self.activation]
+        attr, scalars = onednn_activation(self.activation)
         bias = bias.detach().contiguous() if bias is not None else None
 
         if self._packed is None:
@@ -1507,14 +1505,14 @@ class _Rewriter:
                 if user.op == "call_module" and user.target in self.modules and \
                         (isinstance(self.modules[user.target],
                                     (InferenceConvolution, PointwiseOverConcat)) or
-                         self._pixel_major(user)):
+                         self._channels_last_masked_conv(user)):
                     continue
                 if not self._layout_free(user):
                     return True
                 stack.append(user)
         return False
 
-    def _pixel_major(self, node):
+    def _channels_last_masked_conv(self, node):
         """Whether `node` is a fused segmentation-aware convolution that reads either layout
         and gives its top in channels_last memory."""
         return node.op == "call_module" and \
@@ -1543,7 +1541,7 @@ class _Rewriter:
                 if self.modules[node.target].channels_last:
                     maybe.add(node)
                 continue        # it takes any layout and chooses its top's
-            if self._pixel_major(node):
+            if self._channels_last_masked_conv(node):
                 maybe.add(node)
                 continue
             inputs = [a for a in node.all_input_nodes if a in maybe]
